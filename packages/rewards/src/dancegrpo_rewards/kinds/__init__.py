@@ -1,0 +1,1 @@
+"""Reward kinds, one module per family (see ``dancegrpo_rewards.registry``)."""

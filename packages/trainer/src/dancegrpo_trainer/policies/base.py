@@ -1,0 +1,140 @@
+"""The interface every model adapter (SD, FLUX, HunyuanVideo, SkyReels, the demo policy)
+implements, so the GRPO loop never knows which model it drives.
+
+A rollout is::
+
+    cond = policy.encode_prompts(prompts)                  # or load cached embeddings
+    schedule = policy.schedule(num_steps)
+    x = policy.initial_noise(batch_size, generator=g)
+    for i in range(num_steps):
+        out = policy.denoise_step(x, i, schedule, cond, eta=eta, generator=g)
+        x = out.prev_sample                                 # store x and out.log_prob
+    frames = policy.decode(x)                              # uint8 [N,H,W,3] or [N,T,H,W,3]
+
+and a training pass recomputes ``denoise_step(x_i, i, schedule, cond, eta=eta,
+prev_sample=x_{i+1})`` with gradients to get the new log-probability of the stored step.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from collections.abc import Sequence
+from typing import ClassVar, Literal
+
+import torch
+from torch import nn
+
+from dancegrpo_trainer.core.step_output import StepOutput
+
+SamplerKind = Literal["flow_sde", "ddim"]
+ModalityKind = Literal["image", "video"]
+
+
+@dataclasses.dataclass
+class Schedule:
+    """A sampling schedule for ``num_steps`` steps.
+
+    Attributes:
+        timesteps: ``[num_steps]`` model timesteps (diffusers convention: 0..1000 scale).
+        sigmas: ``[num_steps + 1]`` noise levels for flow models (ending at 0), ``None``
+            for DDIM (the policy's scheduler owns its alphas).
+    """
+
+    timesteps: torch.Tensor
+    sigmas: torch.Tensor | None = None
+
+    @property
+    def num_steps(self) -> int:
+        return int(self.timesteps.shape[0])
+
+
+@dataclasses.dataclass
+class Conditioning:
+    """Per-sample conditioning tensors (prompt embeddings, pooled embeddings, masks,
+    conditioning-image latents, ...); every tensor has the batch as its first dimension.
+    Negative (unconditional) embeddings for classifier-free guidance live here too.
+    """
+
+    tensors: dict[str, torch.Tensor]
+
+    def __len__(self) -> int:
+        return next(iter(self.tensors.values())).shape[0]
+
+    def select(self, index: torch.Tensor | Sequence[int]) -> Conditioning:
+        """Rows at ``index`` (repeat a prompt G times with ``repeat_interleave`` indices)."""
+        idx = torch.as_tensor(index, dtype=torch.long)
+        return Conditioning({k: v[idx.to(v.device)] for k, v in self.tensors.items()})
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Conditioning:
+        out = {}
+        for k, v in self.tensors.items():
+            cast = dtype if (dtype is not None and v.is_floating_point()) else None
+            out[k] = v.to(device=device, dtype=cast)
+        return Conditioning(out)
+
+    @staticmethod
+    def concat(items: Sequence[Conditioning]) -> Conditioning:
+        keys = items[0].tensors.keys()
+        return Conditioning({k: torch.cat([c.tensors[k] for c in items]) for k in keys})
+
+
+class Policy(abc.ABC):
+    """A generator that GRPO fine-tunes.
+
+    Attributes:
+        sampler: ``"flow_sde"`` (rectified flow, ``flow_sde_step``) or ``"ddim"`` (DDIM-η).
+        modality: ``"image"`` (decode → ``[N,H,W,3]``) or ``"video"`` (``[N,T,H,W,3]``).
+    """
+
+    sampler: ClassVar[SamplerKind]
+    modality: ClassVar[ModalityKind] = "image"
+
+    @abc.abstractmethod
+    def encode_prompts(
+        self, prompts: Sequence[str], condition_images: torch.Tensor | None = None
+    ) -> Conditioning:
+        """Encodes prompts (and, for I2V, ``uint8 [N,H,W,3]`` conditioning images)."""
+
+    @abc.abstractmethod
+    def schedule(self, num_steps: int) -> Schedule:
+        """The sampling schedule for ``num_steps`` denoising steps."""
+
+    @abc.abstractmethod
+    def initial_noise(
+        self, batch_size: int, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Initial latents ``x_T`` for ``batch_size`` samples at the configured size."""
+
+    @abc.abstractmethod
+    def denoise_step(
+        self,
+        latents: torch.Tensor,
+        step_index: int,
+        schedule: Schedule,
+        cond: Conditioning,
+        *,
+        eta: float,
+        prev_sample: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> StepOutput:
+        """Runs the model (with guidance) at ``step_index`` and takes one stochastic step."""
+
+    @abc.abstractmethod
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Decodes final latents to ``uint8`` frames ``[N,H,W,3]`` or ``[N,T,H,W,3]``."""
+
+    @abc.abstractmethod
+    def trainable_module(self) -> nn.Module:
+        """The module GRPO updates (UNet / transformer / the demo network)."""
+
+    @property
+    def lora_target_modules(self) -> list[str]:
+        """Module-name patterns for ``peft.LoraConfig(target_modules=...)``."""
+        return []
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Turns on activation checkpointing in the trainable module, if it supports it."""
+        module = self.trainable_module()
+        if hasattr(module, "enable_gradient_checkpointing"):
+            module.enable_gradient_checkpointing()

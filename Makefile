@@ -30,6 +30,8 @@ $(STAMP): $(INSTALL_INPUTS)
 	$(PIP) install --quiet -c requirements-torch.txt \
 		-e "packages/proto[dev]" -e "packages/rewards[dev]" -e "packages/trainer[dev]"
 	$(PIP) install --quiet --no-deps -r requirements-test-nodeps.txt
+	@# The hpsv2 1.2.0 wheel omits its tokenizer vocabulary (the same file open_clip ships).
+	@$(PY) -c "import importlib.util as u, pathlib, shutil, open_clip; f = pathlib.Path(open_clip.__file__).parent / 'bpe_simple_vocab_16e6.txt.gz'; shutil.copy(f, pathlib.Path(u.find_spec('hpsv2').origin).parent / 'src/open_clip' / f.name)"
 	@$(PY) -c "import torch, dancegrpo_proto, dancegrpo_rewards, dancegrpo_trainer; print('installed: torch', torch.__version__)"
 	@touch $(STAMP)
 

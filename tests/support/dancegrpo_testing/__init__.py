@@ -5,4 +5,10 @@ Submodules, each importing its heavy dependencies only when used:
 
 - ``tokenizers``: an exact CLIP BPE tokenizer (Hugging Face ``CLIPTokenizer``) written
   from open_clip's bundled vocabulary — no hub access.
+- ``clip_models``: tiny open_clip configs/checkpoints (hpsv2 and bare formats), a tiny
+  Hugging Face ``CLIPModel`` folder and a random LAION aesthetic head.
+- ``diffusion_models``: tiny SD/FLUX components (UNet, VAE, CLIP, T5 + offline T5
+  tokenizer, FluxTransformer) and pipeline builders / save helpers.
+- ``servers``: ``running_reward_server(config)`` starts ``dancegrpo-rewards serve`` as a
+  real subprocess on an ephemeral loopback port.
 """

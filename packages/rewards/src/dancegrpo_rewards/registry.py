@@ -16,12 +16,12 @@ REWARD_KINDS: dict[str, str] = {
     "brightness": "dancegrpo_rewards.kinds.weight_free:Brightness",
     "color_match": "dancegrpo_rewards.kinds.weight_free:ColorMatch",
     # model-backed image rewards
-    # "hps": "dancegrpo_rewards.kinds.hps:HPSReward",
-    # "clip": "dancegrpo_rewards.kinds.clip_score:CLIPScoreReward",
-    # "aesthetic": "dancegrpo_rewards.kinds.aesthetic:AestheticReward",
+    "hps": "dancegrpo_rewards.kinds.hps:HPSReward",
+    "clip": "dancegrpo_rewards.kinds.clip_score:CLIPScoreReward",
+    "aesthetic": "dancegrpo_rewards.kinds.aesthetic:AestheticReward",
     # composite rewards
-    # "video_frames": "dancegrpo_rewards.kinds.composite:VideoFramesReward",
-    # "threshold": "dancegrpo_rewards.kinds.composite:ThresholdReward",
+    "video_frames": "dancegrpo_rewards.kinds.composite:VideoFramesReward",
+    "threshold": "dancegrpo_rewards.kinds.composite:ThresholdReward",
 }
 
 

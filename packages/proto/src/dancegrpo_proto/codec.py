@@ -1,0 +1,292 @@
+"""numpy <-> protobuf encoding of ``dancegrpo.rewards.v1`` messages, shared by client and server.
+
+One module owns the wire rules so the client never sends what the server rejects:
+
+- raw media is C-contiguous ``uint8`` with shape ``[H, W, 3]`` (image) or ``[T, H, W, 3]``
+  (video); every dimension is positive and ``len(data) == prod(shape)``;
+- encoded media is PNG or JPEG, decoded to RGB (alpha and palette images are converted);
+  encoded video frames must all have the same size;
+- metadata is ``{"geneval": {...}, "attributes": {str: str}}`` as plain dicts.
+
+Decoding raises ``CodecError`` naming the offending field relative to the sample
+(``media.raw.shape``, ``condition_image.encoded_image``, ...). Raw decoding is zero-copy:
+the returned arrays are read-only views of the message bytes.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import numpy as np
+
+from dancegrpo_proto.v1 import rewards_pb2 as pb
+
+Encoding = Literal["raw", "png", "jpeg"]
+ENCODINGS: tuple[str, ...] = ("raw", "png", "jpeg")
+#: JPEG quality the client uses when ``encoding="jpeg"``.
+CLIENT_JPEG_QUALITY = 95
+
+_GENEVAL_OBJECT_KEYS = frozenset(
+    {"class_name", "count", "color", "position_relation", "position_reference"}
+)
+_GENEVAL_SPEC_KEYS = frozenset({"tag", "include", "exclude"})
+_METADATA_KEYS = frozenset({"geneval", "attributes"})
+
+
+class CodecError(ValueError):
+    """A message field cannot be encoded or decoded; ``field`` names it (e.g. ``media.raw``)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+# ---------------------------------------------------------------------------- encoding
+
+
+def check_frames(array: Any, field: str = "media") -> np.ndarray:
+    """Validates a client-side array: ``uint8`` ``[H, W, 3]`` or ``[T, H, W, 3]``, no zero dims."""
+    if not isinstance(array, np.ndarray):
+        raise CodecError(field, f"expected a numpy array, got {type(array).__name__}")
+    if array.dtype != np.uint8:
+        raise CodecError(field, f"dtype must be uint8, got {array.dtype}")
+    if array.ndim not in (3, 4) or array.shape[-1] != 3:
+        raise CodecError(field, f"shape must be [H, W, 3] or [T, H, W, 3], got {list(array.shape)}")
+    if 0 in array.shape:
+        raise CodecError(field, f"every dimension must be positive, got {list(array.shape)}")
+    return array
+
+
+def encode_media(array: np.ndarray, encoding: Encoding = "raw", field: str = "media") -> pb.Media:
+    """Encodes ``uint8`` frames as a ``Media`` message.
+
+    Args:
+        array: ``uint8 [H, W, 3]`` (image) or ``[T, H, W, 3]`` (video).
+        encoding: ``"raw"`` (fast path), ``"png"`` (lossless) or ``"jpeg"`` (quality 95).
+        field: field name used in error messages.
+    """
+    media = pb.Media()
+    encode_media_into(media, array, encoding, field)
+    return media
+
+
+def encode_media_into(
+    media: pb.Media, array: np.ndarray, encoding: Encoding = "raw", field: str = "media"
+) -> None:
+    """Like ``encode_media`` but fills an existing (sub)message in place, saving a copy of
+    the pixel bytes per sample on the hot path."""
+    array = check_frames(array, field)
+    if encoding == "raw":
+        media.raw.data = np.ascontiguousarray(array).tobytes()
+        media.raw.shape.extend(array.shape)
+        return
+    if encoding not in ENCODINGS:
+        raise CodecError(field, f"encoding must be one of {ENCODINGS}, got {encoding!r}")
+    if array.ndim == 3:
+        media.encoded_image = _encode_image(array, encoding)
+    else:
+        media.encoded_frames.frames.extend(_encode_image(frame, encoding) for frame in array)
+
+
+def _encode_image(image: np.ndarray, encoding: str) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    pil = Image.fromarray(np.ascontiguousarray(image), mode="RGB")
+    if encoding == "png":
+        pil.save(buffer, format="PNG")
+    else:
+        pil.save(buffer, format="JPEG", quality=CLIENT_JPEG_QUALITY)
+    return buffer.getvalue()
+
+
+def metadata_to_proto(metadata: Mapping[str, Any], field: str = "metadata") -> pb.SampleMetadata:
+    """``{"geneval": {...}, "attributes": {...}}`` → ``SampleMetadata`` (unknown keys raise)."""
+    if not isinstance(metadata, Mapping):
+        raise CodecError(field, f"expected a mapping, got {type(metadata).__name__}")
+    unknown = set(metadata) - _METADATA_KEYS
+    if unknown:
+        raise CodecError(f"{field}.{sorted(unknown)[0]}", "unknown key; use geneval or attributes")
+    message = pb.SampleMetadata()
+    attributes = metadata.get("attributes") or {}
+    for key, value in attributes.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise CodecError(f"{field}.attributes", "keys and values must be strings")
+        message.attributes[key] = value
+    spec = metadata.get("geneval")
+    if spec is not None:
+        unknown = set(spec) - _GENEVAL_SPEC_KEYS
+        if unknown:
+            raise CodecError(f"{field}.geneval.{sorted(unknown)[0]}", "unknown key")
+        message.geneval.tag = str(spec.get("tag", ""))
+        for group in ("include", "exclude"):
+            for i, obj in enumerate(spec.get(group) or []):
+                unknown = set(obj) - _GENEVAL_OBJECT_KEYS
+                if unknown:
+                    raise CodecError(
+                        f"{field}.geneval.{group}[{i}].{sorted(unknown)[0]}", "unknown key"
+                    )
+                getattr(message.geneval, group).add(**obj)
+    return message
+
+
+def build_score_request(
+    reward: str,
+    media: Sequence[np.ndarray] | np.ndarray,
+    prompts: Sequence[str] | None = None,
+    *,
+    condition_images: Sequence[np.ndarray | None] | np.ndarray | None = None,
+    metadata: Sequence[Mapping[str, Any] | None] | None = None,
+    encoding: Encoding = "raw",
+    request_id: str = "",
+) -> pb.ScoreRequest:
+    """Builds a ``ScoreRequest`` from per-sample arrays (a stacked array or a list of arrays).
+
+    Raises ``CodecError`` with ``samples[i].field`` for any malformed sample and ``ValueError``
+    when the lengths of ``prompts``/``condition_images``/``metadata`` differ from the media's.
+    """
+    n = len(media)
+    for name, column in (
+        ("prompts", prompts),
+        ("condition_images", condition_images),
+        ("metadata", metadata),
+    ):
+        if column is not None and len(column) != n:
+            raise ValueError(f"{name} has {len(column)} entries but there are {n} samples")
+    request = pb.ScoreRequest(reward=reward, request_id=request_id)
+    for i in range(n):
+        sample = request.samples.add()
+        if prompts is not None:
+            prompt = prompts[i]
+            if not isinstance(prompt, str):
+                raise CodecError(f"samples[{i}].prompt", "must be a string")
+            sample.prompt = prompt
+        encode_media_into(sample.media, media[i], encoding, f"samples[{i}].media")
+        if condition_images is not None and condition_images[i] is not None:
+            field = f"samples[{i}].condition_image"
+            if check_frames(condition_images[i], field).ndim != 3:
+                raise CodecError(field, "a condition image must be [H, W, 3]")
+            encode_media_into(sample.condition_image, condition_images[i], encoding, field)
+        if metadata is not None and metadata[i] is not None:
+            sample.metadata.CopyFrom(metadata_to_proto(metadata[i], f"samples[{i}].metadata"))
+    return request
+
+
+def outputs_to_proto(outputs: Mapping[str, np.ndarray]) -> list[pb.OutputColumn]:
+    """``{name: float array (N,)}`` → ``OutputColumn`` messages, in the mapping's order."""
+    return [
+        pb.OutputColumn(name=name, values=np.asarray(values, np.float32).tolist())
+        for name, values in outputs.items()
+    ]
+
+
+def response_to_numpy(response: pb.ScoreResponse) -> dict[str, np.ndarray]:
+    """``ScoreResponse`` → ``{output name: float32 array (N,)}``."""
+    return {col.name: np.asarray(col.values, dtype=np.float32) for col in response.outputs}
+
+
+# ---------------------------------------------------------------------------- decoding
+
+
+def decode_media(media: pb.Media, field: str = "media") -> np.ndarray:
+    """``Media`` → ``uint8`` frames (``[H, W, 3]`` or ``[T, H, W, 3]``); raises ``CodecError``."""
+    which = media.WhichOneof("kind")
+    if which is None:
+        raise CodecError(field, "no media set (need raw, encoded_image or encoded_frames)")
+    if which == "raw":
+        return decode_raw(media.raw, f"{field}.raw")
+    if which == "encoded_image":
+        return decode_image_bytes(media.encoded_image, f"{field}.encoded_image")
+    frames_field = f"{field}.encoded_frames.frames"
+    if not media.encoded_frames.frames:
+        raise CodecError(frames_field, "a video needs at least one frame")
+    frames = []
+    for t, data in enumerate(media.encoded_frames.frames):
+        frame = decode_image_bytes(data, f"{frames_field}[{t}]")
+        if frames and frame.shape != frames[0].shape:
+            raise CodecError(
+                f"{frames_field}[{t}]",
+                f"frame size {list(frame.shape)} differs from frame 0 {list(frames[0].shape)}",
+            )
+        frames.append(frame)
+    return np.stack(frames)
+
+
+def raw_shape(raw: pb.RawFrames, field: str = "media.raw") -> tuple[int, ...]:
+    """The validated shape of a ``RawFrames`` message, without touching the pixel data."""
+    shape = tuple(int(d) for d in raw.shape)
+    if len(shape) not in (3, 4) or shape[-1] != 3:
+        raise CodecError(f"{field}.shape", f"must be [H, W, 3] or [T, H, W, 3], got {list(shape)}")
+    if 0 in shape:
+        raise CodecError(f"{field}.shape", f"every dimension must be positive, got {list(shape)}")
+    return shape
+
+
+def decode_raw(raw: pb.RawFrames, field: str = "media.raw") -> np.ndarray:
+    """``RawFrames`` → read-only ``uint8`` view with the declared shape."""
+    shape = raw_shape(raw, field)
+    expected = int(np.prod(shape, dtype=np.int64))
+    if len(raw.data) != expected:
+        raise CodecError(
+            f"{field}.data",
+            f"has {len(raw.data)} bytes but shape {list(shape)} needs {expected} (uint8 RGB)",
+        )
+    return np.frombuffer(raw.data, dtype=np.uint8).reshape(shape)
+
+
+def encoded_image_size(data: bytes, field: str) -> tuple[int, int]:
+    """``(height, width)`` of a PNG/JPEG from its header (cheap: no pixel decoding)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            if image.format not in ("PNG", "JPEG"):
+                raise CodecError(field, f"must be PNG or JPEG, got {image.format}")
+            return image.height, image.width
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        if isinstance(exc, CodecError):
+            raise
+        raise CodecError(field, f"not a decodable PNG or JPEG ({exc})") from None
+
+
+def decode_image_bytes(data: bytes, field: str) -> np.ndarray:
+    """PNG/JPEG bytes → ``uint8 [H, W, 3]`` RGB (alpha dropped, palettes expanded)."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not data:
+        raise CodecError(field, "empty image bytes")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            if image.format not in ("PNG", "JPEG"):
+                raise CodecError(field, f"must be PNG or JPEG, got {image.format}")
+            return np.asarray(image.convert("RGB"), dtype=np.uint8)
+    except CodecError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise CodecError(field, f"not a decodable PNG or JPEG ({exc})") from None
+
+
+def metadata_to_dict(metadata: pb.SampleMetadata) -> dict[str, Any]:
+    """``SampleMetadata`` → ``{"geneval": {...} | None, "attributes": {...}}``."""
+    geneval = None
+    if metadata.HasField("geneval"):
+        spec = metadata.geneval
+        geneval = {
+            "tag": spec.tag,
+            "include": [_object_to_dict(o) for o in spec.include],
+            "exclude": [_object_to_dict(o) for o in spec.exclude],
+        }
+    return {"geneval": geneval, "attributes": dict(metadata.attributes)}
+
+
+def _object_to_dict(obj: pb.GenEvalObject) -> dict[str, Any]:
+    return {
+        "class_name": obj.class_name,
+        "count": obj.count,
+        "color": obj.color,
+        "position_relation": obj.position_relation,
+        "position_reference": obj.position_reference,
+    }

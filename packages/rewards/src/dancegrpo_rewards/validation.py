@@ -1,0 +1,172 @@
+"""Validation and decoding of one ``ScoreRequest`` into a ``RewardBatch`` (server side).
+
+Everything a request can get wrong is checked here, per request and before it is merged
+with others, so a malformed request never reaches (or poisons) a batch. Errors are
+``SampleError`` (``samples[i].field: ...``) or ``RequestError`` (request-level fields);
+both map to ``INVALID_ARGUMENT``. Wire-format rules come from ``dancegrpo_proto.codec``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from dancegrpo_proto import codec
+from dancegrpo_proto.v1 import rewards_pb2 as pb
+from dancegrpo_rewards.base import Reward, RewardBatch, SampleError
+from dancegrpo_rewards.config import RewardSpec
+
+#: Longest accepted prompt, in characters (far above any text encoder's context).
+MAX_PROMPT_CHARS = 10_000
+
+
+class RequestError(ValueError):
+    """A request-level field (not a sample) is invalid; ``field`` names it."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+def has_encoded_media(request: pb.ScoreRequest) -> bool:
+    """Whether any sample carries PNG/JPEG bytes (decoding those is worth a worker thread)."""
+    for sample in request.samples:
+        if sample.media.WhichOneof("kind") not in (None, "raw"):
+            return True
+        if sample.condition_image.WhichOneof("kind") not in (None, "raw"):
+            return True
+    return False
+
+
+class RequestDecoder:
+    """Checks requests for one hosted reward against its limits and declared needs."""
+
+    def __init__(self, reward: Reward, spec: RewardSpec) -> None:
+        self.reward = reward
+        self.spec = spec
+
+    def decode(self, request: pb.ScoreRequest) -> RewardBatch:
+        """Validated, decoded samples of ``request``; raises ``SampleError``/``RequestError``."""
+        n = len(request.samples)
+        if n == 0:
+            raise RequestError("samples", "a request needs at least one sample")
+        limit = self.spec.max_samples_per_request
+        if limit and n > limit:
+            raise RequestError(
+                "samples", f"{n} samples exceed max_samples_per_request={limit} of this reward"
+            )
+        prompts, media, conditions, metadata = [], [], [], []
+        for i, sample in enumerate(request.samples):
+            prompt, frames, condition, meta = self.decode_sample(i, sample)
+            prompts.append(prompt)
+            media.append(frames)
+            conditions.append(condition)
+            metadata.append(meta)
+        return RewardBatch(prompts, media, conditions, metadata)
+
+    def decode_sample(
+        self, index: int, sample: pb.Sample
+    ) -> tuple[str, np.ndarray, np.ndarray | None, dict[str, Any] | None]:
+        """One sample → ``(prompt, frames, condition image or None, metadata or None)``."""
+        reward = self.reward
+        prompt = sample.prompt
+        if reward.requires_prompt and not prompt.strip():
+            raise SampleError(index, "prompt", f"required by reward {reward.name!r}")
+        if len(prompt) > MAX_PROMPT_CHARS:
+            raise SampleError(index, "prompt", f"longer than {MAX_PROMPT_CHARS} characters")
+
+        if not sample.HasField("media"):
+            raise SampleError(index, "media", "required")
+        frames = self._decode_media(index, sample.media, "media", video=reward.modality == "video")
+
+        condition = None
+        if sample.HasField("condition_image"):
+            condition = self._decode_media(
+                index, sample.condition_image, "condition_image", video=False
+            )
+        elif reward.requires_condition_image:
+            raise SampleError(index, "condition_image", f"required by reward {reward.name!r}")
+
+        metadata = None
+        if sample.HasField("metadata"):
+            metadata = self._check_metadata(index, sample.metadata)
+        elif reward.requires_metadata:
+            raise SampleError(index, "metadata", f"required by reward {reward.name!r}")
+
+        reward.validate_sample(index, prompt, frames, metadata)
+        return prompt, frames, condition, metadata
+
+    def _decode_media(self, index: int, media: pb.Media, field: str, *, video: bool) -> np.ndarray:
+        kind = media.WhichOneof("kind")
+        want = "[T, H, W, 3] video" if video else "[H, W, 3] image"
+        try:
+            if kind == "raw":
+                shape = codec.raw_shape(media.raw, f"{field}.raw")
+                if len(shape) != (4 if video else 3):
+                    raise codec.CodecError(
+                        f"{field}.raw.shape",
+                        f"reward {self.reward.name!r} takes a {want}, got shape {list(shape)}",
+                    )
+                self._check_size(shape, f"{field}.raw.shape")
+                return codec.decode_raw(media.raw, f"{field}.raw")
+            if kind == "encoded_image":
+                if video:
+                    raise codec.CodecError(
+                        f"{field}.encoded_image",
+                        f"reward {self.reward.name!r} takes a video; send encoded_frames or raw",
+                    )
+                data = media.encoded_image
+                if not data:
+                    raise codec.CodecError(f"{field}.encoded_image", "empty image bytes")
+                height, width = codec.encoded_image_size(data, f"{field}.encoded_image")
+                self._check_size((height, width, 3), f"{field}.encoded_image")
+                return codec.decode_image_bytes(data, f"{field}.encoded_image")
+            if kind == "encoded_frames":
+                frames_field = f"{field}.encoded_frames.frames"
+                if not video:
+                    raise codec.CodecError(
+                        f"{field}.encoded_frames",
+                        f"reward {self.reward.name!r} takes an image; send encoded_image or raw",
+                    )
+                frames = media.encoded_frames.frames
+                if not frames:
+                    raise codec.CodecError(frames_field, "a video needs at least one frame")
+                height, width = codec.encoded_image_size(frames[0], f"{frames_field}[0]")
+                self._check_size((len(frames), height, width, 3), frames_field)
+                return codec.decode_media(media, field)
+            raise codec.CodecError(
+                field, "no media set (need raw, encoded_image or encoded_frames)"
+            )
+        except codec.CodecError as exc:
+            raise SampleError(index, exc.field, exc.message) from None
+
+    def _check_size(self, shape: tuple[int, ...], field: str) -> None:
+        spec = self.spec
+        height, width = shape[-3], shape[-2]
+        if min(height, width) < spec.min_size:
+            raise codec.CodecError(field, f"{height}x{width} is below min_size={spec.min_size}")
+        if spec.max_height and height > spec.max_height:
+            raise codec.CodecError(field, f"height {height} exceeds max_height={spec.max_height}")
+        if spec.max_width and width > spec.max_width:
+            raise codec.CodecError(field, f"width {width} exceeds max_width={spec.max_width}")
+        if len(shape) == 4 and spec.max_frames and shape[0] > spec.max_frames:
+            raise codec.CodecError(field, f"{shape[0]} frames exceed max_frames={spec.max_frames}")
+
+    def _check_metadata(self, index: int, metadata: pb.SampleMetadata) -> dict[str, Any]:
+        reward = self.reward
+        if metadata.HasField("geneval") and not (
+            reward.accepts_geneval or reward.requires_metadata
+        ):
+            raise SampleError(
+                index, "metadata.geneval", f"reward {reward.name!r} takes no GenEval spec"
+            )
+        for key in metadata.attributes:
+            if key not in reward.attribute_keys:
+                known = ", ".join(sorted(reward.attribute_keys)) or "none"
+                raise SampleError(
+                    index,
+                    f"metadata.attributes.{key}",
+                    f"unknown attribute for reward {reward.name!r} (known: {known})",
+                )
+        return codec.metadata_to_dict(metadata)

@@ -1,0 +1,93 @@
+"""Service config loading: defaults, env expansion, and errors that name the key or file."""
+
+from __future__ import annotations
+
+import pytest
+
+from dancegrpo_rewards.base import RewardConfigError
+from dancegrpo_rewards.config import DEFAULT_MAX_MESSAGE_BYTES, load_config, path_options
+
+
+def test_minimal_config_gets_safe_defaults():
+    config = load_config({"rewards": {"c": {"kind": "color_match"}}})
+    assert config.server.host == "127.0.0.1"
+    assert config.server.port == 50051 and config.server.metrics_port == 9464
+    assert config.server.max_message_bytes == DEFAULT_MAX_MESSAGE_BYTES
+    # 8 videos of 53x480x480x3 uint8 fit
+    assert config.server.max_message_bytes > 8 * 53 * 480 * 480 * 3
+    spec = config.rewards["c"]
+    assert (spec.max_batch_size, spec.max_queue_size, spec.max_queue_delay_ms) == (32, 256, 5.0)
+
+
+def test_yaml_file_and_env_expansion(tmp_path):
+    ckpt = tmp_path / "w" / "model.pt"
+    ckpt.parent.mkdir()
+    ckpt.write_bytes(b"x")
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "server: {port: 0, metrics_port: null, log_format: json}\n"
+        "rewards:\n"
+        "  m:\n"
+        "    kind: brightness\n"
+        "    options: {checkpoint: '${W}/model.pt', note: '${UNSET_X:-fallback}'}\n"
+    )
+    config = load_config(path, env={"W": str(tmp_path / "w")})
+    assert config.server.metrics_port is None
+    assert config.rewards["m"].options == {"checkpoint": str(ckpt), "note": "fallback"}
+
+
+@pytest.mark.parametrize(
+    ("raw", "key"),
+    [
+        ({"rewards": {"c": {"kind": "color_match", "max_batch": 3}}}, "rewards.c.max_batch"),
+        ({"rewards": {"c": {"kind": "color_match", "max_batch_size": "8"}}}, "max_batch_size"),
+        ({"rewards": {"c": {"kind": "color_match", "max_batch_size": 0}}}, "max_batch_size"),
+        ({"rewards": {"c": {"kind": "color_match", "max_queue_delay_ms": -1}}}, "delay_ms"),
+        ({"rewards": {"c": {"max_batch_size": 2}}}, "rewards.c.kind"),
+        ({"rewards": {"c": {"kind": "color_match", "options": [1]}}}, "rewards.c.options"),
+        ({"rewards": {}}, "rewards"),
+        ({"server": {"port": 70000}, "rewards": {"c": {"kind": "x"}}}, "server.port"),
+        ({"server": {"prot": 1}, "rewards": {"c": {"kind": "x"}}}, "server.prot"),
+        ({"server": {"log_format": "xml"}, "rewards": {"c": {"kind": "x"}}}, "server.log_format"),
+        ({"server": {"tls": {"cert": "a"}}, "rewards": {"c": {"kind": "x"}}}, "server.tls.key"),
+        ({"server": {"auth": {"token_env": "1x"}}, "rewards": {"c": {"kind": "x"}}}, "token_env"),
+        ({"extra": 1, "rewards": {"c": {"kind": "x"}}}, "<config>.extra"),
+    ],
+)
+def test_errors_name_the_key(raw, key):
+    with pytest.raises(RewardConfigError, match=key.replace(".", r"\.")):
+        load_config(raw)
+
+
+def test_missing_env_var_and_missing_file_are_named(tmp_path):
+    raw = {"rewards": {"h": {"kind": "hps", "options": {"checkpoint": "${NO_SUCH_VAR}/x.pt"}}}}
+    with pytest.raises(RewardConfigError, match=r"rewards\.h\.options\.checkpoint.*NO_SUCH_VAR"):
+        load_config(raw, env={})
+    missing = str(tmp_path / "absent.pt")
+    raw = {"rewards": {"h": {"kind": "hps", "options": {"open_clip_checkpoint": missing}}}}
+    with pytest.raises(RewardConfigError, match="file not found: .*absent.pt"):
+        load_config(raw)
+    assert load_config(raw, require_files=False).rewards["h"].options["open_clip_checkpoint"]
+
+
+def test_path_options_finds_nested_paths_and_json_archs():
+    options = {
+        "checkpoint": "a.pt",
+        "arch": "cfg.json",
+        "base": {"options": {"weights_path": "b.bin", "arch": "ViT-H-14"}},
+        "threshold": 0.5,
+    }
+    assert sorted(k for k, _ in path_options(options, "o")) == [
+        "o.arch",
+        "o.base.options.weights_path",
+        "o.checkpoint",
+    ]
+
+
+def test_invalid_yaml_and_missing_file_report_the_path(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("rewards: [unclosed")
+    with pytest.raises(RewardConfigError, match="invalid YAML"):
+        load_config(bad)
+    with pytest.raises(RewardConfigError, match="nope.yaml"):
+        load_config(tmp_path / "nope.yaml")

@@ -1,0 +1,259 @@
+"""A real server process: concurrent correctness, malformed requests, health, reflection,
+metrics and ListRewards. One server is shared by the whole module."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import io
+import re
+import urllib.request
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from PIL import Image
+
+from dancegrpo_proto import SERVICE_NAME, RewardClient, codec
+from dancegrpo_proto.v1 import rewards_pb2 as pb
+from dancegrpo_proto.v1 import rewards_pb2_grpc
+from dancegrpo_rewards.registry import reward_class
+from dancegrpo_testing.servers import PROBE_KIND, running_reward_server
+
+CONFIG = {
+    "server": {"grace_period_s": 5},
+    "rewards": {
+        "color": {"kind": "color_match", "max_batch_size": 16, "max_queue_delay_ms": 2},
+        "bright": {"kind": "brightness", "max_batch_size": 16, "max_queue_delay_ms": 2},
+        "jpeg": {"kind": "jpeg_compressibility", "max_batch_size": 8},
+        "video": {"kind": "brightness", "max_frames": 4, "options": {"modality": "video"}},
+        "small": {
+            "kind": "brightness",
+            "max_height": 64,
+            "max_width": 48,
+            "min_size": 2,
+            "max_samples_per_request": 4,
+        },
+        "probe": {"kind": PROBE_KIND, "options": {"fail_prompt": "boom"}},
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def server():
+    with running_reward_server(CONFIG) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def stub(server):
+    with grpc.insecure_channel(server.target) as channel:
+        yield rewards_pb2_grpc.RewardServiceStub(channel)
+
+
+def _u8(*shape, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
+
+
+def _png(array, fmt="PNG"):
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def _raw(data, shape):
+    return pb.Media(raw=pb.RawFrames(data=data, shape=shape))
+
+
+def _request(reward, *samples):
+    return pb.ScoreRequest(reward=reward, samples=list(samples))
+
+
+def _image_sample(prompt="a red square", shape=(8, 8, 3), **kwargs):
+    array = np.zeros(shape, np.uint8)
+    return pb.Sample(prompt=prompt, media=_raw(array.tobytes(), list(shape)), **kwargs)
+
+
+GOOD = _request("color", _image_sample())
+
+MALFORMED = [
+    ("byte length", _request("color", pb.Sample(prompt="red", media=_raw(b"\0" * 10, [2, 2, 3]))),
+     "INVALID_ARGUMENT", r"samples\[0\]\.media\.raw\.data: has 10 bytes"),
+    ("4 channels", _request("color", _image_sample(shape=(4, 4, 4))),
+     "INVALID_ARGUMENT", r"samples\[0\]\.media\.raw\.shape"),
+    ("zero size", _request("color", pb.Sample(prompt="red", media=_raw(b"", [0, 4, 3]))),
+     "INVALID_ARGUMENT", r"samples\[0\]\.media\.raw\.shape: every dimension must be positive"),
+    ("2-d shape", _request("color", pb.Sample(prompt="red", media=_raw(b"\0" * 12, [4, 3]))),
+     "INVALID_ARGUMENT", r"samples\[0\]\.media\.raw\.shape"),
+    ("video to image reward", _request("color", _image_sample(shape=(2, 4, 4, 3))),
+     "INVALID_ARGUMENT", r"samples\[0\]\.media\.raw\.shape: .*takes a \[H, W, 3\] image"),
+    ("too tall", _request("small", _image_sample(shape=(65, 8, 3))),
+     "INVALID_ARGUMENT", r"samples\[0\]\.media\.raw\.shape: height 65 exceeds max_height=64"),
+    ("too wide", _request("small", _image_sample(shape=(8, 49, 3))),
+     "INVALID_ARGUMENT", r"width 49 exceeds max_width=48"),
+    ("too small", _request("small", _image_sample(shape=(1, 8, 3))),
+     "INVALID_ARGUMENT", r"below min_size=2"),
+    ("too many samples", _request("small", *[_image_sample()] * 5),
+     "INVALID_ARGUMENT", r"^samples: 5 samples exceed max_samples_per_request=4"),
+    ("no samples", _request("color"), "INVALID_ARGUMENT", r"^samples: .*at least one"),
+    ("undecodable png",
+     _request("bright", pb.Sample(media=pb.Media(encoded_image=b"\x89PNG\r\n\x1a\nnot really"))),
+     "INVALID_ARGUMENT", r"samples\[0\]\.media\.encoded_image: not a decodable PNG or JPEG"),
+    ("truncated jpeg",
+     _request("bright", pb.Sample(media=pb.Media(encoded_image=_png(_u8(8, 8, 3), "JPEG")[:40]))),
+     "INVALID_ARGUMENT", r"samples\[0\]\.media\.encoded_image"),
+    ("empty encoded", _request("bright", pb.Sample(media=pb.Media(encoded_image=b""))),
+     "INVALID_ARGUMENT", r"samples\[0\]\.media\.encoded_image: empty"),
+    ("bmp", _request("bright", pb.Sample(media=pb.Media(encoded_image=_png(_u8(4, 4, 3), "BMP")))),
+     "INVALID_ARGUMENT", r"must be PNG or JPEG, got BMP"),
+    ("oversize png header",
+     _request("small", pb.Sample(media=pb.Media(encoded_image=_png(_u8(100, 8, 3))))),
+     "INVALID_ARGUMENT", r"samples\[0\]\.media\.encoded_image: height 100 exceeds max_height=64"),
+    ("missing media", _request("color", pb.Sample(prompt="red")),
+     "INVALID_ARGUMENT", r"samples\[0\]\.media: required"),
+    ("missing prompt", _request("color", _image_sample(prompt="")),
+     "INVALID_ARGUMENT", r"samples\[0\]\.prompt: required"),
+    ("prompt without colour", _request("color", _image_sample(prompt="a dog")),
+     "INVALID_ARGUMENT", r"samples\[0\]\.prompt: names no known colour"),
+    ("unknown attribute",
+     _request("color", _image_sample(metadata=pb.SampleMetadata(attributes={"foo": "1"}))),
+     "INVALID_ARGUMENT", r"samples\[0\]\.metadata\.attributes\.foo: unknown attribute"),
+    ("unexpected geneval",
+     _request("color", _image_sample(metadata=pb.SampleMetadata(geneval=pb.GenEvalSpec(tag="x")))),
+     "INVALID_ARGUMENT", r"samples\[0\]\.metadata\.geneval"),
+    ("image to video reward", _request("video", _image_sample()),
+     "INVALID_ARGUMENT", r"takes a \[T, H, W, 3\] video"),
+    ("too many frames", _request("video", _image_sample(shape=(5, 4, 4, 3))),
+     "INVALID_ARGUMENT", r"5 frames exceed max_frames=4"),
+    ("encoded frames to image reward",
+     _request("bright", pb.Sample(media=pb.Media(encoded_frames=pb.EncodedFrames(frames=[b"x"])))),
+     "INVALID_ARGUMENT", r"samples\[0\]\.media\.encoded_frames: .*takes an image"),
+    ("frame size mismatch",
+     _request("video", pb.Sample(media=pb.Media(encoded_frames=pb.EncodedFrames(
+         frames=[_png(_u8(4, 4, 3)), _png(_u8(5, 4, 3))])))),
+     "INVALID_ARGUMENT", r"samples\[0\]\.media\.encoded_frames\.frames\[1\]: frame size"),
+    ("bad third sample", _request("color", _image_sample(), _image_sample(), _image_sample("x")),
+     "INVALID_ARGUMENT", r"^samples\[2\]\.prompt"),
+    ("4-d condition image",
+     _request("color", _image_sample(condition_image=_raw(b"\0" * 24, [2, 2, 2, 3]))),
+     "INVALID_ARGUMENT", r"samples\[0\]\.condition_image\.raw\.shape"),
+    ("unknown reward", _request("nope", _image_sample()), "NOT_FOUND", r"unknown reward 'nope'"),
+    ("empty reward name", _request("", _image_sample()), "NOT_FOUND", r"unknown reward ''"),
+    ("model raises", _request("probe", _image_sample(prompt="boom")),
+     "INTERNAL", r"reward 'probe' failed: RuntimeError: probe failure"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("case", "request_", "code", "pattern"), MALFORMED, ids=[m[0] for m in MALFORMED]
+)
+def test_malformed_request_gets_code_and_field_then_server_still_serves(
+    stub, case, request_, code, pattern
+):
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Score(request_, timeout=10)
+    assert info.value.code().name == code, info.value.details()
+    assert re.search(pattern, info.value.details()), info.value.details()
+    reply = stub.Score(GOOD, timeout=10)
+    assert reply.outputs[0].values[0] == pytest.approx(1 - 1 / np.sqrt(3))
+
+
+def test_sixteen_concurrent_clients_get_exactly_their_in_process_scores(server):
+    colors = ["red", "green", "blue", "yellow", "white", "black", "pink", "purple"]
+    local = {name: reward_class(kind)(name, {}) for name, kind in
+             [("color", "color_match"), ("bright", "brightness")]}  # fmt: skip
+
+    def worker(seed: int) -> int:
+        rng = np.random.default_rng(seed)
+        checked = 0
+        with RewardClient(server.target, timeout=30) as client:
+            for i in range(50):
+                n = int(rng.integers(1, 7))
+                images = [_u8(int(rng.integers(4, 24)), int(rng.integers(4, 24)), 3, seed=seed * 1000 + i * 10 + k)
+                          for k in range(n)]  # fmt: skip
+                prompts = [f"a {colors[int(rng.integers(len(colors)))]} thing" for _ in range(n)]
+                name = "color" if i % 2 else "bright"
+                out = client.score(name, images=images, prompts=prompts, request_id=f"{seed}-{i}")
+                from dancegrpo_rewards.base import RewardBatch
+
+                expected = local[name].score(RewardBatch(prompts, images, [None] * n, [None] * n))
+                np.testing.assert_array_equal(out["score"], expected["score"])
+                checked += n
+        return checked
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        totals = list(pool.map(worker, range(16)))
+    assert all(t >= 50 for t in totals)
+
+
+def test_encoded_and_raw_media_score_identically(stub):
+    image = _u8(12, 10, 3, seed=3)
+    raw = stub.Score(_request("bright", pb.Sample(media=codec.encode_media(image))))
+    png = stub.Score(_request("bright", pb.Sample(media=codec.encode_media(image, "png"))))
+    assert raw.outputs[0].values == png.outputs[0].values
+
+
+def test_list_rewards_reports_outputs_limits_and_versions(stub):
+    reply = stub.ListRewards(pb.ListRewardsRequest(), timeout=10)
+    infos = {info.name: info for info in reply.rewards}
+    assert [i.name for i in reply.rewards] == sorted(CONFIG["rewards"])
+    assert infos["color"].requires_prompt and list(infos["color"].output_names) == ["score"]
+    assert infos["video"].modality == pb.MODALITY_VIDEO and infos["video"].limits.max_frames == 4
+    assert infos["small"].limits.max_samples_per_request == 4
+    assert infos["color"].limits.max_request_bytes == 512 * 1024 * 1024
+    assert infos["color"].max_batch_size == 16
+    assert infos["jpeg"].version.startswith("jpeg_compressibility-")
+    assert reply.server_version
+
+
+def test_health_reports_serving_overall_and_per_reward(server):
+    with grpc.insecure_channel(server.target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ["", SERVICE_NAME, *CONFIG["rewards"]]:
+            reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING, service
+        with pytest.raises(grpc.RpcError) as info:
+            health.Check(health_pb2.HealthCheckRequest(service="nope"), timeout=5)
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_reflection_lists_the_reward_service(server):
+    with grpc.insecure_channel(server.target) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        replies = stub.ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5
+        )
+        names = {s.name for r in replies for s in r.list_services_response.service}
+    assert {SERVICE_NAME, "grpc.health.v1.Health"} <= names
+
+
+def _metric(text, name, **labels):
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_metrics_counters_move(server, stub):
+    def scrape():
+        return urllib.request.urlopen(server.metrics_url, timeout=5).read().decode()
+
+    before = scrape()
+    for _ in range(3):
+        stub.Score(GOOD, timeout=10)
+    with pytest.raises(grpc.RpcError):
+        stub.Score(_request("nope", _image_sample()), timeout=10)
+    after = scrape()
+    ok = dict(method="Score", reward="color", code="OK")
+    assert (
+        _metric(after, "dancegrpo_reward_requests_total", **ok)
+        == _metric(before, "dancegrpo_reward_requests_total", **ok) + 3
+    )
+    nf = dict(reward="_unknown", code="NOT_FOUND")
+    assert _metric(after, "dancegrpo_reward_errors_total", **nf) >= 1
+    assert _metric(after, "dancegrpo_reward_batch_size_count", reward="color") >= 3
+    assert _metric(after, "dancegrpo_reward_request_latency_seconds_count", reward="color") >= 3
+    assert "dancegrpo_reward_queue_depth{" in after
+    assert _metric(after, "dancegrpo_reward_ready", reward="jpeg") == 1.0

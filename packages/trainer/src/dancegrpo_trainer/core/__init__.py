@@ -1,0 +1,39 @@
+"""Pure GRPO math: sampling steps with log-probabilities, advantages, losses. No I/O."""
+
+from dancegrpo_trainer.core.advantages import (
+    group_advantages,
+    group_ids_from_size,
+    multi_reward_advantages,
+)
+from dancegrpo_trainer.core.best_of_n import best_of_n_indices, gather_trajectories
+from dancegrpo_trainer.core.ddim import ddim_step
+from dancegrpo_trainer.core.gaussian import gaussian_log_prob
+from dancegrpo_trainer.core.losses import GRPOLossOutput, gaussian_mean_kl, grpo_loss
+from dancegrpo_trainer.core.schedules import flow_sigmas, flow_timesteps, shift_sigmas
+from dancegrpo_trainer.core.sde import NoiseSchedule, flow_sde_step
+from dancegrpo_trainer.core.stat_tracker import PerPromptStatTracker
+from dancegrpo_trainer.core.step_output import StepOutput
+from dancegrpo_trainer.core.timesteps import gather_steps, num_train_timesteps, select_timesteps
+
+__all__ = [
+    "GRPOLossOutput",
+    "NoiseSchedule",
+    "PerPromptStatTracker",
+    "StepOutput",
+    "best_of_n_indices",
+    "ddim_step",
+    "flow_sde_step",
+    "flow_sigmas",
+    "flow_timesteps",
+    "gather_steps",
+    "gather_trajectories",
+    "gaussian_log_prob",
+    "gaussian_mean_kl",
+    "group_advantages",
+    "group_ids_from_size",
+    "grpo_loss",
+    "multi_reward_advantages",
+    "num_train_timesteps",
+    "select_timesteps",
+    "shift_sigmas",
+]

@@ -1,0 +1,138 @@
+"""One stochastic rectified-flow step with its Gaussian log-probability (DanceGRPO / Flow-GRPO).
+
+Conventions (diffusers' flow matching, SD3/FLUX/HunyuanVideo): ``x_σ = (1−σ)·x0 + σ·ε`` and
+the model predicts the velocity ``v = ε − x0``; sampling goes from σ = 1 (noise) to σ = 0.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from dancegrpo_trainer.core.gaussian import (
+    Reduction,
+    gaussian_log_prob,
+    per_sample,
+    sample_noise,
+)
+from dancegrpo_trainer.core.step_output import StepOutput
+
+NoiseSchedule = Literal["dance", "flow_grpo"]
+
+
+def _check_float_sigmas(sigma: float | torch.Tensor, sigma_next: float | torch.Tensor) -> None:
+    if isinstance(sigma, (int, float)) and not 0.0 < sigma <= 1.0:
+        raise ValueError(f"sigma must be in (0, 1], got {sigma}")
+    if isinstance(sigma_next, (int, float)):
+        if not 0.0 <= sigma_next <= 1.0:
+            raise ValueError(f"sigma_next must be in [0, 1], got {sigma_next}")
+        if isinstance(sigma, (int, float)) and sigma_next > sigma:
+            raise ValueError(f"sigma_next ({sigma_next}) must be <= sigma ({sigma})")
+
+
+def flow_sde_step(
+    velocity: torch.Tensor,
+    sample: torch.Tensor,
+    sigma: float | torch.Tensor,
+    sigma_next: float | torch.Tensor,
+    *,
+    eta: float,
+    prev_sample: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    noise_schedule: NoiseSchedule = "dance",
+    reduction: Reduction = "mean",
+) -> StepOutput:
+    """One step ``x_σ → x_σ'`` of the reverse-time SDE of a rectified flow, as a Gaussian policy.
+
+    With ``Δ = σ − σ_next`` and a diffusion coefficient ``g``::
+
+        mean = x − Δ·[v + g²/(2σ)·(x + (1−σ)·v)]
+        std  = g·√Δ
+
+    (the Euler–Maruyama step of ``dx = [v − g²/2·∇log p]dσ`` using the score
+    ``∇log p = −(x + (1−σ)·v)/σ``; DanceGRPO (Xue et al. 2025) ``flux_step`` with
+    ``sde_solver=True``; Flow-GRPO (Liu et al. 2025) eq. 9 / ``sde_step_with_logprob``).
+
+    ``noise_schedule`` picks ``g``:
+
+    - ``"dance"``: ``g = η`` (DanceGRPO; η ≈ 0.3 in the paper).
+    - ``"flow_grpo"``: ``g = η·√(σ/(1−σ))`` with ``η`` Flow-GRPO's ``noise_level`` ``a``
+      (≈ 0.7). At ``σ = 1`` the denominator uses ``σ_next`` instead, as Flow-GRPO does
+      (it substitutes ``sigmas[1]``, which is ``σ_next`` of the first step).
+
+    ``eta = 0`` is the deterministic Euler ODE step ``x − Δ·v`` (diffusers'
+    ``FlowMatchEulerDiscreteScheduler.step``); its density does not exist, so ``std`` and
+    ``log_prob`` are returned as zeros (never NaN). A step with ``Δ = 0`` likewise.
+
+    Args:
+        velocity: the model output ``v`` ``[B, ...]`` (any float dtype; gradients flow from it).
+        sample: the current latent ``x_σ`` ``[B, ...]``.
+        sigma: current noise level σ ∈ (0, 1], a float or per-sample ``[B]`` tensor.
+        sigma_next: next noise level σ_next ∈ [0, σ], a float or ``[B]`` tensor.
+        eta: noise scale ``η >= 0`` (see ``noise_schedule``).
+        prev_sample: if given, the stored next latent whose log-probability is evaluated
+            (detached; used when recomputing a rollout step with gradients).
+        generator: RNG for the step noise when ``prev_sample`` is not given.
+        noise_schedule: ``"dance"`` or ``"flow_grpo"`` (see above).
+        reduction: reduce the elementwise log-density over non-batch dims by ``"mean"``
+            (DanceGRPO's convention, default) or ``"sum"``.
+
+    Returns:
+        :class:`StepOutput` with ``prev_sample`` (``sample.dtype``, detached), float32
+        ``log_prob`` ``[B]``, float32 ``mean`` ``[B, ...]``, float32 ``std``
+        ``[B, 1, ..., 1]`` and float32 ``pred_original_sample`` ``x0 = x − σ·v``.
+        ``log_prob`` is evaluated at ``prev_sample`` as stored (after casting to
+        ``sample.dtype``), so recomputing the step on it reproduces it exactly.
+    """
+    if not eta >= 0:
+        raise ValueError(f"eta must be >= 0, got {eta}")
+    if noise_schedule not in ("dance", "flow_grpo"):
+        raise ValueError(f"noise_schedule must be 'dance' or 'flow_grpo', got {noise_schedule!r}")
+    if velocity.shape != sample.shape:
+        raise ValueError(
+            f"velocity shape {tuple(velocity.shape)} != sample shape {tuple(sample.shape)}"
+        )
+    if prev_sample is not None and prev_sample.shape != sample.shape:
+        raise ValueError(
+            f"prev_sample shape {tuple(prev_sample.shape)} != sample shape {tuple(sample.shape)}"
+        )
+    _check_float_sigmas(sigma, sigma_next)
+
+    x = sample.to(torch.float32)
+    v = velocity.to(torch.float32)
+    s = per_sample(sigma, x)
+    s_next = per_sample(sigma_next, x)
+    delta = s - s_next
+    pred_original_sample = x - s * v
+
+    if eta == 0:
+        mean = x - delta * v
+        g = torch.zeros_like(s)
+    else:
+        if noise_schedule == "dance":
+            g = torch.full_like(s, float(eta))
+        else:
+            # Flow-GRPO: σ_t = a·√(σ/(1−σ)); at σ = 1 it uses the next sigma in the denominator.
+            denom_sigma = torch.where(s >= 1.0, s_next, s)
+            g = eta * torch.sqrt(s / (1.0 - denom_sigma))
+        mean = x - delta * (v + g**2 / (2.0 * s) * (x + (1.0 - s) * v))
+
+    std_shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    std = (g * torch.sqrt(delta)).expand(std_shape)
+
+    if prev_sample is None:
+        # η = 0: deterministic, no noise drawn (the generator's state is left untouched).
+        drawn = mean if eta == 0 else mean + std * sample_noise(x, generator)
+        prev_sample = drawn.detach().to(sample.dtype)
+    else:
+        prev_sample = prev_sample.detach()
+
+    log_prob = gaussian_log_prob(prev_sample, mean, std, reduction)
+    return StepOutput(
+        prev_sample=prev_sample,
+        log_prob=log_prob,
+        mean=mean,
+        std=std,
+        pred_original_sample=pred_original_sample,
+    )

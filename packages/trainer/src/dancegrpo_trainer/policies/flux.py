@@ -1,0 +1,372 @@
+"""FLUX.1 (rectified flow, ``FluxTransformer2DModel``) sampled with the flow SDE, as a Policy.
+
+The sampling loop is diffusers' ``FluxPipeline`` cut down to what GRPO needs: packed 2×2
+latents with RoPE image/text ids, T5 sequence embeddings + CLIP pooled embedding, the
+distilled guidance *embedding* (no second, unconditional pass), a shifted sigma schedule
+(static ``shift`` as DanceGRPO, or diffusers' resolution-dependent dynamic shift), and each
+step taken by :func:`flow_sde_step`, which returns the step's log-probability.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from dancegrpo_trainer.core.schedules import flow_sigmas, flow_timesteps
+from dancegrpo_trainer.core.sde import flow_sde_step
+from dancegrpo_trainer.core.step_output import StepOutput
+from dancegrpo_trainer.policies.base import Conditioning, Policy, Schedule
+from dancegrpo_trainer.policies.flux_latents import (
+    latent_image_ids,
+    pack_latents,
+    text_ids,
+    unpack_latents,
+)
+from dancegrpo_trainer.policies.runtime import (
+    RuntimeConfig,
+    decode_in_chunks,
+    freeze,
+    images_to_uint8,
+    module_dtype,
+    parse_resolution,
+    place,
+    transformers_dtype_kwargs,
+)
+
+#: LoRA targets of diffusers' FLUX LoRA training scripts: attention and MLP projections of
+#: the double-stream blocks (``attn.to_q`` etc. also match the single-stream blocks).
+FLUX_LORA_TARGET_MODULES = [
+    "attn.to_k",
+    "attn.to_q",
+    "attn.to_v",
+    "attn.to_out.0",
+    "attn.add_k_proj",
+    "attn.add_q_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "ff_context.net.0.proj",
+    "ff_context.net.2",
+]
+
+
+def dynamic_shift_mu(
+    image_seq_len: int,
+    base_seq_len: int = 256,
+    max_seq_len: int = 4096,
+    base_shift: float = 0.5,
+    max_shift: float = 1.15,
+) -> float:
+    """diffusers' ``calculate_shift``: ``μ`` linear in the packed image token count.
+
+    The exponential time shift ``σ' = e^μ / (e^μ + 1/σ − 1)`` equals the static shift with
+    ``s = e^μ``, so the schedule is ``flow_sigmas(n, shift=exp(μ))``.
+    """
+    slope = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    return image_seq_len * slope + base_shift - slope * base_seq_len
+
+
+@dataclasses.dataclass
+class FluxConfig(RuntimeConfig):
+    """Options of :class:`FluxPolicy` (defaults: the DanceGRPO paper's FLUX.1-dev run).
+
+    Attributes:
+        resolution: image size in pixels, an int or ``[height, width]`` (multiple of 16).
+        guidance_scale: value fed to the guidance embedding (FLUX.1-dev: 3.5).
+        num_steps: default number of sampling steps.
+        eta: default SDE noise scale η (0 is the Euler ODE sampler).
+        noise_schedule: ``"dance"`` (``g = η``) or ``"flow_grpo"`` (see ``flow_sde_step``).
+        shift: static timestep shift ``s`` (``σ' = sσ/(1+(s−1)σ)``) when not ``dynamic_shift``.
+        dynamic_shift: use diffusers' resolution-dependent shift ``s = exp(μ(seq_len))``
+            with the four parameters below (FLUX.1-dev's scheduler config values).
+        base_shift, max_shift, base_image_seq_len, max_image_seq_len: ``μ``'s line.
+        max_sequence_length: T5 tokens (512 for FLUX.1-dev; fewer saves memory).
+    """
+
+    resolution: int | list[int] = 720
+    guidance_scale: float = 3.5
+    num_steps: int = 16
+    eta: float = 0.3
+    noise_schedule: str = "dance"
+    shift: float = 3.0
+    dynamic_shift: bool = False
+    base_shift: float = 0.5
+    max_shift: float = 1.15
+    base_image_seq_len: int = 256
+    max_image_seq_len: int = 4096
+    max_sequence_length: int = 512
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        parse_resolution(self.resolution, 16)
+        if self.num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1, got {self.num_steps}")
+        if self.eta < 0:
+            raise ValueError(f"eta must be >= 0, got {self.eta}")
+        if self.noise_schedule not in ("dance", "flow_grpo"):
+            raise ValueError(
+                f"noise_schedule must be 'dance' or 'flow_grpo', got {self.noise_schedule!r}"
+            )
+        if self.shift <= 0:
+            raise ValueError(f"shift must be > 0, got {self.shift}")
+        if self.max_image_seq_len <= self.base_image_seq_len:
+            raise ValueError("max_image_seq_len must be greater than base_image_seq_len")
+        if not 1 <= self.max_sequence_length <= 512:
+            raise ValueError(
+                f"max_sequence_length must be in [1, 512], got {self.max_sequence_length}"
+            )
+
+
+class FluxPolicy(Policy):
+    """FLUX.1 transformer + flow SDE behind the :class:`Policy` interface.
+
+    Latents are packed float32 ``[B, L, 4C]`` (``L = (H/16)·(W/16)``, ``C = 16`` for FLUX.1)
+    on ``config.device``. Conditioning tensors: ``prompt_embeds`` ``[B, S, 4096]`` (T5) and
+    ``pooled_prompt_embeds`` ``[B, 768]`` (CLIP).
+    """
+
+    sampler: ClassVar = "flow_sde"
+    modality: ClassVar = "image"
+
+    def __init__(
+        self,
+        *,
+        transformer: nn.Module,
+        vae: nn.Module,
+        config: FluxConfig,
+        text_encoder: nn.Module | None = None,
+        tokenizer: Any | None = None,
+        text_encoder_2: nn.Module | None = None,
+        tokenizer_2: Any | None = None,
+    ) -> None:
+        """Places the components per ``config`` and freezes the text encoders and VAE.
+
+        Args:
+            transformer: a diffusers ``FluxTransformer2DModel`` (the trainable module).
+            vae: a diffusers ``AutoencoderKL`` (with ``scaling_factor``/``shift_factor``).
+            config: the policy options.
+            text_encoder, tokenizer: CLIP text model (pooled output) and its tokenizer.
+            text_encoder_2, tokenizer_2: T5 encoder and its tokenizer. All four ``None``
+                when prompts come from an embedding cache.
+        """
+        text_parts = (text_encoder, tokenizer, text_encoder_2, tokenizer_2)
+        if any(p is None for p in text_parts) and any(p is not None for p in text_parts):
+            raise ValueError(
+                "text_encoder, tokenizer, text_encoder_2 and tokenizer_2 must all be given "
+                "(or none of them)"
+            )
+        self.config = config
+        self.device = config.torch_device
+        dtype = config.torch_dtype
+        self.transformer = place(transformer, self.device, dtype)
+        self.vae = place(vae, config.decode_device, dtype)
+        freeze(self.vae)
+        self.tokenizer, self.tokenizer_2 = tokenizer, tokenizer_2
+        self.text_encoder = self.text_encoder_2 = None
+        if text_encoder is not None and text_encoder_2 is not None:
+            self.text_encoder = place(text_encoder, config.text_device, dtype)
+            self.text_encoder_2 = place(text_encoder_2, config.text_device, dtype)
+            freeze(self.text_encoder)
+            freeze(self.text_encoder_2)
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.height, self.width = parse_resolution(config.resolution, self.vae_scale_factor * 2)
+        self.latent_height = self.height // self.vae_scale_factor
+        self.latent_width = self.width // self.vae_scale_factor
+        # Read model config now: the trainer may later swap in a DDP/FSDP-wrapped module.
+        self.latent_channels = int(self.transformer.config.in_channels) // 4
+        self.guidance_embeds = bool(self.transformer.config.guidance_embeds)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, config: FluxConfig | None = None) -> FluxPolicy:
+        """Loads ``transformer/``, ``vae/`` and (unless ``load_text_encoders`` is off)
+        ``text_encoder/`` + ``tokenizer/`` (CLIP) and ``text_encoder_2/`` + ``tokenizer_2/``
+        (T5) from a local diffusers-format folder, e.g. ``black-forest-labs/FLUX.1-dev``."""
+        from diffusers import AutoencoderKL, FluxTransformer2DModel
+        from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+
+        config = config or FluxConfig()
+        path = Path(path)
+        if not (path / "transformer").is_dir():
+            raise FileNotFoundError(f"{path} is not a diffusers FLUX folder (no transformer/)")
+        dtype = config.torch_dtype
+        text: dict[str, Any] = {}
+        if config.load_text_encoders:
+            hf_dtype = transformers_dtype_kwargs(dtype)
+            text = {
+                "tokenizer": CLIPTokenizer.from_pretrained(path, subfolder="tokenizer"),
+                "text_encoder": CLIPTextModel.from_pretrained(
+                    path, subfolder="text_encoder", **hf_dtype
+                ),
+                "tokenizer_2": T5TokenizerFast.from_pretrained(path, subfolder="tokenizer_2"),
+                "text_encoder_2": T5EncoderModel.from_pretrained(
+                    path, subfolder="text_encoder_2", **hf_dtype
+                ),
+            }
+        return cls(
+            transformer=FluxTransformer2DModel.from_pretrained(
+                path, subfolder="transformer", torch_dtype=dtype
+            ),
+            vae=AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype),
+            config=config,
+            **text,
+        )
+
+    # ----------------------------------------------------------------- conditioning
+    @torch.no_grad()
+    def encode_prompts(
+        self, prompts: Sequence[str], condition_images: torch.Tensor | None = None
+    ) -> Conditioning:
+        """Encodes ``N`` prompts → ``prompt_embeds`` ``[N, S, D_t5]`` (T5 last hidden state,
+        ``S = max_sequence_length``) and ``pooled_prompt_embeds`` ``[N, D_clip]`` (CLIP
+        pooled output), as ``FluxPipeline.encode_prompt``. Runs on ``text_encoder_device``;
+        the result is on ``device``."""
+        if condition_images is not None:
+            raise ValueError("FLUX is text-to-image; condition_images must be None")
+        if self.text_encoder is None or self.text_encoder_2 is None:
+            raise RuntimeError(
+                "this policy was built without text encoders (load_text_encoders=False); "
+                "look prompts up in an EmbeddingCache instead"
+            )
+        prompts = list(prompts)
+        device = self.config.text_device
+        clip_tokens = self.tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+        pooled = self.text_encoder(clip_tokens.input_ids.to(device)).pooler_output
+        t5_tokens = self.tokenizer_2(
+            prompts,
+            padding="max_length",
+            max_length=self.config.max_sequence_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+        embeds = self.text_encoder_2(t5_tokens.input_ids.to(device))[0]
+        return Conditioning(
+            {
+                "prompt_embeds": embeds.to(self.device),
+                "pooled_prompt_embeds": pooled.to(self.device),
+            }
+        )
+
+    # ----------------------------------------------------------------- sampling
+    @property
+    def image_seq_len(self) -> int:
+        """Packed image tokens per sample ``L = (h/2)·(w/2)``."""
+        return (self.latent_height // 2) * (self.latent_width // 2)
+
+    @property
+    def effective_shift(self) -> float:
+        """The static shift ``s`` in use (``exp(μ)`` under ``dynamic_shift``)."""
+        c = self.config
+        if not c.dynamic_shift:
+            return c.shift
+        mu = dynamic_shift_mu(
+            self.image_seq_len, c.base_image_seq_len, c.max_image_seq_len, c.base_shift, c.max_shift
+        )
+        return math.exp(mu)
+
+    def schedule(self, num_steps: int | None = None) -> Schedule:
+        """Shifted ``sigmas`` ``[n + 1]`` from 1 to 0 and ``timesteps = 1000·sigmas[:-1]``."""
+        sigmas = flow_sigmas(num_steps or self.config.num_steps, shift=self.effective_shift)
+        return Schedule(timesteps=flow_timesteps(sigmas), sigmas=sigmas)
+
+    def initial_noise(
+        self, batch_size: int, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """``x_1 ~ N(0, I)`` drawn as ``[B, C, h, w]`` (on the generator's device, as
+        diffusers' ``randn_tensor``) and packed → float32 ``[B, L, 4C]`` on ``device``."""
+        draw_device = generator.device if generator is not None else self.device
+        shape = (batch_size, self.latent_channels, self.latent_height, self.latent_width)
+        noise = torch.randn(shape, generator=generator, device=draw_device)
+        return pack_latents(noise).to(self.device)
+
+    def predict(
+        self, latents: torch.Tensor, timestep: torch.Tensor | float, cond: Conditioning
+    ) -> torch.Tensor:
+        """The transformer's velocity ``v = ε − x0`` for packed ``latents`` ``[B, L, 4C]`` at
+        ``timestep`` (0..1000 scale), with the guidance embedding; differentiable."""
+        dtype = module_dtype(self.transformer)
+        batch = latents.shape[0]
+        t = torch.as_tensor(timestep, device=self.device, dtype=torch.float32)
+        guidance = None
+        if self.guidance_embeds:
+            guidance = torch.full(
+                (batch,), self.config.guidance_scale, device=self.device, dtype=torch.float32
+            )
+        embeds = cond.tensors["prompt_embeds"].to(self.device, dtype)
+        with self.config.autocast():
+            return self.transformer(
+                hidden_states=latents.to(self.device, dtype),
+                timestep=(t.expand(batch) / 1000).to(dtype),
+                guidance=guidance,
+                pooled_projections=cond.tensors["pooled_prompt_embeds"].to(self.device, dtype),
+                encoder_hidden_states=embeds,
+                txt_ids=text_ids(embeds.shape[1]).to(self.device),
+                img_ids=latent_image_ids(self.latent_height, self.latent_width).to(self.device),
+                return_dict=False,
+            )[0]
+
+    def denoise_step(
+        self,
+        latents: torch.Tensor,
+        step_index: int,
+        schedule: Schedule,
+        cond: Conditioning,
+        *,
+        eta: float,
+        prev_sample: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> StepOutput:
+        """Velocity at ``sigmas[step_index]``, then one flow-SDE step to
+        ``sigmas[step_index + 1]`` (``prev_sample`` given: its log-probability instead)."""
+        if schedule.sigmas is None:
+            raise ValueError("FLUX needs a flow schedule with sigmas (use policy.schedule)")
+        velocity = self.predict(latents, schedule.timesteps[step_index], cond)
+        return flow_sde_step(
+            velocity,
+            latents,
+            float(schedule.sigmas[step_index]),
+            float(schedule.sigmas[step_index + 1]),
+            eta=eta,
+            prev_sample=prev_sample,
+            generator=generator,
+            noise_schedule=self.config.noise_schedule,
+        )
+
+    # ----------------------------------------------------------------- decoding
+    def _decode_chunk(self, packed: torch.Tensor) -> torch.Tensor:
+        latents = unpack_latents(packed, self.latent_height, self.latent_width)
+        vae_config = self.vae.config
+        latents = latents / vae_config.scaling_factor + (vae_config.shift_factor or 0.0)
+        latents = latents.to(self.config.decode_device, module_dtype(self.vae))
+        return self.vae.decode(latents, return_dict=False)[0]
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Packed final latents ``[N, L, 4C]`` → ``uint8`` ``[N, H, W, 3]`` (CPU), decoded on
+        ``vae_device`` ``vae_decode_chunk_size`` samples at a time."""
+        images = decode_in_chunks(self._decode_chunk, latents, self.config.vae_decode_chunk_size)
+        return images_to_uint8(images)
+
+    # ----------------------------------------------------------------- training
+    def trainable_module(self) -> nn.Module:
+        return self.transformer
+
+    @property
+    def lora_target_modules(self) -> list[str]:
+        return list(FLUX_LORA_TARGET_MODULES)
+
+    def release_text_encoders(self) -> None:
+        """Drops both tokenizers and text encoders (after caching embeddings)."""
+        self.text_encoder = self.text_encoder_2 = None
+        self.tokenizer = self.tokenizer_2 = None

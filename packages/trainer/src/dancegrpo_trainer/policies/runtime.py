@@ -1,0 +1,187 @@
+"""Device, dtype and decoding helpers shared by the diffusers-based adapters (SD, FLUX, and
+the video models that follow): where each component lives, what precision it runs in, and
+how latents become ``uint8`` frames without holding a whole batch of activations at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+
+def resolve_dtype(value: str | torch.dtype, field: str = "dtype") -> torch.dtype:
+    """``"bfloat16"``/``"bf16"``/``torch.bfloat16`` → ``torch.bfloat16`` (and fp16, fp32)."""
+    if isinstance(value, torch.dtype):
+        return value
+    try:
+        return _DTYPES[str(value).lower()]
+    except KeyError:
+        raise ValueError(f"{field} must be one of {sorted(_DTYPES)}, got {value!r}") from None
+
+
+@dataclasses.dataclass
+class RuntimeConfig:
+    """Placement and precision options common to every diffusers-based adapter.
+
+    Attributes:
+        device: device of the trainable model (UNet/transformer) and of the latents;
+            ``None`` → ``"cuda"`` when available, else ``"cpu"``.
+        dtype: weight dtype the components are loaded/cast to (``"float32"``,
+            ``"bfloat16"``, ``"float16"``).
+        autocast_dtype: mixed-precision dtype for the model forward on CUDA (``None`` turns
+            autocast off; ignored on CPU). Step math is always float32.
+        text_encoder_device: where the text encoders run (``None`` → ``device``); e.g.
+            ``"cpu"`` to keep them off the training GPU.
+        vae_device: where the VAE decodes (``None`` → ``device``).
+        vae_decode_chunk_size: samples decoded per VAE call (bounds decode memory).
+        load_text_encoders: ``False`` skips loading tokenizers and text encoders (use
+            precomputed embeddings from :class:`dancegrpo_trainer.embedding_cache.EmbeddingCache`).
+    """
+
+    device: str | None = None
+    dtype: str = "float32"
+    autocast_dtype: str | None = "bfloat16"
+    text_encoder_device: str | None = None
+    vae_device: str | None = None
+    vae_decode_chunk_size: int = 4
+    load_text_encoders: bool = True
+
+    def __post_init__(self) -> None:
+        resolve_dtype(self.dtype, "dtype")
+        if self.autocast_dtype is not None:
+            resolve_dtype(self.autocast_dtype, "autocast_dtype")
+        if self.vae_decode_chunk_size < 1:
+            raise ValueError(
+                f"vae_decode_chunk_size must be >= 1, got {self.vae_decode_chunk_size}"
+            )
+        for field in ("device", "text_encoder_device", "vae_device"):
+            value = getattr(self, field)
+            if value is not None:
+                try:
+                    torch.device(value)
+                except RuntimeError as err:
+                    raise ValueError(f"{field} is not a torch device: {value!r}") from err
+
+    @property
+    def torch_device(self) -> torch.device:
+        if self.device is None:
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return resolve_dtype(self.dtype)
+
+    @property
+    def text_device(self) -> torch.device:
+        return (
+            torch.device(self.text_encoder_device)
+            if self.text_encoder_device
+            else self.torch_device
+        )
+
+    @property
+    def decode_device(self) -> torch.device:
+        return torch.device(self.vae_device) if self.vae_device else self.torch_device
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        """Autocast context for the model forward (active on CUDA with ``autocast_dtype``)."""
+        device = self.torch_device
+        if device.type != "cuda" or self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast("cuda", dtype=resolve_dtype(self.autocast_dtype))
+
+
+def parse_resolution(value: int | tuple[int, int] | list[int], multiple: int) -> tuple[int, int]:
+    """``resolution`` (an int, or ``[height, width]``) → ``(height, width)`` in pixels,
+    each a positive multiple of ``multiple`` (the latent → pixel factor of the model)."""
+    if isinstance(value, int):
+        height = width = value
+    elif isinstance(value, (tuple, list)) and len(value) == 2:
+        height, width = int(value[0]), int(value[1])
+    else:
+        raise ValueError(f"resolution must be an int or [height, width], got {value!r}")
+    if height <= 0 or width <= 0 or height % multiple or width % multiple:
+        raise ValueError(
+            f"resolution must be positive multiples of {multiple} for this model, "
+            f"got {height}x{width}"
+        )
+    return height, width
+
+
+def freeze(module: nn.Module | None) -> None:
+    """Puts a frozen component (text encoder, VAE) in eval mode without gradients."""
+    if module is not None:
+        module.requires_grad_(False)
+        module.eval()
+
+
+def module_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype of a module's first floating-point parameter (float32 if it has none)."""
+    for p in module.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def images_to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """VAE output in ``[-1, 1]``, ``[N, 3, H, W]`` → ``uint8`` ``[N, H, W, 3]`` on CPU.
+
+    Same rounding as diffusers' ``VaeImageProcessor`` (``(x/2 + 0.5).clamp(0, 1)·255``,
+    rounded).
+    """
+    x = (images.float() / 2 + 0.5).clamp(0, 1)
+    return (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu()
+
+
+def decode_in_chunks(
+    decode_fn: Callable[[torch.Tensor], torch.Tensor],
+    latents: torch.Tensor,
+    chunk_size: int,
+) -> torch.Tensor:
+    """Applies ``decode_fn`` to ``latents`` ``[N, ...]`` ``chunk_size`` rows at a time under
+    ``no_grad`` and concatenates the (CPU) results along the batch dimension."""
+    outputs = []
+    with torch.no_grad():
+        for chunk in _chunks(latents, chunk_size):
+            outputs.append(decode_fn(chunk).cpu())
+    return torch.cat(outputs)
+
+
+def _chunks(x: torch.Tensor, size: int) -> Iterator[torch.Tensor]:
+    for start in range(0, x.shape[0], size):
+        yield x[start : start + size]
+
+
+def transformers_dtype_kwargs(dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """The ``from_pretrained`` dtype keyword for ``transformers`` models: ``dtype`` from
+    4.56 on (``torch_dtype`` is deprecated there), ``torch_dtype`` before."""
+    import transformers
+    from packaging.version import Version
+
+    if Version(transformers.__version__) >= Version("4.56"):
+        return {"dtype": dtype}
+    return {"torch_dtype": dtype}
+
+
+def place(module: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """Moves ``module`` to ``device`` and casts it to ``dtype`` only where it differs (a
+    checkpoint loaded with ``torch_dtype`` keeps the layers diffusers holds in float32)."""
+    module = module.to(device)
+    if module_dtype(module) != dtype:
+        module = module.to(dtype)
+    return module

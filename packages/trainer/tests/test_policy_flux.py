@@ -1,0 +1,235 @@
+"""FluxPolicy against diffusers' FluxPipeline on tiny random weights."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from dancegrpo_testing.diffusion_models import TINY_T5_MAX_LENGTH, save_pipeline, tiny_flux_pipeline
+from dancegrpo_trainer.policies.flux import FluxConfig, FluxPolicy, dynamic_shift_mu
+from dancegrpo_trainer.policies.flux_latents import pack_latents, unpack_latents
+
+PROMPTS = ["a photo of a cat", "a red car on the street"]
+RESOLUTION = 16  # tiny VAE scale factor 2 → 8×8 latents → 16 packed tokens
+
+
+def _policy(pipe, **overrides) -> FluxPolicy:
+    options = {
+        "resolution": RESOLUTION,
+        "device": "cpu",
+        "max_sequence_length": TINY_T5_MAX_LENGTH,
+    } | overrides
+    return FluxPolicy(
+        transformer=pipe.transformer,
+        vae=pipe.vae,
+        text_encoder=pipe.text_encoder,
+        tokenizer=pipe.tokenizer,
+        text_encoder_2=pipe.text_encoder_2,
+        tokenizer_2=pipe.tokenizer_2,
+        config=FluxConfig(**options),
+    )
+
+
+def _rollout(policy, cond, num_steps, eta, seed):
+    generator = torch.Generator().manual_seed(seed)
+    schedule = policy.schedule(num_steps)
+    x = policy.initial_noise(len(cond), generator=generator)
+    trajectory, log_probs = [x], []
+    with torch.no_grad():
+        for i in range(num_steps):
+            out = policy.denoise_step(x, i, schedule, cond, eta=eta, generator=generator)
+            x = out.prev_sample
+            trajectory.append(x)
+            log_probs.append(out.log_prob)
+    return schedule, trajectory, torch.stack(log_probs, dim=1)
+
+
+def _pipeline_latents(pipe, num_steps, seed, output_type="latent"):
+    return pipe(
+        PROMPTS,
+        height=RESOLUTION,
+        width=RESOLUTION,
+        num_inference_steps=num_steps,
+        guidance_scale=3.5,
+        max_sequence_length=TINY_T5_MAX_LENGTH,
+        generator=torch.Generator().manual_seed(seed),
+        output_type=output_type,
+    ).images
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_flux_pipeline()
+
+
+@pytest.mark.parametrize("dynamic_shift", [False, True])
+def test_eta0_sampling_matches_diffusers_pipeline(dynamic_shift):
+    pipe = tiny_flux_pipeline(dynamic_shift=dynamic_shift)
+    policy = _policy(pipe, dynamic_shift=dynamic_shift)
+    expected = _pipeline_latents(pipe, 4, seed=0)
+    expected_images = _pipeline_latents(pipe, 4, seed=0, output_type="np")
+
+    cond = policy.encode_prompts(PROMPTS)
+    schedule, trajectory, log_probs = _rollout(policy, cond, 4, eta=0.0, seed=0)
+
+    torch.testing.assert_close(schedule.sigmas, pipe.scheduler.sigmas, atol=1e-6, rtol=0)
+    torch.testing.assert_close(trajectory[-1], expected, atol=1e-4, rtol=1e-4)
+    assert torch.all(log_probs == 0)
+    images = policy.decode(trajectory[-1]).numpy().astype(np.int16)
+    assert np.abs(images - np.round(expected_images * 255).astype(np.int16)).max() <= 1
+
+
+def test_schedule_shifts_sigmas():
+    static = _policy(tiny_flux_pipeline(), shift=3.0).schedule(4)
+    # σ' = sσ/(1+(s−1)σ) at σ = 0.5, s = 3 → 0.75
+    torch.testing.assert_close(static.sigmas[2], torch.tensor(0.75))
+    torch.testing.assert_close(static.timesteps, static.sigmas[:-1] * 1000)
+    assert static.sigmas[0] == 1 and static.sigmas[-1] == 0
+    dynamic = _policy(tiny_flux_pipeline(), dynamic_shift=True)
+    assert dynamic.effective_shift == pytest.approx(math.exp(dynamic_shift_mu(16)))
+
+
+def test_encoded_prompts_match_pipeline_encode_prompt(pipe):
+    cond = _policy(pipe).encode_prompts(PROMPTS)
+    embeds, pooled, _ = pipe.encode_prompt(
+        PROMPTS, None, device="cpu", max_sequence_length=TINY_T5_MAX_LENGTH
+    )
+    torch.testing.assert_close(cond.tensors["prompt_embeds"], embeds)
+    torch.testing.assert_close(cond.tensors["pooled_prompt_embeds"], pooled)
+    assert cond.tensors["prompt_embeds"].shape == (2, TINY_T5_MAX_LENGTH, 32)
+    assert cond.tensors["pooled_prompt_embeds"].shape == (2, 32)
+
+
+def test_pack_unpack_round_trip_and_initial_noise_is_packed(pipe):
+    x = torch.randn(2, 4, 8, 6)
+    packed = pack_latents(x)
+    assert packed.shape == (2, 12, 16)
+    torch.testing.assert_close(unpack_latents(packed, 8, 6), x)
+    assert _policy(pipe).initial_noise(3).shape == (3, 16, 16)
+
+
+@pytest.mark.parametrize("noise_schedule", ["dance", "flow_grpo"])
+def test_recomputed_log_probs_equal_rollout_log_probs(pipe, noise_schedule):
+    policy = _policy(pipe, noise_schedule=noise_schedule)
+    cond = policy.encode_prompts(PROMPTS)
+    schedule, trajectory, rollout_log_probs = _rollout(policy, cond, 3, eta=0.7, seed=3)
+    assert torch.isfinite(rollout_log_probs).all() and (rollout_log_probs != 0).all()
+    with torch.no_grad():
+        recomputed = torch.stack(
+            [
+                policy.denoise_step(
+                    trajectory[i], i, schedule, cond, eta=0.7, prev_sample=trajectory[i + 1]
+                ).log_prob
+                for i in range(3)
+            ],
+            dim=1,
+        )
+    ratio = torch.exp(recomputed - rollout_log_probs)
+    torch.testing.assert_close(ratio, torch.ones_like(ratio), atol=1e-5, rtol=0)
+
+
+def _grad_step(policy, cond, seed):
+    schedule, trajectory, _ = _rollout(policy, cond, 2, eta=0.3, seed=seed)
+    out = policy.denoise_step(trajectory[0], 0, schedule, cond, eta=0.3, prev_sample=trajectory[1])
+    out.log_prob.mean().backward()
+
+
+def test_gradients_reach_transformer_only():
+    policy = _policy(tiny_flux_pipeline())
+    cond = policy.encode_prompts(PROMPTS)
+    _grad_step(policy, cond, seed=4)
+    grads = {n: p.grad for n, p in policy.trainable_module().named_parameters()}
+    # The guidance embedder is part of the transformer and trains too.
+    assert any(
+        g is not None and float(g.abs().sum()) > 0 for n, g in grads.items() if "guidance" in n
+    )
+    assert sum(float(g.abs().sum()) for g in grads.values() if g is not None) > 0
+    for frozen in (policy.text_encoder, policy.text_encoder_2, policy.vae):
+        assert not frozen.training
+        assert all(not p.requires_grad and p.grad is None for p in frozen.parameters())
+
+
+def test_lora_adapter_gets_gradients_and_base_weights_do_not():
+    from peft import LoraConfig
+
+    policy = _policy(tiny_flux_pipeline())
+    transformer = policy.trainable_module()
+    transformer.requires_grad_(False)
+    transformer.add_adapter(
+        LoraConfig(r=4, lora_alpha=4, target_modules=policy.lora_target_modules)
+    )
+    _grad_step(policy, policy.encode_prompts(PROMPTS), seed=5)
+    lora = {n: p for n, p in transformer.named_parameters() if "lora_" in n}
+    # Every listed target exists in the model (a typo would silently train nothing).
+    for target in policy.lora_target_modules:
+        assert any(f"{target}.lora_A" in n for n in lora), target
+    assert any(float(p.grad.abs().sum()) > 0 for n, p in lora.items() if "lora_B" in n)
+    assert all(p.grad is None for n, p in transformer.named_parameters() if "lora_" not in n)
+
+
+def test_decode_is_uint8_nhwc_and_independent_of_chunk_size(pipe):
+    latents = torch.randn(3, 16, 16, generator=torch.Generator().manual_seed(7))
+    whole = _policy(pipe, vae_decode_chunk_size=3).decode(latents)
+    chunked = _policy(pipe, vae_decode_chunk_size=2).decode(latents)
+    assert whole.dtype == torch.uint8 and whole.shape == (3, RESOLUTION, RESOLUTION, 3)
+    assert (whole.int() - chunked.int()).abs().max() <= 1
+
+
+def test_from_pretrained_loads_a_saved_pipeline(pipe, tmp_path):
+    path = save_pipeline(pipe, tmp_path / "flux")
+    config = FluxConfig(resolution=RESOLUTION, device="cpu", max_sequence_length=TINY_T5_MAX_LENGTH)
+    loaded = FluxPolicy.from_pretrained(path, config)
+    reference = _policy(pipe)
+    cond = loaded.encode_prompts(PROMPTS)
+    expected = reference.encode_prompts(PROMPTS)
+    for key in ("prompt_embeds", "pooled_prompt_embeds"):
+        torch.testing.assert_close(cond.tensors[key], expected.tensors[key])
+    _, traj_loaded, _ = _rollout(loaded, cond, 2, eta=0.3, seed=8)
+    _, traj_reference, _ = _rollout(reference, cond, 2, eta=0.3, seed=8)
+    torch.testing.assert_close(traj_loaded[-1], traj_reference[-1])
+
+    no_text = FluxPolicy.from_pretrained(
+        path, FluxConfig(resolution=RESOLUTION, device="cpu", load_text_encoders=False)
+    )
+    assert no_text.text_encoder is None and no_text.text_encoder_2 is None
+    with pytest.raises(RuntimeError, match="EmbeddingCache"):
+        no_text.encode_prompts(PROMPTS)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("resolution", 24),
+        ("eta", -0.1),
+        ("shift", 0.0),
+        ("noise_schedule", "ddpm"),
+        ("max_sequence_length", 1024),
+        ("vae_decode_chunk_size", 0),
+    ],
+)
+def test_config_errors_name_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        FluxConfig(**{field: value})
+
+
+def test_bfloat16_weights_keep_float32_latents_and_finite_log_probs():
+    from dancegrpo_testing.diffusion_models import tiny_flux_components
+
+    parts = tiny_flux_components()
+    parts.pop("scheduler")
+    config = FluxConfig(
+        resolution=RESOLUTION,
+        device="cpu",
+        dtype="bfloat16",
+        max_sequence_length=TINY_T5_MAX_LENGTH,
+    )
+    policy = FluxPolicy(**parts, config=config)
+    assert policy.transformer.dtype == torch.bfloat16
+    cond = policy.encode_prompts(PROMPTS)
+    _, trajectory, log_probs = _rollout(policy, cond, 2, eta=0.3, seed=9)
+    assert all(x.dtype == torch.float32 for x in trajectory)
+    assert log_probs.dtype == torch.float32 and torch.isfinite(log_probs).all()
+    assert policy.decode(trajectory[-1]).shape == (2, RESOLUTION, RESOLUTION, 3)

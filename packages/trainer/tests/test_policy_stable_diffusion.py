@@ -1,0 +1,226 @@
+"""StableDiffusionPolicy against diffusers' StableDiffusionPipeline on tiny random weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dancegrpo_testing.diffusion_models import save_pipeline, tiny_stable_diffusion_pipeline
+from dancegrpo_trainer.policies.stable_diffusion import (
+    StableDiffusionConfig,
+    StableDiffusionPolicy,
+)
+
+PROMPTS = ["a photo of a cat", "a red car on the street"]
+RESOLUTION = 16  # tiny VAE has scale factor 2 → 8×8 latents, the UNet's sample_size
+
+
+def _policy(pipe, **overrides) -> StableDiffusionPolicy:
+    options = {"resolution": RESOLUTION, "guidance_scale": 5.0, "device": "cpu"} | overrides
+    return StableDiffusionPolicy(
+        unet=pipe.unet,
+        vae=pipe.vae,
+        scheduler=pipe.scheduler,
+        text_encoder=pipe.text_encoder,
+        tokenizer=pipe.tokenizer,
+        config=StableDiffusionConfig(**options),
+    )
+
+
+def _rollout(policy, cond, num_steps, eta, seed):
+    generator = torch.Generator().manual_seed(seed)
+    schedule = policy.schedule(num_steps)
+    x = policy.initial_noise(len(cond), generator=generator)
+    trajectory, log_probs = [x], []
+    with torch.no_grad():
+        for i in range(num_steps):
+            out = policy.denoise_step(x, i, schedule, cond, eta=eta, generator=generator)
+            x = out.prev_sample
+            trajectory.append(x)
+            log_probs.append(out.log_prob)
+    return schedule, trajectory, torch.stack(log_probs, dim=1)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_stable_diffusion_pipeline()
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_eta0_sampling_matches_diffusers_pipeline(prediction_type):
+    pipe = tiny_stable_diffusion_pipeline(prediction_type=prediction_type)
+    policy = _policy(pipe)
+    kwargs = {"num_inference_steps": 3, "guidance_scale": 5.0, "eta": 0.0}
+    kwargs |= {"height": RESOLUTION, "width": RESOLUTION}
+    expected = pipe(
+        PROMPTS, generator=torch.Generator().manual_seed(0), output_type="latent", **kwargs
+    ).images
+    expected_images = pipe(
+        PROMPTS, generator=torch.Generator().manual_seed(0), output_type="np", **kwargs
+    ).images
+
+    cond = policy.encode_prompts(PROMPTS)
+    _, trajectory, log_probs = _rollout(policy, cond, 3, eta=0.0, seed=0)
+
+    torch.testing.assert_close(trajectory[-1], expected, atol=1e-4, rtol=1e-4)
+    assert torch.all(log_probs == 0)  # η = 0 is deterministic: no density, log_prob 0
+    images = policy.decode(trajectory[-1]).numpy().astype(np.int16)
+    reference = np.round(expected_images * 255).astype(np.int16)
+    assert np.abs(images - reference).max() <= 1
+
+
+def test_encoded_prompts_match_pipeline_encode_prompt(pipe):
+    policy = _policy(pipe)
+    cond = policy.encode_prompts(PROMPTS)
+    positive, negative = pipe.encode_prompt(PROMPTS, "cpu", 1, True)
+    torch.testing.assert_close(cond.tensors["prompt_embeds"], positive)
+    torch.testing.assert_close(cond.tensors["negative_prompt_embeds"], negative)
+    assert cond.tensors["prompt_embeds"].shape == (2, 77, 32)
+
+
+def test_without_cfg_no_negative_embeddings_and_single_unet_pass(pipe):
+    policy = _policy(pipe, guidance_scale=1.0)
+    cond = policy.encode_prompts(PROMPTS)
+    assert set(cond.tensors) == {"prompt_embeds"}
+    expected = pipe(
+        PROMPTS,
+        num_inference_steps=2,
+        guidance_scale=1.0,
+        generator=torch.Generator().manual_seed(1),
+        output_type="latent",
+    ).images
+    _, trajectory, _ = _rollout(policy, cond, 2, eta=0.0, seed=1)
+    torch.testing.assert_close(trajectory[-1], expected, atol=1e-4, rtol=1e-4)
+
+
+def test_recomputed_log_probs_equal_rollout_log_probs(pipe):
+    policy = _policy(pipe)
+    cond = policy.encode_prompts(PROMPTS)
+    schedule, trajectory, rollout_log_probs = _rollout(policy, cond, 3, eta=1.0, seed=3)
+    assert torch.isfinite(rollout_log_probs).all() and (rollout_log_probs != 0).all()
+    with torch.no_grad():
+        recomputed = torch.stack(
+            [
+                policy.denoise_step(
+                    trajectory[i], i, schedule, cond, eta=1.0, prev_sample=trajectory[i + 1]
+                ).log_prob
+                for i in range(3)
+            ],
+            dim=1,
+        )
+    ratio = torch.exp(recomputed - rollout_log_probs)
+    torch.testing.assert_close(ratio, torch.ones_like(ratio), atol=1e-5, rtol=0)
+
+
+def _grad_step(policy, cond, schedule, trajectory):
+    out = policy.denoise_step(trajectory[0], 0, schedule, cond, eta=1.0, prev_sample=trajectory[1])
+    out.log_prob.mean().backward()
+
+
+def test_gradients_reach_unet_only():
+    pipe = tiny_stable_diffusion_pipeline()
+    policy = _policy(pipe)
+    cond = policy.encode_prompts(PROMPTS)
+    schedule, trajectory, _ = _rollout(policy, cond, 2, eta=1.0, seed=4)
+    _grad_step(policy, cond, schedule, trajectory)
+
+    unet_grads = [p.grad for p in policy.trainable_module().parameters()]
+    assert all(g is not None for g in unet_grads)
+    assert sum(float(g.abs().sum()) for g in unet_grads) > 0
+    for frozen in (policy.text_encoder, policy.vae):
+        assert not frozen.training
+        assert all(not p.requires_grad and p.grad is None for p in frozen.parameters())
+    assert not cond.tensors["prompt_embeds"].requires_grad
+
+
+def test_lora_adapter_gets_gradients_and_base_weights_do_not():
+    from peft import LoraConfig
+
+    pipe = tiny_stable_diffusion_pipeline()
+    policy = _policy(pipe)
+    unet = policy.trainable_module()
+    unet.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=policy.lora_target_modules))
+    cond = policy.encode_prompts(PROMPTS)
+    schedule, trajectory, _ = _rollout(policy, cond, 2, eta=1.0, seed=5)
+    _grad_step(policy, cond, schedule, trajectory)
+
+    lora = {n: p for n, p in unet.named_parameters() if "lora_" in n}
+    assert lora and all(p.requires_grad for p in lora.values())
+    # lora_B starts at zero, so only lora_B receives a non-zero gradient on the first step.
+    assert any(float(p.grad.abs().sum()) > 0 for n, p in lora.items() if "lora_B" in n)
+    assert all(p.grad is None for n, p in unet.named_parameters() if "lora_" not in n)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    grads = []
+    for checkpointing in (False, True):
+        policy = _policy(tiny_stable_diffusion_pipeline())
+        policy.trainable_module().train()
+        if checkpointing:
+            policy.enable_gradient_checkpointing()
+            assert policy.trainable_module().is_gradient_checkpointing
+        cond = policy.encode_prompts(PROMPTS[:1])
+        schedule, trajectory, _ = _rollout(policy, cond, 2, eta=1.0, seed=6)
+        _grad_step(policy, cond, schedule, trajectory)
+        grads.append(torch.cat([p.grad.flatten() for p in policy.unet.parameters()]))
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-4)
+
+
+def test_decode_is_uint8_nhwc_and_independent_of_chunk_size(pipe):
+    latents = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(7))
+    whole = _policy(pipe, vae_decode_chunk_size=3).decode(latents)
+    chunked = _policy(pipe, vae_decode_chunk_size=1).decode(latents)
+    assert whole.dtype == torch.uint8 and whole.shape == (3, RESOLUTION, RESOLUTION, 3)
+    assert (whole.int() - chunked.int()).abs().max() <= 1
+
+
+def test_from_pretrained_loads_a_saved_pipeline(pipe, tmp_path):
+    path = save_pipeline(pipe, tmp_path / "sd")
+    config = StableDiffusionConfig(resolution=RESOLUTION, device="cpu")
+    loaded = StableDiffusionPolicy.from_pretrained(path, config)
+    reference = _policy(pipe)
+    cond = loaded.encode_prompts(PROMPTS)
+    torch.testing.assert_close(
+        cond.tensors["prompt_embeds"], reference.encode_prompts(PROMPTS).tensors["prompt_embeds"]
+    )
+    _, traj_loaded, _ = _rollout(loaded, cond, 2, eta=1.0, seed=8)
+    _, traj_reference, _ = _rollout(reference, cond, 2, eta=1.0, seed=8)
+    torch.testing.assert_close(traj_loaded[-1], traj_reference[-1])
+
+    no_text = StableDiffusionPolicy.from_pretrained(
+        path, StableDiffusionConfig(resolution=RESOLUTION, device="cpu", load_text_encoders=False)
+    )
+    assert no_text.text_encoder is None
+    with pytest.raises(RuntimeError, match="EmbeddingCache"):
+        no_text.encode_prompts(PROMPTS)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("resolution", 20),
+        ("eta", 1.5),
+        ("num_steps", 0),
+        ("dtype", "int8"),
+        ("guidance_scale", -1.0),
+    ],
+)
+def test_config_errors_name_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        StableDiffusionConfig(**{field: value})
+
+
+def test_bfloat16_weights_keep_float32_latents_and_finite_log_probs(pipe):
+    from dancegrpo_testing.diffusion_models import tiny_stable_diffusion_components
+
+    parts = tiny_stable_diffusion_components()
+    config = StableDiffusionConfig(resolution=RESOLUTION, device="cpu", dtype="bfloat16")
+    policy = StableDiffusionPolicy(**parts, config=config)
+    assert policy.unet.dtype == torch.bfloat16 and policy.text_encoder.dtype == torch.bfloat16
+    cond = policy.encode_prompts(PROMPTS)
+    _, trajectory, log_probs = _rollout(policy, cond, 2, eta=1.0, seed=9)
+    assert all(x.dtype == torch.float32 for x in trajectory)
+    assert log_probs.dtype == torch.float32 and torch.isfinite(log_probs).all()
+    assert policy.decode(trajectory[-1]).dtype == torch.uint8

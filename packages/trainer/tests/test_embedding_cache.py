@@ -30,14 +30,7 @@ def sd_pipe():
 
 def _sd_policy(pipe, **overrides):
     options = {"resolution": 16, "device": "cpu"} | overrides
-    return StableDiffusionPolicy(
-        unet=pipe.unet,
-        vae=pipe.vae,
-        scheduler=pipe.scheduler,
-        text_encoder=pipe.text_encoder,
-        tokenizer=pipe.tokenizer,
-        config=StableDiffusionConfig(**options),
-    )
+    return StableDiffusionPolicy.from_pipeline(pipe, StableDiffusionConfig(**options))
 
 
 def test_round_trip_across_shards_equals_direct_encoding(sd_pipe, tmp_path):
@@ -59,14 +52,8 @@ def test_round_trip_across_shards_equals_direct_encoding(sd_pipe, tmp_path):
 
 def test_flux_round_trip_in_bfloat16(tmp_path):
     pipe = tiny_flux_pipeline()
-    policy = FluxPolicy(
-        transformer=pipe.transformer,
-        vae=pipe.vae,
-        text_encoder=pipe.text_encoder,
-        tokenizer=pipe.tokenizer,
-        text_encoder_2=pipe.text_encoder_2,
-        tokenizer_2=pipe.tokenizer_2,
-        config=FluxConfig(resolution=16, device="cpu", max_sequence_length=TINY_T5_MAX_LENGTH),
+    policy = FluxPolicy.from_pipeline(
+        pipe, FluxConfig(resolution=16, device="cpu", max_sequence_length=TINY_T5_MAX_LENGTH)
     )
     precompute_embeddings(policy, PROMPTS, tmp_path, batch_size=3, dtype=torch.bfloat16)
     cached = EmbeddingCache(tmp_path).lookup(PROMPTS[:3])

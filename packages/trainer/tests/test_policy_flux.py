@@ -8,7 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from dancegrpo_testing.diffusion_models import TINY_T5_MAX_LENGTH, save_pipeline, tiny_flux_pipeline
+from dancegrpo_testing.diffusion_models import (
+    TINY_T5_MAX_LENGTH,
+    rollout_trajectory,
+    save_pipeline,
+    tiny_flux_pipeline,
+)
 from dancegrpo_trainer.policies.flux import FluxConfig, FluxPolicy, dynamic_shift_mu
 from dancegrpo_trainer.policies.flux_latents import pack_latents, unpack_latents
 
@@ -22,29 +27,7 @@ def _policy(pipe, **overrides) -> FluxPolicy:
         "device": "cpu",
         "max_sequence_length": TINY_T5_MAX_LENGTH,
     } | overrides
-    return FluxPolicy(
-        transformer=pipe.transformer,
-        vae=pipe.vae,
-        text_encoder=pipe.text_encoder,
-        tokenizer=pipe.tokenizer,
-        text_encoder_2=pipe.text_encoder_2,
-        tokenizer_2=pipe.tokenizer_2,
-        config=FluxConfig(**options),
-    )
-
-
-def _rollout(policy, cond, num_steps, eta, seed):
-    generator = torch.Generator().manual_seed(seed)
-    schedule = policy.schedule(num_steps)
-    x = policy.initial_noise(len(cond), generator=generator)
-    trajectory, log_probs = [x], []
-    with torch.no_grad():
-        for i in range(num_steps):
-            out = policy.denoise_step(x, i, schedule, cond, eta=eta, generator=generator)
-            x = out.prev_sample
-            trajectory.append(x)
-            log_probs.append(out.log_prob)
-    return schedule, trajectory, torch.stack(log_probs, dim=1)
+    return FluxPolicy.from_pipeline(pipe, FluxConfig(**options))
 
 
 def _pipeline_latents(pipe, num_steps, seed, output_type="latent"):
@@ -73,7 +56,7 @@ def test_eta0_sampling_matches_diffusers_pipeline(dynamic_shift):
     expected_images = _pipeline_latents(pipe, 4, seed=0, output_type="np")
 
     cond = policy.encode_prompts(PROMPTS)
-    schedule, trajectory, log_probs = _rollout(policy, cond, 4, eta=0.0, seed=0)
+    schedule, trajectory, log_probs = rollout_trajectory(policy, cond, 4, eta=0.0, seed=0)
 
     torch.testing.assert_close(schedule.sigmas, pipe.scheduler.sigmas, atol=1e-6, rtol=0)
     torch.testing.assert_close(trajectory[-1], expected, atol=1e-4, rtol=1e-4)
@@ -115,7 +98,7 @@ def test_pack_unpack_round_trip_and_initial_noise_is_packed(pipe):
 def test_recomputed_log_probs_equal_rollout_log_probs(pipe, noise_schedule):
     policy = _policy(pipe, noise_schedule=noise_schedule)
     cond = policy.encode_prompts(PROMPTS)
-    schedule, trajectory, rollout_log_probs = _rollout(policy, cond, 3, eta=0.7, seed=3)
+    schedule, trajectory, rollout_log_probs = rollout_trajectory(policy, cond, 3, eta=0.7, seed=3)
     assert torch.isfinite(rollout_log_probs).all() and (rollout_log_probs != 0).all()
     with torch.no_grad():
         recomputed = torch.stack(
@@ -132,7 +115,7 @@ def test_recomputed_log_probs_equal_rollout_log_probs(pipe, noise_schedule):
 
 
 def _grad_step(policy, cond, seed):
-    schedule, trajectory, _ = _rollout(policy, cond, 2, eta=0.3, seed=seed)
+    schedule, trajectory, _ = rollout_trajectory(policy, cond, 2, eta=0.3, seed=seed)
     out = policy.denoise_step(trajectory[0], 0, schedule, cond, eta=0.3, prev_sample=trajectory[1])
     out.log_prob.mean().backward()
 
@@ -187,8 +170,8 @@ def test_from_pretrained_loads_a_saved_pipeline(pipe, tmp_path):
     expected = reference.encode_prompts(PROMPTS)
     for key in ("prompt_embeds", "pooled_prompt_embeds"):
         torch.testing.assert_close(cond.tensors[key], expected.tensors[key])
-    _, traj_loaded, _ = _rollout(loaded, cond, 2, eta=0.3, seed=8)
-    _, traj_reference, _ = _rollout(reference, cond, 2, eta=0.3, seed=8)
+    _, traj_loaded, _ = rollout_trajectory(loaded, cond, 2, eta=0.3, seed=8)
+    _, traj_reference, _ = rollout_trajectory(reference, cond, 2, eta=0.3, seed=8)
     torch.testing.assert_close(traj_loaded[-1], traj_reference[-1])
 
     no_text = FluxPolicy.from_pretrained(
@@ -229,7 +212,7 @@ def test_bfloat16_weights_keep_float32_latents_and_finite_log_probs():
     policy = FluxPolicy(**parts, config=config)
     assert policy.transformer.dtype == torch.bfloat16
     cond = policy.encode_prompts(PROMPTS)
-    _, trajectory, log_probs = _rollout(policy, cond, 2, eta=0.3, seed=9)
+    _, trajectory, log_probs = rollout_trajectory(policy, cond, 2, eta=0.3, seed=9)
     assert all(x.dtype == torch.float32 for x in trajectory)
     assert log_probs.dtype == torch.float32 and torch.isfinite(log_probs).all()
     assert policy.decode(trajectory[-1]).shape == (2, RESOLUTION, RESOLUTION, 3)

@@ -6,7 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from dancegrpo_testing.diffusion_models import save_pipeline, tiny_stable_diffusion_pipeline
+from dancegrpo_testing.diffusion_models import (
+    rollout_trajectory,
+    save_pipeline,
+    tiny_stable_diffusion_pipeline,
+)
 from dancegrpo_trainer.policies.stable_diffusion import (
     StableDiffusionConfig,
     StableDiffusionPolicy,
@@ -18,28 +22,7 @@ RESOLUTION = 16  # tiny VAE has scale factor 2 → 8×8 latents, the UNet's samp
 
 def _policy(pipe, **overrides) -> StableDiffusionPolicy:
     options = {"resolution": RESOLUTION, "guidance_scale": 5.0, "device": "cpu"} | overrides
-    return StableDiffusionPolicy(
-        unet=pipe.unet,
-        vae=pipe.vae,
-        scheduler=pipe.scheduler,
-        text_encoder=pipe.text_encoder,
-        tokenizer=pipe.tokenizer,
-        config=StableDiffusionConfig(**options),
-    )
-
-
-def _rollout(policy, cond, num_steps, eta, seed):
-    generator = torch.Generator().manual_seed(seed)
-    schedule = policy.schedule(num_steps)
-    x = policy.initial_noise(len(cond), generator=generator)
-    trajectory, log_probs = [x], []
-    with torch.no_grad():
-        for i in range(num_steps):
-            out = policy.denoise_step(x, i, schedule, cond, eta=eta, generator=generator)
-            x = out.prev_sample
-            trajectory.append(x)
-            log_probs.append(out.log_prob)
-    return schedule, trajectory, torch.stack(log_probs, dim=1)
+    return StableDiffusionPolicy.from_pipeline(pipe, StableDiffusionConfig(**options))
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +44,7 @@ def test_eta0_sampling_matches_diffusers_pipeline(prediction_type):
     ).images
 
     cond = policy.encode_prompts(PROMPTS)
-    _, trajectory, log_probs = _rollout(policy, cond, 3, eta=0.0, seed=0)
+    _, trajectory, log_probs = rollout_trajectory(policy, cond, 3, eta=0.0, seed=0)
 
     torch.testing.assert_close(trajectory[-1], expected, atol=1e-4, rtol=1e-4)
     assert torch.all(log_probs == 0)  # η = 0 is deterministic: no density, log_prob 0
@@ -90,14 +73,14 @@ def test_without_cfg_no_negative_embeddings_and_single_unet_pass(pipe):
         generator=torch.Generator().manual_seed(1),
         output_type="latent",
     ).images
-    _, trajectory, _ = _rollout(policy, cond, 2, eta=0.0, seed=1)
+    _, trajectory, _ = rollout_trajectory(policy, cond, 2, eta=0.0, seed=1)
     torch.testing.assert_close(trajectory[-1], expected, atol=1e-4, rtol=1e-4)
 
 
 def test_recomputed_log_probs_equal_rollout_log_probs(pipe):
     policy = _policy(pipe)
     cond = policy.encode_prompts(PROMPTS)
-    schedule, trajectory, rollout_log_probs = _rollout(policy, cond, 3, eta=1.0, seed=3)
+    schedule, trajectory, rollout_log_probs = rollout_trajectory(policy, cond, 3, eta=1.0, seed=3)
     assert torch.isfinite(rollout_log_probs).all() and (rollout_log_probs != 0).all()
     with torch.no_grad():
         recomputed = torch.stack(
@@ -122,7 +105,7 @@ def test_gradients_reach_unet_only():
     pipe = tiny_stable_diffusion_pipeline()
     policy = _policy(pipe)
     cond = policy.encode_prompts(PROMPTS)
-    schedule, trajectory, _ = _rollout(policy, cond, 2, eta=1.0, seed=4)
+    schedule, trajectory, _ = rollout_trajectory(policy, cond, 2, eta=1.0, seed=4)
     _grad_step(policy, cond, schedule, trajectory)
 
     unet_grads = [p.grad for p in policy.trainable_module().parameters()]
@@ -143,7 +126,7 @@ def test_lora_adapter_gets_gradients_and_base_weights_do_not():
     unet.requires_grad_(False)
     unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=policy.lora_target_modules))
     cond = policy.encode_prompts(PROMPTS)
-    schedule, trajectory, _ = _rollout(policy, cond, 2, eta=1.0, seed=5)
+    schedule, trajectory, _ = rollout_trajectory(policy, cond, 2, eta=1.0, seed=5)
     _grad_step(policy, cond, schedule, trajectory)
 
     lora = {n: p for n, p in unet.named_parameters() if "lora_" in n}
@@ -162,7 +145,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
             policy.enable_gradient_checkpointing()
             assert policy.trainable_module().is_gradient_checkpointing
         cond = policy.encode_prompts(PROMPTS[:1])
-        schedule, trajectory, _ = _rollout(policy, cond, 2, eta=1.0, seed=6)
+        schedule, trajectory, _ = rollout_trajectory(policy, cond, 2, eta=1.0, seed=6)
         _grad_step(policy, cond, schedule, trajectory)
         grads.append(torch.cat([p.grad.flatten() for p in policy.unet.parameters()]))
     torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-4)
@@ -185,8 +168,8 @@ def test_from_pretrained_loads_a_saved_pipeline(pipe, tmp_path):
     torch.testing.assert_close(
         cond.tensors["prompt_embeds"], reference.encode_prompts(PROMPTS).tensors["prompt_embeds"]
     )
-    _, traj_loaded, _ = _rollout(loaded, cond, 2, eta=1.0, seed=8)
-    _, traj_reference, _ = _rollout(reference, cond, 2, eta=1.0, seed=8)
+    _, traj_loaded, _ = rollout_trajectory(loaded, cond, 2, eta=1.0, seed=8)
+    _, traj_reference, _ = rollout_trajectory(reference, cond, 2, eta=1.0, seed=8)
     torch.testing.assert_close(traj_loaded[-1], traj_reference[-1])
 
     no_text = StableDiffusionPolicy.from_pretrained(
@@ -220,7 +203,17 @@ def test_bfloat16_weights_keep_float32_latents_and_finite_log_probs(pipe):
     policy = StableDiffusionPolicy(**parts, config=config)
     assert policy.unet.dtype == torch.bfloat16 and policy.text_encoder.dtype == torch.bfloat16
     cond = policy.encode_prompts(PROMPTS)
-    _, trajectory, log_probs = _rollout(policy, cond, 2, eta=1.0, seed=9)
+    _, trajectory, log_probs = rollout_trajectory(policy, cond, 2, eta=1.0, seed=9)
     assert all(x.dtype == torch.float32 for x in trajectory)
     assert log_probs.dtype == torch.float32 and torch.isfinite(log_probs).all()
     assert policy.decode(trajectory[-1]).dtype == torch.uint8
+
+
+def test_from_pipeline_rebuilds_a_non_ddim_scheduler_as_ddim_with_the_same_betas():
+    from diffusers import DDIMScheduler, PNDMScheduler
+
+    pipe = tiny_stable_diffusion_pipeline()
+    pipe.scheduler = PNDMScheduler.from_config(pipe.scheduler.config)
+    policy = StableDiffusionPolicy.from_pipeline(pipe, StableDiffusionConfig(resolution=16))
+    assert isinstance(policy.scheduler, DDIMScheduler)
+    torch.testing.assert_close(policy.scheduler.alphas_cumprod, pipe.scheduler.alphas_cumprod)

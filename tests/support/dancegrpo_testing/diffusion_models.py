@@ -293,3 +293,23 @@ def save_pipeline(pipe: Any, directory: str | Path) -> Path:
     directory = Path(directory)
     pipe.save_pretrained(directory, safe_serialization=True)
     return directory
+
+
+def rollout_trajectory(policy, cond, num_steps: int, eta: float, seed: int):
+    """Samples ``len(cond)`` trajectories with ``policy`` (no grad) from a seeded generator.
+
+    Returns ``(schedule, [x_0 .. x_num_steps], log_probs [N, num_steps])``.
+    """
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    schedule = policy.schedule(num_steps)
+    x = policy.initial_noise(len(cond), generator=generator)
+    trajectory, log_probs = [x], []
+    with torch.no_grad():
+        for i in range(num_steps):
+            out = policy.denoise_step(x, i, schedule, cond, eta=eta, generator=generator)
+            x = out.prev_sample
+            trajectory.append(x)
+            log_probs.append(out.log_prob)
+    return schedule, trajectory, torch.stack(log_probs, dim=1)

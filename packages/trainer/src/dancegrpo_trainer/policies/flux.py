@@ -37,6 +37,7 @@ from dancegrpo_trainer.policies.runtime import (
     parse_resolution,
     place,
     transformers_dtype_kwargs,
+    vae_decode,
 )
 
 #: LoRA targets of diffusers' FLUX LoRA training scripts: attention and MLP projections of
@@ -182,6 +183,19 @@ class FluxPolicy(Policy):
         # Read model config now: the trainer may later swap in a DDP/FSDP-wrapped module.
         self.latent_channels = int(self.transformer.config.in_channels) // 4
         self.guidance_embeds = bool(self.transformer.config.guidance_embeds)
+
+    @classmethod
+    def from_pipeline(cls, pipe: Any, config: FluxConfig | None = None) -> FluxPolicy:
+        """Wraps the components of a loaded diffusers ``FluxPipeline``."""
+        return cls(
+            transformer=pipe.transformer,
+            vae=pipe.vae,
+            config=config or FluxConfig(),
+            text_encoder=pipe.text_encoder,
+            tokenizer=pipe.tokenizer,
+            text_encoder_2=pipe.text_encoder_2,
+            tokenizer_2=pipe.tokenizer_2,
+        )
 
     @classmethod
     def from_pretrained(cls, path: str | Path, config: FluxConfig | None = None) -> FluxPolicy:
@@ -347,10 +361,7 @@ class FluxPolicy(Policy):
     # ----------------------------------------------------------------- decoding
     def _decode_chunk(self, packed: torch.Tensor) -> torch.Tensor:
         latents = unpack_latents(packed, self.latent_height, self.latent_width)
-        vae_config = self.vae.config
-        latents = latents / vae_config.scaling_factor + (vae_config.shift_factor or 0.0)
-        latents = latents.to(self.config.decode_device, module_dtype(self.vae))
-        return self.vae.decode(latents, return_dict=False)[0]
+        return vae_decode(self.vae, latents, self.config.decode_device)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Packed final latents ``[N, L, 4C]`` → ``uint8`` ``[N, H, W, 3]`` (CPU), decoded on

@@ -148,6 +148,15 @@ def images_to_uint8(images: torch.Tensor) -> torch.Tensor:
     return (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu()
 
 
+def vae_decode(vae: nn.Module, latents: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Un-scales diffusers VAE latents (``/ scaling_factor + shift_factor``, as the SD and
+    FLUX pipelines do) and decodes them on ``device`` to images in ``[-1, 1]``."""
+    config = vae.config
+    latents = latents / config.scaling_factor + (getattr(config, "shift_factor", None) or 0.0)
+    latents = latents.to(device, module_dtype(vae))
+    return vae.decode(latents, return_dict=False)[0]
+
+
 def decode_in_chunks(
     decode_fn: Callable[[torch.Tensor], torch.Tensor],
     latents: torch.Tensor,

@@ -28,6 +28,7 @@ from dancegrpo_trainer.policies.runtime import (
     parse_resolution,
     place,
     transformers_dtype_kwargs,
+    vae_decode,
 )
 
 #: LoRA targets of diffusers' SD LoRA training scripts: the attention projections.
@@ -122,6 +123,27 @@ class StableDiffusionPolicy(Policy):
         # Read model config now: the trainer may later swap in a DDP/FSDP-wrapped module.
         self.latent_channels = int(self.unet.config.in_channels)
         self.height, self.width = parse_resolution(config.resolution, self.vae_scale_factor)
+
+    @classmethod
+    def from_pipeline(
+        cls, pipe: Any, config: StableDiffusionConfig | None = None
+    ) -> StableDiffusionPolicy:
+        """Wraps the components of a loaded diffusers ``StableDiffusionPipeline``; its
+        scheduler is rebuilt as a ``DDIMScheduler`` from the same config if it is another kind
+        (DDIM-η needs DDIM's posterior)."""
+        from diffusers import DDIMScheduler
+
+        scheduler = pipe.scheduler
+        if not isinstance(scheduler, DDIMScheduler):
+            scheduler = DDIMScheduler.from_config(scheduler.config)
+        return cls(
+            unet=pipe.unet,
+            vae=pipe.vae,
+            scheduler=scheduler,
+            config=config or StableDiffusionConfig(),
+            text_encoder=pipe.text_encoder,
+            tokenizer=pipe.tokenizer,
+        )
 
     @classmethod
     def from_pretrained(
@@ -287,10 +309,7 @@ class StableDiffusionPolicy(Policy):
 
     # ----------------------------------------------------------------- decoding
     def _decode_chunk(self, latents: torch.Tensor) -> torch.Tensor:
-        vae_config = self.vae.config
-        scaled = latents / vae_config.scaling_factor + (vae_config.shift_factor or 0.0)
-        scaled = scaled.to(self.config.decode_device, module_dtype(self.vae))
-        return self.vae.decode(scaled, return_dict=False)[0]
+        return vae_decode(self.vae, latents, self.config.decode_device)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Final latents ``[N, 4, h, w]`` → ``uint8`` ``[N, H, W, 3]`` (CPU), decoded on

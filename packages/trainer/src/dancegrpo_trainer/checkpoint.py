@@ -1,0 +1,139 @@
+"""Checkpoints: model (or LoRA) weights, optimiser, scheduler, RNG states, trainer state.
+
+Layout of ``<run>/checkpoints/step_000123/``::
+
+    model.safetensors        trainable-module state (LoRA: adapter weights only; + EMA)
+    optimizer.pt             optimiser state_dict
+    scheduler.pt             learning-rate scheduler state_dict
+    trainer_state.json       step, prompt-sampler position, grad-norm history, tracker
+    rng_state_<rank>.pt      python / numpy / torch (/ cuda) RNG states of each rank
+
+Written by rank 0 (RNG states by every rank) into a temporary folder renamed when
+complete, so a crash mid-save never leaves a checkpoint that looks valid.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from dancegrpo_trainer import distributed as dist_utils
+
+_PREFIX = "step_"
+
+
+def module_state(module: nn.Module, lora: bool) -> dict[str, torch.Tensor]:
+    """What a checkpoint stores of the trainable module (LoRA: adapter tensors only)."""
+    state = module.state_dict()
+    if lora:
+        state = {k: v for k, v in state.items() if "lora_" in k}
+    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+
+
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    *,
+    module: nn.Module,
+    lora: bool,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    trainer_state: dict[str, Any],
+    extra_tensors: dict[str, torch.Tensor] | None = None,
+    keep: int = 2,
+) -> Path:
+    """Saves step ``step``; returns its folder. Call on every rank (collective)."""
+    root = run_dir / "checkpoints"
+    final = root / f"{_PREFIX}{step:06d}"
+    tmp = root / f".tmp_{_PREFIX}{step:06d}"
+    rank = dist_utils.rank()
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist_utils.barrier()
+    torch.save(_rng_state(), tmp / f"rng_state_{rank}.pt")
+    if rank == 0:
+        tensors = module_state(module, lora)
+        tensors.update({k: v.detach().contiguous().cpu() for k, v in (extra_tensors or {}).items()})
+        save_file(tensors, str(tmp / "model.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **trainer_state}))
+    dist_utils.barrier()
+    if rank == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        for old in list_checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist_utils.barrier()
+    return final
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    root = run_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(_PREFIX)]
+    return sorted(found, key=lambda p: int(p.name[len(_PREFIX) :]))
+
+
+def load_checkpoint(
+    path: Path,
+    *,
+    module: nn.Module,
+    lora: bool,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Restores module, optimiser, scheduler and this rank's RNG states.
+
+    Returns:
+        ``(trainer_state, extra_tensors)``: the JSON trainer state and the tensors saved
+        beside the module state (e.g. ``ema.*``).
+    """
+    if not (path / "trainer_state.json").is_file():
+        raise FileNotFoundError(f"{path} is not a complete checkpoint (no trainer_state.json)")
+    tensors = load_file(str(path / "model.safetensors"))
+    own = module_state(module, lora)
+    missing = sorted(set(own) - set(tensors))
+    if missing:
+        raise ValueError(
+            f"checkpoint {path} does not match the model: missing {missing[:5]}"
+            f"{' ...' if len(missing) > 5 else ''} (was it saved with another train.lora setting?)"
+        )
+    module.load_state_dict({k: tensors[k] for k in own}, strict=not lora)
+    extra = {k: v for k, v in tensors.items() if k not in own}
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    rng_file = path / f"rng_state_{dist_utils.rank()}.pt"
+    if rng_file.is_file():
+        _set_rng_state(torch.load(rng_file, weights_only=False))
+    return json.loads((path / "trainer_state.json").read_text()), extra
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,581 @@
+"""The training configuration: validated dataclasses loaded from YAML with CLI overrides.
+
+A run is described by one YAML file (see ``configs/``) whose top-level sections map onto
+the dataclasses below. ``load_config(path, ["train.learning_rate=1e-5", ...])`` applies
+dotted ``key=value`` overrides (values parsed as YAML), then validates once; every error
+names the offending field and says what to change. The rest of the trainer trusts the
+config.
+
+Nothing here assumes images: ``model.num_frames`` > 1 gives video frames ``[N,T,H,W,3]``
+and ``data.train_prompts`` may be a JSONL file whose rows carry a conditioning image (I2V).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field (``section.key``)."""
+
+
+MixedPrecision = Literal["no", "bf16", "fp16"]
+AdvantageMode = Literal["group", "per_prompt"]
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """Which generator to fine-tune.
+
+    Attributes:
+        kind: adapter name: ``tiny_flow`` (the CPU demo policy), ``stable_diffusion``, ``flux``.
+        path: local diffusers-format folder; ``${ENV}`` references expand when the model
+            is built (e.g. ``${DANCEGRPO_WEIGHTS}/flux-dev``). Unused by ``tiny_flow``.
+        height, width: output resolution in pixels.
+        num_frames: 1 for images; > 1 for video adapters (frames ``[N,T,H,W,3]``).
+        guidance_scale: classifier-free (SD) or embedded (FLUX) guidance.
+        dtype: weight dtype of the frozen parts (``float32``, ``bfloat16``, ``float16``).
+        options: adapter-specific keyword arguments, passed through verbatim.
+        init_checkpoint: optional ``.safetensors`` of trainable-module weights loaded
+            before training (the demo writes its pre-trained tiny policy here).
+    """
+
+    kind: str = "tiny_flow"
+    path: str | None = None
+    height: int = 16
+    width: int = 16
+    num_frames: int = 1
+    guidance_scale: float = 1.0
+    dtype: str = "float32"
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    init_checkpoint: str | None = None
+
+    def validate(self) -> None:
+        known = ("tiny_flow", "stable_diffusion", "flux")
+        _check(self.kind in known, "model.kind", f"must be one of {known}, got {self.kind!r}")
+        _check(
+            self.kind == "tiny_flow" or bool(self.path),
+            "model.path",
+            f"is required for kind {self.kind!r}: set it to a local diffusers folder",
+        )
+        for name in ("height", "width", "num_frames"):
+            _check(getattr(self, name) >= 1, f"model.{name}", "must be >= 1")
+        _check(self.guidance_scale >= 0, "model.guidance_scale", "must be >= 0")
+        dtypes = ("float32", "bfloat16", "float16")
+        _check(self.dtype in dtypes, "model.dtype", f"must be one of {dtypes}")
+
+
+@dataclasses.dataclass
+class RewardEndpoint:
+    """One reward term: a named output of a reward hosted by a reward service.
+
+    Attributes:
+        target: gRPC target, e.g. ``localhost:50051``, ``dns:///rewards:50051``, or a
+            comma-separated list of replicas. ``${ENV}`` references expand at start-up.
+        reward: the reward's name on that server (``hps``, ``clip``, ``color_match``...).
+        output: which of the reward's outputs trains (``score``, ``vq``, ``binary``...).
+        weight: weight of this term in the aggregated advantage.
+        threshold: if set, the term is binary: ``1`` where ``output >= threshold`` else ``0``.
+        timeout_s: per-call deadline passed to the client.
+        name: label used in metrics; defaults to ``reward/output``.
+    """
+
+    target: str = ""
+    reward: str = ""
+    output: str = "score"
+    weight: float = 1.0
+    threshold: float | None = None
+    timeout_s: float = 120.0
+    name: str = ""
+
+    @property
+    def label(self) -> str:
+        return self.name or f"{self.reward}/{self.output}"
+
+    def validate(self, where: str) -> None:
+        _check(bool(self.target), f"{where}.target", "is required (e.g. 'localhost:50051')")
+        _check(bool(self.reward), f"{where}.reward", "is required (the reward's server name)")
+        _check(bool(self.output), f"{where}.output", "is required (e.g. 'score')")
+        _check(self.weight > 0, f"{where}.weight", "must be > 0 (drop the entry to disable it)")
+        _check(self.timeout_s > 0, f"{where}.timeout_s", "must be > 0")
+
+
+@dataclasses.dataclass
+class BestOfNConfig:
+    """Best-of-N training: roll out ``group_size`` (= N) samples, train on the ``top_k``
+    best and ``bottom_k`` worst of each group. Disabled when both are 0."""
+
+    top_k: int = 0
+    bottom_k: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.top_k > 0 or self.bottom_k > 0
+
+
+@dataclasses.dataclass
+class RewardsConfig:
+    """The reward terms and how they become advantages.
+
+    Attributes:
+        endpoints: the reward terms (at least one).
+        advantage: ``group`` (normalise within each prompt group, DanceGRPO) or
+            ``per_prompt`` (running per-prompt statistics across steps).
+        best_of_n: optional top-k/bottom-k selection within each group.
+        tracker_buffer_size, tracker_min_count: ``per_prompt`` tracker settings.
+    """
+
+    endpoints: list[RewardEndpoint] = dataclasses.field(default_factory=list)
+    advantage: AdvantageMode = "group"
+    best_of_n: BestOfNConfig = dataclasses.field(default_factory=BestOfNConfig)
+    tracker_buffer_size: int = 32
+    tracker_min_count: int = 16
+
+    def validate(self) -> None:
+        _check(len(self.endpoints) >= 1, "rewards.endpoints", "needs at least one endpoint")
+        for i, ep in enumerate(self.endpoints):
+            ep.validate(f"rewards.endpoints[{i}]")
+        labels = [ep.label for ep in self.endpoints]
+        _check(
+            len(set(labels)) == len(labels),
+            "rewards.endpoints",
+            f"labels must be unique, got {labels}: set a distinct `name` on duplicates",
+        )
+        _check(
+            self.advantage in ("group", "per_prompt"),
+            "rewards.advantage",
+            "must be 'group' or 'per_prompt'",
+        )
+        _check(self.best_of_n.top_k >= 0, "rewards.best_of_n.top_k", "must be >= 0")
+        _check(self.best_of_n.bottom_k >= 0, "rewards.best_of_n.bottom_k", "must be >= 0")
+        _check(self.tracker_buffer_size >= 1, "rewards.tracker_buffer_size", "must be >= 1")
+        _check(self.tracker_min_count >= 1, "rewards.tracker_min_count", "must be >= 1")
+
+
+@dataclasses.dataclass
+class SamplingConfig:
+    """Rollout settings.
+
+    Attributes:
+        num_steps: denoising steps per sample.
+        eta: SDE noise level of rollouts (> 0: GRPO needs a stochastic policy).
+        group_size: samples per prompt (G, or N for Best-of-N).
+        prompts_per_step: prompts per optimisation step on each process; the global batch
+            is ``prompts_per_step * group_size * world_size`` samples.
+        shared_noise: one initial noise per group (DanceGRPO's default) instead of one per sample.
+        rollout_batch_size: samples denoised together; finished chunks are decoded and sent
+            to the reward services while the next chunk is sampled.
+    """
+
+    num_steps: int = 16
+    eta: float = 0.7
+    group_size: int = 8
+    prompts_per_step: int = 4
+    shared_noise: bool = True
+    rollout_batch_size: int = 16
+
+    def validate(self) -> None:
+        _check(self.num_steps >= 1, "sampling.num_steps", "must be >= 1")
+        _check(self.eta > 0, "sampling.eta", "must be > 0 for training rollouts (try 0.3-1.0)")
+        _check(
+            self.group_size >= 2, "sampling.group_size", "must be >= 2 (advantages need a group)"
+        )
+        _check(self.prompts_per_step >= 1, "sampling.prompts_per_step", "must be >= 1")
+        _check(self.rollout_batch_size >= 1, "sampling.rollout_batch_size", "must be >= 1")
+
+
+@dataclasses.dataclass
+class LoraConfig:
+    """LoRA via peft. ``rank = 0`` means full fine-tuning."""
+
+    rank: int = 0
+    alpha: float | None = None
+    dropout: float = 0.0
+    target_modules: list[str] | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Optimisation settings (names follow the paper where it has one).
+
+    Attributes:
+        learning_rate, adam_beta1, adam_beta2, adam_eps, weight_decay: AdamW settings.
+        warmup_steps: linear learning-rate warm-up, then constant.
+        timestep_fraction: fraction of the denoising steps trained each update (random subset).
+        clip_range: PPO ratio clip ε.
+        adv_clip_max: advantages are clipped to ``[-adv_clip_max, adv_clip_max]``.
+        kl_coef: weight of the KL penalty to the initial policy (0 disables; needs a
+            frozen reference copy of the trainable module).
+        micro_batch_size: samples per forward/backward; gradients accumulate over all
+            samples and selected timesteps, then one optimiser step.
+        max_grad_norm: gradient clipping norm.
+        skip_grad_norm_factor: skip an update whose gradient norm exceeds this multiple of
+            the running median of recent norms (0 disables).
+        grad_norm_window: how many recent norms the running median uses.
+        gradient_checkpointing: activation checkpointing in the trainable module.
+        mixed_precision: ``no`` or ``bf16``/``fp16`` autocast (GPU).
+        ema_decay: keep an exponential moving average of the weights (0 disables); eval
+            and checkpoints include it.
+        lora: LoRA settings (``lora.rank > 0`` enables).
+        pipeline_update: start the update as soon as a rollout chunk's prompt groups are
+            scored, overlapping the remaining reward calls with their backward passes
+            (still one optimiser step per train step, on-policy; the gradient equals the
+            wait-for-all update's up to float summation order). ``rewards.advantage:
+            per_prompt`` always waits for every reward (the tracker normalises over the
+            global batch). ``false``: wait for every reward, then update.
+    """
+
+    learning_rate: float = 1e-5
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    weight_decay: float = 1e-4
+    warmup_steps: int = 0
+    timestep_fraction: float = 0.6
+    clip_range: float = 1e-4
+    adv_clip_max: float = 5.0
+    kl_coef: float = 0.0
+    micro_batch_size: int = 4
+    max_grad_norm: float = 1.0
+    skip_grad_norm_factor: float = 0.0
+    grad_norm_window: int = 20
+    gradient_checkpointing: bool = False
+    mixed_precision: MixedPrecision = "no"
+    ema_decay: float = 0.0
+    lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
+    pipeline_update: bool = True
+
+    def validate(self) -> None:
+        _check(self.learning_rate > 0, "train.learning_rate", "must be > 0")
+        _check(0 <= self.adam_beta1 < 1, "train.adam_beta1", "must be in [0, 1)")
+        _check(0 <= self.adam_beta2 < 1, "train.adam_beta2", "must be in [0, 1)")
+        _check(self.adam_eps > 0, "train.adam_eps", "must be > 0")
+        _check(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+        _check(self.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
+        _check(
+            0 < self.timestep_fraction <= 1,
+            "train.timestep_fraction",
+            f"must be in (0, 1], got {self.timestep_fraction}",
+        )
+        _check(self.clip_range > 0, "train.clip_range", "must be > 0")
+        _check(self.adv_clip_max > 0, "train.adv_clip_max", "must be > 0")
+        _check(self.kl_coef >= 0, "train.kl_coef", "must be >= 0")
+        _check(self.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1")
+        _check(self.max_grad_norm > 0, "train.max_grad_norm", "must be > 0")
+        _check(
+            self.skip_grad_norm_factor == 0 or self.skip_grad_norm_factor > 1,
+            "train.skip_grad_norm_factor",
+            "must be 0 (off) or > 1 (e.g. 5)",
+        )
+        _check(self.grad_norm_window >= 3, "train.grad_norm_window", "must be >= 3")
+        _check(
+            self.mixed_precision in ("no", "bf16", "fp16"),
+            "train.mixed_precision",
+            "must be 'no', 'bf16' or 'fp16'",
+        )
+        _check(0 <= self.ema_decay < 1, "train.ema_decay", "must be in [0, 1) (0 disables)")
+        _check(self.lora.rank >= 0, "train.lora.rank", "must be >= 0 (0 = full fine-tune)")
+        _check(0 <= self.lora.dropout < 1, "train.lora.dropout", "must be in [0, 1)")
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """Prompts.
+
+    Attributes:
+        train_prompts: a ``.txt`` file (one prompt per line), a ``.jsonl`` file (rows with
+            ``prompt`` and optional ``condition_image`` path for I2V), or an inline list.
+        eval_prompts: the same, for held-out evaluation (may be empty to skip eval).
+        embedding_cache: folder written by ``dancegrpo-train preprocess``; when set,
+            prompt conditioning is read from it instead of running text encoders.
+        shuffle: reshuffle training prompts every epoch (seeded).
+    """
+
+    train_prompts: str | list[str] = dataclasses.field(default_factory=list)
+    eval_prompts: str | list[str] = dataclasses.field(default_factory=list)
+    embedding_cache: str | None = None
+    shuffle: bool = True
+
+    def validate(self) -> None:
+        _check(
+            bool(self.train_prompts),
+            "data.train_prompts",
+            "is required: a prompt file (.txt/.jsonl) or a list of prompts",
+        )
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    """Held-out evaluation: fixed prompts and seeds, deterministic sampling (η = 0).
+
+    Attributes:
+        every_steps: evaluate every K steps (and before the first and after the last).
+        samples_per_prompt: samples per eval prompt.
+        seed: seed of the eval noise (fixed, so evals are comparable across steps).
+        eta: sampling noise for eval (0 = deterministic ODE sampling).
+    """
+
+    every_steps: int = 10
+    samples_per_prompt: int = 4
+    seed: int = 1234
+    eta: float = 0.0
+
+    def validate(self) -> None:
+        _check(self.every_steps >= 1, "eval.every_steps", "must be >= 1")
+        _check(self.samples_per_prompt >= 1, "eval.samples_per_prompt", "must be >= 1")
+        _check(self.eta >= 0, "eval.eta", "must be >= 0")
+
+
+@dataclasses.dataclass
+class RunConfig:
+    """Run bookkeeping.
+
+    Attributes:
+        output_dir: the run folder (config.yaml, metrics.jsonl, tb/, samples/, checkpoints/).
+        max_steps: optimisation steps to run.
+        seed: the base seed; every random draw of step ``s`` derives from ``(seed, s, rank)``.
+        checkpoint_every: save a checkpoint every K steps (0: only at the end).
+        keep_checkpoints: how many recent checkpoints to keep.
+        resume: ``auto`` (latest checkpoint in output_dir, if any), ``never``, or a path.
+        sample_grid_every: write a sample grid every K steps (0 disables).
+        progress: show tqdm progress bars (rank 0).
+    """
+
+    output_dir: str = "runs/default"
+    max_steps: int = 100
+    seed: int = 0
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+    resume: str = "auto"
+    sample_grid_every: int = 10
+    progress: bool = True
+
+    def validate(self) -> None:
+        _check(bool(self.output_dir), "run.output_dir", "is required")
+        _check(self.max_steps >= 1, "run.max_steps", "must be >= 1")
+        _check(self.checkpoint_every >= 0, "run.checkpoint_every", "must be >= 0")
+        _check(self.keep_checkpoints >= 1, "run.keep_checkpoints", "must be >= 1")
+        _check(self.sample_grid_every >= 0, "run.sample_grid_every", "must be >= 0")
+        _check(bool(self.resume), "run.resume", "must be 'auto', 'never' or a checkpoint path")
+
+
+@dataclasses.dataclass
+class GRPOConfig:
+    """A complete training run (one YAML file)."""
+
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    rewards: RewardsConfig = dataclasses.field(default_factory=RewardsConfig)
+    sampling: SamplingConfig = dataclasses.field(default_factory=SamplingConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    run: RunConfig = dataclasses.field(default_factory=RunConfig)
+
+    def validate(self) -> GRPOConfig:
+        """Checks every section and the cross-section rules; returns ``self``."""
+        self.model.validate()
+        self.rewards.validate()
+        self.sampling.validate()
+        self.train.validate()
+        self.data.validate()
+        self.eval.validate()
+        self.run.validate()
+        bon = self.rewards.best_of_n
+        if bon.enabled:
+            _check(
+                bon.top_k + bon.bottom_k <= self.sampling.group_size,
+                "rewards.best_of_n",
+                f"top_k + bottom_k ({bon.top_k} + {bon.bottom_k}) must be <= "
+                f"sampling.group_size ({self.sampling.group_size})",
+            )
+        _check(
+            not (self.train.lora.enabled and self.train.ema_decay > 0),
+            "train.ema_decay",
+            "EMA is for full fine-tuning; set it to 0 when train.lora.rank > 0",
+        )
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _check(ok: bool, field: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{field}: {message}")
+
+
+# ---------------------------------------------------------------------------------------
+# Building dataclasses from plain dicts, with errors that name the field.
+
+
+def from_dict(cls: type, data: Mapping[str, Any], where: str = "") -> Any:
+    """Builds dataclass ``cls`` from ``data``; unknown keys and wrong types name the field."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in names:
+            raise ConfigError(f"{path}: unknown key; valid keys are {sorted(names)}")
+        kwargs[key] = _coerce(hints[key], value, path)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value if value is not None else {}, path)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, path)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[-1] if errors else f"{path}: invalid value {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{path}: must be one of {list(args)}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        return [_coerce(args[0], v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):
+            # PyYAML reads "5e-3" (no dot) as a string; accept any float literal.
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Applies ``a.b.c=value`` overrides (value parsed as YAML) to a nested dict in place.
+
+    A list element is addressed by its index: ``rewards.endpoints.0.target=host:50051``.
+    """
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(
+                f"override {item!r}: expected key=value (e.g. train.learning_rate=1e-5)"
+            )
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"override {item!r}: empty key component")
+        value = yaml.safe_load(raw) if raw.strip() else ""
+        node: Any = data
+        for depth, part in enumerate(parts[:-1]):
+            here = ".".join(parts[: depth + 1])
+            if isinstance(node, list):
+                node = _list_item(node, part, here)
+            else:
+                node = node.setdefault(part, {})
+            if not isinstance(node, (dict, list)):
+                raise ConfigError(f"{here}: is a value, not a section; cannot set {key}")
+        last = parts[-1]
+        if isinstance(node, list):
+            _list_item(node, last, key)
+            node[int(last)] = value
+        else:
+            node[last] = value
+    return data
+
+
+def _list_item(node: list, part: str, where: str) -> Any:
+    if not part.isdigit() or int(part) >= len(node):
+        raise ConfigError(f"{where}: list index must be 0..{len(node) - 1}, got {part!r}")
+    return node[int(part)]
+
+
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def expand_env(value: str, field: str) -> str:
+    """Expands ``${VAR}`` and ``${VAR:-default}``; a missing variable without a default
+    raises naming the field."""
+
+    def repl(m: re.Match[str]) -> str:
+        name, default = m.group(1), m.group(2)
+        if name in os.environ:
+            return os.environ[name]
+        if default is not None:
+            return default
+        raise ConfigError(f"{field}: environment variable {name} is not set (used in {value!r})")
+
+    return _ENV.sub(repl, value)
+
+
+def config_from_dict(data: Mapping[str, Any], overrides: Sequence[str] = ()) -> GRPOConfig:
+    """Builds and validates a ``GRPOConfig`` from a nested dict plus overrides."""
+    data = apply_overrides(_deep_copy(data), overrides)
+    return from_dict(GRPOConfig, data).validate()
+
+
+def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> GRPOConfig:
+    """Loads a YAML recipe, applies ``key=value`` overrides and validates.
+
+    Relative paths inside the recipe (prompt files, output_dir) are relative to the
+    directory the trainer runs in (the repository root for the shipped recipes).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return config_from_dict(data, overrides)
+
+
+def _deep_copy(data: Any) -> Any:
+    if isinstance(data, Mapping):
+        return {k: _deep_copy(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_deep_copy(v) for v in data]
+    return data

@@ -1,0 +1,451 @@
+"""``dancegrpo-eval``: base vs tuned checkpoint on a prompt set, scored by the reward services.
+
+    dancegrpo-eval --config configs/flux_hps_clip.yaml \\
+        --tuned runs/flux/checkpoints/step_000300 --prompts hpdv2/ \\
+        --rewards eval_rewards.yaml --out runs/flux/eval
+
+Both policies are built from the same trainer config (``policy_factory.build_policy``,
+``model.init_checkpoint`` as the base weights unless ``--base`` names others) and sample
+deterministically: η = 0 and the same seeded initial noise for every (prompt, sample)
+pair. Frames are scored through ``RewardClient`` by every reward in the list (HPS-v2.1,
+CLIP score, VideoAlign VQ/MQ, GenEval, ... — whatever the services host). Writes
+``results.json``, ``results.md`` (the paper's table: base, tuned, relative change %) and
+``samples_base.png`` / ``samples_tuned.png`` grids.
+
+Prompt sets (``load_prompt_set``):
+
+- ``*.txt``: one prompt per line (blank lines and ``#`` comments skipped);
+- ``*.jsonl``: GenEval's ``evaluation_metadata.jsonl`` (``prompt``, ``tag``, ``include``
+  with ``class``/``count``/``color``/``position``, optional ``exclude``), or any JSONL with a
+  ``prompt`` key; the GenEval spec is sent as sample metadata and results are also
+  reported per tag;
+- ``*.json`` or a folder of them: the HPD v2 benchmark format, one JSON list of prompts per
+  style file (``anime.json``, ``concept-art.json``, ``paintings.json``, ``photo.json``);
+  the style is the tag.
+
+Rewards (``load_reward_specs``): a YAML list of ``{name, target, reward, output}``
+(``metadata: true`` sends the GenEval spec), or ``--reward NAME=TARGET/REWARD[:OUTPUT]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from dancegrpo_trainer.policies.base import Policy
+
+# ---------------------------------------------------------------------------- prompt sets
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalPrompt:
+    """One evaluation prompt.
+
+    Attributes:
+        prompt: the text.
+        tag: a group to report separately (GenEval tag, HPD v2 style), or ``None``.
+        metadata: sample metadata for the reward service (``{"geneval": {...}}``) or ``None``.
+    """
+
+    prompt: str
+    tag: str | None = None
+    metadata: dict[str, Any] | None = None
+
+
+def _geneval_object(obj: Mapping[str, Any], include: Sequence[Mapping[str, Any]]) -> dict:
+    """GenEval's ``{"class", "count", "color", "position": [relation, index]}`` → our spec."""
+    out: dict[str, Any] = {"class_name": str(obj["class"]), "count": int(obj.get("count", 1))}
+    if obj.get("color"):
+        out["color"] = str(obj["color"])
+    if obj.get("position"):
+        relation, index = obj["position"]
+        out["position_relation"] = str(relation)
+        out["position_reference"] = str(include[int(index)]["class"])
+    return out
+
+
+def _parse_jsonl(path: Path) -> list[EvalPrompt]:
+    prompts = []
+    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        if "prompt" not in row:
+            raise ValueError(f"{path}:{lineno}: no 'prompt' key")
+        metadata = None
+        if "include" in row:
+            try:
+                include = row["include"]
+                metadata = {
+                    "geneval": {
+                        "tag": str(row.get("tag", "")),
+                        "include": [_geneval_object(o, include) for o in include],
+                        "exclude": [_geneval_object(o, include) for o in row.get("exclude", [])],
+                    }
+                }
+            except (KeyError, IndexError, TypeError, ValueError) as e:
+                raise ValueError(f"{path}:{lineno}: malformed GenEval spec ({e!r})") from e
+        prompts.append(EvalPrompt(str(row["prompt"]), row.get("tag"), metadata))
+    return prompts
+
+
+def _parse_hpd_style(path: Path) -> list[EvalPrompt]:
+    data = json.loads(path.read_text())
+    if not isinstance(data, list) or not all(isinstance(p, str) for p in data):
+        raise ValueError(f"{path}: an HPD v2 style file is a JSON list of prompt strings")
+    return [EvalPrompt(p, path.stem) for p in data]
+
+
+def load_prompt_set(path: str | Path, max_per_tag: int | None = None) -> list[EvalPrompt]:
+    """Reads a ``.txt``, GenEval ``.jsonl``, HPD v2 ``.json`` file or a folder of ``.json``.
+
+    ``max_per_tag`` keeps the first prompts of each tag (``None``: all).
+    """
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(path.glob("*.json"))
+        if not files:
+            raise ValueError(f"{path}: no *.json (HPD v2 style files) in this folder")
+        prompts = [p for f in files for p in _parse_hpd_style(f)]
+    elif not path.is_file():
+        raise FileNotFoundError(f"prompt set {path} does not exist")
+    elif path.suffix == ".jsonl":
+        prompts = _parse_jsonl(path)
+    elif path.suffix == ".json":
+        prompts = _parse_hpd_style(path)
+    else:
+        lines = [line.strip() for line in path.read_text().splitlines()]
+        prompts = [EvalPrompt(line) for line in lines if line and not line.startswith("#")]
+    if max_per_tag is not None:
+        seen: dict[str | None, int] = {}
+        kept = []
+        for p in prompts:
+            seen[p.tag] = seen.get(p.tag, 0) + 1
+            if seen[p.tag] <= max_per_tag:
+                kept.append(p)
+        prompts = kept
+    if not prompts:
+        raise ValueError(f"{path} contains no prompts")
+    return prompts
+
+
+# ---------------------------------------------------------------------------- rewards
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardSpec:
+    """One metric: ``output`` of ``reward`` at ``target``, reported as ``name``."""
+
+    name: str
+    target: str
+    reward: str
+    output: str = "score"
+    metadata: bool = False
+
+
+def parse_reward_arg(text: str) -> RewardSpec:
+    """``NAME=TARGET/REWARD[:OUTPUT]`` (e.g. ``hps=localhost:50051/hps:score``)."""
+    name, sep, rest = text.partition("=")
+    target, sep2, reward_output = rest.rpartition("/")
+    if not (sep and sep2 and name and target and reward_output):
+        raise ValueError(f"--reward {text!r}: expected NAME=TARGET/REWARD[:OUTPUT]")
+    reward, _, output = reward_output.partition(":")
+    return RewardSpec(name, target, reward, output or "score")
+
+
+def load_reward_specs(path: str | Path) -> list[RewardSpec]:
+    """A YAML list of ``{name, target, reward, output, metadata}`` mappings."""
+    data = yaml.safe_load(Path(path).read_text())
+    if not isinstance(data, list) or not data:
+        raise ValueError(f"{path}: expected a non-empty YAML list of reward specs")
+    specs = []
+    for i, row in enumerate(data):
+        try:
+            specs.append(RewardSpec(**row))
+        except TypeError as e:
+            raise ValueError(f"{path}[{i}]: {e} (keys: name, target, reward, output)") from e
+    return specs
+
+
+# ---------------------------------------------------------------------------- sampling
+
+
+@torch.no_grad()
+def generate(
+    policy: Policy,
+    prompts: Sequence[EvalPrompt],
+    *,
+    samples_per_prompt: int,
+    num_steps: int,
+    seed: int,
+    chunk_size: int = 16,
+) -> np.ndarray:
+    """Deterministic samples (η = 0) of every prompt, prompt-major: ``uint8 [P·K, H, W, 3]``.
+
+    The initial noise of row ``j`` depends only on ``seed`` and ``j``, so two policies of
+    the same architecture start every sample from the same noise.
+    """
+    from dancegrpo_trainer.rollout import sample_rollout
+
+    texts = [p.prompt for p in prompts for _ in range(samples_per_prompt)]
+    noise = policy.initial_noise(len(texts), generator=torch.Generator().manual_seed(seed))
+    policy.trainable_module().eval()
+    frames = []
+    for start in range(0, len(texts), chunk_size):
+        rows = texts[start : start + chunk_size]
+        cond = policy.encode_prompts(rows)
+        out = sample_rollout(
+            policy,
+            cond,
+            noise[start : start + chunk_size],
+            num_steps=num_steps,
+            eta=0.0,
+            generator=torch.Generator().manual_seed(seed + 1),
+            chunk_size=chunk_size,
+        )
+        frames.append(out.frames.numpy())
+    return np.concatenate(frames)
+
+
+def score_frames(
+    frames: np.ndarray,
+    prompts: Sequence[EvalPrompt],
+    samples_per_prompt: int,
+    specs: Sequence[RewardSpec],
+    client_for: Callable[[str], Any],
+) -> dict[str, np.ndarray]:
+    """``{metric name: float32 (P·K,)}`` for prompt-major ``frames``."""
+    texts = [p.prompt for p in prompts for _ in range(samples_per_prompt)]
+    metadata = [p.metadata for p in prompts for _ in range(samples_per_prompt)]
+    key = "videos" if frames.ndim == 5 else "images"
+    out = {}
+    for spec in specs:
+        extra = {"metadata": metadata} if spec.metadata else {}
+        result = client_for(spec.target).score(spec.reward, prompts=texts, **{key: frames}, **extra)
+        if spec.output not in result:
+            raise KeyError(
+                f"reward {spec.reward!r} at {spec.target} has no output {spec.output!r} "
+                f"(it returned {sorted(result)})"
+            )
+        out[spec.name] = np.asarray(result[spec.output], np.float32)
+    return out
+
+
+# ---------------------------------------------------------------------------- table
+
+
+def relative_change(base: float, tuned: float) -> float:
+    """``(tuned − base) / |base|`` in percent; NaN when ``base`` is 0."""
+    return (tuned - base) / abs(base) * 100.0 if base != 0 else math.nan
+
+
+def summarise(
+    scores: Mapping[str, Mapping[str, np.ndarray]],
+    prompts: Sequence[EvalPrompt],
+    samples_per_prompt: int,
+) -> list[dict[str, Any]]:
+    """Rows ``{metric, tag, base, tuned, relative_change_pct, n}``: each metric overall,
+    then per tag when the prompt set has tags."""
+    tags = [p.tag for p in prompts for _ in range(samples_per_prompt)]
+    groups: list[tuple[str | None, np.ndarray]] = [(None, np.ones(len(tags), bool))]
+    for tag in dict.fromkeys(t for t in tags if t is not None):
+        groups.append((tag, np.asarray([t == tag for t in tags])))
+    rows = []
+    for metric in scores["base"]:
+        for tag, mask in groups:
+            base = float(scores["base"][metric][mask].mean())
+            tuned = float(scores["tuned"][metric][mask].mean())
+            rows.append(
+                {
+                    "metric": metric,
+                    "tag": tag,
+                    "base": base,
+                    "tuned": tuned,
+                    "relative_change_pct": relative_change(base, tuned),
+                    "n": int(mask.sum()),
+                }
+            )
+    return rows
+
+
+def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """The paper-style table: metric, base, tuned, relative change."""
+    lines = ["| metric | base | tuned | change |", "| --- | ---: | ---: | ---: |"]
+    for r in rows:
+        name = r["metric"] if r["tag"] is None else f"{r['metric']} [{r['tag']}]"
+        change = r["relative_change_pct"]
+        shown = "n/a" if math.isnan(change) else f"{change:+.1f}%"
+        lines.append(f"| {name} | {r['base']:.4f} | {r['tuned']:.4f} | {shown} |")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------- driver
+
+
+def evaluate_policies(
+    policies: Mapping[str, Policy],
+    prompts: Sequence[EvalPrompt],
+    specs: Sequence[RewardSpec],
+    out_dir: str | Path,
+    *,
+    samples_per_prompt: int = 1,
+    num_steps: int = 16,
+    seed: int = 0,
+    chunk_size: int = 16,
+    client_for: Callable[[str], Any] | None = None,
+) -> dict[str, Any]:
+    """Samples and scores ``policies`` (keys ``base`` and ``tuned``); writes the outputs.
+
+    Returns ``{"rows": [...], "scores": {policy: {metric: list}}, "settings": {...}}``
+    (what ``results.json`` holds).
+    """
+    from dancegrpo_trainer.run_logging import save_samples
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    owned: dict[str, Any] = {}
+
+    def default_client(target: str) -> Any:
+        if target not in owned:
+            from dancegrpo_proto import RewardClient
+
+            owned[target] = RewardClient(target)
+        return owned[target]
+
+    get_client = client_for or default_client
+    scores: dict[str, dict[str, np.ndarray]] = {}
+    try:
+        for label in ("base", "tuned"):
+            frames = generate(
+                policies[label],
+                prompts,
+                samples_per_prompt=samples_per_prompt,
+                num_steps=num_steps,
+                seed=seed,
+                chunk_size=chunk_size,
+            )
+            scores[label] = score_frames(frames, prompts, samples_per_prompt, specs, get_client)
+            shown = frames[: 8 * samples_per_prompt]
+            save_samples(
+                shown,
+                out / f"samples_{label}.png",
+                ncols=max(samples_per_prompt, 4),
+                scale=max(1, 128 // frames.shape[-2]),
+            )
+    finally:
+        for client in owned.values():
+            client.close()
+    rows = summarise(scores, prompts, samples_per_prompt)
+    result = {
+        "rows": rows,
+        "scores": {k: {m: v.tolist() for m, v in s.items()} for k, s in scores.items()},
+        "settings": {
+            "num_prompts": len(prompts),
+            "samples_per_prompt": samples_per_prompt,
+            "num_steps": num_steps,
+            "seed": seed,
+            "eta": 0.0,
+            "rewards": [dataclasses.asdict(s) for s in specs],
+        },
+    }
+    (out / "results.json").write_text(json.dumps(result, indent=1, allow_nan=True) + "\n")
+    (out / "results.md").write_text(markdown_table(rows))
+    return result
+
+
+def load_weights(policy: Policy, checkpoint: str | Path, lora: Any = None) -> None:
+    """Loads trainable-module weights: a ``.safetensors`` file or a trainer checkpoint
+    folder (its ``model.safetensors``). LoRA checkpoints (``lora_`` keys) inject adapters
+    first with ``lora`` (the config's ``train.lora``); extra tensors (``ema.*``) are ignored."""
+    from safetensors.torch import load_file
+
+    path = Path(checkpoint)
+    if path.is_dir():
+        path = path / "model.safetensors"
+    tensors = load_file(str(path))
+    module = policy.trainable_module()
+    if any("lora_" in k for k in tensors):
+        from dancegrpo_trainer.weights import apply_lora
+
+        if lora is None or not lora.enabled:
+            raise ValueError(f"{path} holds LoRA weights; set train.lora in the config")
+        apply_lora(module, lora, policy.lora_target_modules)
+        own = module.state_dict()
+        module.load_state_dict({k: v for k, v in tensors.items() if k in own}, strict=False)
+        return
+    own = module.state_dict()
+    missing = sorted(set(own) - set(tensors))
+    if missing:
+        raise ValueError(f"{path} does not match the model: missing {missing[:5]}")
+    module.load_state_dict({k: tensors[k] for k in own})
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry point ``dancegrpo-eval``."""
+    from dancegrpo_trainer.config import load_config
+    from dancegrpo_trainer.policy_factory import build_policy
+
+    parser = argparse.ArgumentParser(
+        prog="dancegrpo-eval",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", required=True, help="the trainer config of the run")
+    parser.add_argument("--tuned", required=True, help="tuned weights (.safetensors or folder)")
+    parser.add_argument("--base", help="base weights (default: model.init_checkpoint or none)")
+    parser.add_argument("--prompts", required=True, help=".txt, GenEval .jsonl, HPD v2 .json/dir")
+    parser.add_argument("--rewards", help="YAML list of {name, target, reward, output}")
+    parser.add_argument(
+        "--reward", action="append", default=[], help="NAME=TARGET/REWARD[:OUTPUT], repeatable"
+    )
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--samples-per-prompt", type=int, default=1)
+    parser.add_argument("--num-steps", type=int, help="default: sampling.num_steps")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-per-tag", type=int)
+    parser.add_argument("--chunk-size", type=int, default=16)
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
+    args = parser.parse_args(argv)
+
+    cfg = load_config(args.config, list(args.overrides))
+    specs = load_reward_specs(args.rewards) if args.rewards else []
+    specs += [parse_reward_arg(r) for r in args.reward]
+    if not specs:
+        parser.error("name at least one reward (--rewards FILE or --reward ...)")
+    prompts = load_prompt_set(args.prompts, args.max_per_tag)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    policies = {}
+    for label, weights in (("base", args.base), ("tuned", args.tuned)):
+        torch.manual_seed(cfg.run.seed)
+        policy = build_policy(cfg.model, device)
+        if cfg.model.init_checkpoint:
+            load_weights(policy, cfg.model.init_checkpoint)
+        if weights:
+            load_weights(policy, weights, cfg.train.lora)
+        policies[label] = policy
+    result = evaluate_policies(
+        policies,
+        prompts,
+        specs,
+        args.out,
+        samples_per_prompt=args.samples_per_prompt,
+        num_steps=args.num_steps or cfg.sampling.num_steps,
+        seed=args.seed,
+        chunk_size=args.chunk_size,
+    )
+    print(markdown_table(result["rows"]), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""Builds the policy named by ``model.kind`` (adapters are imported only when used)."""
+
+from __future__ import annotations
+
+import torch
+
+from dancegrpo_trainer.config import ConfigError, ModelConfig, expand_env
+from dancegrpo_trainer.policies.base import Policy
+
+_AUTOCAST_DTYPES = {"no": None, "bf16": "bfloat16", "fp16": "float16"}
+
+
+def build_policy(
+    cfg: ModelConfig,
+    device: torch.device,
+    *,
+    load_text_encoders: bool = True,
+    mixed_precision: str | None = None,
+) -> Policy:
+    """Instantiates the adapter for ``cfg.kind`` on ``device``.
+
+    ``cfg.options`` are passed to the adapter's config (SD/FLUX) or constructor (tiny_flow);
+    ``load_text_encoders=False`` skips text encoders when an embedding cache is used.
+    ``mixed_precision`` (``train.mixed_precision``: ``no``/``bf16``/``fp16``) sets the SD/FLUX
+    adapters' CUDA autocast so that ``no`` really runs the model in its weight dtype
+    (an explicit ``options.autocast_dtype`` wins).
+    """
+    options = dict(cfg.options)
+    if cfg.kind == "tiny_flow":
+        from dancegrpo_trainer.policies.tiny_flow import TinyFlowPolicy
+
+        try:
+            return TinyFlowPolicy(cfg.height, cfg.width, device=device, **options)
+        except TypeError as e:
+            raise ConfigError(f"model.options: {e}") from e
+    path = expand_env(cfg.path or "", "model.path")
+    common = dict(
+        resolution=[cfg.height, cfg.width],
+        guidance_scale=cfg.guidance_scale,
+        dtype=cfg.dtype,
+        device=str(device),
+        load_text_encoders=load_text_encoders,
+    )
+    if mixed_precision is not None:
+        common["autocast_dtype"] = _AUTOCAST_DTYPES[mixed_precision]
+    common.update(options)
+    if cfg.kind == "stable_diffusion":
+        from dancegrpo_trainer.policies.stable_diffusion import (
+            StableDiffusionConfig,
+            StableDiffusionPolicy,
+        )
+
+        return StableDiffusionPolicy.from_pretrained(path, _make(StableDiffusionConfig, common))
+    if cfg.kind == "flux":
+        from dancegrpo_trainer.policies.flux import FluxConfig, FluxPolicy
+
+        return FluxPolicy.from_pretrained(path, _make(FluxConfig, common))
+    raise ConfigError(f"model.kind: unknown adapter {cfg.kind!r}")
+
+
+def _make(cls: type, kwargs: dict) -> object:
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"model.options: {e}") from e

@@ -1,0 +1,150 @@
+"""Run outputs: metrics.jsonl, TensorBoard events, sample grids/GIFs, the reward curve."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+logger = logging.getLogger("dancegrpo_trainer")
+
+
+def setup_logging(rank: int) -> None:
+    """Structured ``key=value`` log lines on stderr; ranks other than 0 log warnings only."""
+    level = logging.INFO if rank == 0 else logging.WARNING
+    logging.basicConfig(
+        level=level,
+        format=f"%(asctime)s %(levelname)s rank={rank} %(name)s: %(message)s",
+    )
+    logger.setLevel(level)
+
+
+def format_kv(record: Mapping[str, Any]) -> str:
+    parts = []
+    for k, v in record.items():
+        parts.append(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}")
+    return " ".join(parts)
+
+
+class MetricsLogger:
+    """Appends one JSON object per line to ``metrics.jsonl`` and mirrors numbers to
+    TensorBoard (``tb/``, tag ``<split>/<key>``). Inactive on ranks other than 0."""
+
+    def __init__(self, run_dir: Path, active: bool = True, tensorboard: bool = True) -> None:
+        self.run_dir = run_dir
+        self.active = active
+        self.path = run_dir / "metrics.jsonl"
+        self._tb = None
+        if active and tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(run_dir / "tb"))
+
+    def log(self, record: Mapping[str, Any]) -> None:
+        """Writes ``record`` (must contain ``step`` and ``split``)."""
+        if not self.active:
+            return
+        clean = {k: _jsonable(v) for k, v in record.items()}
+        with self.path.open("a") as f:
+            f.write(json.dumps(clean) + "\n")
+        if self._tb is not None:
+            step, split = int(record["step"]), record["split"]
+            for key, value in clean.items():
+                if key not in ("step", "split") and isinstance(value, (int, float)):
+                    self._tb.add_scalar(f"{split}/{key}", value, step)
+            self._tb.flush()
+
+    def truncate_after(self, step: int) -> None:
+        """Drops records past ``step`` (a resumed run rewrites the steps it repeats)."""
+        if not self.active or not self.path.is_file():
+            return
+        keep = [
+            line
+            for line in self.path.read_text().splitlines()
+            if line.strip() and json.loads(line)["step"] <= step
+        ]
+        self.path.write_text("".join(line + "\n" for line in keep))
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, (np.floating, np.integer)):
+        v = v.item()
+    if isinstance(v, torch.Tensor):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def make_grid(frames: np.ndarray, ncols: int, pad: int = 2) -> np.ndarray:
+    """Tiles ``uint8 [N, H, W, 3]`` into one image (``[T, ...]`` videos: per frame)."""
+    if frames.ndim == 5:
+        return np.stack([make_grid(frames[:, t], ncols, pad) for t in range(frames.shape[1])])
+    n, h, w, _ = frames.shape
+    ncols = max(1, min(ncols, n))
+    nrows = math.ceil(n / ncols)
+    grid = np.full((nrows * (h + pad) + pad, ncols * (w + pad) + pad, 3), 255, np.uint8)
+    for i in range(n):
+        r, c = divmod(i, ncols)
+        y, x = pad + r * (h + pad), pad + c * (w + pad)
+        grid[y : y + h, x : x + w] = frames[i]
+    return grid
+
+
+def save_samples(frames: np.ndarray, path: Path, ncols: int, scale: int = 1) -> Path:
+    """Writes a PNG grid (images) or an animated GIF (videos ``[N,T,H,W,3]``); returns the path."""
+    grid = make_grid(frames, ncols)
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def to_image(a: np.ndarray) -> Image.Image:
+        img = Image.fromarray(a)
+        if scale > 1:
+            img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+        return img
+
+    if grid.ndim == 4:
+        path = path.with_suffix(".gif")
+        images = [to_image(g) for g in grid]
+        images[0].save(path, save_all=True, append_images=images[1:], duration=125, loop=0)
+    else:
+        to_image(grid).save(path)
+    return path
+
+
+def plot_reward_curve(metrics_path: Path, out_path: Path) -> None:
+    """Plots train and eval ``reward_mean`` against step from ``metrics.jsonl``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[str, tuple[list[int], list[float]]] = {"train": ([], []), "eval": ([], [])}
+    for line in metrics_path.read_text().splitlines():
+        if not line.strip():
+            continue
+        rec = json.loads(line)
+        if rec.get("split") in series and rec.get("reward_mean") is not None:
+            series[rec["split"]][0].append(rec["step"])
+            series[rec["split"]][1].append(rec["reward_mean"])
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for split, (steps, values) in series.items():
+        if steps:
+            ax.plot(steps, values, marker="o" if split == "eval" else None, label=split)
+    ax.set_xlabel("step")
+    ax.set_ylabel("reward_mean")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)

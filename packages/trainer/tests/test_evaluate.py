@@ -1,0 +1,193 @@
+"""``dancegrpo-eval``: prompt-set parsers, the table's arithmetic, and an end-to-end run of a
+tiny base policy vs a perturbed copy against a real weight-free reward server."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from dancegrpo_trainer import evaluate as ev
+from dancegrpo_trainer.policies.tiny_flow import TinyFlowPolicy
+
+
+def test_text_prompt_file_skips_blank_lines_and_comments(tmp_path):
+    path = tmp_path / "p.txt"
+    path.write_text("a red square\n\n# comment\n  a blue circle  \n")
+    assert ev.load_prompt_set(path) == [
+        ev.EvalPrompt("a red square"),
+        ev.EvalPrompt("a blue circle"),
+    ]
+
+
+def test_geneval_jsonl_becomes_tagged_prompts_with_metadata(tmp_path):
+    rows = [
+        {
+            "tag": "single_object",
+            "include": [{"class": "bench", "count": 1}],
+            "prompt": "a photo of a bench",
+        },
+        {
+            "tag": "position",
+            "include": [
+                {"class": "dog", "count": 1},
+                {"class": "cat", "count": 1, "position": ["left of", 0]},
+            ],
+            "prompt": "a photo of a cat left of a dog",
+        },
+        {
+            "tag": "colors",
+            "include": [{"class": "car", "count": 1, "color": "red"}],
+            "exclude": [{"class": "car", "count": 2}],
+            "prompt": "a photo of a red car",
+        },
+    ]
+    path = tmp_path / "evaluation_metadata.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    prompts = ev.load_prompt_set(path)
+    assert [p.tag for p in prompts] == ["single_object", "position", "colors"]
+    spec = prompts[1].metadata["geneval"]
+    assert spec["tag"] == "position"
+    assert spec["include"][1] == {
+        "class_name": "cat",
+        "count": 1,
+        "position_relation": "left of",
+        "position_reference": "dog",
+    }
+    assert prompts[2].metadata["geneval"]["include"][0]["color"] == "red"
+    assert prompts[2].metadata["geneval"]["exclude"] == [{"class_name": "car", "count": 2}]
+
+
+def test_geneval_spec_converts_to_a_valid_wire_message(tmp_path):
+    from dancegrpo_proto import codec
+
+    path = tmp_path / "g.jsonl"
+    path.write_text(
+        json.dumps(
+            {"tag": "counting", "include": [{"class": "cup", "count": 3}], "prompt": "three cups"}
+        )
+        + "\n"
+    )
+    message = codec.metadata_to_proto(ev.load_prompt_set(path)[0].metadata)
+    assert message.geneval.include[0].class_name == "cup"
+    assert message.geneval.include[0].count == 3
+
+
+def test_hpd_v2_style_files_tag_prompts_by_style(tmp_path):
+    (tmp_path / "anime.json").write_text(json.dumps(["a girl", "a robot", "a cat"]))
+    (tmp_path / "photo.json").write_text(json.dumps(["a street"]))
+    prompts = ev.load_prompt_set(tmp_path, max_per_tag=2)
+    assert [(p.prompt, p.tag) for p in prompts] == [
+        ("a girl", "anime"),
+        ("a robot", "anime"),
+        ("a street", "photo"),
+    ]
+    assert ev.load_prompt_set(tmp_path / "photo.json") == [ev.EvalPrompt("a street", "photo")]
+
+
+def test_malformed_inputs_name_the_problem(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"not": "a list"}))
+    with pytest.raises(ValueError, match="JSON list"):
+        ev.load_prompt_set(bad)
+    with pytest.raises(ValueError, match="NAME=TARGET"):
+        ev.parse_reward_arg("hps")
+
+
+def test_reward_specs_from_cli_and_yaml(tmp_path):
+    assert ev.parse_reward_arg("hps=localhost:50051/hps:score") == ev.RewardSpec(
+        "hps", "localhost:50051", "hps", "score"
+    )
+    assert ev.parse_reward_arg("vq=dns:///va:50051/videoalign:vq").target == "dns:///va:50051"
+    path = tmp_path / "r.yaml"
+    path.write_text("- {name: clip, target: 'h:1', reward: clip, output: clip_score}\n")
+    assert ev.load_reward_specs(path) == [ev.RewardSpec("clip", "h:1", "clip", "clip_score")]
+
+
+def test_relative_change_is_signed_percent_of_the_base_magnitude():
+    assert ev.relative_change(0.25, 0.30) == pytest.approx(20.0)
+    assert ev.relative_change(-2.0, -1.0) == pytest.approx(50.0)
+    assert math.isnan(ev.relative_change(0.0, 1.0))
+
+
+def _tiny_pair(tmp_path):
+    torch.manual_seed(0)
+    base = TinyFlowPolicy(16, 16, latent_size=4, channels=8, embed_dim=16, num_blocks=1)
+    tuned = TinyFlowPolicy(16, 16, latent_size=4, channels=8, embed_dim=16, num_blocks=1)
+    state = base.net.state_dict()
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "base.safetensors"))
+    perturbed = {k: (v + 0.3 * torch.randn_like(v)).contiguous() for k, v in state.items()}
+    save_file(perturbed, str(tmp_path / "tuned.safetensors"))
+    ev.load_weights(tuned, tmp_path / "tuned.safetensors")
+    return base, tuned
+
+
+def test_table_matches_direct_client_scoring_against_a_real_server(tmp_path):
+    from dancegrpo_proto import RewardClient
+    from dancegrpo_testing.servers import running_reward_server
+
+    base, tuned = _tiny_pair(tmp_path)
+    prompts = [
+        ev.EvalPrompt("a red square", "warm"),
+        ev.EvalPrompt("a blue circle", "cool"),
+        ev.EvalPrompt("an orange sun", "warm"),
+    ]
+    config = {
+        "rewards": {"color_match": {"kind": "color_match"}, "brightness": {"kind": "brightness"}}
+    }
+    with running_reward_server(config, metrics=False) as server:
+        specs = [
+            ev.RewardSpec("color", server.target, "color_match"),
+            ev.RewardSpec("bright", server.target, "brightness"),
+        ]
+        result = ev.evaluate_policies(
+            {"base": base, "tuned": tuned},
+            prompts,
+            specs,
+            tmp_path / "out",
+            samples_per_prompt=2,
+            num_steps=4,
+            seed=3,
+        )
+        with RewardClient(server.target) as client:
+            direct = {}
+            for label, policy in (("base", base), ("tuned", tuned)):
+                frames = ev.generate(policy, prompts, samples_per_prompt=2, num_steps=4, seed=3)
+                texts = [p.prompt for p in prompts for _ in range(2)]
+                direct[label] = {
+                    "color": client.score("color_match", images=frames, prompts=texts)["score"],
+                    "bright": client.score("brightness", images=frames, prompts=texts)["score"],
+                }
+    rows = {(r["metric"], r["tag"]): r for r in result["rows"]}
+    warm = np.asarray([True, True, False, False, True, True])
+    for metric in ("color", "bright"):
+        b, t = direct["base"][metric], direct["tuned"][metric]
+        overall = rows[(metric, None)]
+        assert overall["base"] == pytest.approx(float(b.mean()), abs=1e-6)
+        assert overall["tuned"] == pytest.approx(float(t.mean()), abs=1e-6)
+        assert overall["relative_change_pct"] == pytest.approx(
+            (t.mean() - b.mean()) / abs(b.mean()) * 100, rel=1e-5
+        )
+        assert rows[(metric, "warm")]["tuned"] == pytest.approx(float(t[warm].mean()), abs=1e-6)
+        assert rows[(metric, "cool")]["n"] == 2
+    assert rows[("bright", None)]["base"] != rows[("bright", None)]["tuned"]  # really perturbed
+    out = tmp_path / "out"
+    assert json.loads((out / "results.json").read_text())["rows"] == json.loads(
+        json.dumps(result["rows"])
+    )
+    assert "| color | " in (out / "results.md").read_text()
+    assert (out / "samples_base.png").is_file() and (out / "samples_tuned.png").is_file()
+
+
+def test_sampling_is_deterministic():
+    torch.manual_seed(0)
+    policy = TinyFlowPolicy(16, 16, latent_size=4, channels=8, embed_dim=16, num_blocks=1)
+    prompts = [ev.EvalPrompt("a red square")]
+    a = ev.generate(policy, prompts, samples_per_prompt=3, num_steps=3, seed=5)
+    b = ev.generate(policy, prompts, samples_per_prompt=3, num_steps=3, seed=5)
+    np.testing.assert_array_equal(a, b)
+    assert a.shape == (3, 16, 16, 3) and a.dtype == np.uint8

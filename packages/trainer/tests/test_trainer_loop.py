@@ -1,0 +1,139 @@
+"""The GRPO loop against a real reward-service process: resume exactness, LoRA vs full
+fine-tuning, Best-of-N, and a reward outage that fails loudly naming the endpoint."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+
+from dancegrpo_trainer.config import load_config
+from dancegrpo_trainer.scoring import RewardScoringError
+from dancegrpo_trainer.trainer import Trainer
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+@pytest.fixture(scope="module")
+def reward_target() -> str:
+    from dancegrpo_testing.servers import running_reward_server
+
+    with running_reward_server(ROOT / "services/demo.yaml", metrics=False) as server:
+        yield server.target
+
+
+def small_config(target: str, out: Path, *extra: str):
+    return load_config(
+        ROOT / "configs/demo.yaml",
+        [
+            f"rewards.endpoints.0.target={target}",
+            f"run.output_dir={out}",
+            "run.progress=false",
+            "run.checkpoint_every=2",
+            "run.keep_checkpoints=5",
+            "run.sample_grid_every=0",
+            "run.max_steps=4",
+            "sampling.prompts_per_step=2",
+            "sampling.group_size=4",
+            "sampling.num_steps=4",
+            "sampling.rollout_batch_size=4",
+            "train.micro_batch_size=4",
+            "data.eval_prompts=[]",
+            *extra,
+        ],
+    )
+
+
+def params(trainer: Trainer) -> dict[str, torch.Tensor]:
+    return {
+        k: v.detach().clone() for k, v in trainer.policy.trainable_module().state_dict().items()
+    }
+
+
+def train_records(run_dir: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["split"] == "train"]
+
+
+def test_resume_continues_exactly_like_an_uninterrupted_run(reward_target: str, tmp_path: Path):
+    full = Trainer(small_config(reward_target, tmp_path / "full"))
+    full.train()
+    full.close()
+
+    part = Trainer(small_config(reward_target, tmp_path / "resumed", "run.max_steps=2"))
+    part.train()
+    part.close()
+    resumed = Trainer(small_config(reward_target, tmp_path / "resumed"))
+    assert resumed.step == 2
+    resumed.train()
+    resumed.close()
+
+    for key, value in params(full).items():
+        torch.testing.assert_close(params(resumed)[key], value, rtol=0, atol=0)
+    a, b = train_records(tmp_path / "full"), train_records(tmp_path / "resumed")
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    for ra, rb in zip(a, b, strict=True):
+        assert ra["reward_mean"] == rb["reward_mean"]
+        assert ra["loss"] == rb["loss"]
+        assert ra["grad_norm"] == rb["grad_norm"]
+    assert (tmp_path / "full" / "config.yaml").is_file()
+    assert any((tmp_path / "full" / "tb").iterdir())
+    ckpt = tmp_path / "full" / "checkpoints" / "step_000004"
+    for name in ("model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json"):
+        assert (ckpt / name).is_file()
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_full_fine_tune_and_lora_both_update_only_trainable_weights(
+    reward_target: str, tmp_path: Path, lora: bool
+):
+    extra = ["train.lora.rank=4", "train.learning_rate=1e-2"] if lora else []
+    trainer = Trainer(small_config(reward_target, tmp_path, "run.max_steps=2", *extra))
+    before = params(trainer)
+    trainer.train()
+    after = params(trainer)
+    trainer.close()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    if lora:
+        assert changed and all("lora_" in k for k in changed)
+        assert any("lora_B" in k for k in changed)
+    else:
+        assert "prompt_rgb.weight" in changed and len(changed) > len(before) // 2
+    rec = train_records(tmp_path)[-1]
+    assert rec["grad_norm"] > 0 and rec["skipped"] == 0
+
+
+def test_best_of_n_and_per_prompt_advantages_train(reward_target: str, tmp_path: Path):
+    trainer = Trainer(
+        small_config(
+            reward_target,
+            tmp_path,
+            "run.max_steps=1",
+            "rewards.best_of_n={top_k: 1, bottom_k: 1}",
+            "rewards.advantage=per_prompt",
+            "rewards.tracker_min_count=2",
+        )
+    )
+    record = trainer.train_step()
+    trainer.close()
+    assert record["samples"] == 8
+    for key in ("reward_mean", "loss", "clip_fraction", "approx_kl", "learning_rate"):
+        assert key in record
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_reward_outage_raises_naming_the_endpoint(tmp_path: Path):
+    target = f"127.0.0.1:{_closed_port()}"
+    cfg = small_config(target, tmp_path, "rewards.endpoints.0.timeout_s=2")
+    trainer = Trainer(cfg)
+    with pytest.raises(RewardScoringError, match=f"'color_match' at {target}"):
+        trainer.train_step()
+    trainer.close()

@@ -1,0 +1,588 @@
+"""The shipped recipes (configs/*.yaml) run as a user runs them: real recipe files, tiny
+diffusers folders under ``$DANCEGRPO_WEIGHTS``, prompt files and the embedding cache under
+``$DANCEGRPO_DATA``, and one real reward-service process at ``$DANCEGRPO_REWARDS`` hosting
+tiny ``hps``, ``clip`` and ``hps_binary`` (threshold over hps) plus a video ``color_match``.
+
+Only what CPU and tiny models force is overridden (resolution, step count, run folder).
+Also here: ``dancegrpo-train preprocess``, the KL penalty, EMA, gradient checkpointing,
+and a video-shaped (``[N,T,H,W,3]``), image-conditioned (I2V) policy through the loop.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from torch import nn
+
+from dancegrpo_trainer import trainer as trainer_module
+from dancegrpo_trainer.cli import train_main
+from dancegrpo_trainer.config import config_from_dict, load_config
+from dancegrpo_trainer.core.schedules import flow_sigmas, flow_timesteps
+from dancegrpo_trainer.core.sde import flow_sde_step
+from dancegrpo_trainer.core.step_output import StepOutput
+from dancegrpo_trainer.embedding_cache import EmbeddingCache
+from dancegrpo_trainer.policies.base import Conditioning, Policy, Schedule
+from dancegrpo_trainer.policy_factory import build_policy
+from dancegrpo_trainer.scoring import RewardScorer
+from dancegrpo_trainer.trainer import Trainer
+
+ROOT = Path(__file__).resolve().parents[3]
+CONFIGS = ROOT / "configs"
+TRAIN_PROMPTS = ["a photo of a cat", "a red car", "a small house", "a blue bird"]
+EVAL_PROMPTS = ["a dog on a chair"]
+#: What CPU and the tiny models force; everything else comes from the recipe.
+CPU = ["model.height=16", "model.width=16", "sampling.num_steps=3", "run.progress=false"]
+FLUX_RECIPES = ["flux_hps_clip", "flux_binary_hps", "flux_best_of_n"]
+
+
+# ------------------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine
+    OpenMP spinning made each step ~50x slower (16 s instead of 0.3 s)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """``weights/`` (tiny SD and FLUX folders named as the recipes expect), ``data/prompts``,
+    and the tiny CLIP reward files."""
+    from dancegrpo_testing import clip_models, diffusion_models
+
+    root = tmp_path_factory.mktemp("recipes")
+    weights = root / "weights"
+    diffusion_models.save_pipeline(
+        diffusion_models.tiny_stable_diffusion_pipeline(), weights / "stable-diffusion-v1-5"
+    )
+    diffusion_models.save_pipeline(diffusion_models.tiny_flux_pipeline(), weights / "FLUX.1-dev")
+    data = root / "data"
+    (data / "prompts").mkdir(parents=True)
+    (data / "prompts" / "hps_train.txt").write_text("\n".join(TRAIN_PROMPTS) + "\n")
+    (data / "prompts" / "hps_eval.txt").write_text("\n".join(EVAL_PROMPTS) + "\n")
+    files = clip_models.write_tiny_clip_files(root / "clip")
+    return {"root": root, "weights": weights, "data": data, "clip": files.config.parent}
+
+
+@pytest.fixture(scope="module")
+def server(assets: dict[str, Path]) -> Iterator[str]:
+    """One reward service for the module; reward names as in the recipes and services/."""
+    from dancegrpo_testing.servers import running_reward_server
+
+    clip = assets["clip"]
+    hps = {"checkpoint": str(clip / "hps_tiny.pt"), "arch": str(clip / "tiny_vit.json")}
+    config = {
+        "server": {"host": "127.0.0.1"},
+        "rewards": {
+            "hps": {"kind": "hps", "options": hps},
+            "clip": {
+                "kind": "clip",
+                "options": {"checkpoint": str(clip / "clip_tiny.bin"), "arch": hps["arch"]},
+            },
+            # Threshold 0 with cosine-sized tiny HPS scores: every sample scores 1.
+            "hps_binary": {
+                "kind": "threshold",
+                "options": {"reward": {"kind": "hps", **hps}, "threshold": 0.0},
+            },
+            "color_video": {"kind": "color_match", "options": {"modality": "video"}},
+        },
+    }
+    env = {"OMP_NUM_THREADS": "1"}
+    with running_reward_server(config, env, metrics=False, startup_timeout_s=120) as running:
+        yield running.target
+
+
+@pytest.fixture(scope="module")
+def recipe_env(assets: dict[str, Path], server: str) -> Iterator[dict[str, Path]]:
+    """The recipes' environment variables, then the FLUX embedding cache built by the CLI
+    exactly as the recipes' header tells users to (``preprocess --config``)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DANCEGRPO_WEIGHTS", str(assets["weights"]))
+        mp.setenv("DANCEGRPO_DATA", str(assets["data"]))
+        mp.setenv("DANCEGRPO_REWARDS", server)
+        rc = train_main(["preprocess", "--config", str(CONFIGS / "flux_hps_clip.yaml")])
+        assert rc == 0
+        yield assets
+
+
+class RecordingTrainer(Trainer):
+    """The CLI's Trainer, remembering itself and its initial trainable weights."""
+
+    last: ClassVar[RecordingTrainer | None] = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.initial = trainable_state(self)
+        RecordingTrainer.last = self
+
+
+@pytest.fixture
+def cli_trainer(monkeypatch: pytest.MonkeyPatch) -> type[RecordingTrainer]:
+    """Lets a test inspect the Trainer that ``train_main`` (the CLI) builds."""
+    RecordingTrainer.last = None
+    monkeypatch.setattr(trainer_module, "Trainer", RecordingTrainer)
+    return RecordingTrainer
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+def trainable_state(trainer: Trainer) -> dict[str, torch.Tensor]:
+    module = trainer.policy.trainable_module()
+    return {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+
+
+def records(run_dir: Path, split: str = "train") -> list[dict[str, Any]]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["split"] == split]
+
+
+def run_recipe(name: str, out: Path, *overrides: str) -> RecordingTrainer:
+    """``dancegrpo-train --config configs/NAME.yaml`` for one step; returns its Trainer."""
+    args = ["--config", str(CONFIGS / f"{name}.yaml"), *CPU, f"run.output_dir={out}"]
+    assert train_main([*args, "run.max_steps=1", *overrides]) == 0
+    trainer = RecordingTrainer.last
+    assert trainer is not None
+    return trainer
+
+
+def assert_trained_and_saved(trainer: Trainer, out: Path) -> None:
+    """Nearly every trained element moved (float32 master weights) and the checkpoint holds
+    exactly the live weights."""
+    live = trainable_state(trainer)
+    moved = sum(int((live[k] != v).sum()) for k, v in trainer.initial.items())
+    total = sum(v.numel() for v in live.values())
+    assert all(v.dtype == torch.float32 for v in live.values())
+    assert moved > 0.9 * total, f"only {moved} of {total} trained weights changed"
+    saved = load_file(str(out / "checkpoints" / "step_000001" / "model.safetensors"))
+    for k, v in live.items():
+        torch.testing.assert_close(saved[k], v, rtol=0, atol=0)
+    rec = records(out)[-1]
+    assert rec["grad_norm"] > 0 and rec["skipped"] == 0
+
+
+# ------------------------------------------------------------------------------ recipes
+
+
+def test_sd15_hps_recipe_trains_one_step(
+    recipe_env: dict[str, Path], tmp_path: Path, cli_trainer: type[RecordingTrainer]
+) -> None:
+    trainer = run_recipe("sd15_hps", tmp_path)
+    rec = records(tmp_path)[0]
+    assert rec["samples"] == 24  # 2 prompts x G = 12
+    assert [r["step"] for r in records(tmp_path, "eval")] == [0, 1]
+    assert {"reward/hps/score_mean", "output/hps/score_mean", "reward_mean"} <= set(rec)
+    assert trainer.policy.sampler == "ddim" and trainer.policy.config.do_cfg
+    assert_trained_and_saved(trainer, tmp_path)
+
+
+def test_flux_hps_clip_recipe_weights_two_rewards_and_reads_the_cache(
+    recipe_env: dict[str, Path], tmp_path: Path, cli_trainer: type[RecordingTrainer]
+) -> None:
+    trainer = run_recipe("flux_hps_clip", tmp_path)
+    rec = records(tmp_path)[0]
+    hps, clip = rec["reward/hps/score_mean"], rec["reward/clip/score_mean"]
+    assert rec["reward_mean"] == pytest.approx((hps + clip) / 2, abs=1e-6)  # weights 1 and 1
+    assert rec["samples"] == 12 and "output/clip/clip_score_mean" in rec
+    # Eval (before and after) ran from the cache too: preprocess cached the eval prompts.
+    assert [r["step"] for r in records(tmp_path, "eval")] == [0, 1]
+    assert trainer.policy.text_encoder is None and trainer.policy.text_encoder_2 is None
+    assert_trained_and_saved(trainer, tmp_path)
+
+
+def test_flux_binary_hps_recipe_trains_on_thresholded_scores(
+    recipe_env: dict[str, Path], tmp_path: Path, cli_trainer: type[RecordingTrainer]
+) -> None:
+    # First the recipe pointed at the service's own binary reward (`hps_binary`, kind
+    # threshold, cut 0 here): every sample passes, so the group has no signal (advantage 0).
+    probe = tmp_path / "server_threshold"
+    server_binary = (
+        "rewards.endpoints.0={target: '${DANCEGRPO_REWARDS}', reward: hps_binary, "
+        "output: binary, name: hps_binary}"
+    )
+    run_recipe("flux_binary_hps", probe, server_binary, "data.eval_prompts=[]")
+    rec = records(probe)[0]
+    assert rec["reward/hps_binary_mean"] == 1.0 and rec["advantage_abs_mean"] == 0
+    # Tiny random HPS scores are nowhere near the paper's 0.28: cut the recipe's trainer-side
+    # threshold at the group's mean raw score (same seed, same rollout), which splits it.
+    cut = rec["output/hps_binary/raw_mean"]
+    out = tmp_path / "binary"
+    trainer = run_recipe(
+        "flux_binary_hps", out, f"rewards.endpoints.0.threshold={cut!r}", "data.eval_prompts=[]"
+    )
+    rec = records(out)[0]
+    frac = rec["reward/hps_binary_mean"]
+    assert 0 < frac < 1 and frac * 12 == pytest.approx(round(frac * 12))
+    assert rec["output/hps/score_mean"] == pytest.approx(cut)
+    assert_trained_and_saved(trainer, out)
+
+
+def test_flux_best_of_n_recipe_trains_on_top_and_bottom_four_of_24(
+    recipe_env: dict[str, Path],
+    tmp_path: Path,
+    cli_trainer: type[RecordingTrainer],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    seen: list[torch.Tensor] = []
+    original = trainer_module.grpo_update
+
+    def recording_update(policy: Policy, optimizer: Any, rollout: Any, advantages, **kw: Any):
+        assert len(rollout) == len(advantages)
+        seen.append(advantages.detach().cpu())
+        return original(policy, optimizer, rollout, advantages, **kw)
+
+    monkeypatch.setattr(trainer_module, "grpo_update", recording_update)
+    trainer = run_recipe("flux_best_of_n", tmp_path, "data.eval_prompts=[]")
+    rec = records(tmp_path)[0]
+    assert rec["samples"] == 24 and "reward/hps/score_mean" in rec  # all N scored remotely
+    (adv,) = seen
+    assert adv.shape == (8,)  # trained on 4 + 4
+    assert (adv[:4] > 0).all() and (adv[4:] < 0).all()
+    assert adv[:4].min() > adv[4:].max()
+    assert_trained_and_saved(trainer, tmp_path)
+
+
+@pytest.mark.parametrize("recipe", ["sd15_hps", *FLUX_RECIPES])
+def test_recipe_values_follow_the_paper(recipe: str) -> None:
+    """DanceGRPO (Xue et al. 2025) §4 and its FLUX scripts (finetune_flux_grpo_8gpus.sh)."""
+    cfg = load_config(
+        CONFIGS / f"{recipe}.yaml",
+        ["model.path=x", "data.train_prompts=[p]", "data.eval_prompts=[]"],
+    )
+    s, t = cfg.sampling, cfg.train
+    assert (t.learning_rate, t.timestep_fraction, t.clip_range, t.adv_clip_max) == (
+        1e-5,
+        0.6,
+        1e-4,
+        5.0,
+    )
+    assert s.shared_noise and cfg.rewards.advantage == "group"
+    if recipe == "sd15_hps":
+        assert (s.num_steps, s.eta, cfg.model.guidance_scale) == (50, 1.0, 5.0)
+        assert cfg.model.height == cfg.model.width == 512
+        return
+    assert (cfg.model.height, cfg.model.width, s.num_steps, s.eta) == (720, 720, 16, 0.3)
+    assert cfg.model.options["shift"] == 3.0 and cfg.model.guidance_scale == 3.5
+    assert t.max_grad_norm == 0.01 and t.weight_decay == 1e-4
+    if recipe == "flux_best_of_n":
+        assert s.group_size == 24
+        assert (cfg.rewards.best_of_n.top_k, cfg.rewards.best_of_n.bottom_k) == (4, 4)
+    else:
+        assert s.group_size == 12
+    if recipe == "flux_binary_hps":
+        assert cfg.rewards.endpoints[0].threshold == 0.28
+
+
+# ------------------------------------------------------------------------------ preprocess
+
+
+def test_preprocess_cache_equals_direct_encoding(recipe_env: dict[str, Path]) -> None:
+    """The cache the CLI wrote (train + eval prompts) holds exactly what the FLUX text
+    encoders produce for the recipe's model settings."""
+    cfg = load_config(CONFIGS / "flux_hps_clip.yaml")
+    cache = EmbeddingCache(recipe_env["data"] / "embeddings" / "flux_hps")
+    assert set(cache.prompts) == set(TRAIN_PROMPTS + EVAL_PROMPTS)
+    policy = build_policy(cfg.model, torch.device("cpu"))
+    prompts = [*EVAL_PROMPTS, TRAIN_PROMPTS[2], TRAIN_PROMPTS[0]]
+    direct = policy.encode_prompts(prompts)
+    cached = cache.lookup(prompts)
+    assert set(cached.tensors) == {"prompt_embeds", "pooled_prompt_embeds"}
+    for key, value in direct.tensors.items():
+        assert cached.tensors[key].dtype == value.dtype == torch.bfloat16  # recipe's dtype
+        torch.testing.assert_close(cached.tensors[key], value, rtol=0, atol=0)
+
+
+def test_preprocess_with_explicit_prompts_and_out_on_sd(
+    recipe_env: dict[str, Path], tmp_path: Path
+) -> None:
+    prompts = recipe_env["data"] / "prompts" / "hps_train.txt"
+    sd15 = str(CONFIGS / "sd15_hps.yaml")
+    args = ["preprocess", "--config", sd15, "--prompts", str(prompts), "--out", str(tmp_path)]
+    assert train_main(args) == 0
+    assert train_main(args) == 2  # an existing cache is only replaced with --overwrite
+    assert train_main([*args, "--overwrite"]) == 0
+    policy = build_policy(load_config(sd15).model, torch.device("cpu"))
+    direct = policy.encode_prompts(TRAIN_PROMPTS)
+    cached = EmbeddingCache(tmp_path).lookup(TRAIN_PROMPTS)
+    assert set(cached.tensors) == {"prompt_embeds", "negative_prompt_embeds"}  # CFG 5
+    for key, value in direct.tensors.items():
+        torch.testing.assert_close(cached.tensors[key], value, rtol=0, atol=0)
+
+
+def test_cache_missing_a_prompt_fails_at_start_naming_preprocess(
+    recipe_env: dict[str, Path], tmp_path: Path
+) -> None:
+    cfg = load_config(
+        CONFIGS / "flux_hps_clip.yaml",
+        [*CPU, f"run.output_dir={tmp_path}", "data.eval_prompts=[a green tree]"],
+    )
+    with pytest.raises(KeyError, match="a green tree.*preprocess"):
+        Trainer(cfg)
+
+
+# ------------------------------------------------------------------------------ KL, EMA, GC
+
+
+def flux_trainer(out: Path, *overrides: str) -> Trainer:
+    cfg = load_config(
+        CONFIGS / "flux_hps_clip.yaml",
+        [*CPU, f"run.output_dir={out}", "data.eval_prompts=[]", "sampling.group_size=4"]
+        + list(overrides),
+    )
+    return Trainer(cfg)
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_kl_penalty_is_zero_then_positive_and_reference_stays_frozen(
+    recipe_env: dict[str, Path], tmp_path: Path, lora: bool
+) -> None:
+    extra = ["train.lora.rank=4"] if lora else []
+    trainer = flux_trainer(tmp_path, "train.kl_coef=0.1", "train.learning_rate=1e-3", *extra)
+    try:
+        ref = trainer.reference
+        assert ref is not None and ref.lora == lora
+        frozen = [t.clone() for t in ref.frozen]
+        first = trainer.train_step()
+        second = trainer.train_step()
+    finally:
+        trainer.close()
+    # Step 1: the policy is the reference. Step 2: it has moved, so the KL term is > 0.
+    assert first["kl"] == 0.0
+    assert second["kl"] > 0
+    assert second["loss"] == pytest.approx(
+        second["policy_loss"] + 0.1 * second["kl"], rel=1e-3, abs=1e-8
+    )
+    if lora:
+        assert not frozen  # the reference is the base model with adapters switched off
+        assert all(
+            "lora_" in n
+            for n, p in trainer.policy.trainable_module().named_parameters()
+            if p.requires_grad
+        )
+    else:
+        for before, after in zip(frozen, ref.frozen, strict=True):
+            assert torch.equal(before, after)
+        assert any(not torch.equal(a, b) for a, b in zip(ref.params, ref.frozen, strict=True))
+
+
+def test_ema_weights_trail_the_live_weights_and_are_checkpointed(
+    recipe_env: dict[str, Path], tmp_path: Path
+) -> None:
+    trainer = flux_trainer(tmp_path, "train.ema_decay=0.9")
+    try:
+        initial = trainable_state(trainer)
+        trainer.train_step()
+        path = trainer.save()
+    finally:
+        trainer.close()
+    ema = trainer.ema
+    assert ema is not None
+    saved = load_file(str(path / "model.safetensors"))
+    differs = 0
+    for name, shadow, live in zip(ema.names, ema.shadow, ema.params, strict=True):
+        torch.testing.assert_close(shadow, 0.9 * initial[name] + 0.1 * live.detach())
+        differs += int(not torch.equal(shadow, live.detach()))
+        torch.testing.assert_close(saved[f"ema.{name}"], shadow, rtol=0, atol=0)
+        torch.testing.assert_close(saved[name], live.detach(), rtol=0, atol=0)
+    assert differs > 0.9 * len(ema.names)
+
+
+def test_gradient_checkpointing_gives_the_same_update_on_sd(
+    recipe_env: dict[str, Path], tmp_path: Path
+) -> None:
+    results = {}
+    for gc in (True, False):
+        cfg = load_config(
+            CONFIGS / "sd15_hps.yaml",
+            [
+                *CPU,
+                f"run.output_dir={tmp_path / str(gc)}",
+                f"train.gradient_checkpointing={str(gc).lower()}",
+                "sampling.num_steps=2",
+                "sampling.group_size=2",
+                "sampling.prompts_per_step=1",
+                "train.timestep_fraction=1.0",
+                "data.eval_prompts=[]",
+            ],
+        )
+        trainer = Trainer(cfg)
+        unet = trainer.policy.trainable_module()
+        assert unet.is_gradient_checkpointing == gc
+        # Count calls of one layer inside a checkpointed block (checkpoint's recomputation
+        # bypasses module hooks, so wrap the bound forward instead).
+        calls: list[bool] = []
+        norm = unet.down_blocks[0].resnets[0].norm1
+        forward = norm.forward
+
+        def counted(*args: Any, _forward=forward, _calls=calls, **kwargs: Any) -> torch.Tensor:
+            _calls.append(torch.is_grad_enabled())
+            return _forward(*args, **kwargs)
+
+        norm.forward = counted
+        try:
+            record = trainer.train_step()
+        finally:
+            del norm.forward
+            trainer.close()
+        results[gc] = (record, trainable_state(trainer), calls.count(True))
+    (rec_on, w_on, grad_calls_on), (rec_off, w_off, grad_calls_off) = results[True], results[False]
+    # With checkpointing the block runs again during backward (recomputation).
+    assert grad_calls_on == 2 * grad_calls_off > 0
+    assert rec_on["loss"] == pytest.approx(rec_off["loss"], rel=1e-5, abs=1e-9)
+    assert rec_on["grad_norm"] == pytest.approx(rec_off["grad_norm"], rel=1e-4)
+    for k, v in w_off.items():
+        torch.testing.assert_close(w_on[k], v, rtol=1e-5, atol=1e-7)
+
+
+# ------------------------------------------------------------------------------ video / I2V
+
+
+class TinyVideoFlow(nn.Module):
+    """Velocity of ``T`` frames of ``3 x L x L`` latents from the flattened clip, σ, a
+    hashed bag-of-words prompt vector and the conditioning image's mean colour."""
+
+    def __init__(self, num_frames: int, latent: int, vocab: int = 64, hidden: int = 64) -> None:
+        super().__init__()
+        self.dim = num_frames * 3 * latent * latent
+        self.net = nn.Sequential(
+            nn.Linear(self.dim + 1 + vocab + 3, hidden), nn.SiLU(), nn.Linear(hidden, self.dim)
+        )
+
+    def forward(self, x: torch.Tensor, sigma: float, text: torch.Tensor, image: torch.Tensor):
+        flat = x.flatten(1)
+        s = torch.full((x.shape[0], 1), float(sigma))
+        return self.net(torch.cat([flat, s, text, image], dim=1)).view_as(x)
+
+
+class TinyI2VPolicy(Policy):
+    """A video-shaped rectified-flow policy with a conditioning image: latents
+    ``[B, T, 3, L, L]``, frames ``uint8 [N, T, H, W, 3]`` (latent pixels upsampled)."""
+
+    sampler: ClassVar = "flow_sde"
+    modality: ClassVar = "video"
+
+    def __init__(self, num_frames: int = 3, latent: int = 4, size: int = 16) -> None:
+        torch.manual_seed(0)
+        self.num_frames, self.latent, self.size = num_frames, latent, size
+        self.model = TinyVideoFlow(num_frames, latent)
+
+    def encode_prompts(
+        self, prompts: Sequence[str], condition_images: torch.Tensor | None = None
+    ) -> Conditioning:
+        if condition_images is None:
+            raise ValueError("I2V: every prompt needs a condition_image")
+        text = torch.zeros(len(prompts), 64)
+        for i, p in enumerate(prompts):
+            for word in p.lower().split():
+                text[i, zlib.crc32(word.encode()) % 64] = 1.0
+        image = condition_images.float().mean(dim=(1, 2)) / 255.0
+        return Conditioning({"text": text, "image": image})
+
+    def schedule(self, num_steps: int) -> Schedule:
+        sigmas = flow_sigmas(num_steps, shift=1.0)
+        return Schedule(timesteps=flow_timesteps(sigmas), sigmas=sigmas)
+
+    def initial_noise(self, batch_size: int, generator: torch.Generator | None = None):
+        shape = (batch_size, self.num_frames, 3, self.latent, self.latent)
+        return torch.randn(shape, generator=generator)
+
+    def denoise_step(
+        self,
+        latents: torch.Tensor,
+        step_index: int,
+        schedule: Schedule,
+        cond: Conditioning,
+        *,
+        eta: float,
+        prev_sample: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> StepOutput:
+        assert schedule.sigmas is not None
+        sigma, sigma_next = schedule.sigmas[step_index], schedule.sigmas[step_index + 1]
+        v = self.model(latents, float(sigma), cond.tensors["text"], cond.tensors["image"])
+        return flow_sde_step(
+            v, latents, sigma, sigma_next, eta=eta, prev_sample=prev_sample, generator=generator
+        )
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        b, t = latents.shape[:2]
+        x = nn.functional.interpolate(latents.flatten(0, 1), size=self.size, mode="nearest")
+        x = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        return x.view(b, t, 3, self.size, self.size).permute(0, 1, 3, 4, 2).contiguous()
+
+    def trainable_module(self) -> nn.Module:
+        return self.model
+
+
+class RecordingScorer(RewardScorer):
+    """The real gRPC scorer, keeping what it sent."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.sent: list[tuple[np.ndarray, list[str], np.ndarray | None]] = []
+
+    def submit(self, frames, prompts, condition_images=None):  # type: ignore[override]
+        images = None if condition_images is None else np.asarray(condition_images)
+        self.sent.append((np.asarray(frames), list(prompts), images))
+        return super().submit(frames, prompts, condition_images)
+
+
+def test_video_i2v_policy_trains_on_remote_video_rewards(server: str, tmp_path: Path) -> None:
+    rows = []
+    for i, (color, rgb) in enumerate([("red", (200, 30, 30)), ("blue", (20, 40, 220))]):
+        Image.new("RGB", (12, 10), rgb).save(tmp_path / f"cond{i}.png")
+        rows.append({"prompt": f"a {color} ball rolling", "condition_image": f"cond{i}.png"})
+    prompts = tmp_path / "i2v.jsonl"
+    prompts.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    cfg = config_from_dict(
+        {
+            "model": {"kind": "tiny_flow", "height": 16, "width": 16, "num_frames": 3},
+            "rewards": {"endpoints": [{"target": server, "reward": "color_video"}]},
+            "sampling": {"num_steps": 4, "eta": 0.7, "group_size": 4, "prompts_per_step": 2},
+            "train": {"learning_rate": 1e-3, "micro_batch_size": 8},
+            "data": {"train_prompts": str(prompts)},
+            "run": {"output_dir": str(tmp_path / "run"), "progress": False},
+        }
+    )
+    policy = TinyI2VPolicy()
+    scorer = RecordingScorer(cfg.rewards.endpoints)
+    trainer = Trainer(cfg, policy=policy, scorer=scorer)
+    initial = trainable_state(trainer)
+    try:
+        record = trainer.train_step()
+        path = trainer.save()
+    finally:
+        trainer.close()
+    frames = np.concatenate([s[0] for s in scorer.sent])
+    cond = np.concatenate([s[2] for s in scorer.sent])
+    sent_prompts = [p for s in scorer.sent for p in s[1]]
+    assert frames.shape == (8, 3, 16, 16, 3) and frames.dtype == np.uint8
+    assert cond.shape == (8, 10, 12, 3)
+    # Each sample travelled with its own prompt's conditioning image.
+    for p, c in zip(sent_prompts, cond, strict=True):
+        assert tuple(c[0, 0]) == ((200, 30, 30) if "red" in p else (20, 40, 220))
+    from dancegrpo_proto import RewardClient
+    from dancegrpo_proto.v1 import rewards_pb2
+
+    with RewardClient(server) as client:
+        info = {r.name: r for r in client.list_rewards()}["color_video"]
+        direct = client.score("color_video", videos=frames, prompts=sent_prompts)["score"]
+    assert info.modality == rewards_pb2.MODALITY_VIDEO
+    assert record["reward/color_video/score_mean"] == pytest.approx(float(direct.mean()), 1e-6)
+    assert record["grad_norm"] > 0
+    live = trainable_state(trainer)
+    assert all(not torch.equal(live[k], v) for k, v in initial.items())
+    assert (path / "model.safetensors").is_file()

@@ -58,8 +58,8 @@ format: $(STAMP) ## ruff fix + format
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-bench: $(STAMP) ## Side-by-side ratio benchmarks -> benchmarks/RESULTS.md
-	$(PY) benchmarks/run_all.py
+bench: $(STAMP) ## Side-by-side ratio benchmarks -> benchmarks/RESULTS.md (ARGS="--only p4")
+	$(PY) benchmarks/run_all.py $(ARGS)
 
 clean: ## Remove build artefacts (keeps .venv)
 	rm -rf build dist .pytest_cache .ruff_cache runs

@@ -100,6 +100,12 @@ def record(key: str, value: float, goal: str, met: bool, details: dict[str, Any]
     return entry
 
 
+def latest_entries() -> dict[str, dict[str, Any]]:
+    """The newest ``results.json`` entry of every key."""
+    history = json.loads(RESULTS_JSON.read_text()) if RESULTS_JSON.exists() else []
+    return {entry["key"]: entry for entry in history}
+
+
 def write_table(entries: list[dict[str, Any]], path: Path = RESULTS_MD) -> None:
     """Replaces the generated block of ``RESULTS.md`` with a table of ``entries``."""
     begin, end = "<!-- bench:begin -->", "<!-- bench:end -->"

@@ -1,11 +1,15 @@
 """``make bench``: every side-by-side ratio benchmark, then the table in RESULTS.md.
 
+    python benchmarks/run_all.py [--only serving|p3|p4|p5 ...]
+
 Appends each figure to ``benchmarks/results.json`` and rewrites the generated table in
-``benchmarks/RESULTS.md``. About 3 minutes on 2 CPU cores.
+``benchmarks/RESULTS.md`` (with ``--only``, the other rows keep their latest recorded
+entry). About 3 minutes on 2 CPU cores.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import time
@@ -16,13 +20,29 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import bench_serving  # noqa: E402
 import bench_trainer  # noqa: E402
-from common import write_table  # noqa: E402
+from common import latest_entries, write_table  # noqa: E402
+
+# Benchmarks by name; "serving" measures p1, p1b and p2 against one set of servers.
+BENCHMARKS = {
+    "serving": lambda: bench_serving.run(),
+    "p3": lambda: [bench_trainer.bench_p3(8)],
+    "p4": lambda: [bench_trainer.bench_p4()],
+    "p5": lambda: [bench_trainer.bench_p5(8)],
+}
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="side-by-side ratio benchmarks")
+    parser.add_argument("--only", nargs="+", choices=sorted(BENCHMARKS), default=None)
+    args = parser.parse_args(argv)
     start = time.perf_counter()
-    entries = bench_serving.run() + bench_trainer.run()
-    write_table(entries)
+    entries = [e for name in (args.only or BENCHMARKS) for e in BENCHMARKS[name]()]
+    if args.only:
+        table = latest_entries()  # includes the entries just recorded
+        entries_in_table = [table[k] for k in sorted(table)]
+    else:
+        entries_in_table = entries
+    write_table(entries_in_table)
     missed = [e["key"] for e in entries if not e["met"]]
     print(
         f"\n{len(entries)} benchmarks in {time.perf_counter() - start:.0f} s; "

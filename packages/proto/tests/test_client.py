@@ -186,3 +186,13 @@ def test_importing_the_client_does_not_import_torch():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     )
     assert result.stdout.strip() == "False"
+
+
+def test_column_lengths_are_checked_before_chunking():
+    # 3 samples in chunks of 2: prompts[2:4] has 1 entry like media[2:3], so only the
+    # whole-call check sees that there are 4 prompts for 3 images.
+    with (
+        RewardClient("127.0.0.1:1", chunk_size=2) as client,
+        pytest.raises(ValueError, match="prompts has 4 entries but there are 3 samples"),
+    ):
+        client.score("r", images=np.zeros((3, 4, 4, 3), np.uint8), prompts=["a"] * 4)

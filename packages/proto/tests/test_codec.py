@@ -130,3 +130,66 @@ def test_outputs_round_trip_through_response():
     for name in outputs:
         np.testing.assert_array_equal(decoded[name], outputs[name])
         assert decoded[name].dtype == np.float32
+
+
+def _png_of_size(height, width):
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height)).save(buffer, format="PNG")  # black: a few KB at most
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def decoded_sizes(monkeypatch):
+    """Records the (height, width) of every image PIL actually decodes (loads pixels of)."""
+    from PIL import ImageFile
+
+    sizes = []
+    load = ImageFile.ImageFile.load
+
+    def recording_load(self):
+        sizes.append((self.height, self.width))
+        return load(self)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", recording_load)
+    return sizes
+
+
+def _limit(max_side):
+    def check_shape(shape, field):
+        if max(shape[-3:-1]) > max_side:
+            raise codec.CodecError(field, f"{list(shape)} exceeds {max_side}")
+
+    return check_shape
+
+
+def test_every_frame_header_is_checked_before_any_frame_is_decoded(decoded_sizes):
+    small, big = _png_of_size(4, 4), _png_of_size(3000, 3000)
+    media = pb.Media(encoded_frames=pb.EncodedFrames(frames=[small, small, big]))
+    with pytest.raises(codec.CodecError, match=r"frames\[2\]: frame size \[3000, 3000, 3\]"):
+        codec.decode_media(media, check_shape=_limit(64))
+    assert decoded_sizes == []  # nothing decoded, not even the valid frames 0 and 1
+    # Same-size oversized frames: the shape check sees [T, H, W, 3] from headers alone.
+    media = pb.Media(encoded_frames=pb.EncodedFrames(frames=[big, big]))
+    with pytest.raises(codec.CodecError, match=r"encoded_frames\.frames: \[2, 3000, 3000, 3\]"):
+        codec.decode_media(media, check_shape=_limit(64))
+    assert decoded_sizes == []
+    decoded = codec.decode_media(pb.Media(encoded_frames=pb.EncodedFrames(frames=[small] * 3)))
+    assert decoded.shape == (3, 4, 4, 3) and set(decoded_sizes) == {(4, 4)}
+
+
+def test_single_image_header_is_checked_before_decoding(decoded_sizes):
+    media = pb.Media(encoded_image=_png_of_size(3000, 20))
+    with pytest.raises(codec.CodecError, match=r"^media\.encoded_image: \[3000, 20, 3\]"):
+        codec.decode_media(media, check_shape=_limit(64))
+    assert codec.media_shape(media) == (3000, 20, 3)
+    assert decoded_sizes == []
+
+
+def test_media_kind_must_match_the_expected_rank():
+    frames = pb.Media(encoded_frames=pb.EncodedFrames(frames=[b"not even decodable"]))
+    with pytest.raises(codec.CodecError, match=r"^media\.encoded_frames: takes an image"):
+        codec.media_shape(frames, ndim=3)  # rejected before the bytes are looked at
+    raw = codec.encode_media(np.zeros((2, 4, 4, 3), np.uint8))
+    with pytest.raises(codec.CodecError, match=r"^media\.raw\.shape: takes a \[H, W, 3\] image"):
+        codec.decode_media(raw, ndim=3)
+    assert codec.decode_media(raw, ndim=4).shape == (2, 4, 4, 3)

@@ -91,3 +91,22 @@ def test_invalid_yaml_and_missing_file_report_the_path(tmp_path):
         load_config(bad)
     with pytest.raises(RewardConfigError, match="nope.yaml"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_request_limits_default_finite_and_a_request_must_fit_the_queue():
+    config = load_config({"rewards": {"a": {"kind": "brightness"}, "b": {"kind": "brightness",
+                          "max_queue_size": 64}}})  # fmt: skip
+    assert config.server.max_decoded_bytes == 2 * 1024**3
+    assert config.rewards["a"].max_samples_per_request == 256  # = max_queue_size
+    assert config.rewards["b"].max_samples_per_request == 64
+    bad = {"rewards": {"a": {"kind": "brightness", "max_samples_per_request": 300}}}
+    with pytest.raises(RewardConfigError) as info:
+        load_config(bad)
+    message = str(info.value)
+    assert message.startswith("rewards.a.max_samples_per_request: 300 exceeds")
+    assert "rewards.a.max_queue_size=256" in message
+    for key, value in (("max_samples_per_request", 0), ("max_queue_size", 0)):
+        with pytest.raises(RewardConfigError, match=f"rewards.a.{key}: must be >= 1"):
+            load_config({"rewards": {"a": {"kind": "brightness", key: value}}})
+    with pytest.raises(RewardConfigError, match="server.max_decoded_bytes: must be >= 1"):
+        load_config({"server": {"max_decoded_bytes": 0}, "rewards": {"a": {"kind": "brightness"}}})

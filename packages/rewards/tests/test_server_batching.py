@@ -136,3 +136,16 @@ def test_wrong_output_shape_is_internal_and_closed_batcher_is_unavailable():
         assert info.value.code == grpc.StatusCode.UNAVAILABLE
 
     _run(_with_batcher(Broken("p", {}), body))
+
+
+def test_an_empty_queue_rejects_a_request_larger_than_the_whole_queue():
+    async def body(batcher):
+        with pytest.raises(ScoreError) as info:
+            await batcher.submit(_batch(list(range(5))), None)  # queue is empty
+        assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "a request of 5 samples can never fit" in info.value.message
+        assert "max_queue_size 4" in info.value.message
+        return await batcher.submit(_batch(list(range(4))), None)  # a full queue's worth runs
+
+    out = _run(_with_batcher(ProbeReward("p", {}), body, max_queue_size=4, max_batch_size=2))
+    np.testing.assert_allclose(out["score"], np.arange(4) / 255, rtol=1e-6)

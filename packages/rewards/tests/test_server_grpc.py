@@ -22,7 +22,7 @@ from dancegrpo_rewards.registry import reward_class
 from dancegrpo_testing.servers import PROBE_KIND, running_reward_server
 
 CONFIG = {
-    "server": {"grace_period_s": 5},
+    "server": {"grace_period_s": 5, "max_decoded_bytes": 8 * 1024 * 1024},
     "rewards": {
         "color": {"kind": "color_match", "max_batch_size": 16, "max_queue_delay_ms": 2},
         "bright": {"kind": "brightness", "max_batch_size": 16, "max_queue_delay_ms": 2},
@@ -110,6 +110,11 @@ MALFORMED = [
     ("oversize png header",
      _request("small", pb.Sample(media=pb.Media(encoded_image=_png(_u8(100, 8, 3))))),
      "INVALID_ARGUMENT", r"samples\[0\]\.media\.encoded_image: height 100 exceeds max_height=64"),
+    ("decoded bytes over the server limit",  # 3 black 1024² PNGs: ~3 KB sent, 9.4 MB decoded
+     _request("bright", *[pb.Sample(media=pb.Media(encoded_image=_png(np.zeros((1024, 1024, 3),
+                                                                              np.uint8))))] * 3),
+     "INVALID_ARGUMENT", r"^samples: the request decodes to 9437184 bytes.*"
+                         r"max_decoded_bytes=8388608 \(server\.max_decoded_bytes\)"),
     ("missing media", _request("color", pb.Sample(prompt="red")),
      "INVALID_ARGUMENT", r"samples\[0\]\.media: required"),
     ("missing prompt", _request("color", _image_sample(prompt="")),

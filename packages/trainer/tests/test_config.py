@@ -81,3 +81,31 @@ def test_env_references_expand_with_defaults_and_name_the_field(monkeypatch) -> 
     assert expand_env("${DANCEGRPO_TEST_SET}/flux", "f") == "/w/flux"
     with pytest.raises(ConfigError, match="model.path: environment variable DANCEGRPO_TEST_UNSET"):
         expand_env("${DANCEGRPO_TEST_UNSET}/x", "model.path")
+
+
+def test_reward_endpoint_auth_and_tls_settings_are_checked(monkeypatch, tmp_path) -> None:
+    demo = ROOT / "configs/demo.yaml"
+    monkeypatch.delenv("DANCEGRPO_TEST_TOKEN", raising=False)
+    with pytest.raises(
+        ConfigError,
+        match=r"^rewards\.endpoints\[0\]\.token_env: environment variable "
+        "DANCEGRPO_TEST_TOKEN",
+    ):
+        load_config(demo, ["rewards.endpoints.0.token_env=DANCEGRPO_TEST_TOKEN"])
+    with pytest.raises(ConfigError, match=r"^rewards\.endpoints\[0\]\.token_env: must name"):
+        load_config(demo, ["rewards.endpoints.0.token_env=not-a-name"])
+    monkeypatch.setenv("DANCEGRPO_TEST_TOKEN", "s3cret")
+    cfg = load_config(demo, ["rewards.endpoints.0.token_env=DANCEGRPO_TEST_TOKEN"])
+    assert cfg.rewards.endpoints[0].token_env == "DANCEGRPO_TEST_TOKEN"
+    missing = tmp_path / "nope.pem"
+    for key in ("tls_ca", "tls_cert", "tls_key"):
+        with pytest.raises(
+            ConfigError, match=rf"^rewards\.endpoints\[0\]\.{key}: file not found: {missing}"
+        ):
+            load_config(demo, [f"rewards.endpoints.0.{key}={missing}"])
+    pem = tmp_path / "x.pem"
+    pem.write_text("pem")
+    with pytest.raises(ConfigError, match=r"^rewards\.endpoints\[0\]\.tls_cert: .*go together"):
+        load_config(demo, [f"rewards.endpoints.0.tls_cert={pem}"])
+    cfg = load_config(demo, [f"rewards.endpoints.0.tls_{k}={pem}" for k in ("ca", "cert", "key")])
+    assert cfg.rewards.endpoints[0].tls_key == str(pem)

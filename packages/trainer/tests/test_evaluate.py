@@ -191,3 +191,28 @@ def test_sampling_is_deterministic():
     b = ev.generate(policy, prompts, samples_per_prompt=3, num_steps=3, seed=5)
     np.testing.assert_array_equal(a, b)
     assert a.shape == (3, 16, 16, 3) and a.dtype == np.uint8
+
+
+def test_evaluation_connects_like_training_comma_separated_replicas(tmp_path, monkeypatch):
+    import dancegrpo_proto
+
+    made = []
+
+    class RecordingClient:
+        def __init__(self, targets, **kwargs):
+            made.append(targets)
+
+        def score(self, reward, *, prompts, images, **kwargs):
+            return {"score": np.zeros(len(images), np.float32)}
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(dancegrpo_proto, "RewardClient", RecordingClient)
+    torch.manual_seed(0)
+    policy = TinyFlowPolicy(16, 16, latent_size=4, channels=8, embed_dim=16, num_blocks=1)
+    spec = ev.RewardSpec("s", "h1:50051, h2:50051", "brightness")
+    ev.evaluate_policies(
+        {"base": policy, "tuned": policy}, [ev.EvalPrompt("a")], [spec], tmp_path, num_steps=2
+    )
+    assert made == [["h1:50051", "h2:50051"]]  # one client, one channel per replica

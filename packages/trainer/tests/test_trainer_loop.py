@@ -137,3 +137,45 @@ def test_reward_outage_raises_naming_the_endpoint(tmp_path: Path):
     with pytest.raises(RewardScoringError, match=f"'color_match' at {target}"):
         trainer.train_step()
     trainer.close()
+
+
+def test_scorer_authenticates_with_the_endpoint_token(tmp_path: Path, monkeypatch):
+    import numpy as np
+
+    from dancegrpo_testing.servers import running_reward_server
+    from dancegrpo_trainer.scoring import RewardScorer
+
+    server_config = {
+        "server": {"auth": {"token_env": "TEST_REWARD_TOKEN"}},
+        "rewards": {"color_match": {"kind": "color_match"}},
+    }
+    frames = np.zeros((2, 8, 8, 3), np.uint8)
+    frames[..., 0] = 255
+    prompts = ["a red square", "a blue square"]
+    with running_reward_server(
+        server_config, env={"TEST_REWARD_TOKEN": "s3cret"}, metrics=False
+    ) as server:
+        monkeypatch.setenv("TRAINER_REWARD_TOKEN", "s3cret")
+        cfg = small_config(
+            server.target, tmp_path, "rewards.endpoints.0.token_env=TRAINER_REWARD_TOKEN"
+        )
+        scorer = RewardScorer(cfg.rewards.endpoints)
+        try:
+            scorer.wait_until_ready(30)
+            scores = scorer.submit(frames, prompts).result()
+        finally:
+            scorer.close()
+        np.testing.assert_allclose(
+            scores.terms["color_match/score"], [1.0, 1 - np.sqrt(2 / 3)], rtol=1e-5
+        )
+
+        cfg = small_config(server.target, tmp_path)  # no token_env
+        scorer = RewardScorer(cfg.rewards.endpoints)
+        try:
+            with pytest.raises(
+                RewardScoringError,
+                match=f"'color_match' at {server.target}.*UNAUTHENTICATED.*set the endpoint's token_env",
+            ):
+                scorer.submit(frames, prompts).result()
+        finally:
+            scorer.close()

@@ -226,13 +226,10 @@ class RewardClient:
         n = len(media)
         if n == 0:
             raise ValueError("no samples to score")
-        for name, column in (
-            ("prompts", prompts),
-            ("condition_images", condition_images),
-            ("metadata", metadata),
-        ):
-            if column is not None and len(column) != n:
-                raise ValueError(f"{name} has {len(column)} entries but there are {n} samples")
+        # Checked before chunking: a chunk of a too-long column could still match its media.
+        codec.check_columns(
+            n, prompts=prompts, condition_images=condition_images, metadata=metadata
+        )
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         chunk = self.chunk_size or n
         requests = []

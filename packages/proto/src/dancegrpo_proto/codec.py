@@ -15,8 +15,9 @@ the returned arrays are read-only views of the message bytes.
 
 from __future__ import annotations
 
+import contextlib
 import io
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence, Sized
 from typing import Any, Literal
 
 import numpy as np
@@ -133,6 +134,13 @@ def metadata_to_proto(metadata: Mapping[str, Any], field: str = "metadata") -> p
     return message
 
 
+def check_columns(n: int, **columns: Sized | None) -> None:
+    """Raises ``ValueError`` if a per-sample column (``prompts=``, ...) has not ``n`` entries."""
+    for name, column in columns.items():
+        if column is not None and len(column) != n:
+            raise ValueError(f"{name} has {len(column)} entries but there are {n} samples")
+
+
 def build_score_request(
     reward: str,
     media: Sequence[np.ndarray] | np.ndarray,
@@ -149,13 +157,7 @@ def build_score_request(
     when the lengths of ``prompts``/``condition_images``/``metadata`` differ from the media's.
     """
     n = len(media)
-    for name, column in (
-        ("prompts", prompts),
-        ("condition_images", condition_images),
-        ("metadata", metadata),
-    ):
-        if column is not None and len(column) != n:
-            raise ValueError(f"{name} has {len(column)} entries but there are {n} samples")
+    check_columns(n, prompts=prompts, condition_images=condition_images, metadata=metadata)
     request = pb.ScoreRequest(reward=reward, request_id=request_id)
     for i in range(n):
         sample = request.samples.add()
@@ -191,28 +193,92 @@ def response_to_numpy(response: pb.ScoreResponse) -> dict[str, np.ndarray]:
 # ---------------------------------------------------------------------------- decoding
 
 
-def decode_media(media: pb.Media, field: str = "media") -> np.ndarray:
-    """``Media`` → ``uint8`` frames (``[H, W, 3]`` or ``[T, H, W, 3]``); raises ``CodecError``."""
+#: ``check_shape(shape, field)`` hook of ``media_shape``/``decode_media``: raises
+#: ``CodecError`` to reject a shape (size limits, ...) before any pixel is decoded.
+ShapeCheck = Callable[[tuple[int, ...], str], None]
+
+
+def media_shape(
+    media: pb.Media,
+    field: str = "media",
+    *,
+    ndim: int | None = None,
+    check_shape: ShapeCheck | None = None,
+) -> tuple[int, ...]:
+    """The shape ``media`` decodes to, read from the raw shape or the PNG/JPEG headers of
+    *every* frame, without decoding any pixels.
+
+    Checks the kind is set, ``ndim`` (3: image, 4: video) when given, the byte format, that
+    a video has frames and that all frames have frame 0's size; then calls
+    ``check_shape(shape, field)`` with the field the shape came from (``media.raw.shape``,
+    ``media.encoded_image`` or ``media.encoded_frames.frames``). Raises ``CodecError``.
+    """
     which = media.WhichOneof("kind")
     if which is None:
         raise CodecError(field, "no media set (need raw, encoded_image or encoded_frames)")
     if which == "raw":
+        shape_field = f"{field}.raw.shape"
+        shape = raw_shape(media.raw, f"{field}.raw")
+        if ndim is not None and len(shape) != ndim:
+            raise CodecError(shape_field, f"takes a {_WANT[ndim]}, got shape {list(shape)}")
+    elif which == "encoded_image":
+        shape_field = f"{field}.encoded_image"
+        if ndim == 4:
+            raise CodecError(shape_field, "takes a video; send encoded_frames or raw")
+        shape = (*encoded_image_size(media.encoded_image, shape_field), 3)
+    else:
+        shape_field = f"{field}.encoded_frames.frames"
+        if ndim == 3:
+            raise CodecError(f"{field}.encoded_frames", "takes an image; send encoded_image or raw")
+        frames = media.encoded_frames.frames
+        if not frames:
+            raise CodecError(shape_field, "a video needs at least one frame")
+        first = encoded_image_size(frames[0], f"{shape_field}[0]")
+        for t in range(1, len(frames)):
+            size = encoded_image_size(frames[t], f"{shape_field}[{t}]")
+            if size != first:
+                raise CodecError(
+                    f"{shape_field}[{t}]",
+                    f"frame size {[*size, 3]} differs from frame 0 {[*first, 3]}",
+                )
+        shape = (len(frames), *first, 3)
+    if check_shape is not None:
+        check_shape(shape, shape_field)
+    return shape
+
+
+def decoded_nbytes(shape: Sequence[int]) -> int:
+    """Bytes of the ``uint8`` array a media of ``shape`` decodes to."""
+    return int(np.prod(shape, dtype=np.int64))
+
+
+def decode_media(
+    media: pb.Media,
+    field: str = "media",
+    *,
+    ndim: int | None = None,
+    check_shape: ShapeCheck | None = None,
+) -> np.ndarray:
+    """``Media`` → ``uint8`` frames (``[H, W, 3]`` or ``[T, H, W, 3]``); raises ``CodecError``.
+
+    Every header is validated by ``media_shape`` (with ``ndim``/``check_shape``) before any
+    frame is decoded, so a size limit in ``check_shape`` bounds the memory decoding takes.
+    Raw media is a zero-copy read-only view; encoded video frames decode into one array.
+    """
+    shape = media_shape(media, field, ndim=ndim, check_shape=check_shape)
+    which = media.WhichOneof("kind")
+    if which == "raw":
         return decode_raw(media.raw, f"{field}.raw")
     if which == "encoded_image":
-        return decode_image_bytes(media.encoded_image, f"{field}.encoded_image")
+        return _decode_image(media.encoded_image, f"{field}.encoded_image", shape)
     frames_field = f"{field}.encoded_frames.frames"
-    if not media.encoded_frames.frames:
-        raise CodecError(frames_field, "a video needs at least one frame")
-    frames = []
+    out = np.empty(shape, dtype=np.uint8)
     for t, data in enumerate(media.encoded_frames.frames):
-        frame = decode_image_bytes(data, f"{frames_field}[{t}]")
-        if frames and frame.shape != frames[0].shape:
-            raise CodecError(
-                f"{frames_field}[{t}]",
-                f"frame size {list(frame.shape)} differs from frame 0 {list(frames[0].shape)}",
-            )
-        frames.append(frame)
-    return np.stack(frames)
+        out[t] = _decode_image(data, f"{frames_field}[{t}]", shape[1:])
+    return out
+
+
+_WANT = {3: "[H, W, 3] image", 4: "[T, H, W, 3] video"}
 
 
 def raw_shape(raw: pb.RawFrames, field: str = "media.raw") -> tuple[int, ...]:
@@ -228,7 +294,7 @@ def raw_shape(raw: pb.RawFrames, field: str = "media.raw") -> tuple[int, ...]:
 def decode_raw(raw: pb.RawFrames, field: str = "media.raw") -> np.ndarray:
     """``RawFrames`` → read-only ``uint8`` view with the declared shape."""
     shape = raw_shape(raw, field)
-    expected = int(np.prod(shape, dtype=np.int64))
+    expected = decoded_nbytes(shape)
     if len(raw.data) != expected:
         raise CodecError(
             f"{field}.data",
@@ -237,23 +303,9 @@ def decode_raw(raw: pb.RawFrames, field: str = "media.raw") -> np.ndarray:
     return np.frombuffer(raw.data, dtype=np.uint8).reshape(shape)
 
 
-def encoded_image_size(data: bytes, field: str) -> tuple[int, int]:
-    """``(height, width)`` of a PNG/JPEG from its header (cheap: no pixel decoding)."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            if image.format not in ("PNG", "JPEG"):
-                raise CodecError(field, f"must be PNG or JPEG, got {image.format}")
-            return image.height, image.width
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        if isinstance(exc, CodecError):
-            raise
-        raise CodecError(field, f"not a decodable PNG or JPEG ({exc})") from None
-
-
-def decode_image_bytes(data: bytes, field: str) -> np.ndarray:
-    """PNG/JPEG bytes → ``uint8 [H, W, 3]`` RGB (alpha dropped, palettes expanded)."""
+@contextlib.contextmanager
+def _open_image(data: bytes, field: str) -> Iterator[Any]:
+    """Opens PNG/JPEG bytes lazily (header only); errors become ``CodecError``."""
     from PIL import Image, UnidentifiedImageError
 
     if not data:
@@ -262,11 +314,30 @@ def decode_image_bytes(data: bytes, field: str) -> np.ndarray:
         with Image.open(io.BytesIO(data)) as image:
             if image.format not in ("PNG", "JPEG"):
                 raise CodecError(field, f"must be PNG or JPEG, got {image.format}")
-            return np.asarray(image.convert("RGB"), dtype=np.uint8)
+            yield image
     except CodecError:
         raise
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
         raise CodecError(field, f"not a decodable PNG or JPEG ({exc})") from None
+
+
+def encoded_image_size(data: bytes, field: str) -> tuple[int, int]:
+    """``(height, width)`` of a PNG/JPEG from its header (cheap: no pixel decoding)."""
+    with _open_image(data, field) as image:
+        return image.height, image.width
+
+
+def decode_image_bytes(data: bytes, field: str) -> np.ndarray:
+    """PNG/JPEG bytes → ``uint8 [H, W, 3]`` RGB (alpha dropped, palettes expanded)."""
+    return _decode_image(data, field, None)
+
+
+def _decode_image(data: bytes, field: str, expect: Sequence[int] | None) -> np.ndarray:
+    with _open_image(data, field) as image:
+        if expect is not None and (image.height, image.width, 3) != tuple(expect):
+            # Cannot happen for bytes media_shape read; guards against decoding other bytes.
+            raise CodecError(field, f"size {[image.height, image.width, 3]} != {list(expect)}")
+        return np.asarray(image.convert("RGB"), dtype=np.uint8)
 
 
 def metadata_to_dict(metadata: pb.SampleMetadata) -> dict[str, Any]:

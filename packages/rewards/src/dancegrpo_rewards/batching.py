@@ -8,8 +8,10 @@ the outputs are split back in request order.
 - A request larger than ``max_batch_size`` is split into chunks of at most that size which
   queue (and may merge with other requests) like ordinary requests; its outputs are
   reassembled in order. It fails as a whole if any chunk fails.
-- ``max_queue_size`` counts queued samples. A request that would push a non-empty queue
-  past it is rejected at once with ``RESOURCE_EXHAUSTED``; an empty queue admits any request.
+- ``max_queue_size`` counts queued samples. A request that would push the queue past it is
+  rejected at once with ``RESOURCE_EXHAUSTED`` (one larger than the whole queue always is;
+  the server's config caps ``max_samples_per_request`` at ``max_queue_size``, so it rejects
+  such requests earlier with ``INVALID_ARGUMENT``).
 - Requests whose deadline has passed, or whose caller cancelled, are dropped before running.
 - If a merged batch raises, each request in it is re-run alone so only the culprit fails.
 """
@@ -131,7 +133,14 @@ class DynamicBatcher:
         if self._closing:
             raise ScoreError(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
         n = len(batch)
-        if self._queued_samples and self._queued_samples + n > self.max_queue_size:
+        if n > self.max_queue_size:
+            raise ScoreError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"reward {self.name!r}: a request of {n} samples can never fit its queue "
+                f"(max_queue_size {self.max_queue_size}); send at most {self.max_queue_size} "
+                "samples per request",
+            )
+        if self._queued_samples + n > self.max_queue_size:
             raise ScoreError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"reward {self.name!r} queue is full ({self._queued_samples} samples queued, "

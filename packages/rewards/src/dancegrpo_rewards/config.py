@@ -11,6 +11,7 @@ Schema (every key documented in docs/serving.md)::
       log_format: text           # or json (one JSON object per line)
       log_level: INFO
       decode_workers: 4          # threads decoding PNG/JPEG requests
+      max_decoded_bytes: 2147483648  # most decoded pixel bytes per request (headers, pre-decode)
       tls: {cert: server.pem, key: server.key, client_ca: ca.pem}   # client_ca → mTLS
       auth: {token_env: DANCEGRPO_REWARDS_TOKEN}
     rewards:
@@ -19,7 +20,7 @@ Schema (every key documented in docs/serving.md)::
         max_batch_size: 32
         max_queue_delay_ms: 5
         max_queue_size: 256
-        max_samples_per_request: 0   # 0 = no limit
+        max_samples_per_request: 256 # default: max_queue_size; at most max_queue_size
         max_height: 4096
         max_width: 4096
         max_frames: 1024
@@ -44,6 +45,7 @@ import yaml
 from dancegrpo_rewards.base import RewardConfigError
 
 DEFAULT_MAX_MESSAGE_BYTES = 512 * 1024 * 1024
+DEFAULT_MAX_DECODED_BYTES = 2 * 1024 * 1024 * 1024
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 #: Option keys treated as file paths that must exist (besides ``arch`` ending in ``.json``).
@@ -108,6 +110,7 @@ class ServerConfig:
     log_format: str = "text"
     log_level: str = "INFO"
     decode_workers: int = 4
+    max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES
     tls: TLSConfig | None = None
     auth: AuthConfig | None = None
 
@@ -133,18 +136,21 @@ class ServerConfig:
                 f"must be DEBUG, INFO, WARNING or ERROR, got {self.log_level!r}",
             )
         _check_int("server.decode_workers", self.decode_workers, 1)
+        _check_int("server.max_decoded_bytes", self.max_decoded_bytes, 1)
 
 
 @dataclasses.dataclass(frozen=True)
 class RewardSpec:
-    """One hosted reward (an entry of ``rewards:``); 0 in a ``max_*`` limit means no limit."""
+    """One hosted reward (an entry of ``rewards:``); 0 in ``max_height``/``max_width``/
+    ``max_frames`` means no limit. ``max_samples_per_request`` defaults to ``max_queue_size``
+    and may not exceed it (so every accepted request fits in the queue)."""
 
     name: str
     kind: str
     max_batch_size: int = 32
     max_queue_delay_ms: float = 5.0
     max_queue_size: int = 256
-    max_samples_per_request: int = 0
+    max_samples_per_request: int | None = None  # None → max_queue_size
     max_height: int = 4096
     max_width: int = 4096
     max_frames: int = 1024
@@ -160,7 +166,17 @@ class RewardSpec:
         _check_int(f"{prefix}.max_batch_size", self.max_batch_size, 1)
         _check_number(f"{prefix}.max_queue_delay_ms", self.max_queue_delay_ms, 0)
         _check_int(f"{prefix}.max_queue_size", self.max_queue_size, 1)
-        for key in ("max_samples_per_request", "max_height", "max_width", "max_frames"):
+        if self.max_samples_per_request is None:
+            object.__setattr__(self, "max_samples_per_request", self.max_queue_size)
+        _check_int(f"{prefix}.max_samples_per_request", self.max_samples_per_request, 1)
+        if self.max_samples_per_request > self.max_queue_size:
+            raise _fail(
+                f"{prefix}.max_samples_per_request",
+                f"{self.max_samples_per_request} exceeds {prefix}.max_queue_size="
+                f"{self.max_queue_size}; a request must fit in the queue (raise "
+                "max_queue_size or lower max_samples_per_request)",
+            )
+        for key in ("max_height", "max_width", "max_frames"):
             _check_int(f"{prefix}.{key}", getattr(self, key), 0)
         _check_int(f"{prefix}.min_size", self.min_size, 1)
         if not isinstance(self.options, Mapping):

@@ -73,7 +73,8 @@ def build_rewards(config: ServiceConfig) -> dict[str, HostedReward]:
         except KeyError as exc:
             raise RewardConfigError(f"rewards.{name}.kind: {exc.args[0]}") from None
         reward = cls(name, spec.options)
-        hosted[name] = HostedReward(spec=spec, reward=reward, decoder=RequestDecoder(reward, spec))
+        decoder = RequestDecoder(reward, spec, max_decoded_bytes=config.server.max_decoded_bytes)
+        hosted[name] = HostedReward(spec=spec, reward=reward, decoder=decoder)
     return hosted
 
 

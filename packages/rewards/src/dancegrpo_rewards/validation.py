@@ -40,14 +40,27 @@ def has_encoded_media(request: pb.ScoreRequest) -> bool:
 
 
 class RequestDecoder:
-    """Checks requests for one hosted reward against its limits and declared needs."""
+    """Checks requests for one hosted reward against its limits and declared needs.
 
-    def __init__(self, reward: Reward, spec: RewardSpec) -> None:
+    Args:
+        reward, spec: the hosted reward and its config entry (per-sample limits).
+        max_decoded_bytes: most bytes of decoded pixels one request may need
+            (``server.max_decoded_bytes``); ``None`` = no limit.
+    """
+
+    def __init__(
+        self, reward: Reward, spec: RewardSpec, *, max_decoded_bytes: int | None = None
+    ) -> None:
         self.reward = reward
         self.spec = spec
+        self.max_decoded_bytes = max_decoded_bytes
 
     def decode(self, request: pb.ScoreRequest) -> RewardBatch:
-        """Validated, decoded samples of ``request``; raises ``SampleError``/``RequestError``."""
+        """Validated, decoded samples of ``request``; raises ``SampleError``/``RequestError``.
+
+        Two passes: every sample is checked from its raw shapes and PNG/JPEG headers and
+        the request's total decoded size is bounded before any pixel is decoded.
+        """
         n = len(request.samples)
         if n == 0:
             raise RequestError("samples", "a request needs at least one sample")
@@ -56,87 +69,78 @@ class RequestDecoder:
             raise RequestError(
                 "samples", f"{n} samples exceed max_samples_per_request={limit} of this reward"
             )
+        total = sum(self.check_sample(i, sample) for i, sample in enumerate(request.samples))
+        if self.max_decoded_bytes is not None and total > self.max_decoded_bytes:
+            raise RequestError(
+                "samples",
+                f"the request decodes to {total} bytes of pixels, above the server's limit "
+                f"max_decoded_bytes={self.max_decoded_bytes} (server.max_decoded_bytes); "
+                "send fewer or smaller samples per request",
+            )
         prompts, media, conditions, metadata = [], [], [], []
         for i, sample in enumerate(request.samples):
-            prompt, frames, condition, meta = self.decode_sample(i, sample)
+            prompt, frames, condition, meta = self._decode_checked(i, sample)
             prompts.append(prompt)
             media.append(frames)
             conditions.append(condition)
             metadata.append(meta)
         return RewardBatch(prompts, media, conditions, metadata)
 
-    def decode_sample(
-        self, index: int, sample: pb.Sample
-    ) -> tuple[str, np.ndarray, np.ndarray | None, dict[str, Any] | None]:
-        """One sample → ``(prompt, frames, condition image or None, metadata or None)``."""
+    def check_sample(self, index: int, sample: pb.Sample) -> int:
+        """Checks one sample without decoding pixels; returns the bytes it decodes to."""
         reward = self.reward
         prompt = sample.prompt
         if reward.requires_prompt and not prompt.strip():
             raise SampleError(index, "prompt", f"required by reward {reward.name!r}")
         if len(prompt) > MAX_PROMPT_CHARS:
             raise SampleError(index, "prompt", f"longer than {MAX_PROMPT_CHARS} characters")
-
         if not sample.HasField("media"):
             raise SampleError(index, "media", "required")
-        frames = self._decode_media(index, sample.media, "media", video=reward.modality == "video")
+        if not sample.HasField("condition_image") and reward.requires_condition_image:
+            raise SampleError(index, "condition_image", f"required by reward {reward.name!r}")
+        if not sample.HasField("metadata") and reward.requires_metadata:
+            raise SampleError(index, "metadata", f"required by reward {reward.name!r}")
+        media = [(sample.media, "media", 4 if reward.modality == "video" else 3)]
+        if sample.HasField("condition_image"):
+            media.append((sample.condition_image, "condition_image", 3))
+        try:
+            return sum(
+                codec.decoded_nbytes(
+                    codec.media_shape(m, field, ndim=ndim, check_shape=self._check_size)
+                )
+                for m, field, ndim in media
+            )
+        except codec.CodecError as exc:
+            raise SampleError(index, exc.field, exc.message) from None
 
+    def decode_sample(
+        self, index: int, sample: pb.Sample
+    ) -> tuple[str, np.ndarray, np.ndarray | None, dict[str, Any] | None]:
+        """One sample → ``(prompt, frames, condition image or None, metadata or None)``."""
+        self.check_sample(index, sample)
+        return self._decode_checked(index, sample)
+
+    def _decode_checked(
+        self, index: int, sample: pb.Sample
+    ) -> tuple[str, np.ndarray, np.ndarray | None, dict[str, Any] | None]:
+        # decode_media re-reads every header (cheap) and re-checks it before decoding.
+        reward = self.reward
+        frames = self._decode_media(index, sample.media, "media", video=reward.modality == "video")
         condition = None
         if sample.HasField("condition_image"):
             condition = self._decode_media(
                 index, sample.condition_image, "condition_image", video=False
             )
-        elif reward.requires_condition_image:
-            raise SampleError(index, "condition_image", f"required by reward {reward.name!r}")
-
         metadata = None
         if sample.HasField("metadata"):
             metadata = self._check_metadata(index, sample.metadata)
-        elif reward.requires_metadata:
-            raise SampleError(index, "metadata", f"required by reward {reward.name!r}")
-
-        reward.validate_sample(index, prompt, frames, metadata)
-        return prompt, frames, condition, metadata
+        reward.validate_sample(index, sample.prompt, frames, metadata)
+        return sample.prompt, frames, condition, metadata
 
     def _decode_media(self, index: int, media: pb.Media, field: str, *, video: bool) -> np.ndarray:
-        kind = media.WhichOneof("kind")
-        want = "[T, H, W, 3] video" if video else "[H, W, 3] image"
         try:
-            if kind == "raw":
-                shape = codec.raw_shape(media.raw, f"{field}.raw")
-                if len(shape) != (4 if video else 3):
-                    raise codec.CodecError(
-                        f"{field}.raw.shape",
-                        f"reward {self.reward.name!r} takes a {want}, got shape {list(shape)}",
-                    )
-                self._check_size(shape, f"{field}.raw.shape")
-                return codec.decode_raw(media.raw, f"{field}.raw")
-            if kind == "encoded_image":
-                if video:
-                    raise codec.CodecError(
-                        f"{field}.encoded_image",
-                        f"reward {self.reward.name!r} takes a video; send encoded_frames or raw",
-                    )
-                data = media.encoded_image
-                if not data:
-                    raise codec.CodecError(f"{field}.encoded_image", "empty image bytes")
-                height, width = codec.encoded_image_size(data, f"{field}.encoded_image")
-                self._check_size((height, width, 3), f"{field}.encoded_image")
-                return codec.decode_image_bytes(data, f"{field}.encoded_image")
-            if kind == "encoded_frames":
-                frames_field = f"{field}.encoded_frames.frames"
-                if not video:
-                    raise codec.CodecError(
-                        f"{field}.encoded_frames",
-                        f"reward {self.reward.name!r} takes an image; send encoded_image or raw",
-                    )
-                frames = media.encoded_frames.frames
-                if not frames:
-                    raise codec.CodecError(frames_field, "a video needs at least one frame")
-                height, width = codec.encoded_image_size(frames[0], f"{frames_field}[0]")
-                self._check_size((len(frames), height, width, 3), frames_field)
-                return codec.decode_media(media, field)
-            raise codec.CodecError(
-                field, "no media set (need raw, encoded_image or encoded_frames)"
+            return codec.decode_media(
+                media, field, ndim=4 if video else 3, check_shape=self._check_size
             )
         except codec.CodecError as exc:
             raise SampleError(index, exc.field, exc.message) from None

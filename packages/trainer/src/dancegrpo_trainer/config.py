@@ -87,6 +87,11 @@ class RewardEndpoint:
         threshold: if set, the term is binary: ``1`` where ``output >= threshold`` else ``0``.
         timeout_s: per-call deadline passed to the client.
         name: label used in metrics; defaults to ``reward/output``.
+        token_env: name of the environment variable holding the bearer token the server
+            expects (its ``server.auth.token_env``); ``None`` sends no token.
+        tls_ca: PEM CA bundle to verify the server's certificate; setting any ``tls_*``
+            connects with TLS (system roots when ``tls_ca`` is unset).
+        tls_cert, tls_key: PEM client certificate chain and private key, for mTLS.
     """
 
     target: str = ""
@@ -96,6 +101,10 @@ class RewardEndpoint:
     threshold: float | None = None
     timeout_s: float = 120.0
     name: str = ""
+    token_env: str | None = None
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
 
     @property
     def label(self) -> str:
@@ -107,6 +116,31 @@ class RewardEndpoint:
         _check(bool(self.output), f"{where}.output", "is required (e.g. 'score')")
         _check(self.weight > 0, f"{where}.weight", "must be > 0 (drop the entry to disable it)")
         _check(self.timeout_s > 0, f"{where}.timeout_s", "must be > 0")
+        if self.token_env is not None:
+            _check(
+                bool(re.fullmatch(r"[A-Za-z_]\w*", self.token_env)),
+                f"{where}.token_env",
+                f"must name an environment variable, got {self.token_env!r}",
+            )
+            _check(
+                bool(os.environ.get(self.token_env)),
+                f"{where}.token_env",
+                f"environment variable {self.token_env} (the bearer token) is not set or empty",
+            )
+        for key in ("tls_ca", "tls_cert", "tls_key"):
+            path = getattr(self, key)
+            if path is not None:
+                _check(Path(path).is_file(), f"{where}.{key}", f"file not found: {path}")
+        _check(
+            (self.tls_cert is None) == (self.tls_key is None),
+            f"{where}.tls_cert",
+            "tls_cert and tls_key go together (mTLS needs both)",
+        )
+
+    @property
+    def security(self) -> tuple[str | None, str | None, str | None, str | None]:
+        """``(token_env, tls_ca, tls_cert, tls_key)``: how a client connects to ``target``."""
+        return self.token_env, self.tls_ca, self.tls_cert, self.tls_key
 
 
 @dataclasses.dataclass
@@ -236,6 +270,10 @@ class TrainConfig:
             wait-for-all update's up to float summation order). ``rewards.advantage:
             per_prompt`` always waits for every reward (the tracker normalises over the
             global batch). ``false``: wait for every reward, then update.
+        fsdp: shard the trainable module's parameters, gradients and optimiser state
+            across ranks (FSDP2 ``fully_shard``, per block of ``Policy.fsdp_block_types``);
+            needs a distributed launch with more than one process. Trains exactly like
+            the unsharded run (same gradient, same checkpoints).
     """
 
     learning_rate: float = 1e-5
@@ -257,6 +295,7 @@ class TrainConfig:
     ema_decay: float = 0.0
     lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
     pipeline_update: bool = True
+    fsdp: bool = False
 
     def validate(self) -> None:
         _check(self.learning_rate > 0, "train.learning_rate", "must be > 0")
@@ -289,6 +328,18 @@ class TrainConfig:
         _check(0 <= self.ema_decay < 1, "train.ema_decay", "must be in [0, 1) (0 disables)")
         _check(self.lora.rank >= 0, "train.lora.rank", "must be >= 0 (0 = full fine-tune)")
         _check(0 <= self.lora.dropout < 1, "train.lora.dropout", "must be in [0, 1)")
+        if self.fsdp:
+            # EMA and the full-fine-tune KL reference swap weights by pointer (p.data = t),
+            # which is unsupported on sharded (DTensor) parameters.
+            why = "it swaps weights by pointer, which is unsupported on sharded parameters"
+            _check(self.ema_decay == 0, "train.ema_decay", f"must be 0 with train.fsdp: {why}")
+            _check(self.kl_coef == 0, "train.kl_coef", f"must be 0 with train.fsdp: {why}")
+            _check(
+                not self.lora.enabled,
+                "train.lora.rank",
+                "must be 0 with train.fsdp (LoRA under FSDP is untested); shard a full "
+                "fine-tune or use LoRA without FSDP",
+            )
 
 
 @dataclasses.dataclass
@@ -406,6 +457,18 @@ class GRPOConfig:
             "train.ema_decay",
             "EMA is for full fine-tuning; set it to 0 when train.lora.rank > 0",
         )
+        if self.train.fsdp:
+            # Every forward of a sharded module is a collective, so every rank must run the
+            # same number of micro-batches; they are cut at global multiples of
+            # micro_batch_size, which splits each rank's share evenly only if it divides
+            # the samples trained per prompt group.
+            per_group = bon.top_k + bon.bottom_k if bon.enabled else self.sampling.group_size
+            _check(
+                per_group % self.train.micro_batch_size == 0,
+                "train.micro_batch_size",
+                f"must divide the samples trained per prompt group ({per_group}) with "
+                "train.fsdp, so that every rank runs the same number of forward passes",
+            )
         return self
 
     def to_dict(self) -> dict[str, Any]:

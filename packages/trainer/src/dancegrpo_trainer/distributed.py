@@ -4,6 +4,8 @@ The trainer runs under ``torchrun`` or ``accelerate launch`` (one process per de
 Gradients are accumulated locally over every sample and timestep of a step and averaged
 across ranks once, right before clipping: the same arithmetic as DDP with ``no_sync`` on
 every micro-batch but the last, without requiring the policy to call a wrapped module.
+With ``train.fsdp`` the module is sharded in place instead (:func:`shard_module`): FSDP
+reduce-scatters the sharded gradients itself, and only unsharded ones are averaged here.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import DTensor
 
 
 def is_distributed() -> bool:
@@ -31,11 +35,12 @@ def average_gradients(params: Iterable[torch.nn.Parameter], bucket_numel: int = 
     """All-reduces ``p.grad`` to its mean over ranks, in flat buckets of ``bucket_numel``.
 
     A parameter without a gradient counts as a zero gradient, so every rank reduces the
-    same buckets in the same order.
+    same buckets in the same order. Sharded (FSDP, ``DTensor``) parameters are skipped:
+    their gradients were already averaged over ranks by FSDP's reduce-scatter.
     """
     if not is_distributed():
         return
-    params = [p for p in params if p.requires_grad]
+    params = [p for p in params if p.requires_grad and not isinstance(p, DTensor)]
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
@@ -60,6 +65,24 @@ def _reduce_bucket(grads: list[torch.Tensor], n: int) -> None:
     for g in grads:
         g.copy_(flat[offset : offset + g.numel()].view_as(g).to(g.dtype))
         offset += g.numel()
+
+
+def shard_module(module: nn.Module, block_types: tuple[type[nn.Module], ...]) -> None:
+    """Shards ``module`` in place with FSDP2 across all ranks: each submodule of a class in
+    ``block_types`` as its own unit, then ``module`` itself (everything else).
+
+    In place: the policy keeps calling its own module, whose parameters become ``DTensor``
+    shards gathered around each unit's forward and backward. Gradients are averaged over
+    ranks (FSDP's reduce-scatter), like :func:`average_gradients`. Call after LoRA,
+    gradient checkpointing and :func:`broadcast_parameters`, before building the optimiser.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    if block_types:
+        for sub in list(module.modules()):
+            if sub is not module and isinstance(sub, block_types):
+                fully_shard(sub)
+    fully_shard(module)
 
 
 def broadcast_parameters(module: torch.nn.Module) -> None:

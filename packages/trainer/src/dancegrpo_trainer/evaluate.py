@@ -317,9 +317,9 @@ def evaluate_policies(
 
     def default_client(target: str) -> Any:
         if target not in owned:
-            from dancegrpo_proto import RewardClient
+            from dancegrpo_trainer.scoring import make_reward_client
 
-            owned[target] = RewardClient(target)
+            owned[target] = make_reward_client(target)
         return owned[target]
 
     get_client = client_for or default_client

@@ -65,16 +65,24 @@ class MetricsLogger:
         """Drops records past ``step`` (a resumed run rewrites the steps it repeats)."""
         if not self.active or not self.path.is_file():
             return
-        keep = [
-            line
-            for line in self.path.read_text().splitlines()
-            if line.strip() and json.loads(line)["step"] <= step
-        ]
+        keep = [json.dumps(rec) for rec in read_metrics(self.path) if rec["step"] <= step]
         self.path.write_text("".join(line + "\n" for line in keep))
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl``, skipping blank lines and a line that does not
+    parse (the torn last line of a process killed mid-write, e.g. a preempted job)."""
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
 
 
 def _jsonable(v: Any) -> Any:
@@ -130,10 +138,7 @@ def plot_reward_curve(metrics_path: Path, out_path: Path) -> None:
     import matplotlib.pyplot as plt
 
     series: dict[str, tuple[list[int], list[float]]] = {"train": ([], []), "eval": ([], [])}
-    for line in metrics_path.read_text().splitlines():
-        if not line.strip():
-            continue
-        rec = json.loads(line)
+    for rec in read_metrics(metrics_path):
         if rec.get("split") in series and rec.get("reward_mean") is not None:
             series[rec["split"]][0].append(rec["step"])
             series[rec["split"]][1].append(rec["reward_mean"])

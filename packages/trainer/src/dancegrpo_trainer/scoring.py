@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import os
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from dancegrpo_trainer.config import RewardEndpoint, expand_env
+from dancegrpo_trainer.config import ConfigError, RewardEndpoint, expand_env
 
 
 class RewardScoringError(RuntimeError):
@@ -47,11 +49,34 @@ class Scores:
         )
 
 
-def _default_client_factory(target: str) -> Any:
+def make_reward_client(target: str, endpoint: RewardEndpoint | None = None) -> Any:
+    """The ``RewardClient`` the trainer and ``dancegrpo-eval`` use for ``target``.
+
+    ``target`` (already ``${ENV}``-expanded) may be a comma-separated list of replicas (one
+    channel each). ``endpoint`` adds its bearer token (``token_env``) and TLS files.
+    """
     from dancegrpo_proto import RewardClient
 
     targets = [t.strip() for t in target.split(",")] if "," in target else target
-    return RewardClient(targets)
+    kwargs: dict[str, Any] = {}
+    if endpoint is not None:
+        if endpoint.token_env is not None:
+            token = os.environ.get(endpoint.token_env)
+            if not token:
+                raise ConfigError(
+                    f"token_env: environment variable {endpoint.token_env} (the bearer token "
+                    f"for {target}) is not set or empty"
+                )
+            kwargs["token"] = token
+        for key, param in (
+            ("tls_ca", "root_certificates"),
+            ("tls_cert", "certificate_chain"),
+            ("tls_key", "private_key"),
+        ):
+            path = getattr(endpoint, key)
+            if path is not None:
+                kwargs[param] = Path(path).read_bytes()
+    return RewardClient(targets, **kwargs)
 
 
 class RewardScorer:
@@ -59,23 +84,32 @@ class RewardScorer:
 
     Args:
         endpoints: the reward terms (from ``rewards.endpoints``).
-        client_factory: builds a client for a target (tests may inject another
-            implementation of the ``RewardClient`` interface).
+        client_factory: ``(target, endpoint) -> client`` (default ``make_reward_client``;
+            tests may inject another implementation of the ``RewardClient`` interface).
+            Endpoints sharing a target must share its ``token_env``/``tls_*`` settings.
     """
 
     def __init__(
         self,
         endpoints: Sequence[RewardEndpoint],
-        client_factory: Callable[[str], Any] = _default_client_factory,
+        client_factory: Callable[[str, RewardEndpoint], Any] = make_reward_client,
     ) -> None:
         self.endpoints = list(endpoints)
         self._targets = {
             ep.label: expand_env(ep.target, f"rewards.endpoints[{i}].target")
             for i, ep in enumerate(self.endpoints)
         }
+        first: dict[str, tuple[int, RewardEndpoint]] = {}
+        for i, ep in enumerate(self.endpoints):
+            j, other = first.setdefault(self._targets[ep.label], (i, ep))
+            if ep.security != other.security:
+                raise ConfigError(
+                    f"rewards.endpoints[{i}]: token_env/tls_* differ from rewards.endpoints"
+                    f"[{j}] with the same target; one target has one connection"
+                )
         self._clients: dict[str, Any] = {}
-        for target in dict.fromkeys(self._targets.values()):
-            self._clients[target] = client_factory(target)
+        for target, (_, ep) in first.items():
+            self._clients[target] = client_factory(target, ep)
         # One call per (target, reward); each endpoint reads one output of it.
         self._calls: dict[tuple[str, str], list[RewardEndpoint]] = {}
         for ep in self.endpoints:
@@ -176,4 +210,10 @@ class PendingScores:
 
 
 def _describe(target: str, reward: str, error: BaseException) -> str:
-    return f"scoring with reward {reward!r} at {target} failed: {type(error).__name__}: {error}"
+    message = f"scoring with reward {reward!r} at {target} failed: {type(error).__name__}: {error}"
+    if getattr(getattr(error, "code", None), "name", None) == "UNAUTHENTICATED":
+        message += (
+            " (the server needs a bearer token: set the endpoint's token_env to the name of "
+            "the environment variable holding it)"
+        )
+    return message

@@ -4,7 +4,8 @@ One :class:`Trainer` per process. Under ``torchrun`` / ``accelerate launch`` ran
 takes the ``r``-th contiguous slice of the step's global prompt list (whole prompt groups,
 ``sampling.prompts_per_step`` each), rewards are gathered so that advantage statistics
 and logged metrics cover the global batch, gradients are averaged across ranks once per
-step, and rank 0 writes the run folder.
+step (or, with ``train.fsdp``, reduce-scattered into parameter shards), and rank 0 writes
+the run folder.
 
 Every random draw of step ``s`` comes from a generator seeded by ``(run.seed, s, what,
 global index)``: a group's initial noise by its global group index, a sample's SDE noise
@@ -30,7 +31,7 @@ from safetensors.torch import load_file
 
 from dancegrpo_trainer import distributed as dist_utils
 from dancegrpo_trainer.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
-from dancegrpo_trainer.config import GRPOConfig, expand_env
+from dancegrpo_trainer.config import ConfigError, GRPOConfig, expand_env
 from dancegrpo_trainer.core import (
     PerPromptStatTracker,
     best_of_n_indices,
@@ -117,6 +118,11 @@ class Trainer:
         self.cfg = cfg
         self.device = _init_distributed()
         self.rank, self.world = dist_utils.rank(), dist_utils.world_size()
+        if cfg.train.fsdp and self.world < 2:
+            raise ConfigError(
+                "train.fsdp: needs a distributed launch with more than one process "
+                f"(torchrun / accelerate launch); this run has {self.world}"
+            )
         self.run_dir = Path(cfg.run.output_dir)
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -140,14 +146,16 @@ class Trainer:
         if cfg.train.gradient_checkpointing:
             self.policy.enable_gradient_checkpointing()
         dist_utils.broadcast_parameters(module)
-        self.params = [p for p in module.parameters() if p.requires_grad]
         # model.dtype is for the frozen parts: trained weights stay float32 (master weights;
         # bf16 autocast does the compute on GPU). In bf16, AdamW steps of ~lr = 1e-5 round
         # away on almost every weight, so a bf16 full fine-tune would silently not train.
-        for p in self.params:
-            if p.dtype != torch.float32:
+        for p in module.parameters():
+            if p.requires_grad and p.dtype != torch.float32:
                 p.data = p.data.float()
         t = cfg.train
+        if t.fsdp:
+            dist_utils.shard_module(module, self.policy.fsdp_block_types())
+        self.params = [p for p in module.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
             self.params,
             lr=t.learning_rate,
@@ -242,21 +250,28 @@ class Trainer:
         prompts: Sequence[str],
         cond_images: torch.Tensor | None,
         generate: Callable[[Callable[[slice, torch.Tensor], None]], Any],
-    ) -> tuple[Any, Scores, float, float]:
-        """Runs ``generate(on_chunk)``, scoring chunks as they finish.
+        num_scored: int,
+    ) -> tuple[Any, Scores | None, float, float]:
+        """Runs ``generate(on_chunk)``, scoring the first ``num_scored`` rows as chunks finish
+        (rows past them are padding, generated only to keep sharded forwards in lockstep).
 
-        Returns ``(generate's result, scores, sample_s, reward_wait_s)``.
+        Returns ``(generate's result, scores or None if nothing was scored, sample_s,
+        reward_wait_s)``.
         """
         pending = []
 
         def on_chunk(rows: slice, frames: torch.Tensor) -> None:
-            images = cond_images[rows] if cond_images is not None else None
-            pending.append(self.scorer.submit(frames, prompts[rows], images))
+            stop = min(rows.stop, num_scored)
+            if stop <= rows.start:
+                return
+            real = slice(rows.start, stop)
+            images = cond_images[real] if cond_images is not None else None
+            pending.append(self.scorer.submit(frames[: stop - rows.start], prompts[real], images))
 
         t0 = time.perf_counter()
         result = generate(on_chunk)
         t1 = time.perf_counter()
-        scores = Scores.concat([p.result() for p in pending])
+        scores = Scores.concat([p.result() for p in pending]) if pending else None
         return result, scores, t1 - t0, time.perf_counter() - t1
 
     def _reward_stats(self, terms: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> dict:
@@ -506,6 +521,10 @@ class Trainer:
         Rank ``r`` samples rows ``r, r + world, ...``; the initial noise of every row comes
         from one generator seeded with ``eval.seed`` and its SDE noise (``eval.eta > 0``)
         from a generator per row, so results do not depend on the number of ranks. Logged with ``split = eval``; returns the record.
+
+        With ``train.fsdp`` every rank samples the same number of rows (each forward is a
+        collective): ranks short of a row sample a copy of one, which is neither scored
+        nor gathered.
         """
         cfg, e = self.cfg, self.cfg.eval
         if not self.eval_records:
@@ -518,14 +537,18 @@ class Trainer:
             len(all_prompts), generator=torch.Generator().manual_seed(e.seed)
         )
         rows = list(range(self.rank, len(all_prompts), self.world))
-        prompts = [all_prompts[i] for i in rows]
-        idx = repeat_all[rows]
+        sampled = list(rows)
+        if cfg.train.fsdp:
+            pad = -(-len(all_prompts) // self.world) - len(rows)
+            sampled += [rows[0] if rows else 0] * pad
+        prompts = [all_prompts[i] for i in sampled]
+        idx = repeat_all[sampled]
         images = all_images[idx] if all_images is not None else None
         frames = torch.empty(0)
         scores = None
-        if rows:
+        if sampled:
             cond = self._encode([self.eval_records[i].prompt for i in idx.tolist()], images)
-            row_generators = seeded_generators(rows, e.seed, "eval_sde_noise")
+            row_generators = seeded_generators(sampled, e.seed, "eval_sde_noise")
             module = self.policy.trainable_module()
             module.eval()
             ema = self.ema.active() if self.ema is not None else contextlib.nullcontext()
@@ -535,7 +558,7 @@ class Trainer:
                     return sample_rollout(
                         self.policy,
                         cond,
-                        noise_all[rows],
+                        noise_all[sampled],
                         num_steps=cfg.sampling.num_steps,
                         eta=e.eta,
                         row_generators=row_generators,
@@ -546,8 +569,8 @@ class Trainer:
                         desc="eval",
                     )
 
-            rollout, scores, _, _ = self._score_rollout(prompts, images, generate)
-            frames = rollout.frames
+            rollout, scores, _, _ = self._score_rollout(prompts, images, generate, len(rows))
+            frames = rollout.frames[: len(rows)]
         parts = dist_utils.all_gather_object(
             (rows, scores.terms if scores else {}, scores.outputs if scores else {}, frames)
         )

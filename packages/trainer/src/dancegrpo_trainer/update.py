@@ -29,6 +29,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
 from dancegrpo_trainer.config import TrainConfig
@@ -221,7 +222,10 @@ class GradientAccumulator:
             raise ValueError(f"{self._seen} samples accumulated, expected {self.num_samples}")
         params = [p for p in self.module.parameters() if p.requires_grad]
         average_gradients(params)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm))
+        norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
+        # With FSDP the norm of the sharded gradients is a partial DTensor: full_tensor()
+        # sums the shards' contributions over ranks (a collective; every rank calls it).
+        grad_norm = float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
         skipped = grad_monitor.should_skip(grad_norm)
         grad_monitor.record(grad_norm)
         if skipped:

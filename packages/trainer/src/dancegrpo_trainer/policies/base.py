@@ -133,6 +133,15 @@ class Policy(abc.ABC):
         """Module-name patterns for ``peft.LoraConfig(target_modules=...)``."""
         return []
 
+    def fsdp_block_types(self) -> tuple[type[nn.Module], ...]:
+        """Submodule classes ``train.fsdp`` shards as units of their own (e.g. transformer
+        blocks), so one block's full parameters are gathered at a time; the trainable
+        module itself is always sharded last, holding whatever the blocks do not.
+
+        Default: none, i.e. the whole trainable module is one unit.
+        """
+        return ()
+
     def enable_gradient_checkpointing(self) -> None:
         """Turns on activation checkpointing in the trainable module, if it supports it."""
         module = self.trainable_module()

@@ -373,6 +373,15 @@ class FluxPolicy(Policy):
     def trainable_module(self) -> nn.Module:
         return self.transformer
 
+    def fsdp_block_types(self) -> tuple[type[nn.Module], ...]:
+        """The double- and single-stream transformer blocks (untested on the real model)."""
+        from diffusers.models.transformers.transformer_flux import (
+            FluxSingleTransformerBlock,
+            FluxTransformerBlock,
+        )
+
+        return (FluxTransformerBlock, FluxSingleTransformerBlock)
+
     @property
     def lora_target_modules(self) -> list[str]:
         return list(FLUX_LORA_TARGET_MODULES)

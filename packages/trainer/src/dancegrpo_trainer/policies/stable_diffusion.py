@@ -321,6 +321,11 @@ class StableDiffusionPolicy(Policy):
     def trainable_module(self) -> nn.Module:
         return self.unet
 
+    def fsdp_block_types(self) -> tuple[type[nn.Module], ...]:
+        """The classes of the UNet's down, mid and up blocks (untested on the real model)."""
+        blocks = [*self.unet.down_blocks, *self.unet.up_blocks, self.unet.mid_block]
+        return tuple({type(b) for b in blocks if b is not None})
+
     @property
     def lora_target_modules(self) -> list[str]:
         return list(SD_LORA_TARGET_MODULES)

@@ -225,6 +225,9 @@ class TinyFlowPolicy(Policy):
     def trainable_module(self) -> nn.Module:
         return self.net
 
+    def fsdp_block_types(self) -> tuple[type[nn.Module], ...]:
+        return (_Block,)
+
     @property
     def lora_target_modules(self) -> list[str]:
         return ["conv_in", "conv", "film", "pool_proj", "conv_out", "prompt_rgb"]

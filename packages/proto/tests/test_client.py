@@ -178,6 +178,17 @@ def test_round_robin_across_two_replicas():
         assert _score_requests(a.metrics_url) > 5 and _score_requests(b.metrics_url) > 5
 
 
+def test_dns_target_resolves_and_scores(server):
+    # The k8s form ("dns:///svc.ns.svc.cluster.local:50051"), through gRPC's DNS resolver
+    # and round_robin; "localhost" resolves to the loopback address the server binds.
+    port = server.target.rsplit(":", 1)[1]
+    images, prompts = _u8(3, 6, 5, 3, seed=4), ["red", "green", "blue"]
+    with RewardClient(f"dns:///localhost:{port}", timeout=30) as client:
+        client.wait_until_ready(timeout=30)
+        out = client.score("color", images=images, prompts=prompts)
+    np.testing.assert_array_equal(out["score"], _local(ColorMatch("c", {}), images, prompts))
+
+
 def test_importing_the_client_does_not_import_torch():
     code = (
         "import sys, dancegrpo_proto; dancegrpo_proto.RewardClient; print('torch' in sys.modules)"

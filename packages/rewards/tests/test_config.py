@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 
 from dancegrpo_rewards.base import RewardConfigError
-from dancegrpo_rewards.config import DEFAULT_MAX_MESSAGE_BYTES, load_config, path_options
+from dancegrpo_rewards.config import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    RewardSpec,
+    load_config,
+    path_options,
+)
 
 
 def test_minimal_config_gets_safe_defaults():
@@ -15,6 +20,11 @@ def test_minimal_config_gets_safe_defaults():
     assert config.server.max_message_bytes == DEFAULT_MAX_MESSAGE_BYTES
     # 8 videos of 53x480x480x3 uint8 fit
     assert config.server.max_message_bytes > 8 * 53 * 480 * 480 * 3
+    assert config.server.drain_s == 0  # no drain by default (local use)
+    assert (
+        load_config({"server": {"drain_s": 2.5}, "rewards": {"c": {"kind": "x"}}}).server.drain_s
+        == 2.5
+    )
     spec = config.rewards["c"]
     assert (spec.max_batch_size, spec.max_queue_size, spec.max_queue_delay_ms) == (32, 256, 5.0)
 
@@ -51,6 +61,14 @@ def test_yaml_file_and_env_expansion(tmp_path):
         ({"server": {"log_format": "xml"}, "rewards": {"c": {"kind": "x"}}}, "server.log_format"),
         ({"server": {"tls": {"cert": "a"}}, "rewards": {"c": {"kind": "x"}}}, "server.tls.key"),
         ({"server": {"auth": {"token_env": "1x"}}, "rewards": {"c": {"kind": "x"}}}, "token_env"),
+        (
+            {"server": {"drain_s": -1}, "rewards": {"c": {"kind": "x"}}},
+            "server.drain_s: must be >=",
+        ),
+        (
+            {"server": {"drain_s": "5"}, "rewards": {"c": {"kind": "x"}}},
+            "server.drain_s: must be a",
+        ),
         ({"extra": 1, "rewards": {"c": {"kind": "x"}}}, "<config>.extra"),
     ],
 )
@@ -110,3 +128,10 @@ def test_request_limits_default_finite_and_a_request_must_fit_the_queue():
             load_config({"rewards": {"a": {"kind": "brightness", key: value}}})
     with pytest.raises(RewardConfigError, match="server.max_decoded_bytes: must be >= 1"):
         load_config({"server": {"max_decoded_bytes": 0}, "rewards": {"a": {"kind": "brightness"}}})
+
+
+def test_dispatch_when_idle_is_a_validated_per_reward_key() -> None:
+    assert RewardSpec(name="r", kind="brightness").dispatch_when_idle is False
+    assert RewardSpec(name="r", kind="brightness", dispatch_when_idle=True).dispatch_when_idle
+    with pytest.raises(RewardConfigError, match=r"rewards\.r\.dispatch_when_idle"):
+        RewardSpec(name="r", kind="brightness", dispatch_when_idle="yes")

@@ -61,7 +61,9 @@ def test_deployment_probes_use_grpc_health_on_the_grpc_port():
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert container[probe]["grpc"]["port"] == port, probe
     grace = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
-    assert grace > yaml.safe_load(configmap["data"]["rewards.yaml"])["server"]["grace_period_s"]
+    server = yaml.safe_load(configmap["data"]["rewards.yaml"])["server"]
+    assert server["drain_s"] > 0
+    assert grace > server["drain_s"] + server["grace_period_s"]
     mounts = {m["mountPath"] for m in container["volumeMounts"]}
     config_arg = container["args"][container["args"].index("--config") + 1]
     assert str(Path(config_arg).parent) in mounts

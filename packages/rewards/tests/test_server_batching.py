@@ -149,3 +149,42 @@ def test_an_empty_queue_rejects_a_request_larger_than_the_whole_queue():
 
     out = _run(_with_batcher(ProbeReward("p", {}), body, max_queue_size=4, max_batch_size=2))
     np.testing.assert_allclose(out["score"], np.arange(4) / 255, rtol=1e-6)
+
+
+def test_a_lone_request_runs_at_once_when_the_worker_is_idle():
+    async def body(batcher):
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        out = await batcher.submit(_batch([7]), None)
+        return out, loop.time() - start
+
+    out, waited = _run(
+        _with_batcher(ProbeReward("p", {}), body, max_queue_delay_s=2.0, dispatch_when_idle=True)
+    )
+    assert out["batch_size"].tolist() == [1.0]
+    assert waited < 1.0  # did not wait out the 2 s delay
+
+    # Default (off): the lone request waits out the delay for a fuller batch.
+    out, waited = _run(
+        _with_batcher(ProbeReward("p", {}), body, max_queue_delay_s=0.2, dispatch_when_idle=False)
+    )
+    assert waited >= 0.19
+
+
+def test_a_request_still_arriving_holds_the_batch_so_they_merge():
+    async def body(batcher):
+        async def late():
+            with batcher.arriving():  # e.g. still being decoded
+                await asyncio.sleep(0.05)
+            return await batcher.submit(_batch([2]), None)
+
+        late_task = asyncio.ensure_future(late())
+        await asyncio.sleep(0)  # the late request is now arriving
+        first = await batcher.submit(_batch([1]), None)
+        return first, await late_task
+
+    first, second = _run(
+        _with_batcher(ProbeReward("p", {}), body, max_queue_delay_s=2.0, dispatch_when_idle=True)
+    )
+    assert first["batch_size"].tolist() == [2.0]  # merged into one pass
+    assert second["batch_size"].tolist() == [2.0]

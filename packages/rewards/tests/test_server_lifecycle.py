@@ -105,6 +105,26 @@ def test_sigterm_finishes_in_flight_calls_and_exits_zero():
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
+def test_sigterm_with_drain_keeps_serving_new_calls_while_not_serving():
+    config = _probe_config()
+    config["server"]["drain_s"] = 1.0
+    with running_reward_server(config) as (target, _, process):
+        with grpc.insecure_channel(target) as channel:
+            assert _health(channel) == "SERVING"
+            process.send_signal(signal.SIGTERM)
+            sent = time.monotonic()
+            while _health(channel) != "NOT_SERVING":
+                assert time.monotonic() - sent < 0.5, "health never went NOT_SERVING"
+                time.sleep(0.02)
+        # A new connection inside the drain window (a balancer that has not noticed yet).
+        with grpc.insecure_channel(target) as channel:
+            reply = rewards_pb2_grpc.RewardServiceStub(channel).Score(REQUEST, timeout=2)
+        assert time.monotonic() - sent < 1.0
+        assert reply.outputs[0].values[0] == pytest.approx(0x33 / 255.0)
+        assert process.wait(timeout=20) == 0
+        assert time.monotonic() - sent >= 1.0
+
+
 def test_bearer_token_is_required_except_for_health():
     config = _probe_config()
     config["server"]["auth"] = {"token_env": "TEST_REWARD_TOKEN"}

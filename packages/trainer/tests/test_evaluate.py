@@ -183,6 +183,67 @@ def test_table_matches_direct_client_scoring_against_a_real_server(tmp_path):
     assert (out / "samples_base.png").is_file() and (out / "samples_tuned.png").is_file()
 
 
+def test_rewards_carry_token_and_tls_settings_validated_like_training(tmp_path, monkeypatch):
+    from dancegrpo_trainer.config import ConfigError
+
+    monkeypatch.setenv("EVAL_TOKEN", "t")
+    (tmp_path / "ca.pem").write_text("x")
+    spec = ev.parse_reward_arg(
+        f"h=dns:///a:1,b:2/hps:s,token_env=EVAL_TOKEN,tls_ca={tmp_path}/ca.pem"
+    )
+    assert (spec.target, spec.reward, spec.output) == ("dns:///a:1,b:2", "hps", "s")
+    assert (spec.token_env, spec.tls_ca) == ("EVAL_TOKEN", f"{tmp_path}/ca.pem")
+    monkeypatch.delenv("EVAL_TOKEN")
+    with pytest.raises(ConfigError, match=r"--reward h\.token_env: environment variable EVAL_T"):
+        ev.parse_reward_arg("h=a:1/hps,token_env=EVAL_TOKEN")
+    with pytest.raises(ConfigError, match=r"--reward h\.tls_cert: tls_cert and tls_key go"):
+        ev.parse_reward_arg(f"h=a:1/hps,tls_cert={tmp_path}/ca.pem")
+    path = tmp_path / "r.yaml"
+    for row, message in [
+        ("{name: c, target: 'h:1', reward: c, tls_ca: /nope.pem}", r"r.yaml\[0\]\.tls_ca: file"),
+        ("{name: c, target: 'h:1', reward: c, token_env: 7}", r"r.yaml\[0\]\.token_env: expected"),
+        ("{name: c, target: 'h:1', reward: c, token: x}", "token_env, tls_ca"),
+    ]:
+        path.write_text(f"- {row}\n")
+        with pytest.raises(ValueError, match=message):
+            ev.load_reward_specs(path)
+
+
+def test_evaluation_sends_the_bearer_token_to_a_protected_server(tmp_path, monkeypatch):
+    from dancegrpo_proto import RewardClient, RewardServiceError
+    from dancegrpo_testing.servers import running_reward_server
+
+    base, tuned = _tiny_pair(tmp_path)
+    prompts = [ev.EvalPrompt("a red square"), ev.EvalPrompt("a blue circle")]
+    config = {
+        "server": {"auth": {"token_env": "TEST_REWARD_TOKEN"}},
+        "rewards": {"color_match": {"kind": "color_match"}},
+    }
+    monkeypatch.setenv("EVAL_REWARD_TOKEN", "s3cret")
+    run = dict(num_steps=3, seed=1)
+    with running_reward_server(config, env={"TEST_REWARD_TOKEN": "s3cret"}, metrics=False) as srv:
+        path = tmp_path / "rewards.yaml"
+        path.write_text(
+            f"- {{name: yaml, target: '{srv.target}', reward: color_match, "
+            "token_env: EVAL_REWARD_TOKEN}\n"
+        )
+        specs = ev.load_reward_specs(path)
+        specs.append(
+            ev.parse_reward_arg(f"flag={srv.target}/color_match,token_env=EVAL_REWARD_TOKEN")
+        )
+        policies = {"base": base, "tuned": tuned}
+        result = ev.evaluate_policies(policies, prompts, specs, tmp_path / "out", **run)
+        with RewardClient(srv.target, token="s3cret") as client:
+            frames = ev.generate(tuned, prompts, samples_per_prompt=1, **run)
+            texts = [p.prompt for p in prompts]
+            direct = client.score("color_match", images=frames, prompts=texts)["score"]
+        np.testing.assert_allclose(result["scores"]["tuned"]["yaml"], direct, rtol=1e-6)
+        np.testing.assert_allclose(result["scores"]["tuned"]["flag"], direct, rtol=1e-6)
+        no_token = [ev.RewardSpec("c", srv.target, "color_match")]
+        with pytest.raises(RewardServiceError, match="UNAUTHENTICATED"):
+            ev.evaluate_policies(policies, prompts, no_token, tmp_path / "out2", **run)
+
+
 def test_sampling_is_deterministic():
     torch.manual_seed(0)
     policy = TinyFlowPolicy(16, 16, latent_size=4, channels=8, embed_dim=16, num_blocks=1)

@@ -295,12 +295,13 @@ def decode_raw(raw: pb.RawFrames, field: str = "media.raw") -> np.ndarray:
     """``RawFrames`` → read-only ``uint8`` view with the declared shape."""
     shape = raw_shape(raw, field)
     expected = decoded_nbytes(shape)
-    if len(raw.data) != expected:
+    data = raw.data  # each read of a bytes field copies it (upb): read it once
+    if len(data) != expected:
         raise CodecError(
             f"{field}.data",
-            f"has {len(raw.data)} bytes but shape {list(shape)} needs {expected} (uint8 RGB)",
+            f"has {len(data)} bytes but shape {list(shape)} needs {expected} (uint8 RGB)",
         )
-    return np.frombuffer(raw.data, dtype=np.uint8).reshape(shape)
+    return np.frombuffer(data, dtype=np.uint8).reshape(shape)
 
 
 @contextlib.contextmanager

@@ -5,6 +5,12 @@ has waited ``max_queue_delay_ms``; they then run as one ``Reward.score`` call on
 reward's single worker thread (the event loop keeps accepting and queueing meanwhile) and
 the outputs are split back in request order.
 
+- The delay only bounds the wait for *more work*: when the worker is idle and no other
+  request is on its way in (``arriving()``: received, still being decoded), whatever is
+  queued runs at once (``dispatch_when_idle``; off by default: see docs/serving.md). Under load the worker is busy,
+  requests pile up meanwhile and still merge; a request that is still being decoded when
+  the batch would start keeps the batch waiting for it (up to the delay).
+
 - A request larger than ``max_batch_size`` is split into chunks of at most that size which
   queue (and may merge with other requests) like ordinary requests; its outputs are
   reassembled in order. It fails as a whole if any chunk fails.
@@ -21,10 +27,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import grpc
 import numpy as np
@@ -79,6 +86,8 @@ class DynamicBatcher:
         max_queue_delay_s: longest the oldest queued request waits for a fuller batch.
         max_queue_size: most queued samples before new requests are rejected.
         metrics: where to record batch sizes, latency and queue depth (optional).
+        dispatch_when_idle: run at once, without waiting out the delay, when nothing else
+            is queued or arriving (the worker is always idle when the loop decides).
     """
 
     def __init__(
@@ -89,6 +98,7 @@ class DynamicBatcher:
         max_queue_delay_s: float,
         max_queue_size: int,
         metrics: ServiceMetrics | None = None,
+        dispatch_when_idle: bool = False,
     ) -> None:
         self.reward = reward
         self.name = reward.name
@@ -96,6 +106,8 @@ class DynamicBatcher:
         self.max_queue_delay_s = max_queue_delay_s
         self.max_queue_size = max_queue_size
         self._metrics = metrics
+        self.dispatch_when_idle = dispatch_when_idle
+        self._arriving = 0  # requests received but not yet submitted (decoding)
         self._queue: collections.deque[_Item] = collections.deque()
         self._queued_samples = 0
         self._wake = asyncio.Event()
@@ -109,6 +121,20 @@ class DynamicBatcher:
     def queued_samples(self) -> int:
         """Samples waiting (not yet running)."""
         return self._queued_samples
+
+    @contextlib.contextmanager
+    def arriving(self) -> Iterator[None]:
+        """Marks a request as on its way (decoding) so a batch waits for it, up to the delay.
+
+        Wrap everything between receiving a request and calling ``submit`` (with no await
+        between leaving the block and ``submit``).
+        """
+        self._arriving += 1
+        try:
+            yield
+        finally:
+            self._arriving -= 1
+            self._wake.set()
 
     def start(self) -> None:
         """Starts the batching loop on the running event loop."""
@@ -182,7 +208,11 @@ class DynamicBatcher:
                 self._wake.clear()
                 await self._wake.wait()
             first = self._queue[0]
+            if self.dispatch_when_idle:
+                await asyncio.sleep(0)  # let handlers already scheduled reach arriving()
             while self._queued_samples < self.max_batch_size and not self._closing:
+                if self.dispatch_when_idle and not self._arriving:
+                    break  # the worker is idle and no more work is on its way: run now
                 remaining = first.enqueued + self.max_queue_delay_s - loop.time()
                 if remaining <= 0:
                     break

@@ -8,6 +8,7 @@ Schema (every key documented in docs/serving.md)::
       metrics_port: 9464         # Prometheus HTTP port; 0 picks a free port; null disables
       max_message_bytes: 536870912
       grace_period_s: 30
+      drain_s: 0                 # on SIGTERM: keep serving new calls this long after NOT_SERVING
       log_format: text           # or json (one JSON object per line)
       log_level: INFO
       decode_workers: 4          # threads decoding PNG/JPEG requests
@@ -107,6 +108,7 @@ class ServerConfig:
     metrics_port: int | None = 9464
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     grace_period_s: float = 30.0
+    drain_s: float = 0.0
     log_format: str = "text"
     log_level: str = "INFO"
     decode_workers: int = 4
@@ -128,6 +130,7 @@ class ServerConfig:
         if self.max_message_bytes > 2**31 - 1:
             raise _fail("server.max_message_bytes", "gRPC limits messages to 2 GiB - 1")
         _check_number("server.grace_period_s", self.grace_period_s, 0)
+        _check_number("server.drain_s", self.drain_s, 0)
         if self.log_format not in ("text", "json"):
             raise _fail("server.log_format", f"must be 'text' or 'json', got {self.log_format!r}")
         if self.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
@@ -149,6 +152,7 @@ class RewardSpec:
     kind: str
     max_batch_size: int = 32
     max_queue_delay_ms: float = 5.0
+    dispatch_when_idle: bool = False
     max_queue_size: int = 256
     max_samples_per_request: int | None = None  # None → max_queue_size
     max_height: int = 4096
@@ -165,6 +169,11 @@ class RewardSpec:
             raise _fail(f"{prefix}.kind", f"must be a non-empty string, got {self.kind!r}")
         _check_int(f"{prefix}.max_batch_size", self.max_batch_size, 1)
         _check_number(f"{prefix}.max_queue_delay_ms", self.max_queue_delay_ms, 0)
+        if not isinstance(self.dispatch_when_idle, bool):
+            raise _fail(
+                f"{prefix}.dispatch_when_idle",
+                f"must be true or false, got {self.dispatch_when_idle!r}",
+            )
         _check_int(f"{prefix}.max_queue_size", self.max_queue_size, 1)
         if self.max_samples_per_request is None:
             object.__setattr__(self, "max_samples_per_request", self.max_queue_size)

@@ -6,8 +6,9 @@ port is bound) → bind gRPC with health ``NOT_SERVING`` → start the metrics e
 then the overall ``""`` service once all are ready).
 
 Shutdown (``shutdown()``, wired to SIGTERM/SIGINT by ``serve``): health → ``NOT_SERVING``,
-the gRPC server stops accepting new calls, queued and running batches finish within
-``grace_period_s``, then worker threads stop.
+new calls are still served for ``drain_s`` (so load balancers see the health change and stop
+routing here before anything is refused), then the gRPC server stops accepting new calls,
+queued and running batches finish within ``grace_period_s``, then worker threads stop.
 """
 
 from __future__ import annotations
@@ -199,6 +200,7 @@ class RewardServer:
                 max_batch_size=spec.max_batch_size,
                 max_queue_delay_s=spec.max_queue_delay_ms / 1000.0,
                 max_queue_size=spec.max_queue_size,
+                dispatch_when_idle=spec.dispatch_when_idle,
                 metrics=self.metrics,
             )
             batcher.start()
@@ -220,14 +222,19 @@ class RewardServer:
             await self._health.set("", _SERVING)
             await self._health.set(SERVICE_NAME, _SERVING)
 
-    async def shutdown(self, grace_s: float | None = None) -> None:
-        """Graceful stop: NOT_SERVING, refuse new calls, finish in-flight work within grace."""
+    async def shutdown(self, grace_s: float | None = None, drain_s: float | None = None) -> None:
+        """Graceful stop: NOT_SERVING, keep serving for ``drain_s``, then refuse new calls and
+        finish in-flight work within grace."""
         if self._stopping:
             return
         self._stopping = True
         grace = self.config.server.grace_period_s if grace_s is None else grace_s
-        log.info("shutting down", extra={"fields": {"grace_s": grace}})
+        drain = self.config.server.drain_s if drain_s is None else drain_s
+        log.info("shutting down", extra={"fields": {"drain_s": drain, "grace_s": grace}})
         await self._health.enter_graceful_shutdown()
+        if drain > 0 and self._server is not None:
+            # Health already says NOT_SERVING; keep answering while balancers notice.
+            await asyncio.sleep(drain)
         # Batchers keep running while the server drains, so in-flight calls complete; the
         # server cancels whatever is still running when the grace period ends.
         if self._server is not None:

@@ -104,7 +104,8 @@ class RewardServicer(rewards_pb2_grpc.RewardServiceServicer):
             raise ScoreError(
                 grpc.StatusCode.UNAVAILABLE, f"reward {request.reward!r} is still loading"
             )
-        batch = await self._decode(hosted, request)
+        with batcher.arriving():  # a batch about to start waits for this request
+            batch = await self._decode(hosted, request)
         remaining = context.time_remaining()
         loop = asyncio.get_running_loop()
         deadline = None if remaining is None else loop.time() + remaining

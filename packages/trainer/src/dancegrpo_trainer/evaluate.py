@@ -25,6 +25,9 @@ Prompt sets (``load_prompt_set``):
 
 Rewards (``load_reward_specs``): a YAML list of ``{name, target, reward, output}``
 (``metadata: true`` sends the GenEval spec), or ``--reward NAME=TARGET/REWARD[:OUTPUT]``.
+Either may add the training endpoints' ``token_env`` / ``tls_ca`` / ``tls_cert`` /
+``tls_key`` (``--reward hps=rewards:50051/hps,token_env=REWARDS_TOKEN,tls_ca=ca.pem``),
+checked the same way (``RewardEndpoint.validate``).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import argparse
 import dataclasses
 import json
 import math
+import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -142,38 +146,77 @@ def load_prompt_set(path: str | Path, max_per_tag: int | None = None) -> list[Ev
 # ---------------------------------------------------------------------------- rewards
 
 
+SECURITY_KEYS = ("token_env", "tls_ca", "tls_cert", "tls_key")
+
+
 @dataclasses.dataclass(frozen=True)
 class RewardSpec:
-    """One metric: ``output`` of ``reward`` at ``target``, reported as ``name``."""
+    """One metric: ``output`` of ``reward`` at ``target``, reported as ``name``.
+
+    ``token_env`` / ``tls_ca`` / ``tls_cert`` / ``tls_key`` connect like a training
+    endpoint (``config.RewardEndpoint``): a bearer token from that env variable, TLS/mTLS.
+    """
 
     name: str
     target: str
     reward: str
     output: str = "score"
     metadata: bool = False
+    token_env: str | None = None
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+
+    def endpoint(self, where: str = "reward") -> Any:
+        """The equivalent training ``RewardEndpoint``, type-checked and validated like one
+        (raises ``ConfigError``, a ``ValueError``, naming ``where.<key>``)."""
+        from dancegrpo_trainer.config import RewardEndpoint, from_dict
+
+        fields = {"target": self.target, "reward": self.reward, "output": self.output}
+        fields.update({k: getattr(self, k) for k in SECURITY_KEYS if getattr(self, k) is not None})
+        endpoint = from_dict(RewardEndpoint, fields, where)
+        endpoint.validate(where)
+        return endpoint
+
+
+_OPTION = re.compile(r",(?=(?:" + "|".join(SECURITY_KEYS) + r")=)")
 
 
 def parse_reward_arg(text: str) -> RewardSpec:
-    """``NAME=TARGET/REWARD[:OUTPUT]`` (e.g. ``hps=localhost:50051/hps:score``)."""
+    """``NAME=TARGET/REWARD[:OUTPUT][,token_env=VAR][,tls_ca=PEM][,tls_cert=PEM,tls_key=PEM]``
+    (e.g. ``hps=localhost:50051/hps:score``)."""
     name, sep, rest = text.partition("=")
-    target, sep2, reward_output = rest.rpartition("/")
+    head, *options = _OPTION.split(rest)
+    target, sep2, reward_output = head.rpartition("/")
     if not (sep and sep2 and name and target and reward_output):
-        raise ValueError(f"--reward {text!r}: expected NAME=TARGET/REWARD[:OUTPUT]")
+        raise ValueError(
+            f"--reward {text!r}: expected NAME=TARGET/REWARD[:OUTPUT][,token_env=VAR]"
+            "[,tls_ca=PEM][,tls_cert=PEM,tls_key=PEM]"
+        )
     reward, _, output = reward_output.partition(":")
-    return RewardSpec(name, target, reward, output or "score")
+    security = dict(option.split("=", 1) for option in options)
+    if len(security) != len(options):
+        raise ValueError(f"--reward {text!r}: an option is given twice")
+    spec = RewardSpec(name, target, reward, output or "score", **security)
+    spec.endpoint(f"--reward {name}")
+    return spec
 
 
 def load_reward_specs(path: str | Path) -> list[RewardSpec]:
-    """A YAML list of ``{name, target, reward, output, metadata}`` mappings."""
+    """A YAML list of ``{name, target, reward, output, metadata}`` mappings, each optionally
+    with ``token_env``, ``tls_ca``, ``tls_cert``, ``tls_key``."""
     data = yaml.safe_load(Path(path).read_text())
     if not isinstance(data, list) or not data:
         raise ValueError(f"{path}: expected a non-empty YAML list of reward specs")
     specs = []
     for i, row in enumerate(data):
         try:
-            specs.append(RewardSpec(**row))
+            spec = RewardSpec(**row)
         except TypeError as e:
-            raise ValueError(f"{path}[{i}]: {e} (keys: name, target, reward, output)") from e
+            keys = ", ".join(("name", "target", "reward", "output", "metadata", *SECURITY_KEYS))
+            raise ValueError(f"{path}[{i}]: {e} (keys: {keys})") from e
+        spec.endpoint(f"{path}[{i}]")
+        specs.append(spec)
     return specs
 
 
@@ -222,16 +265,17 @@ def score_frames(
     prompts: Sequence[EvalPrompt],
     samples_per_prompt: int,
     specs: Sequence[RewardSpec],
-    client_for: Callable[[str], Any],
+    client_for: Callable[[RewardSpec], Any],
 ) -> dict[str, np.ndarray]:
-    """``{metric name: float32 (P·K,)}`` for prompt-major ``frames``."""
+    """``{metric name: float32 (P·K,)}`` for prompt-major ``frames``; ``client_for(spec)``
+    returns the ``RewardClient`` for a spec's target (and token/TLS settings)."""
     texts = [p.prompt for p in prompts for _ in range(samples_per_prompt)]
     metadata = [p.metadata for p in prompts for _ in range(samples_per_prompt)]
     key = "videos" if frames.ndim == 5 else "images"
     out = {}
     for spec in specs:
         extra = {"metadata": metadata} if spec.metadata else {}
-        result = client_for(spec.target).score(spec.reward, prompts=texts, **{key: frames}, **extra)
+        result = client_for(spec).score(spec.reward, prompts=texts, **{key: frames}, **extra)
         if spec.output not in result:
             raise KeyError(
                 f"reward {spec.reward!r} at {spec.target} has no output {spec.output!r} "
@@ -302,7 +346,7 @@ def evaluate_policies(
     num_steps: int = 16,
     seed: int = 0,
     chunk_size: int = 16,
-    client_for: Callable[[str], Any] | None = None,
+    client_for: Callable[[RewardSpec], Any] | None = None,
 ) -> dict[str, Any]:
     """Samples and scores ``policies`` (keys ``base`` and ``tuned``); writes the outputs.
 
@@ -313,14 +357,15 @@ def evaluate_policies(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    owned: dict[str, Any] = {}
+    owned: dict[tuple[str, ...], Any] = {}
 
-    def default_client(target: str) -> Any:
-        if target not in owned:
+    def default_client(spec: RewardSpec) -> Any:
+        key = (spec.target, *(str(getattr(spec, k)) for k in SECURITY_KEYS))
+        if key not in owned:
             from dancegrpo_trainer.scoring import make_reward_client
 
-            owned[target] = make_reward_client(target)
-        return owned[target]
+            owned[key] = make_reward_client(spec.target, spec.endpoint(f"reward {spec.name}"))
+        return owned[key]
 
     get_client = client_for or default_client
     scores: dict[str, dict[str, np.ndarray]] = {}
@@ -404,9 +449,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--tuned", required=True, help="tuned weights (.safetensors or folder)")
     parser.add_argument("--base", help="base weights (default: model.init_checkpoint or none)")
     parser.add_argument("--prompts", required=True, help=".txt, GenEval .jsonl, HPD v2 .json/dir")
-    parser.add_argument("--rewards", help="YAML list of {name, target, reward, output}")
     parser.add_argument(
-        "--reward", action="append", default=[], help="NAME=TARGET/REWARD[:OUTPUT], repeatable"
+        "--rewards", help="YAML list of {name, target, reward, output[, token_env, tls_*]}"
+    )
+    parser.add_argument(
+        "--reward",
+        action="append",
+        default=[],
+        help="NAME=TARGET/REWARD[:OUTPUT][,token_env=VAR][,tls_ca=PEM][,tls_cert=PEM,"
+        "tls_key=PEM], repeatable",
     )
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--samples-per-prompt", type=int, default=1)

@@ -10,6 +10,7 @@ from PIL import Image
 
 from dancegrpo_proto import codec
 from dancegrpo_proto.v1 import rewards_pb2 as pb
+from dancegrpo_testing.images import black_png, record_decoded_sizes
 
 
 def _rng_frames(*shape: int) -> np.ndarray:
@@ -132,26 +133,9 @@ def test_outputs_round_trip_through_response():
         assert decoded[name].dtype == np.float32
 
 
-def _png_of_size(height, width):
-    buffer = io.BytesIO()
-    Image.new("RGB", (width, height)).save(buffer, format="PNG")  # black: a few KB at most
-    return buffer.getvalue()
-
-
 @pytest.fixture
 def decoded_sizes(monkeypatch):
-    """Records the (height, width) of every image PIL actually decodes (loads pixels of)."""
-    from PIL import ImageFile
-
-    sizes = []
-    load = ImageFile.ImageFile.load
-
-    def recording_load(self):
-        sizes.append((self.height, self.width))
-        return load(self)
-
-    monkeypatch.setattr(ImageFile.ImageFile, "load", recording_load)
-    return sizes
+    return record_decoded_sizes(monkeypatch)
 
 
 def _limit(max_side):
@@ -163,7 +147,7 @@ def _limit(max_side):
 
 
 def test_every_frame_header_is_checked_before_any_frame_is_decoded(decoded_sizes):
-    small, big = _png_of_size(4, 4), _png_of_size(3000, 3000)
+    small, big = black_png(4, 4), black_png(3000, 3000)
     media = pb.Media(encoded_frames=pb.EncodedFrames(frames=[small, small, big]))
     with pytest.raises(codec.CodecError, match=r"frames\[2\]: frame size \[3000, 3000, 3\]"):
         codec.decode_media(media, check_shape=_limit(64))
@@ -178,7 +162,7 @@ def test_every_frame_header_is_checked_before_any_frame_is_decoded(decoded_sizes
 
 
 def test_single_image_header_is_checked_before_decoding(decoded_sizes):
-    media = pb.Media(encoded_image=_png_of_size(3000, 20))
+    media = pb.Media(encoded_image=black_png(3000, 20))
     with pytest.raises(codec.CodecError, match=r"^media\.encoded_image: \[3000, 20, 3\]"):
         codec.decode_media(media, check_shape=_limit(64))
     assert codec.media_shape(media) == (3000, 20, 3)

@@ -3,36 +3,19 @@ checked before any pixel is decoded (decompression bombs never reach memory)."""
 
 from __future__ import annotations
 
-import io
-
 import pytest
-from PIL import Image, ImageFile
 
 from dancegrpo_proto.v1 import rewards_pb2 as pb
 from dancegrpo_rewards.base import SampleError
 from dancegrpo_rewards.config import load_config
 from dancegrpo_rewards.server import build_rewards
 from dancegrpo_rewards.validation import RequestError
-
-
-def _png(height, width):
-    buffer = io.BytesIO()
-    Image.new("RGB", (width, height)).save(buffer, format="PNG")  # black: tiny on the wire
-    return buffer.getvalue()
+from dancegrpo_testing.images import black_png, record_decoded_sizes
 
 
 @pytest.fixture
 def decoded_sizes(monkeypatch):
-    """The (height, width) of every image whose pixels PIL decodes."""
-    sizes = []
-    load = ImageFile.ImageFile.load
-
-    def recording_load(self):
-        sizes.append((self.height, self.width))
-        return load(self)
-
-    monkeypatch.setattr(ImageFile.ImageFile, "load", recording_load)
-    return sizes
+    return record_decoded_sizes(monkeypatch)
 
 
 def _decoder(server=None, **reward):
@@ -44,7 +27,7 @@ def _decoder(server=None, **reward):
 
 def test_an_oversized_later_video_frame_is_rejected_before_any_decoding(decoded_sizes):
     decoder = _decoder(max_height=64, max_width=64, options={"modality": "video"})
-    frames = [_png(8, 8), _png(8, 8), _png(3000, 3000)]
+    frames = [black_png(8, 8), black_png(8, 8), black_png(3000, 3000)]
     request = pb.ScoreRequest(
         reward="r",
         samples=[pb.Sample(media=pb.Media(encoded_frames=pb.EncodedFrames(frames=frames)))],
@@ -52,7 +35,7 @@ def test_an_oversized_later_video_frame_is_rejected_before_any_decoding(decoded_
     with pytest.raises(SampleError, match=r"^samples\[0\]\.media\.encoded_frames\.frames\[2\]"):
         decoder.decode(request)
     assert decoded_sizes == []
-    request.samples[0].media.encoded_frames.frames[:] = [_png(3000, 3000)] * 2
+    request.samples[0].media.encoded_frames.frames[:] = [black_png(3000, 3000)] * 2
     with pytest.raises(SampleError, match="height 3000 exceeds max_height=64"):
         decoder.decode(request)
     assert decoded_sizes == []
@@ -60,7 +43,7 @@ def test_an_oversized_later_video_frame_is_rejected_before_any_decoding(decoded_
 
 def test_total_decoded_bytes_are_bounded_before_decoding(decoded_sizes):
     decoder = _decoder({"max_decoded_bytes": 3 * 256 * 256 * 3})
-    sample = pb.Sample(media=pb.Media(encoded_image=_png(256, 256)))
+    sample = pb.Sample(media=pb.Media(encoded_image=black_png(256, 256)))
     assert len(decoder.decode(pb.ScoreRequest(reward="r", samples=[sample] * 3))) == 3
     decoded_sizes.clear()
     with pytest.raises(RequestError) as info:

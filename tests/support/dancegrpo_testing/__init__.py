@@ -9,6 +9,7 @@ Submodules, each importing its heavy dependencies only when used:
   Hugging Face ``CLIPModel`` folder and a random LAION aesthetic head.
 - ``diffusion_models``: tiny SD/FLUX components (UNet, VAE, CLIP, T5 + offline T5
   tokenizer, FluxTransformer) and pipeline builders / save helpers.
+- ``images``: tiny encoded test images and a probe of what PIL actually decodes.
 - ``servers``: ``running_reward_server(config)`` starts ``dancegrpo-rewards serve`` as a
   real subprocess on an ephemeral loopback port.
 """

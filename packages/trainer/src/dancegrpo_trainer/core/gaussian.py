@@ -7,6 +7,8 @@ from typing import Literal
 
 import torch
 
+from dancegrpo_trainer.core.step_output import StepOutput
+
 Reduction = Literal["mean", "sum"]
 
 _LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
@@ -85,3 +87,36 @@ def sample_noise(like: torch.Tensor, generator: torch.Generator | None = None) -
     device = generator.device if generator is not None else like.device
     noise = torch.randn(like.shape, generator=generator, device=device, dtype=torch.float32)
     return noise.to(like.device)
+
+
+def gaussian_step(
+    sample: torch.Tensor,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    pred_original_sample: torch.Tensor,
+    *,
+    deterministic: bool,
+    prev_sample: torch.Tensor | None,
+    generator: torch.Generator | None,
+    reduction: Reduction,
+) -> StepOutput:
+    """The step ``x → x'`` with ``x' ~ N(mean, std²)``: draws ``x'`` (or takes the given
+    ``prev_sample``, detached) and returns it with its log-probability.
+
+    ``deterministic`` (η = 0) takes ``x' = mean`` without drawing noise, so the generator's
+    state is left untouched. The drawn sample is cast to ``sample``'s dtype before its
+    log-probability is computed, so recomputing the step on the stored sample gives exactly
+    the same value.
+    """
+    if prev_sample is None:
+        drawn = mean if deterministic else mean + std * sample_noise(sample, generator)
+        prev_sample = drawn.detach().to(sample.dtype)
+    else:
+        prev_sample = prev_sample.detach()
+    return StepOutput(
+        prev_sample=prev_sample,
+        log_prob=gaussian_log_prob(prev_sample, mean, std, reduction),
+        mean=mean,
+        std=std,
+        pred_original_sample=pred_original_sample,
+    )

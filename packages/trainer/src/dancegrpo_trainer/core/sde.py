@@ -10,12 +10,7 @@ from typing import Literal
 
 import torch
 
-from dancegrpo_trainer.core.gaussian import (
-    Reduction,
-    gaussian_log_prob,
-    per_sample,
-    sample_noise,
-)
+from dancegrpo_trainer.core.gaussian import Reduction, gaussian_step, per_sample
 from dancegrpo_trainer.core.step_output import StepOutput
 
 NoiseSchedule = Literal["dance", "flow_grpo"]
@@ -121,18 +116,13 @@ def flow_sde_step(
     std_shape = (x.shape[0],) + (1,) * (x.ndim - 1)
     std = (g * torch.sqrt(delta)).expand(std_shape)
 
-    if prev_sample is None:
-        # η = 0: deterministic, no noise drawn (the generator's state is left untouched).
-        drawn = mean if eta == 0 else mean + std * sample_noise(x, generator)
-        prev_sample = drawn.detach().to(sample.dtype)
-    else:
-        prev_sample = prev_sample.detach()
-
-    log_prob = gaussian_log_prob(prev_sample, mean, std, reduction)
-    return StepOutput(
+    return gaussian_step(
+        sample,
+        mean,
+        std,
+        pred_original_sample,
+        deterministic=eta == 0,
         prev_sample=prev_sample,
-        log_prob=log_prob,
-        mean=mean,
-        std=std,
-        pred_original_sample=pred_original_sample,
+        generator=generator,
+        reduction=reduction,
     )

@@ -62,11 +62,13 @@ def test_dotted_overrides_reach_nested_sections_and_list_items() -> None:
         ("rewards.endpoints.0.weight=0", "rewards.endpoints[0].weight"),
         ("rewards.best_of_n.top_k=9", "rewards.best_of_n"),
         ("train.mixed_precision=fp8", "train.mixed_precision"),
+        ("train.skip_last_timestep=maybe", "train.skip_last_timestep"),
+        ("sampling.num_steps=1 train.skip_last_timestep=true", "train.skip_last_timestep"),
     ],
 )
 def test_invalid_values_raise_naming_the_field(override: str, field: str) -> None:
     with pytest.raises(ConfigError, match=r"^" + field.replace("[", r"\[").replace("]", r"\]")):
-        load_config(ROOT / "configs/demo.yaml", [override])
+        load_config(ROOT / "configs/demo.yaml", override.split())
 
 
 def test_model_path_is_required_for_real_models() -> None:

@@ -274,3 +274,17 @@ def test_training_overlaps_scoring_and_reward_wait_is_time_blocked(
     blocked = sum(seconds for name, seconds in scorer.log if name == "result")
     assert blocked > 0.05  # the last chunk is always waited for here: it is 0.3 s late
     assert blocked <= record["reward_wait_s"] <= blocked + 0.1
+
+
+def test_skip_last_timestep_never_trains_the_final_step():
+    policy = TinyFlowPolicy(8, 8, latent_size=4, channels=8, embed_dim=8, num_blocks=1)
+    optimizer = torch.optim.SGD(policy.trainable_module().parameters(), lr=1.0)
+    drawn = {}
+    for skip in (False, True):
+        cfg = TrainConfig(micro_batch_size=1, timestep_fraction=1.0, skip_last_timestep=skip)
+        acc = GradientAccumulator(
+            policy, optimizer, num_samples=8, cfg=cfg, eta=0.7, generator=torch.Generator()
+        )
+        drawn[skip] = [sorted(acc._steps_of(k, num_steps=4)) for k in range(8)]
+    assert all(steps == [0, 1, 2, 3] for steps in drawn[False])
+    assert all(steps == [0, 1, 2] for steps in drawn[True])

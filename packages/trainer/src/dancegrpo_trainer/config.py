@@ -249,6 +249,8 @@ class TrainConfig:
         learning_rate, adam_beta1, adam_beta2, adam_eps, weight_decay: AdamW settings.
         warmup_steps: linear learning-rate warm-up, then constant.
         timestep_fraction: fraction of the denoising steps trained each update (random subset).
+        skip_last_timestep: never train the final denoising step (DanceGRPO's
+            ``ignore_last``; useful when the last step is deterministic or nearly so).
         clip_range: PPO ratio clip ε.
         adv_clip_max: advantages are clipped to ``[-adv_clip_max, adv_clip_max]``.
         kl_coef: weight of the KL penalty to the initial policy (0 disables; needs a
@@ -283,6 +285,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     warmup_steps: int = 0
     timestep_fraction: float = 0.6
+    skip_last_timestep: bool = False
     clip_range: float = 1e-4
     adv_clip_max: float = 5.0
     kl_coef: float = 0.0
@@ -452,6 +455,11 @@ class GRPOConfig:
                 f"top_k + bottom_k ({bon.top_k} + {bon.bottom_k}) must be <= "
                 f"sampling.group_size ({self.sampling.group_size})",
             )
+        _check(
+            not (self.train.skip_last_timestep and self.sampling.num_steps < 2),
+            "train.skip_last_timestep",
+            f"needs sampling.num_steps >= 2 (got {self.sampling.num_steps}): nothing would train",
+        )
         _check(
             not (self.train.lora.enabled and self.train.ema_decay > 0),
             "train.ema_decay",

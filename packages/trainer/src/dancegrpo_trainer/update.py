@@ -143,7 +143,11 @@ class GradientAccumulator:
                 else self._generator
             )
             self._timesteps[batch_index] = select_timesteps(
-                1, num_steps, timestep_fraction=self.cfg.timestep_fraction, generator=gen
+                1,
+                num_steps,
+                timestep_fraction=self.cfg.timestep_fraction,
+                generator=gen,
+                skip_last=self.cfg.skip_last_timestep,
             )[0].tolist()
         return self._timesteps[batch_index]
 

@@ -107,6 +107,9 @@ class _WeightFreeReward(Reward):
             )
         self.modality = modality
         self.settings = {**self.option_defaults, **self.options, "modality": modality}
+        payload = json.dumps({"kind": self.kind, **self.settings}, sort_keys=True)
+        # Computed once: the server echoes the version in every ScoreResponse.
+        self._version = f"{self.kind}-{hashlib.sha256(payload.encode()).hexdigest()[:12]}"
 
     @property
     def output_names(self) -> tuple[str, ...]:
@@ -114,8 +117,7 @@ class _WeightFreeReward(Reward):
 
     @property
     def version(self) -> str:
-        payload = json.dumps({"kind": self.kind, **self.settings}, sort_keys=True)
-        return f"{self.kind}-{hashlib.sha256(payload.encode()).hexdigest()[:12]}"
+        return self._version
 
     def score(self, batch: RewardBatch) -> dict[str, np.ndarray]:
         values = [self.score_one(m, p) for m, p in zip(batch.media, batch.prompts, strict=True)]

@@ -30,9 +30,8 @@ from dancegrpo_trainer.policies.flux_latents import (
 )
 from dancegrpo_trainer.policies.runtime import (
     RuntimeConfig,
-    decode_in_chunks,
+    decode_to_uint8,
     freeze,
-    images_to_uint8,
     module_dtype,
     parse_resolution,
     place,
@@ -366,8 +365,7 @@ class FluxPolicy(Policy):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Packed final latents ``[N, L, 4C]`` → ``uint8`` ``[N, H, W, 3]`` (CPU), decoded on
         ``vae_device`` ``vae_decode_chunk_size`` samples at a time."""
-        images = decode_in_chunks(self._decode_chunk, latents, self.config.vae_decode_chunk_size)
-        return images_to_uint8(images)
+        return decode_to_uint8(self._decode_chunk, latents, self.config.vae_decode_chunk_size)
 
     # ----------------------------------------------------------------- training
     def trainable_module(self) -> nn.Module:

@@ -157,17 +157,19 @@ def vae_decode(vae: nn.Module, latents: torch.Tensor, device: torch.device) -> t
     return vae.decode(latents, return_dict=False)[0]
 
 
-def decode_in_chunks(
+def decode_to_uint8(
     decode_fn: Callable[[torch.Tensor], torch.Tensor],
     latents: torch.Tensor,
     chunk_size: int,
 ) -> torch.Tensor:
-    """Applies ``decode_fn`` to ``latents`` ``[N, ...]`` ``chunk_size`` rows at a time under
-    ``no_grad`` and concatenates the (CPU) results along the batch dimension."""
+    """Decodes ``latents`` ``[N, ...]`` with ``decode_fn`` (images in ``[-1, 1]``,
+    ``[n, 3, H, W]``) ``chunk_size`` rows at a time under ``no_grad``; each chunk becomes
+    ``uint8`` (``images_to_uint8``) before the next is decoded, so only one chunk is ever
+    held in float. Returns ``uint8`` ``[N, H, W, 3]`` on CPU."""
     outputs = []
     with torch.no_grad():
         for chunk in _chunks(latents, chunk_size):
-            outputs.append(decode_fn(chunk).cpu())
+            outputs.append(images_to_uint8(decode_fn(chunk)))
     return torch.cat(outputs)
 
 

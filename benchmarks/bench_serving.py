@@ -45,13 +45,17 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def gunicorn_baseline(checkpoint: Path, timeout_s: float = 120.0) -> Iterator[str]:
+def gunicorn_baseline(
+    checkpoint: Path | None, reward: str = "clip", timeout_s: float = 120.0
+) -> Iterator[str]:
     """Runs the HTTP + pickle baseline under gunicorn (1 sync worker); yields its URL."""
     import requests
 
     port = _free_port()
     gunicorn = Path(sys.executable).with_name("gunicorn")
-    env = dict(os.environ, BASELINE_CHECKPOINT=str(checkpoint), HF_HUB_OFFLINE="1")
+    env = dict(os.environ, BASELINE_REWARD=reward, HF_HUB_OFFLINE="1")
+    if checkpoint is not None:
+        env["BASELINE_CHECKPOINT"] = str(checkpoint)
     env["PYTHONPATH"] = os.pathsep.join([str(BENCH_DIR), env.get("PYTHONPATH", "")])
     log = tempfile.TemporaryFile()  # noqa: SIM115 - closed in the finally below
     args = [str(gunicorn), "-w", "1", "-k", "sync", "-t", "300", "-b", f"127.0.0.1:{port}"]
@@ -205,5 +209,80 @@ def run(repeats: int = 8) -> list[dict]:
     return entries
 
 
+TRANSPORT_SIZE = 512  # the resolution SD-1.5 / Flow-GRPO's SD3.5 recipes generate at
+
+
+def smooth_images(n: int, size: int, seed: int = 0) -> np.ndarray:
+    """``n`` photo-like ``uint8`` images: smooth colour fields plus mild noise (JPEG
+    compresses them like real generations, unlike uniform noise)."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.uniform(0, 255, (n, 8, 8, 3))
+    up = coarse.repeat(size // 8, axis=1).repeat(size // 8, axis=2)
+    noise = rng.normal(0, 4, up.shape)
+    return np.clip(up + noise, 0, 255).astype(np.uint8)
+
+
+def run_transport(repeats: int = 8) -> list[dict]:
+    """p1b's transport-dominated companion: the same two serving paths hosting a
+    weight-free reward (``brightness``, ~1 ms of compute), 512 px images, batch 8.
+
+    Not a substitute for p1b (whose goal is stated for a forward-dominated model): it shows
+    what the serving path itself costs on each side once the model is out of the way.
+    """
+    import requests
+
+    from dancegrpo_proto import RewardClient
+    from dancegrpo_testing.servers import running_reward_server
+    from http_pickle_baseline import score_over_http
+
+    images = smooth_images(BATCH, TRANSPORT_SIZE)
+    prompts = ["a photo"] * BATCH
+    config = {
+        "server": {"host": "127.0.0.1", "grace_period_s": 5},
+        "rewards": {
+            "brightness": {
+                "kind": "brightness",
+                "max_batch_size": BATCH,
+                "max_queue_delay_ms": 5,
+                "max_queue_size": 256,
+            }
+        },
+    }
+    with (
+        running_reward_server(config, metrics=False, startup_timeout_s=180) as server,
+        gunicorn_baseline(None, reward="brightness") as url,
+        RewardClient(server.target, timeout=300) as client,
+        requests.Session() as session,
+    ):
+        got = client.score("brightness", images=images, prompts=prompts)["score"]
+        got_http = score_over_http(session, url, images, prompts, HTTP_CHUNK)
+        np.testing.assert_allclose(got_http, got, atol=2e-2)  # JPEG is lossy, means agree
+
+        def grpc_side() -> None:
+            client.score("brightness", images=images, prompts=prompts)
+
+        def http_side() -> None:
+            score_over_http(session, url, images, prompts, HTTP_CHUNK)
+
+        t = interleaved(grpc_side, http_side, repeats=repeats * 4)
+    ratio = t.b_s / t.a_s
+    return [
+        record(
+            "p1b_transport_over_http_pickle",
+            ratio,
+            ">= 2 (info)",
+            ratio >= 2.0,
+            {
+                "summary": f"brightness (weight-free), {TRANSPORT_SIZE}px, batch {BATCH}: "
+                f"gRPC raw {t.a_s * 1e3:.1f} ms vs Flask/gunicorn + pickled JPEG in chunks "
+                f"of {HTTP_CHUNK} {t.b_s * 1e3:.1f} ms",
+                "grpc_s": t.a_samples,
+                "http_pickle_s": t.b_samples,
+            },
+        )
+    ]
+
+
 if __name__ == "__main__":
     run()
+    run_transport()

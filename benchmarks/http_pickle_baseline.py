@@ -9,6 +9,9 @@ benchmark; never serve it to a network (unpickling untrusted bytes runs code).
 
     BASELINE_CHECKPOINT=... gunicorn -w 1 -b 127.0.0.1:PORT \
         --chdir benchmarks "http_pickle_baseline:create_app()"
+
+``BASELINE_REWARD=brightness`` hosts the weight-free ``brightness`` reward instead of the
+CLIP model (the transport-dominated comparison; no checkpoint needed).
 """
 
 from __future__ import annotations
@@ -23,15 +26,13 @@ import numpy as np
 
 def create_app():  # noqa: ANN201 - a Flask app (gunicorn's app-factory convention)
     """The Flask app: ``POST /`` with a pickled ``{"images": [jpeg bytes], "prompts": [...]}``
-    returns a pickled ``{"scores": [float], "clip_scores": [float]}``."""
+    returns a pickled ``{"scores": [float]}``."""
     from flask import Flask, Response, request
     from PIL import Image
 
-    from clip_fixture import reward_options
     from dancegrpo_rewards.base import RewardBatch
-    from dancegrpo_rewards.kinds.clip_score import CLIPScoreReward
 
-    reward = CLIPScoreReward("clip", reward_options(os.environ["BASELINE_CHECKPOINT"]))
+    reward = _baseline_reward(os.environ.get("BASELINE_REWARD", "clip"))
     reward.load()
     reward.warmup()
     # Like our server, run the model on one dedicated thread (see bench_serving.py).
@@ -45,10 +46,22 @@ def create_app():  # noqa: ANN201 - a Flask app (gunicorn's app-factory conventi
         n = len(images)
         batch = RewardBatch(data["prompts"], images, [None] * n, [None] * n)
         out = model_thread.submit(reward.score, batch).result()
-        body = {"scores": out["score"].tolist(), "clip_scores": out["clip_score"].tolist()}
+        body = {"scores": out["score"].tolist()}
         return Response(pickle.dumps(body), mimetype="application/octet-stream")
 
     return app
+
+
+def _baseline_reward(kind: str):  # noqa: ANN202 - a dancegrpo_rewards Reward
+    """The same reward our server hosts in the comparison."""
+    if kind == "brightness":
+        from dancegrpo_rewards.kinds.weight_free import Brightness
+
+        return Brightness("brightness", {})
+    from clip_fixture import reward_options
+    from dancegrpo_rewards.kinds.clip_score import CLIPScoreReward
+
+    return CLIPScoreReward("clip", reward_options(os.environ["BASELINE_CHECKPOINT"]))
 
 
 def score_over_http(session, url: str, images: np.ndarray, prompts: list[str], chunk: int):

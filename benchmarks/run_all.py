@@ -24,7 +24,7 @@ from common import latest_entries, write_table  # noqa: E402
 
 # Benchmarks by name; "serving" measures p1, p1b and p2 against one set of servers.
 BENCHMARKS = {
-    "serving": lambda: bench_serving.run(),
+    "serving": lambda: bench_serving.run() + bench_serving.run_transport(),
     "p3": lambda: [bench_trainer.bench_p3(8)],
     "p4": lambda: [bench_trainer.bench_p4()],
     "p5": lambda: [bench_trainer.bench_p5(8)],

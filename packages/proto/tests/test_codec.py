@@ -113,6 +113,45 @@ def test_build_score_request_and_metadata_round_trip():
     assert not request.samples[1].HasField("metadata")
 
 
+_SERIALIZE_CASES = {
+    "images": dict(media=[_rng_frames(4, 5, 3), _rng_frames(6, 3, 3)], prompts=["a", "ü"]),
+    "no_prompts": dict(media=[_rng_frames(2, 2, 3)], prompts=None),
+    "empty_prompt_and_id": dict(media=[_rng_frames(3, 3, 3)], prompts=[""], request_id=""),
+    "stacked_video": dict(media=_rng_frames(2, 3, 4, 5, 3), prompts=["x", "y"]),
+    # a big sample: data longer than 2**21 bytes needs a 4-byte varint length
+    "large": dict(media=[_rng_frames(1, 800, 900, 3)], prompts=["p" * 200]),
+    "non_contiguous": dict(media=[_rng_frames(8, 6, 3)[::2, ::-1]], prompts=["a"]),
+    "condition_and_metadata": dict(
+        media=[_rng_frames(2, 4, 4, 3), _rng_frames(2, 4, 4, 3)],
+        prompts=["a", "b"],
+        condition_images=[_rng_frames(4, 4, 3), None],
+        metadata=[{"geneval": {"tag": "counting", "include": [{"class_name": "dog"}]}}, None],
+    ),
+}
+
+
+@pytest.mark.parametrize("encoding", ["raw", "png"])
+@pytest.mark.parametrize("case", sorted(_SERIALIZE_CASES))
+def test_serialize_score_request_writes_the_bytes_protobuf_writes(case, encoding):
+    kwargs = dict(_SERIALIZE_CASES[case])
+    kwargs.setdefault("request_id", "req-7")
+    media, prompts = kwargs.pop("media"), kwargs.pop("prompts")
+    expected = codec.build_score_request("hps", media, prompts, encoding=encoding, **kwargs)
+    wire = codec.serialize_score_request("hps", media, prompts, encoding=encoding, **kwargs)
+    assert wire == expected.SerializeToString()
+    assert pb.ScoreRequest.FromString(wire) == expected
+
+
+def test_serialize_score_request_rejects_what_build_rejects():
+    images = [np.zeros((4, 4, 3), np.uint8), np.zeros((4, 4, 4), np.uint8)]
+    with pytest.raises(codec.CodecError, match=r"samples\[1\]\.media"):
+        codec.serialize_score_request("r", images, ["a", "b"])
+    with pytest.raises(codec.CodecError, match=r"samples\[0\]\.prompt"):
+        codec.serialize_score_request("r", images[:1], [3])
+    with pytest.raises(ValueError, match="prompts has 1 entries"):
+        codec.serialize_score_request("r", images, ["a"])
+
+
 def test_build_score_request_names_the_bad_sample():
     images = [np.zeros((4, 4, 3), np.uint8), np.zeros((4, 4, 4), np.uint8)]
     with pytest.raises(codec.CodecError, match=r"samples\[1\]\.media"):

@@ -15,6 +15,7 @@ from dancegrpo_rewards.kinds.weight_free import (
     Brightness,
     ColorMatch,
     JpegCompressibility,
+    mean_rgb,
     prompt_color,
 )
 from dancegrpo_rewards.registry import reward_class
@@ -78,6 +79,15 @@ def test_brightness_is_rec601_luma():
         _batch([_solid((255, 0, 0)), _solid((0, 255, 0)), _solid((255, 255, 255))])
     )
     np.testing.assert_allclose(out["score"], [0.299, 0.587, 1.0], atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(7, 5, 3), (3, 16, 9, 3), (1, 1, 3)])
+def test_mean_rgb_equals_the_float_mean(shape):
+    frames = np.random.default_rng(1).integers(0, 256, shape, dtype=np.uint8)
+    expected = frames.reshape(-1, 3).astype(np.float64).mean(axis=0) / 255.0
+    np.testing.assert_allclose(mean_rgb(frames), expected, rtol=1e-12)
+    strided = frames[..., ::-1]  # a non-contiguous view sums the same
+    np.testing.assert_allclose(mean_rgb(strided), expected[::-1], rtol=1e-12)
 
 
 def test_jpeg_compressibility_is_negative_jpeg_kilobytes():

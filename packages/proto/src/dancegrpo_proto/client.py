@@ -89,11 +89,16 @@ class RetryPolicy:
         return rng.uniform(0.0, cap)
 
 
+_SCORE_METHOD = f"/{pb.DESCRIPTOR.services_by_name['RewardService'].full_name}/Score"
+
+
 @dataclasses.dataclass
 class _Channel:
     target: str
     channel: grpc.Channel
     stub: rewards_pb2_grpc.RewardServiceStub
+    #: ``Score`` taking the request's wire bytes (``codec.serialize_score_request``).
+    score_bytes: grpc.UnaryUnaryMultiCallable
 
 
 class RewardClient:
@@ -169,8 +174,11 @@ class RewardClient:
                 channel = grpc.insecure_channel(target, options=options)
             else:
                 channel = grpc.secure_channel(target, credentials, options=options)
+            score_bytes = channel.unary_unary(
+                _SCORE_METHOD, response_deserializer=pb.ScoreResponse.FromString
+            )
             self._channels.append(
-                _Channel(target, channel, rewards_pb2_grpc.RewardServiceStub(channel))
+                _Channel(target, channel, rewards_pb2_grpc.RewardServiceStub(channel), score_bytes)
             )
         self._rotation = itertools.cycle(range(len(self._channels)))
         self._lock = threading.Lock()
@@ -232,12 +240,12 @@ class RewardClient:
         )
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         chunk = self.chunk_size or n
-        requests = []
+        requests = []  # wire bytes, built once per chunk (retries resend them)
         for start in range(0, n, chunk):
             stop = min(start + chunk, n)
             try:
                 requests.append(
-                    codec.build_score_request(
+                    codec.serialize_score_request(
                         reward,
                         media[start:stop],
                         None if prompts is None else prompts[start:stop],
@@ -252,9 +260,11 @@ class RewardClient:
             except codec.CodecError as exc:
                 raise ValueError(_shift_index(str(exc), start)) from None
         if len(requests) == 1:
-            responses = [self._call_score(requests[0], deadline)]
+            responses = [self._call_score(reward, requests[0], deadline)]
         else:
-            futures = [self._chunk_pool.submit(self._call_score, r, deadline) for r in requests]
+            futures = [
+                self._chunk_pool.submit(self._call_score, reward, r, deadline) for r in requests
+            ]
             responses = [f.result() for f in futures]
         parts = [codec.response_to_numpy(r) for r in responses]
         return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
@@ -331,11 +341,11 @@ class RewardClient:
         with self._lock:
             return self._channels[next(self._rotation)]
 
-    def _call_score(self, request: pb.ScoreRequest, deadline: float) -> pb.ScoreResponse:
+    def _call_score(self, reward: str, request: bytes, deadline: float) -> pb.ScoreResponse:
         def call(ch: _Channel, attempt_timeout: float) -> pb.ScoreResponse:
-            return ch.stub.Score(request, timeout=attempt_timeout, metadata=self._metadata)
+            return ch.score_bytes(request, timeout=attempt_timeout, metadata=self._metadata)
 
-        return self._with_retries(request.reward, deadline, call)
+        return self._with_retries(reward, deadline, call)
 
     def _with_retries(self, reward: str, deadline: float, call: Any) -> Any:
         retry = 0

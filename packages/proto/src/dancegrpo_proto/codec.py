@@ -161,20 +161,102 @@ def build_score_request(
     request = pb.ScoreRequest(reward=reward, request_id=request_id)
     for i in range(n):
         sample = request.samples.add()
-        if prompts is not None:
-            prompt = prompts[i]
-            if not isinstance(prompt, str):
-                raise CodecError(f"samples[{i}].prompt", "must be a string")
-            sample.prompt = prompt
+        _fill_prompt(sample, i, prompts)
         encode_media_into(sample.media, media[i], encoding, f"samples[{i}].media")
-        if condition_images is not None and condition_images[i] is not None:
-            field = f"samples[{i}].condition_image"
-            if check_frames(condition_images[i], field).ndim != 3:
-                raise CodecError(field, "a condition image must be [H, W, 3]")
-            encode_media_into(sample.condition_image, condition_images[i], encoding, field)
-        if metadata is not None and metadata[i] is not None:
-            sample.metadata.CopyFrom(metadata_to_proto(metadata[i], f"samples[{i}].metadata"))
+        _fill_condition_and_metadata(sample, i, condition_images, metadata, encoding)
     return request
+
+
+def serialize_score_request(
+    reward: str,
+    media: Sequence[np.ndarray] | np.ndarray,
+    prompts: Sequence[str] | None = None,
+    *,
+    condition_images: Sequence[np.ndarray | None] | np.ndarray | None = None,
+    metadata: Sequence[Mapping[str, Any] | None] | None = None,
+    encoding: Encoding = "raw",
+    request_id: str = "",
+) -> bytes:
+    """The wire bytes of ``build_score_request(...)``, with raw pixels copied only once.
+
+    Setting a protobuf ``bytes`` field copies the pixels and serialising copies them again,
+    each into a fresh multi-megabyte allocation (the page faults cost more than the copies:
+    ~8 ms of a 6 MB request on a 2-core box). Here every sample's ``media.raw.data`` is
+    written straight from the array into the one output buffer; the small fields go
+    through protobuf as usual. Same bytes as ``SerializeToString`` (fields in number order,
+    the encoding protobuf itself produces), same validation and errors.
+    """
+    if encoding != "raw":
+        return build_score_request(
+            reward,
+            media,
+            prompts,
+            condition_images=condition_images,
+            metadata=metadata,
+            encoding=encoding,
+            request_id=request_id,
+        ).SerializeToString()
+    n = len(media)
+    check_columns(n, prompts=prompts, condition_images=condition_images, metadata=metadata)
+    pieces: list[bytes | memoryview] = [pb.ScoreRequest(reward=reward).SerializeToString()]
+    for i in range(n):
+        head, tail = pb.Sample(), pb.Sample()
+        _fill_prompt(head, i, prompts)
+        frames = np.ascontiguousarray(check_frames(media[i], f"samples[{i}].media"))
+        _fill_condition_and_metadata(tail, i, condition_images, metadata, encoding)
+        head_bytes, tail_bytes = head.SerializeToString(), tail.SerializeToString()
+        # RawFrames = data (field 1) + shape (field 2); Media.raw is field 1 of Media;
+        # Sample.media is field 2, between prompt (1) and condition_image/metadata (3, 4).
+        shape_bytes = pb.RawFrames(shape=frames.shape).SerializeToString()
+        data_key = _length_prefix(1, frames.nbytes)
+        raw_len = len(data_key) + frames.nbytes + len(shape_bytes)
+        raw_key = _length_prefix(1, raw_len)
+        media_key = _length_prefix(2, len(raw_key) + raw_len)
+        sample_len = len(head_bytes) + len(media_key) + len(raw_key) + raw_len + len(tail_bytes)
+        pieces += [_length_prefix(2, sample_len), head_bytes, media_key, raw_key, data_key]
+        pieces += [memoryview(frames).cast("B"), shape_bytes, tail_bytes]
+    pieces.append(pb.ScoreRequest(request_id=request_id).SerializeToString())
+    return b"".join(pieces)
+
+
+def _length_prefix(field_number: int, length: int) -> bytes:
+    """Key and length of a length-delimited protobuf field (wire type 2)."""
+    return _varint(field_number << 3 | 2) + _varint(length)
+
+
+def _varint(value: int) -> bytes:
+    """Protobuf base-128 varint of a non-negative integer."""
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _fill_prompt(sample: pb.Sample, i: int, prompts: Sequence[str] | None) -> None:
+    if prompts is None:
+        return
+    prompt = prompts[i]
+    if not isinstance(prompt, str):
+        raise CodecError(f"samples[{i}].prompt", "must be a string")
+    sample.prompt = prompt
+
+
+def _fill_condition_and_metadata(
+    sample: pb.Sample,
+    i: int,
+    condition_images: Sequence[np.ndarray | None] | np.ndarray | None,
+    metadata: Sequence[Mapping[str, Any] | None] | None,
+    encoding: Encoding,
+) -> None:
+    if condition_images is not None and condition_images[i] is not None:
+        field = f"samples[{i}].condition_image"
+        if check_frames(condition_images[i], field).ndim != 3:
+            raise CodecError(field, "a condition image must be [H, W, 3]")
+        encode_media_into(sample.condition_image, condition_images[i], encoding, field)
+    if metadata is not None and metadata[i] is not None:
+        sample.metadata.CopyFrom(metadata_to_proto(metadata[i], f"samples[{i}].metadata"))
 
 
 def outputs_to_proto(outputs: Mapping[str, np.ndarray]) -> list[pb.OutputColumn]:

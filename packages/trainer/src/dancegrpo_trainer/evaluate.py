@@ -299,27 +299,46 @@ def summarise(
     samples_per_prompt: int,
 ) -> list[dict[str, Any]]:
     """Rows ``{metric, tag, base, tuned, relative_change_pct, n}``: each metric overall,
-    then per tag when the prompt set has tags."""
+    then per tag when the prompt set has tags.
+
+    With tags, "overall" is the mean of the per-tag means, the benchmarks' own convention
+    (GenEval's overall score averages its six task scores; HPD v2 averages its four
+    styles), so a tag with more prompts does not weigh more. Without tags it is the mean
+    over all samples.
+    """
     tags = [p.tag for p in prompts for _ in range(samples_per_prompt)]
-    groups: list[tuple[str | None, np.ndarray]] = [(None, np.ones(len(tags), bool))]
-    for tag in dict.fromkeys(t for t in tags if t is not None):
-        groups.append((tag, np.asarray([t == tag for t in tags])))
+    tag_masks = [
+        (tag, np.asarray([t == tag for t in tags]))
+        for tag in dict.fromkeys(tags)
+        if tag is not None
+    ]
     rows = []
     for metric in scores["base"]:
-        for tag, mask in groups:
+        per_tag = []
+        for tag, mask in tag_masks:
             base = float(scores["base"][metric][mask].mean())
             tuned = float(scores["tuned"][metric][mask].mean())
-            rows.append(
-                {
-                    "metric": metric,
-                    "tag": tag,
-                    "base": base,
-                    "tuned": tuned,
-                    "relative_change_pct": relative_change(base, tuned),
-                    "n": int(mask.sum()),
-                }
-            )
+            per_tag.append(_row(metric, tag, base, tuned, int(mask.sum())))
+        if per_tag:
+            base = float(np.mean([r["base"] for r in per_tag]))
+            tuned = float(np.mean([r["tuned"] for r in per_tag]))
+        else:
+            base = float(scores["base"][metric].mean())
+            tuned = float(scores["tuned"][metric].mean())
+        rows.append(_row(metric, None, base, tuned, len(tags)))
+        rows.extend(per_tag)
     return rows
+
+
+def _row(metric: str, tag: str | None, base: float, tuned: float, n: int) -> dict[str, Any]:
+    return {
+        "metric": metric,
+        "tag": tag,
+        "base": base,
+        "tuned": tuned,
+        "relative_change_pct": relative_change(base, tuned),
+        "n": n,
+    }
 
 
 def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:

@@ -60,7 +60,12 @@ def prompt_color(prompt: str) -> str | None:
 
 def mean_rgb(frames: np.ndarray) -> np.ndarray:
     """Mean colour of ``uint8 [H, W, 3]`` or ``[T, H, W, 3]`` frames, in ``[0, 1]``, shape (3,)."""
-    return frames.reshape(-1, 3).mean(axis=0, dtype=np.float64) / 255.0
+    # Exact integer sums, row by row: numpy reduces a contiguous [rows, W * 3] array over
+    # its first axis with vector adds, ~15x faster than ``reshape(-1, 3).mean(0)``'s
+    # strided 3-wide reduction (5 ms -> 0.4 ms for 512 x 512).
+    row_sums = frames.reshape(-1, frames.shape[-2] * 3).sum(axis=0, dtype=np.uint64)
+    totals = row_sums.reshape(-1, 3).sum(axis=0)
+    return totals / (255.0 * (frames.size // 3))
 
 
 def color_match_score(frames: np.ndarray, color: str) -> float:

@@ -32,7 +32,15 @@ def test_demo_config_validates_with_files_checked():
 def test_rewards_config_validates_and_names_real_kinds():
     config = load_config(SERVICES / "rewards.yaml", env=WEIGHTS_ENV, require_files=False)
     kinds = {s.kind for s in config.rewards.values()}
-    assert kinds == {"hps", "clip", "aesthetic", "video_frames", "threshold"}
+    assert kinds == {
+        "hps",
+        "clip",
+        "aesthetic",
+        "video_frames",
+        "threshold",
+        "videoalign",
+        "geneval",
+    }
     assert kinds <= set(REWARD_KINDS)
     assert config.rewards["hps"].options["checkpoint"] == "/weights/hps/HPS_v2.1_compressed.pt"
     assert config.rewards["hps_binary"].options["reward"]["kind"] == "hps"

@@ -1,7 +1,8 @@
 """The shipped recipes (configs/*.yaml) run as a user runs them: real recipe files, tiny
 diffusers folders under ``$DANCEGRPO_WEIGHTS``, prompt files and the embedding cache under
 ``$DANCEGRPO_DATA``, and one real reward-service process at ``$DANCEGRPO_REWARDS`` hosting
-tiny ``hps``, ``clip`` and ``hps_binary`` (threshold over hps) plus a video ``color_match``.
+tiny ``hps``, ``clip``, ``hps_binary`` (threshold over hps) and ``videoalign`` (tiny
+Qwen2-VL VideoReward) plus a video ``color_match``.
 
 Only what CPU and tiny models force is overridden (resolution, step count, run folder).
 Also here: ``dancegrpo-train preprocess``, the KL penalty, EMA, gradient checkpointing,
@@ -61,7 +62,7 @@ def one_torch_thread() -> Iterator[None]:
 def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """``weights/`` (tiny SD and FLUX folders named as the recipes expect), ``data/prompts``,
     and the tiny CLIP reward files."""
-    from dancegrpo_testing import clip_models, diffusion_models
+    from dancegrpo_testing import clip_models, diffusion_models, video_models, videoalign_models
 
     root = tmp_path_factory.mktemp("recipes")
     weights = root / "weights"
@@ -69,12 +70,23 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         diffusion_models.tiny_stable_diffusion_pipeline(), weights / "stable-diffusion-v1-5"
     )
     diffusion_models.save_pipeline(diffusion_models.tiny_flux_pipeline(), weights / "FLUX.1-dev")
+    diffusion_models.save_pipeline(
+        video_models.tiny_hunyuan_video_pipeline(), weights / "HunyuanVideo"
+    )
     data = root / "data"
     (data / "prompts").mkdir(parents=True)
-    (data / "prompts" / "hps_train.txt").write_text("\n".join(TRAIN_PROMPTS) + "\n")
-    (data / "prompts" / "hps_eval.txt").write_text("\n".join(EVAL_PROMPTS) + "\n")
+    for prefix in ("hps", "video"):
+        (data / "prompts" / f"{prefix}_train.txt").write_text("\n".join(TRAIN_PROMPTS) + "\n")
+        (data / "prompts" / f"{prefix}_eval.txt").write_text("\n".join(EVAL_PROMPTS) + "\n")
     files = clip_models.write_tiny_clip_files(root / "clip")
-    return {"root": root, "weights": weights, "data": data, "clip": files.config.parent}
+    videoalign = videoalign_models.write_hf_folder(root / "videoalign")
+    return {
+        "root": root,
+        "weights": weights,
+        "data": data,
+        "clip": files.config.parent,
+        "videoalign": videoalign,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +110,16 @@ def server(assets: dict[str, Path]) -> Iterator[str]:
                 "options": {"reward": {"kind": "hps", **hps}, "threshold": 0.0},
             },
             "color_video": {"kind": "color_match", "options": {"modality": "video"}},
+            # Small frame budget: the tiny Qwen2-VL sees a few 28 px patches per frame.
+            "videoalign": {
+                "kind": "videoalign",
+                "options": {
+                    "path": str(assets["videoalign"]),
+                    "min_frame_pixels": 28 * 28,
+                    "max_frame_pixels": 56 * 56,
+                    "source_fps": 8.0,
+                },
+            },
         },
     }
     env = {"OMP_NUM_THREADS": "1"}
@@ -113,8 +135,9 @@ def recipe_env(assets: dict[str, Path], server: str) -> Iterator[dict[str, Path]
         mp.setenv("DANCEGRPO_WEIGHTS", str(assets["weights"]))
         mp.setenv("DANCEGRPO_DATA", str(assets["data"]))
         mp.setenv("DANCEGRPO_REWARDS", server)
-        rc = train_main(["preprocess", "--config", str(CONFIGS / "flux_hps_clip.yaml")])
-        assert rc == 0
+        for recipe in ("flux_hps_clip", "hunyuan_video_videoalign"):
+            rc = train_main(["preprocess", "--config", str(CONFIGS / f"{recipe}.yaml")])
+            assert rc == 0
         yield assets
 
 
@@ -252,6 +275,22 @@ def test_flux_best_of_n_recipe_trains_on_top_and_bottom_four_of_24(
     assert adv.shape == (8,)  # trained on 4 + 4
     assert (adv[:4] > 0).all() and (adv[4:] < 0).all()
     assert adv[:4].min() > adv[4:].max()
+    assert_trained_and_saved(trainer, tmp_path)
+
+
+def test_hunyuan_video_videoalign_recipe_trains_on_vq_and_mq(
+    recipe_env: dict[str, Path], tmp_path: Path, cli_trainer: type[RecordingTrainer]
+) -> None:
+    """HunyuanVideo T2V against the real ``videoalign`` kind (tiny Qwen2-VL VideoReward),
+    5 frames: the recipe's Best-of-N (24 sampled, 4 + 4 trained) on VQ + MQ advantages."""
+    trainer = run_recipe("hunyuan_video_videoalign", tmp_path, "model.num_frames=5")
+    rec = records(tmp_path)[0]
+    assert rec["samples"] == 24
+    vq, mq = rec["reward/videoalign/vq_mean"], rec["reward/videoalign/mq_mean"]
+    assert rec["reward_mean"] == pytest.approx((vq + mq) / 2, abs=1e-6)  # weights 1 and 1
+    assert {"output/videoalign/ta_mean", "output/videoalign/overall_mean"} <= set(rec)
+    assert trainer.policy.modality == "video" and trainer.policy.text_encoder is None
+    assert [r["step"] for r in records(tmp_path, "eval")] == [0, 1]
     assert_trained_and_saved(trainer, tmp_path)
 
 

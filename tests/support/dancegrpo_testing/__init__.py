@@ -9,6 +9,11 @@ Submodules, each importing its heavy dependencies only when used:
   Hugging Face ``CLIPModel`` folder and a random LAION aesthetic head.
 - ``diffusion_models``: tiny SD/FLUX components (UNet, VAE, CLIP, T5 + offline T5
   tokenizer, FluxTransformer) and pipeline builders / save helpers.
+- ``video_models``: a tiny HunyuanVideo pipeline (3-D transformer, video VAE, Llama + offline
+  byte-level BPE tokenizer, CLIP); save it with ``diffusion_models.save_pipeline``.
+- ``geneval_models``: a tiny Mask2Former COCO folder (hub layout) + colour CLIP for ``geneval``.
+- ``videoalign_models``: a tiny Qwen2-VL VideoAlign model (offline BPE tokenizer with the
+  reward tokens, ``rm_head``) as an HF folder, and a VideoReward release (peft LoRA).
 - ``images``: tiny encoded test images and a probe of what PIL actually decodes.
 - ``servers``: ``running_reward_server(config)`` starts ``dancegrpo-rewards serve`` as a
   real subprocess on an ephemeral loopback port.

@@ -19,6 +19,8 @@ REWARD_KINDS: dict[str, str] = {
     "hps": "dancegrpo_rewards.kinds.hps:HPSReward",
     "clip": "dancegrpo_rewards.kinds.clip_score:CLIPScoreReward",
     "aesthetic": "dancegrpo_rewards.kinds.aesthetic:AestheticReward",
+    "geneval": "dancegrpo_rewards.kinds.geneval:GenEvalReward",
+    "videoalign": "dancegrpo_rewards.kinds.videoalign:VideoAlignReward",
     # composite rewards
     "video_frames": "dancegrpo_rewards.kinds.composite:VideoFramesReward",
     "threshold": "dancegrpo_rewards.kinds.composite:ThresholdReward",

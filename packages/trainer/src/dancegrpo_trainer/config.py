@@ -37,12 +37,14 @@ class ModelConfig:
     """Which generator to fine-tune.
 
     Attributes:
-        kind: adapter name: ``tiny_flow`` (the CPU demo policy), ``stable_diffusion``, ``flux``.
+        kind: adapter name: ``tiny_flow`` (the CPU demo policy), ``stable_diffusion``, ``flux``,
+            ``hunyuan_video`` (text-to-video).
         path: local diffusers-format folder; ``${ENV}`` references expand when the model
             is built (e.g. ``${DANCEGRPO_WEIGHTS}/flux-dev``). Unused by ``tiny_flow``.
         height, width: output resolution in pixels.
-        num_frames: 1 for images; > 1 for video adapters (frames ``[N,T,H,W,3]``).
-        guidance_scale: classifier-free (SD) or embedded (FLUX) guidance.
+        num_frames: 1 for images; > 1 for video adapters (frames ``[N,T,H,W,3]``);
+            ``hunyuan_video``: ``4k + 1`` (e.g. 53).
+        guidance_scale: classifier-free (SD) or embedded (FLUX, HunyuanVideo) guidance.
         dtype: weight dtype of the frozen parts (``float32``, ``bfloat16``, ``float16``).
         options: adapter-specific keyword arguments, passed through verbatim.
         init_checkpoint: optional ``.safetensors`` of trainable-module weights loaded
@@ -60,8 +62,10 @@ class ModelConfig:
     init_checkpoint: str | None = None
 
     def validate(self) -> None:
-        known = ("tiny_flow", "stable_diffusion", "flux")
+        known = ("tiny_flow", "stable_diffusion", "flux", "hunyuan_video")
         _check(self.kind in known, "model.kind", f"must be one of {known}, got {self.kind!r}")
+        if self.kind == "hunyuan_video":
+            self._validate_hunyuan_video()
         _check(
             self.kind == "tiny_flow" or bool(self.path),
             "model.path",
@@ -72,6 +76,25 @@ class ModelConfig:
         _check(self.guidance_scale >= 0, "model.guidance_scale", "must be >= 0")
         dtypes = ("float32", "bfloat16", "float16")
         _check(self.dtype in dtypes, "model.dtype", f"must be one of {dtypes}")
+
+    def _validate_hunyuan_video(self) -> None:
+        """HunyuanVideo's geometry: the VAE keeps frame 0 and compresses time 4x (so
+        ``4k + 1`` frames) and space 8x, and the transformer patches 2x2 latents (so pixel
+        sizes are multiples of 16)."""
+        _check(
+            self.num_frames % 4 == 1,
+            "model.num_frames",
+            f"must be 4k + 1 for hunyuan_video (e.g. 53 as DanceGRPO, 129 as HunyuanVideo's "
+            f"default), got {self.num_frames}",
+        )
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            _check(
+                value % 16 == 0,
+                f"model.{name}",
+                f"must be a multiple of 16 for hunyuan_video (VAE 8x, patch 2), got {value}; "
+                f"try {max(16, round(value / 16) * 16)}",
+            )
 
 
 @dataclasses.dataclass

@@ -73,8 +73,11 @@ def _geneval_object(obj: Mapping[str, Any], include: Sequence[Mapping[str, Any]]
         out["color"] = str(obj["color"])
     if obj.get("position"):
         relation, index = obj["position"]
+        index = int(index)
+        if not 0 <= index < len(include):
+            raise IndexError(f"position index {index} outside include (length {len(include)})")
         out["position_relation"] = str(relation)
-        out["position_reference"] = str(include[int(index)]["class"])
+        out["position_reference"] = index  # the wire field is an index into include
     return out
 
 

@@ -19,9 +19,10 @@ def build_policy(
 ) -> Policy:
     """Instantiates the adapter for ``cfg.kind`` on ``device``.
 
-    ``cfg.options`` are passed to the adapter's config (SD/FLUX) or constructor (tiny_flow);
+    ``cfg.options`` are passed to the adapter's config (SD/FLUX/HunyuanVideo, which also
+    gets ``cfg.num_frames``) or constructor (tiny_flow);
     ``load_text_encoders=False`` skips text encoders when an embedding cache is used.
-    ``mixed_precision`` (``train.mixed_precision``: ``no``/``bf16``/``fp16``) sets the SD/FLUX
+    ``mixed_precision`` (``train.mixed_precision``: ``no``/``bf16``/``fp16``) sets the diffusers
     adapters' CUDA autocast so that ``no`` really runs the model in its weight dtype
     (an explicit ``options.autocast_dtype`` wins).
     """
@@ -55,6 +56,16 @@ def build_policy(
         from dancegrpo_trainer.policies.flux import FluxConfig, FluxPolicy
 
         return FluxPolicy.from_pretrained(path, _make(FluxConfig, common))
+    if cfg.kind == "hunyuan_video":
+        from dancegrpo_trainer.policies.hunyuan_video import (
+            HunyuanVideoConfig,
+            HunyuanVideoPolicy,
+        )
+
+        if "num_frames" in options:
+            raise ConfigError("model.options.num_frames: set model.num_frames instead")
+        video = {**common, "num_frames": cfg.num_frames}
+        return HunyuanVideoPolicy.from_pretrained(path, _make(HunyuanVideoConfig, video))
     raise ConfigError(f"model.kind: unknown adapter {cfg.kind!r}")
 
 

@@ -1,0 +1,474 @@
+"""Checkpoint layouts of the ``videoalign`` kind and how they load (local files only).
+
+``path`` is one of two layouts (docs/rewards.md, section ``videoalign``):
+
+1. **Hugging Face folder** (``save_pretrained`` of ``Qwen2VLForConditionalGeneration`` plus the
+   head): ``config.json``; ``model.safetensors`` (or shards listed in
+   ``model.safetensors.index.json``) holding the Qwen2-VL weights *and* ``rm_head.weight``
+   ``[3, hidden]`` (or ``[1, hidden]``); tokenizer files whose vocabulary contains the three
+   reward tokens; the processor config (``preprocessor_config.json`` or
+   ``processor_config.json``). transformers-4 key names (``model.layers.*``, ``visual.*``)
+   and transformers-5 names both load.
+2. **VideoReward release** (huggingface.co/KwaiVGI/VideoReward, written by VideoAlign's
+   trainer): ``model_config.json`` and ``checkpoint-<step>/model.pth``, a ``torch.save``'d
+   state dict of the PEFT-wrapped model — every weight, ``rm_head`` included, with
+   ``base_model.model.`` prefixes and the LoRA factors *not merged*
+   (``<m>.base_layer.weight``, ``<m>.lora_A.default.weight``, ``<m>.lora_B.default.weight``;
+   ``lora_embedding_A/B`` for embeddings). The architecture, tokenizer and processor come
+   from a local Qwen2-VL-2B-Instruct folder (``base_model_path``). As VideoAlign's
+   ``create_model_and_processor`` does, the three reward tokens are added to that tokenizer
+   (new ids at the end) and the embeddings take the checkpoint's row count. LoRA factors
+   are merged into the weights here — ``W + s·B·A`` with ``s = lora_alpha / r``
+   (``lora_alpha / √r`` for rsLoRA), peft's LoRA definition — so neither peft nor the base
+   model's weights are needed.
+
+The adapter-only form VideoAlign can also write (``adapter_model.safetensors`` +
+``non_lora_state_dict.pth``, base weights taken from the base model) is not supported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dancegrpo_rewards.base import RewardConfigError
+from dancegrpo_rewards.kinds.checkpoints import (
+    CheckpointError,
+    checkpoint_error,
+    folder_digest,
+)
+from dancegrpo_rewards.kinds.options import resolve_path
+
+DOCS_SECTION = "videoalign"
+#: The added tokens whose hidden states the head reads, in output order (VQ, MQ, TA).
+REWARD_TOKENS = ("<|VQ_reward|>", "<|MQ_reward|>", "<|TA_reward|>")
+
+EXPECTED_HF = (
+    "a Hugging Face Qwen2-VL folder: config.json, model.safetensors (or "
+    "model.safetensors.index.json + shards) with the Qwen2-VL weights and rm_head.weight, "
+    "tokenizer files containing <|VQ_reward|> <|MQ_reward|> <|TA_reward|>, and "
+    "preprocessor_config.json or processor_config.json; or a VideoReward release folder "
+    "(model_config.json + checkpoint-<step>/model.pth) with base_model_path"
+)
+EXPECTED_RELEASE = (
+    "a VideoReward release folder (huggingface.co/KwaiVGI/VideoReward): model_config.json and "
+    "checkpoint-<step>/model.pth (the full PEFT state dict written by VideoAlign's trainer)"
+)
+EXPECTED_BASE = (
+    "a local Qwen2-VL-2B-Instruct folder (huggingface.co/Qwen/Qwen2-VL-2B-Instruct): "
+    "config.json, tokenizer files and preprocessor_config.json"
+)
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+_PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
+_CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
+
+# peft's key layout of a wrapped model's state dict (peft.tuners.lora): the wrapper prefix,
+# the frozen weight moved under ``base_layer``, LoRA factors per adapter name, full copies
+# of ``modules_to_save`` next to the untouched ``original_module``.
+_PEFT_PREFIX = "base_model.model."
+_LORA_LINEAR = re.compile(r"^(?P<module>.+)\.(?P<part>lora_[AB])\.(?P<adapter>[^.]+)\.weight$")
+_LORA_EMBEDDING = re.compile(r"^(?P<module>.+)\.(?P<part>lora_embedding_[AB])\.(?P<adapter>[^.]+)$")
+_SAVED_MODULE = re.compile(r"^(?P<module>.+)\.modules_to_save\.[^.]+\.(?P<param>.+)$")
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoAlignCheckpoint:
+    """A checked checkpoint location (construction time: files exist, configs parse).
+
+    Attributes:
+        layout: ``"hf"`` or ``"videoreward"``.
+        path: the checkpoint folder.
+        weights: ``checkpoint-<step>/model.pth`` of a release; ``None`` for an HF folder.
+        base_model: the Qwen2-VL folder of a release; ``None`` for an HF folder.
+        lora_scaling: ``s`` of the release's LoRA (``None`` when LoRA is off or for HF).
+        digests: fingerprints for ``version``.
+    """
+
+    layout: str
+    path: Path
+    weights: Path | None
+    base_model: Path | None
+    lora_scaling: float | None
+    digests: dict[str, str]
+
+
+@dataclasses.dataclass
+class LoadedVideoAlign:
+    """A loaded VideoAlign model.
+
+    Attributes:
+        backbone: the transformers ``Qwen2VLModel`` (eval mode) giving ``[N, L, D]`` hidden states.
+        rm_head: ``[out_dim, D]`` float32 weight of the reward head (``out_dim`` 3 or 1).
+        processor: the ``Qwen2VLProcessor`` (tokenizer pads on the right).
+        token_ids: ids of ``REWARD_TOKENS``.
+        patch_factor: ``patch_size * merge_size`` of the video processor (28 for Qwen2-VL).
+        device, dtype: where and in which precision the backbone runs.
+    """
+
+    backbone: Any
+    rm_head: torch.Tensor
+    processor: Any
+    token_ids: tuple[int, int, int]
+    patch_factor: int
+    device: torch.device
+    dtype: torch.dtype
+
+
+def _has_any(folder: Path, names: tuple[str, ...]) -> bool:
+    return any((folder / name).is_file() for name in names)
+
+
+def _require_files(
+    folder: Path, groups: dict[str, tuple[str, ...]], what: str, expected: str
+) -> None:
+    """Raises ``CheckpointError`` for the first group of which ``folder`` holds no file."""
+    for label, names in groups.items():
+        if not _has_any(folder, names):
+            problem = f"folder lacks {label} ({' or '.join(names)})"
+            raise checkpoint_error(folder, what, expected, DOCS_SECTION, problem)
+
+
+def _release_error(reward_name: str, path: Path, problem: str) -> CheckpointError:
+    what = f"reward {reward_name!r}: VideoReward release (option 'path')"
+    return checkpoint_error(path, what, EXPECTED_RELEASE, DOCS_SECTION, problem)
+
+
+def _read_model_config(reward_name: str, file: Path) -> dict[str, Any]:
+    """Parses a release's ``model_config.json`` and checks it describes a special-token head."""
+    try:
+        config = json.loads(file.read_text())
+    except (OSError, ValueError) as err:
+        raise _release_error(reward_name, file, f"could not be read ({err})") from err
+    model = config.get("model_config") if isinstance(config, dict) else None
+    if not isinstance(model, dict):
+        raise _release_error(reward_name, file, "has no 'model_config' mapping")
+    # VideoAlign's create_model_and_processor adds the reward tokens only with
+    # use_special_tokens, and the head reads them only with reward_token == "special".
+    if not model.get("use_special_tokens") or model.get("reward_token", "special") != "special":
+        raise _release_error(
+            reward_name,
+            file,
+            "is not a special-token VideoAlign model (use_special_tokens, reward_token)",
+        )
+    return config
+
+
+def lora_scaling(peft_config: Mapping[str, Any]) -> float | None:
+    """``s`` of a VideoAlign ``peft_lora_config``: ``lora_alpha / r`` (``/ √r`` with rsLoRA).
+
+    ``None`` when ``lora_enable`` is false. Defaults are VideoAlign's ``PEFTLoraConfig``
+    (``lora_r = 16``, ``lora_alpha = 32``).
+    """
+    if not peft_config.get("lora_enable", False):
+        return None
+    rank = float(peft_config.get("lora_r", 16))
+    alpha = float(peft_config.get("lora_alpha", 32))
+    return alpha / (math.sqrt(rank) if peft_config.get("use_rslora", False) else rank)
+
+
+def _checkpoint_dir(reward_name: str, path: Path, step: int | None) -> Path:
+    """``checkpoint-<step>``, or the highest step as VideoAlign's loader picks by default."""
+    steps = {
+        int(match.group(1)): child
+        for child in path.iterdir()
+        if child.is_dir() and (match := _CHECKPOINT_DIR.match(child.name))
+    }
+    if not steps:
+        raise _release_error(reward_name, path, "holds no checkpoint-<step> folder")
+    if step is None:
+        return steps[max(steps)]
+    if step not in steps:
+        found = ", ".join(str(s) for s in sorted(steps))
+        raise _release_error(reward_name, path, f"has no checkpoint-{step} (found steps: {found})")
+    return steps[step]
+
+
+def _resolve_base_model(reward_name: str, value: str | None, release: Path) -> Path:
+    if not value:
+        raise RewardConfigError(
+            f"reward {reward_name!r}: option 'base_model_path': required because {release} is a "
+            f"VideoReward release folder; set it to {EXPECTED_BASE} "
+            f"(docs/rewards.md, section {DOCS_SECTION!r})"
+        )
+    base = resolve_path("base_model_path", value)
+    what = f"reward {reward_name!r}: base model (option 'base_model_path')"
+    if not base.is_dir():
+        raise checkpoint_error(base, what, EXPECTED_BASE, DOCS_SECTION, "folder not found")
+    groups = {"config": ("config.json",), "tokenizer files": _TOKENIZER_FILES}
+    groups["a processor config"] = _PROCESSOR_FILES
+    _require_files(base, groups, what, EXPECTED_BASE)
+    return base
+
+
+def _resolve_release(
+    reward_name: str, path: Path, base_model_path: str | None, step: int | None
+) -> VideoAlignCheckpoint:
+    config = _read_model_config(reward_name, path / "model_config.json")
+    folder = _checkpoint_dir(reward_name, path, step)
+    weights = folder / "model.pth"
+    if not weights.is_file():
+        adapter_only = (folder / "adapter_model.safetensors").is_file()
+        problem = (
+            "holds only LoRA adapters (adapter_model.safetensors); the full model.pth is required"
+            if adapter_only
+            else "lacks model.pth"
+        )
+        raise _release_error(reward_name, folder, problem)
+    base = _resolve_base_model(reward_name, base_model_path, path)
+    scaling = lora_scaling(config.get("peft_lora_config") or {})
+    digests = {"path": folder_digest(path), "base_model_path": folder_digest(base)}
+    return VideoAlignCheckpoint("videoreward", path, weights, base, scaling, digests)
+
+
+def resolve_checkpoint(
+    reward_name: str, path_value: str, base_model_path: str | None, step: int | None
+) -> VideoAlignCheckpoint:
+    """Checks the ``path`` folder (and ``base_model_path`` for a release) at construction.
+
+    Raises:
+        CheckpointError: a missing folder or file, or an unreadable ``model_config.json``;
+            the message names the path, the expected layout and the docs section.
+        RewardConfigError: ``base_model_path`` missing for a release or given for an HF folder.
+    """
+    path = resolve_path("path", path_value)
+    what = f"reward {reward_name!r}: VideoAlign checkpoint (option 'path')"
+    if not path.is_dir():
+        raise checkpoint_error(path, what, EXPECTED_HF, DOCS_SECTION, "folder not found")
+    if (path / "model_config.json").is_file() and not (path / "config.json").is_file():
+        return _resolve_release(reward_name, path, base_model_path, step)
+    if not (path / "config.json").is_file():
+        problem = "holds neither config.json (Hugging Face folder) nor model_config.json (release)"
+        raise checkpoint_error(path, what, EXPECTED_HF, DOCS_SECTION, problem)
+    if base_model_path or step is not None:
+        key = "base_model_path" if base_model_path else "checkpoint_step"
+        raise RewardConfigError(
+            f"reward {reward_name!r}: option {key!r}: only for a VideoReward release folder, "
+            f"but {path} is a Hugging Face folder (config.json)"
+        )
+    groups = {"weights": _WEIGHT_FILES, "tokenizer files": _TOKENIZER_FILES}
+    groups["a processor config"] = _PROCESSOR_FILES
+    _require_files(path, groups, what, EXPECTED_HF)
+    return VideoAlignCheckpoint("hf", path, None, None, None, {"path": folder_digest(path)})
+
+
+# --- LoRA merge ------------------------------------------------------------------------
+
+
+def _lora_delta(module: str, parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """``B·A`` of one LoRA module, shaped like its base weight.
+
+    Linear (peft ``lora.Linear``): ``A [r, in]``, ``B [out, r]`` → ``B @ A [out, in]``.
+    Embedding (peft ``lora.Embedding``): ``A [r, num]``, ``B [dim, r]`` → ``(B @ A)ᵀ [num, dim]``.
+    """
+    if {"lora_A", "lora_B"} <= parts.keys():
+        return parts["lora_B"].float() @ parts["lora_A"].float()
+    if {"lora_embedding_A", "lora_embedding_B"} <= parts.keys():
+        return (parts["lora_embedding_B"].float() @ parts["lora_embedding_A"].float()).T
+    raise ValueError(f"LoRA module {module!r} has an incomplete factor pair: {sorted(parts)}")
+
+
+def _split_peft_state_dict(
+    state_dict: Mapping[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
+    """``(plain weights, LoRA factors per module)`` with peft's wrapper names removed."""
+    plain: dict[str, torch.Tensor] = {}
+    saved: dict[str, torch.Tensor] = {}
+    factors: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in state_dict.items():
+        key = key.removeprefix(_PEFT_PREFIX)
+        if "lora_magnitude_vector" in key:
+            raise ValueError(f"DoRA weights are not supported: {key}")
+        if match := _LORA_LINEAR.match(key) or _LORA_EMBEDDING.match(key):
+            factors.setdefault(match.group("module"), {})[match.group("part")] = value
+        elif match := _SAVED_MODULE.match(key):
+            saved[f"{match.group('module')}.{match.group('param')}"] = value
+        elif ".original_module." not in key:
+            plain[key.replace(".base_layer.", ".")] = value
+    plain.update(saved)  # a trained copy replaces the frozen original
+    return plain, factors
+
+
+def merge_lora_state_dict(
+    state_dict: Mapping[str, torch.Tensor], scaling: float | None, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """Plain weights of a peft-wrapped model's state dict, LoRA merged: ``W + s·B·A``.
+
+    peft's LoRA forward is ``base(x) + s·B(A(x))`` (dropout is the identity in eval mode),
+    which equals ``x`` through the merged weight ``W + s·B·A``. Merged weights are computed
+    in float32 and stored in ``dtype``; other tensors keep their dtype.
+
+    Raises:
+        ValueError: LoRA factors without ``scaling``, incomplete factor pairs, a factor
+            whose module has no base weight, or DoRA weights.
+    """
+    plain, factors = _split_peft_state_dict(state_dict)
+    if factors and scaling is None:
+        raise ValueError(
+            "the state dict has LoRA factors but model_config.json has lora_enable false"
+        )
+    for module, parts in factors.items():
+        key = f"{module}.weight"
+        if key not in plain:
+            raise ValueError(f"LoRA module {module!r} has no base weight {key!r}")
+        delta = _lora_delta(module, parts)
+        assert scaling is not None
+        plain[key] = (plain[key].float() + scaling * delta).to(dtype)
+    return plain
+
+
+# --- loading ---------------------------------------------------------------------------
+
+
+def _read_safetensors_folder(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of ``model.safetensors`` or of the shards listed in the index."""
+    from safetensors.torch import load_file
+
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = ["model.safetensors"]
+    state_dict: dict[str, torch.Tensor] = {}
+    for name in files:
+        state_dict.update(load_file(str(path / name), device="cpu"))
+    return state_dict
+
+
+def _hf_parts(checkpoint: VideoAlignCheckpoint) -> tuple[Any, Any, dict[str, torch.Tensor]]:
+    from transformers import AutoProcessor, Qwen2VLConfig
+
+    config = Qwen2VLConfig.from_pretrained(str(checkpoint.path), local_files_only=True)
+    processor = AutoProcessor.from_pretrained(str(checkpoint.path), local_files_only=True)
+    return config, processor, _read_safetensors_folder(checkpoint.path)
+
+
+def _release_parts(
+    checkpoint: VideoAlignCheckpoint, dtype: torch.dtype
+) -> tuple[Any, Any, dict[str, torch.Tensor]]:
+    from transformers import AutoProcessor, Qwen2VLConfig
+
+    assert checkpoint.base_model is not None and checkpoint.weights is not None
+    base = str(checkpoint.base_model)
+    config = Qwen2VLConfig.from_pretrained(base, local_files_only=True)
+    processor = AutoProcessor.from_pretrained(base, local_files_only=True)
+    # As VideoAlign's create_model_and_processor: the reward tokens are appended to the
+    # base tokenizer's vocabulary.
+    processor.tokenizer.add_special_tokens({"additional_special_tokens": list(REWARD_TOKENS)})
+    raw = torch.load(str(checkpoint.weights), map_location="cpu", weights_only=True, mmap=True)
+    return config, processor, merge_lora_state_dict(raw, checkpoint.lora_scaling, dtype)
+
+
+def _embedding_rows(state_dict: Mapping[str, torch.Tensor]) -> int:
+    keys = [k for k in state_dict if k.endswith("embed_tokens.weight")]
+    if len(keys) != 1:
+        raise ValueError(f"expected one embed_tokens.weight, found {keys}")
+    return int(state_dict[keys[0]].shape[0])
+
+
+def _build_backbone(
+    config: Any, state_dict: dict[str, torch.Tensor], dtype: torch.dtype, attn_implementation: str
+) -> Any:
+    """``Qwen2VLModel`` from a state dict in transformers-4 or -5 key names; strict."""
+    from transformers import Qwen2VLForConditionalGeneration
+
+    # The language-model head is never evaluated (the reward reads hidden states): drop it
+    # and tie it to the embeddings so nothing is allocated or reported missing for it.
+    weights = {k: v for k, v in state_dict.items() if not k.startswith("lm_head.")}
+    config.tie_word_embeddings = True
+    config.text_config.vocab_size = _embedding_rows(weights)
+    model, info = Qwen2VLForConditionalGeneration.from_pretrained(
+        None,
+        config=config,
+        state_dict=weights,
+        dtype=dtype,
+        attn_implementation=attn_implementation,
+        output_loading_info=True,
+    )
+    problems = {
+        "missing": sorted(k for k in info["missing_keys"] if not k.startswith("lm_head.")),
+        "unexpected": sorted(info["unexpected_keys"]),
+        "mismatched": sorted(str(k) for k in info["mismatched_keys"]),
+    }
+    problems = {label: keys for label, keys in problems.items() if keys}
+    if problems:
+        detail = "; ".join(f"{label}: {', '.join(keys[:5])}" for label, keys in problems.items())
+        raise ValueError(f"weights do not match config.json ({detail})")
+    return model.model.eval()
+
+
+def _reward_token_ids(tokenizer: Any, vocab_rows: int) -> tuple[int, int, int]:
+    """Ids of ``REWARD_TOKENS``; each must be one token inside the embedding table."""
+    ids = []
+    for token in REWARD_TOKENS:
+        encoded = tokenizer(token, add_special_tokens=False)["input_ids"]
+        if len(encoded) != 1 or not 0 <= encoded[0] < vocab_rows:
+            raise ValueError(f"the tokenizer does not hold {token} as one token (got {encoded})")
+        ids.append(int(encoded[0]))
+    return ids[0], ids[1], ids[2]
+
+
+def _check_head(rm_head: torch.Tensor, hidden_size: int) -> torch.Tensor:
+    if rm_head.ndim != 2 or rm_head.shape[0] not in (1, 3) or rm_head.shape[1] != hidden_size:
+        raise ValueError(
+            f"rm_head.weight must be [3, {hidden_size}] or [1, {hidden_size}], got {list(rm_head.shape)}"
+        )
+    return rm_head
+
+
+def load_videoalign(
+    checkpoint: VideoAlignCheckpoint,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    attn_implementation: str,
+    reward_name: str,
+) -> LoadedVideoAlign:
+    """Loads a resolved checkpoint on ``device`` in ``dtype`` (eval mode).
+
+    Raises:
+        CheckpointError: anything in the files does not load or does not fit together;
+            the message names the path, the expected layout and the docs section.
+    """
+    try:
+        if checkpoint.layout == "hf":
+            config, processor, state_dict = _hf_parts(checkpoint)
+        else:
+            config, processor, state_dict = _release_parts(checkpoint, dtype)
+        if "rm_head.weight" not in state_dict:
+            raise ValueError("no rm_head.weight in the weights")
+        rm_head = _check_head(state_dict.pop("rm_head.weight"), config.text_config.hidden_size)
+        rows = _embedding_rows(state_dict)
+        if checkpoint.layout == "videoreward" and len(processor.tokenizer) != rows:
+            # VideoAlign resized the embeddings to the extended tokenizer's length.
+            raise ValueError(
+                f"the base model's tokenizer has {len(processor.tokenizer)} tokens with the reward "
+                f"tokens but the checkpoint's embeddings have {rows} rows: base_model_path is not "
+                "the model this checkpoint was trained from"
+            )
+        token_ids = _reward_token_ids(processor.tokenizer, rows)
+        backbone = _build_backbone(config, state_dict, dtype, attn_implementation)
+    except Exception as err:  # noqa: BLE001 - any failure means files that do not fit
+        expected = EXPECTED_HF if checkpoint.layout == "hf" else EXPECTED_RELEASE
+        what = f"reward {reward_name!r}: VideoAlign checkpoint (option 'path')"
+        raise checkpoint_error(
+            checkpoint.path, what, expected, DOCS_SECTION, f"could not be loaded ({err})"
+        ) from err
+    processor.tokenizer.padding_side = "right"
+    videos = processor.video_processor
+    return LoadedVideoAlign(
+        backbone=backbone.to(device),
+        rm_head=rm_head.float().to(device),
+        processor=processor,
+        token_ids=token_ids,
+        patch_factor=int(videos.patch_size * videos.merge_size),
+        device=device,
+        dtype=dtype,
+    )

@@ -1,0 +1,397 @@
+"""GenEval's rules (``geneval_rules``): spec validation, geometry, filtering, every tag."""
+
+from __future__ import annotations
+
+import pytest
+
+from dancegrpo_rewards.kinds.geneval_rules import (
+    COLORS,
+    GENEVAL_CLASSES,
+    Detection,
+    GenEvalSpec,
+    ObjectSpec,
+    SpecError,
+    Thresholds,
+    box_iou,
+    evaluate,
+    filter_detections,
+    judge,
+    parse_spec,
+    relative_position,
+)
+
+
+def det(score: float = 0.95, box: tuple = (0, 0, 10, 10), color: str | None = None) -> Detection:
+    return Detection(score=score, box=tuple(float(v) for v in box), color=color)
+
+
+def spec(tag: str, include: list[dict], exclude: list[dict] | None = None) -> GenEvalSpec:
+    return parse_spec({"tag": tag, "include": include, "exclude": exclude or []})
+
+
+# ---------------------------------------------------------------------------- constants
+
+
+def test_class_and_colour_lists_are_genevals() -> None:
+    assert len(GENEVAL_CLASSES) == 80 == len(set(GENEVAL_CLASSES))
+    assert GENEVAL_CLASSES[0] == "person" and GENEVAL_CLASSES[-1] == "toothbrush"
+    assert GENEVAL_CLASSES[64:67] == ("computer mouse", "tv remote", "computer keyboard")
+    assert COLORS == (
+        "red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white",
+    )  # fmt: skip
+    assert Thresholds() == Thresholds(0.3, 0.9, 16, 1.0, 0.1)
+
+
+# ---------------------------------------------------------------------------- parse_spec
+
+
+def test_parse_spec_reads_the_codec_dict_form() -> None:
+    parsed = parse_spec(
+        {
+            "tag": "position",
+            "include": [
+                {"class_name": "dog", "count": 1, "color": "", "position_relation": ""},
+                {
+                    "class_name": "cat",
+                    "count": 0,
+                    "color": "red",
+                    "position_relation": "left of",
+                    "position_reference": 0,
+                },
+            ],
+            "exclude": [{"class_name": "dog", "count": 2}],
+        }
+    )
+    assert parsed == GenEvalSpec(
+        tag="position",
+        include=(ObjectSpec("dog"), ObjectSpec("cat", 1, "red", "left of", 0)),
+        exclude=(ObjectSpec("dog", 2),),
+    )
+
+
+@pytest.mark.parametrize(
+    ("raw", "field", "message"),
+    [
+        ({"tag": "shapes"}, "tag", "unknown tag 'shapes'"),
+        ({"tag": ""}, "tag", "unknown tag ''"),
+        ({"tag": "counting", "include": []}, "include", "at least one"),
+        (
+            {"tag": "two_object", "include": [{"class_name": "dog"}, {"class_name": "mouse"}]},
+            "include[1].class_name",
+            "did you mean 'computer mouse'",
+        ),
+        (
+            {"tag": "single_object", "include": [{"class_name": "unicorn"}]},
+            "include[0].class_name",
+            "unknown class 'unicorn'",
+        ),
+        (
+            {"tag": "colors", "include": [{"class_name": "dog", "color": "teal"}]},
+            "include[0].color",
+            "unknown colour 'teal'",
+        ),
+        (
+            {"tag": "counting", "include": [{"class_name": "dog", "count": -1}]},
+            "include[0].count",
+            "non-negative",
+        ),
+        (
+            {
+                "tag": "position",
+                "include": [
+                    {"class_name": "dog"},
+                    {"class_name": "cat", "position_relation": "behind"},
+                ],
+            },
+            "include[1].position_relation",
+            "unknown relation 'behind'",
+        ),
+        (
+            {
+                "tag": "position",
+                "include": [
+                    {"class_name": "dog", "position_relation": "left of", "position_reference": 1},
+                    {"class_name": "cat"},
+                ],
+            },
+            "include[0].position_reference",
+            "earlier include object",
+        ),
+        (
+            {
+                "tag": "position",
+                "include": [
+                    {"class_name": "dog"},
+                    {"class_name": "cat", "position_relation": "above", "position_reference": 1},
+                ],
+            },
+            "include[1].position_reference",
+            "earlier include object",
+        ),
+        (
+            {
+                "tag": "position",
+                "include": [{"class_name": "dog"}, {"class_name": "cat", "position_reference": 0}],
+            },
+            "include[1].position_reference",
+            None,
+        ),
+        (
+            {
+                "tag": "position",
+                "include": [{"class_name": "dog"}, {"class_name": "cat", "position_reference": 1}],
+            },
+            "include[1].position_reference",
+            "without position_relation",
+        ),
+        (
+            {
+                "tag": "counting",
+                "include": [{"class_name": "dog"}],
+                "exclude": [{"class_name": "cat", "color": "red"}],
+            },
+            "exclude[0]",
+            "no color or position",
+        ),
+        (
+            {"tag": "counting", "include": [{"class_name": "dog"}], "exclude": [{"class": "cat"}]},
+            "exclude[0].class_name",
+            "unknown class ''",
+        ),
+    ],
+)
+def test_parse_spec_names_the_bad_field(raw: dict, field: str, message: str | None) -> None:
+    if message is None:  # position_reference 0 without a relation is the proto default: fine
+        parse_spec(raw)
+        return
+    with pytest.raises(SpecError, match=message) as err:
+        parse_spec(raw)
+    assert err.value.field == field
+
+
+# ---------------------------------------------------------------------------- geometry
+
+
+def test_box_iou_uses_inclusive_pixel_areas() -> None:
+    assert box_iou((0, 0, 9, 9), (0, 0, 9, 9)) == 1.0
+    assert box_iou((0, 0, 9, 9), (5, 0, 14, 9)) == pytest.approx(50 / 150)
+    assert box_iou((0, 0, 9, 9), (20, 20, 29, 29)) == 0.0
+
+
+@pytest.mark.parametrize(
+    ("box_a", "box_b", "relations"),
+    [
+        ((0, 40, 20, 60), (40, 40, 60, 60), {"left of"}),
+        ((40, 40, 60, 60), (0, 40, 20, 60), {"right of"}),
+        ((40, 0, 60, 20), (40, 40, 60, 60), {"above"}),
+        ((40, 40, 60, 60), (40, 0, 60, 20), {"below"}),
+        ((60, 60, 80, 80), (0, 0, 20, 20), {"right of", "below"}),
+        ((0, 0, 20, 20), (0, 0, 20, 20), set()),
+        # centres 3 px apart, sizes 20 + 20: 3 < 0.1 * 40, so no relation at all
+        ((0, 0, 20, 20), (3, 0, 23, 20), set()),
+    ],
+)
+def test_relative_position(box_a: tuple, box_b: tuple, relations: set) -> None:
+    assert relative_position(box_a, box_b) == relations
+
+
+def test_relative_position_shrinks_offsets_by_the_threshold() -> None:
+    # offset (-40, 12), sizes (40, 40): shrunk to (-36, 8) at 0.1 → dx = -36/41.8, dy = 8/41.8
+    assert relative_position((0, 46, 20, 66), (40, 34, 60, 54), 0.1) == {"left of"}
+    # at 1.0 the x offset 40 is not above 1.0 * 40: nothing is left
+    assert relative_position((0, 46, 20, 66), (40, 34, 60, 54), 1.0) == set()
+    # the shrunk dx is divided by the unshrunk length: 36 / 40 > 0.5, but 16 / 40 < 0.5
+    assert relative_position((0, 0, 20, 20), (40, 0, 60, 20), 0.1) == {"left of"}
+    assert relative_position((0, 0, 20, 20), (40, 0, 60, 20), 0.6) == set()
+
+
+# ---------------------------------------------------------------------------- filtering
+
+
+def test_filter_keeps_scores_strictly_above_the_threshold_best_first() -> None:
+    dets = {"dog": [det(0.3), det(0.5), det(0.31), det(0.2)], "cat": [det(0.1)]}
+    kept = filter_detections(dets, "single_object", Thresholds())
+    assert [d.score for d in kept["dog"]] == [0.5, 0.31]
+    assert "cat" not in kept
+
+
+def test_counting_uses_the_counting_threshold() -> None:
+    dets = {"dog": [det(0.95), det(0.9), det(0.5)]}
+    assert len(filter_detections(dets, "counting", Thresholds())["dog"]) == 1
+    assert len(filter_detections(dets, "two_object", Thresholds())["dog"]) == 3
+
+
+def test_max_objects_is_applied_before_nms() -> None:
+    far = [det(0.9 - i / 100, (100 * i, 0, 100 * i + 10, 10)) for i in range(20)]
+    assert len(filter_detections({"dog": far}, "colors", Thresholds())["dog"]) == 16
+    same = [det(0.9), det(0.8), det(0.7, (50, 50, 60, 60))]
+    kept = filter_detections({"dog": same}, "colors", Thresholds(max_overlap=0.5))
+    assert [d.score for d in kept["dog"]] == [0.9, 0.7]
+    capped = filter_detections({"dog": same}, "colors", Thresholds(max_overlap=0.5, max_objects=2))
+    assert [d.score for d in capped["dog"]] == [0.9]
+
+
+def test_equal_scores_keep_their_input_order() -> None:
+    a, b = det(0.5, (0, 0, 1, 1)), det(0.5, (5, 5, 6, 6))
+    assert filter_detections({"dog": [a, b]}, "colors", Thresholds())["dog"] == [a, b]
+
+
+# ---------------------------------------------------------------------------- tags
+
+
+def test_single_object() -> None:
+    s = spec("single_object", [{"class_name": "dog", "count": 1}])
+    assert judge(s, {"dog": [det()]}).correct
+    verdict = judge(s, {"cat": [det()], "dog": [det(0.2)]})
+    assert not verdict.correct and verdict.reason == "expected dog >= 1, found 0"
+
+
+def test_two_object() -> None:
+    s = spec("two_object", [{"class_name": "dog", "count": 1}, {"class_name": "cat", "count": 1}])
+    assert judge(s, {"dog": [det()], "cat": [det()]}).correct
+    assert not judge(s, {"dog": [det(), det()]}).correct
+
+
+def test_counting_is_exact_through_the_exclude_clause() -> None:
+    s = spec(
+        "counting",
+        [{"class_name": "dog", "count": 3}],
+        [{"class_name": "dog", "count": 4}],
+    )
+    assert judge(s, {"dog": [det()] * 3}).correct
+    assert not judge(s, {"dog": [det()] * 2}).correct
+    verdict = judge(s, {"dog": [det()] * 4})
+    assert not verdict.correct and verdict.reason == "expected dog < 4, found 4"
+    # a fourth dog below the counting threshold (0.9) is not counted
+    assert judge(s, {"dog": [det()] * 3 + [det(0.85)]}).correct
+    # ... and neither is a third one: only two confident dogs
+    assert not judge(s, {"dog": [det()] * 2 + [det(0.85)]}).correct
+
+
+def test_include_count_is_at_least_without_an_exclude() -> None:
+    s = spec("two_object", [{"class_name": "dog", "count": 2}])
+    assert judge(s, {"dog": [det()] * 5}).correct
+
+
+def test_zero_count_means_one() -> None:
+    s = spec("single_object", [{"class_name": "dog", "count": 0}], [{"class_name": "cat"}])
+    assert judge(s, {"dog": [det()]}).correct
+    assert not judge(s, {"dog": [det()], "cat": [det()]}).correct
+    assert not judge(s, {}).correct
+
+
+def test_colors_checks_the_best_detections_only() -> None:
+    s = spec("colors", [{"class_name": "car", "count": 1, "color": "red"}])
+    assert judge(s, {"car": [det(0.9, color="red"), det(0.8, color="blue")]}).correct
+    verdict = judge(s, {"car": [det(0.9, color="blue"), det(0.8, color="red")]})
+    assert not verdict.correct
+    assert verdict.reason == "expected 1 red car, classified as 1 blue"
+
+
+def test_colors_needs_every_counted_object_in_the_colour() -> None:
+    s = spec("colors", [{"class_name": "car", "count": 2, "color": "red"}])
+    assert judge(s, {"car": [det(color="red"), det(color="red"), det(0.5, color="blue")]}).correct
+    assert not judge(s, {"car": [det(color="red"), det(0.8, color="green")]}).correct
+
+
+def test_colour_classifier_gets_the_counted_detections_and_only_when_needed() -> None:
+    calls: list[tuple[str, list[float]]] = []
+
+    def classify(class_name: str, dets: list[Detection]) -> list[str]:
+        calls.append((class_name, [d.score for d in dets]))
+        return ["green"] * len(dets)
+
+    s = spec("colors", [{"class_name": "car", "count": 2, "color": "green"}])
+    assert judge(s, {"car": [det(0.5), det(0.9), det(0.7)]}, classify).correct
+    assert calls == [("car", [0.9, 0.7])]
+    calls.clear()
+    assert not judge(s, {"car": [det(0.9)]}, classify).correct
+    assert calls == []  # too few cars: colour is never asked
+
+
+def test_precomputed_colours_must_be_present_without_a_classifier() -> None:
+    s = spec("colors", [{"class_name": "car", "color": "red"}])
+    with pytest.raises(ValueError, match="no colour classifier"):
+        judge(s, {"car": [det()]})
+
+
+def test_color_attr() -> None:
+    s = spec(
+        "color_attr",
+        [
+            {"class_name": "car", "count": 1, "color": "red"},
+            {"class_name": "bus", "count": 1, "color": "yellow"},
+        ],
+    )
+    assert judge(s, {"car": [det(color="red")], "bus": [det(color="yellow")]}).correct
+    verdict = judge(s, {"car": [det(color="yellow")], "bus": [det(color="red")]})
+    assert not verdict.correct and verdict.reason.count("expected") == 2
+
+
+def position_spec(relation: str = "left of", color: str = "") -> GenEvalSpec:
+    return spec(
+        "position",
+        [
+            {"class_name": "dog", "count": 1, "color": color},
+            {
+                "class_name": "cat",
+                "count": 1,
+                "position_relation": relation,
+                "position_reference": 0,
+            },
+        ],
+    )
+
+
+LEFT, RIGHT = (0, 40, 20, 60), (40, 40, 60, 60)
+
+
+def test_position() -> None:
+    assert judge(position_spec(), {"dog": [det(box=RIGHT)], "cat": [det(box=LEFT)]}).correct
+    verdict = judge(position_spec(), {"dog": [det(box=LEFT)], "cat": [det(box=RIGHT)]})
+    assert not verdict.correct
+    assert verdict.reason == "expected cat left of the reference, found right of"
+    assert judge(
+        position_spec("right of"), {"dog": [det(box=LEFT)], "cat": [det(box=RIGHT)]}
+    ).correct
+
+
+def test_position_needs_a_matched_reference() -> None:
+    verdict = judge(position_spec(), {"cat": [det(box=LEFT)]})
+    assert not verdict.correct
+    assert verdict.reason == "expected dog >= 1, found 0; no reference object for cat to be left of"
+    # a reference with the wrong colour did not match either
+    wrong = {"dog": [det(box=RIGHT, color="blue")], "cat": [det(box=LEFT)]}
+    assert "no reference object" in judge(position_spec(color="red"), wrong).reason
+
+
+def test_position_holds_against_every_reference_detection() -> None:
+    s = spec(
+        "position",
+        [
+            {"class_name": "dog", "count": 2},
+            {"class_name": "cat", "position_relation": "above", "position_reference": 0},
+        ],
+    )
+    cat = det(box=(40, 0, 60, 20))
+    below_dogs = [det(box=(0, 60, 20, 80)), det(0.9, box=(80, 60, 100, 80))]
+    assert judge(s, {"dog": below_dogs, "cat": [cat]}).correct
+    beside_dog = [below_dogs[0], det(0.9, box=(80, 0, 100, 20))]
+    assert not judge(s, {"dog": beside_dog, "cat": [cat]}).correct
+
+
+def test_overlapping_objects_have_no_relation() -> None:
+    verdict = judge(position_spec(), {"dog": [det(box=LEFT)], "cat": [det(box=LEFT)]})
+    assert not verdict.correct and verdict.reason.endswith("found overlapping")
+
+
+def test_exclude_fails_at_count() -> None:
+    s = spec("counting", [{"class_name": "dog", "count": 1}], [{"class_name": "dog", "count": 2}])
+    assert judge(s, {"dog": [det()]}).correct
+    assert not judge(s, {"dog": [det(), det()]}).correct
+
+
+def test_evaluate_takes_already_filtered_detections() -> None:
+    s = spec("single_object", [{"class_name": "dog"}])
+    assert evaluate(s, {"dog": [det(0.01)]}).correct  # no threshold at this step
+    assert not judge(s, {"dog": [det(0.01)]}).correct

@@ -1,0 +1,485 @@
+"""The ``videoalign`` kind: VideoAlign's preprocessing facts, hand-computed parity on a tiny
+Qwen2-VL, the VideoReward release layout against a live peft LoRA model, batch invariance,
+normalisation, option and checkpoint errors, and one real server."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dancegrpo_proto.client import RewardClient
+from dancegrpo_rewards.base import RewardBatch, RewardConfigError, SampleError
+from dancegrpo_rewards.kinds.checkpoints import CheckpointError
+from dancegrpo_rewards.kinds.videoalign import (
+    CHAT_FORMAT,
+    DEFAULT_PROMPT_TEMPLATE,
+    NORM_STATS,
+    VideoAlignReward,
+    head_outputs,
+    render_text,
+    resized_frame_size,
+    sample_frame_indices,
+    sampled_frame_count,
+)
+from dancegrpo_rewards.kinds.videoalign_weights import (
+    REWARD_TOKENS,
+    lora_scaling,
+    merge_lora_state_dict,
+)
+from dancegrpo_rewards.registry import reward_class
+from dancegrpo_testing import videoalign_models
+from dancegrpo_testing.servers import running_reward_server
+
+# Small frames keep the tiny model's video tokens few; 8 fps sources give 2..8 frames.
+OPTIONS = {"min_frame_pixels": 28 * 28, "max_frame_pixels": 56 * 56 * 2, "source_fps": 8.0}
+PROMPTS = [
+    "a cat jumping on a sofa",
+    "x",
+    "two dogs running in a park at sunset",
+    "a red car",
+    "waves",
+    "an astronaut riding a horse on the moon, cinematic",
+    "b",
+    "a bowl of fruit",
+]
+
+
+def batch_of(videos: list[np.ndarray], prompts: list[str]) -> RewardBatch:
+    return RewardBatch(prompts, videos, [None] * len(videos), [None] * len(videos))
+
+
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return videoalign_models.write_hf_folder(tmp_path_factory.mktemp("videoalign") / "hf")
+
+
+@pytest.fixture(scope="module")
+def reward(hf_folder: Path) -> VideoAlignReward:
+    loaded = VideoAlignReward("videoalign", {"path": str(hf_folder), **OPTIONS})
+    loaded.load()
+    return loaded
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory: pytest.TempPathFactory) -> videoalign_models.TinyRelease:
+    pytest.importorskip("peft")
+    return videoalign_models.write_release(tmp_path_factory.mktemp("videoreward"))
+
+
+@pytest.fixture(scope="module")
+def videos() -> list[np.ndarray]:
+    return videoalign_models.random_videos(8, seed=1)
+
+
+def test_registry_resolves_videoalign() -> None:
+    assert reward_class("videoalign") is VideoAlignReward
+
+
+def test_default_template_is_videoaligns_detailed_special_text() -> None:
+    # Pinned: the exact text (trailing spaces included) was checked character by character
+    # against DETAILED_PROMPT_WITH_SPECIAL_TOKEN of KwaiVGI/VideoAlign prompt_template.py.
+    digest = hashlib.sha256(DEFAULT_PROMPT_TEMPLATE.encode()).hexdigest()
+    assert len(DEFAULT_PROMPT_TEMPLATE) == 3992
+    assert digest == "fd7862ecb43bbe39144c6a45a52f886c95a659afb2a231655fd990c2e459976c"
+    assert DEFAULT_PROMPT_TEMPLATE.startswith("\nYou are tasked with evaluating a generated video")
+    assert DEFAULT_PROMPT_TEMPLATE.endswith(
+        "Textual prompt - {prompt}\nPlease provide the ratings of Text Alignment: <|TA_reward|>\nEND\n"
+    )
+    for token in (*REWARD_TOKENS, "{prompt}"):
+        assert DEFAULT_PROMPT_TEMPLATE.count(token) == 1
+    order = [DEFAULT_PROMPT_TEMPLATE.index(t) for t in REWARD_TOKENS]
+    assert order == sorted(order)  # VQ, MQ, TA: the head's output order
+
+
+def test_render_text_is_one_qwen2_vl_chat_turn() -> None:
+    assert render_text("Rate {prompt}: <|VQ_reward|>", "a {cat}") == (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+        "<|im_start|>user\n<|vision_start|><|video_pad|><|vision_end|>"
+        "Rate a {cat}: <|VQ_reward|><|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert CHAT_FORMAT.count("{text}") == 1
+
+
+@pytest.mark.parametrize(
+    ("total", "source_fps", "fps", "num_frames", "expected"),
+    [
+        (9, 8.0, 2.0, None, 4),  # 2.25 frames → at least 4
+        (120, 24.0, 2.0, None, 10),  # 5 s at 2 fps
+        (121, 24.0, 2.0, None, 10),  # 10.08 → round to even
+        (5000, 24.0, 2.0, None, 416),  # 416.7 → 2·round(208.3)
+        (2000, 1.0, 2.0, None, 768),  # at most 768
+        (3, 24.0, 2.0, None, 2),  # at most floor_even(T)
+        (1, 24.0, 2.0, None, 1),  # one frame: scored alone
+        (30, 24.0, 2.0, 7, 8),  # num_frames: 2·round(3.5) = 8 (half to even)
+        (30, 24.0, 2.0, 9, 8),  # 2·round(4.5) = 8
+        (5, 24.0, 2.0, 16, 5),  # never more than T
+    ],
+)
+def test_frame_count_follows_qwen_vl_utils_smart_nframes(
+    total: int, source_fps: float, fps: float, num_frames: int | None, expected: int
+) -> None:
+    count = sampled_frame_count(total, source_fps=source_fps, fps=fps, num_frames=num_frames)
+    assert count == expected
+
+
+def test_frame_indices_are_rounded_linspace() -> None:
+    indices = sample_frame_indices(9, source_fps=8.0, fps=2.0, num_frames=None)
+    np.testing.assert_array_equal(indices, [0, 3, 5, 8])  # linspace(0, 8, 4) = 0, 2.67, 5.33, 8
+    np.testing.assert_array_equal(
+        sample_frame_indices(1, source_fps=8.0, fps=2.0, num_frames=None), [0]
+    )
+
+
+@pytest.mark.parametrize(
+    ("height", "width", "min_pixels", "max_pixels", "expected"),
+    [
+        # 476x840 > 200704 → scale by √(480·832/200704) = 1.4106, floor: 340.3→336, 589.8→588
+        (480, 832, 100352, 200704, (336, 588)),
+        # 56x56 < 100352 → scale by √(100352/4096) = 4.95, ceil: 316.8→336
+        (64, 64, 100352, 200704, (336, 336)),
+        (40, 60, 784, 6272, (28, 56)),  # rounded to multiples of 28, inside the bounds
+        (10, 10, 784, 6272, (28, 28)),  # never below one 28-pixel patch pair
+    ],
+)
+def test_frame_size_follows_qwen_vl_utils_smart_resize(
+    height: int, width: int, min_pixels: int, max_pixels: int, expected: tuple[int, int]
+) -> None:
+    size = resized_frame_size(
+        height, width, factor=28, min_pixels=min_pixels, max_pixels=max_pixels
+    )
+    assert size == expected
+
+
+def test_prepare_frames_samples_and_resizes(reward: VideoAlignReward) -> None:
+    video = np.random.default_rng(0).integers(0, 256, (9, 40, 60, 3), dtype=np.uint8)
+    frames = reward.prepare_frames(video)
+    assert frames.dtype == torch.uint8 and tuple(frames.shape) == (4, 3, 28, 56)
+
+
+def test_each_reward_token_is_in_each_row_once_and_padding_is_on_the_right(
+    reward: VideoAlignReward, videos: list[np.ndarray]
+) -> None:
+    inputs = reward.encode(batch_of(videos, PROMPTS))
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    tokenizer = reward.model.processor.tokenizer
+    assert reward.model.token_ids == tuple(tokenizer.convert_tokens_to_ids(list(REWARD_TOKENS)))
+    for token_id in reward.model.token_ids:
+        assert (ids == token_id).sum(dim=1).tolist() == [1] * len(PROMPTS)
+    lengths = mask.sum(dim=1)
+    assert len(set(lengths.tolist())) > 1  # prompts and videos of different lengths
+    positions = torch.arange(ids.shape[1])
+    assert torch.equal(mask.bool(), positions[None, :] < lengths[:, None])
+
+
+def test_scores_equal_the_hf_model_read_by_hand(
+    reward: VideoAlignReward, hf_folder: Path, videos: list[np.ndarray]
+) -> None:
+    """One sample at a time through transformers' own loading of the folder: last hidden
+    state at each reward token times that token's rm_head row, then standardised."""
+    from safetensors import safe_open
+    from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+
+    model = Qwen2VLForConditionalGeneration.from_pretrained(str(hf_folder), local_files_only=True)
+    processor = AutoProcessor.from_pretrained(str(hf_folder), local_files_only=True)
+    with safe_open(str(hf_folder / "model.safetensors"), framework="pt") as f:
+        rm_head = f.get_tensor("rm_head.weight")
+    token_ids = processor.tokenizer.convert_tokens_to_ids(list(REWARD_TOKENS))
+    expected = []
+    with torch.inference_mode():
+        for video, prompt in zip(videos, PROMPTS, strict=True):
+            inputs = processor(
+                text=[render_text(DEFAULT_PROMPT_TEMPLATE, prompt)],
+                videos=[reward.prepare_frames(video)],
+                return_tensors="pt",
+                do_resize=False,
+                do_sample_frames=False,
+                cap_pixels_per_frame=False,
+            )
+            hidden = model.model(**inputs).last_hidden_state[0]
+            ids = inputs["input_ids"][0].tolist()
+            expected.append(
+                [float(hidden[ids.index(t)] @ rm_head[d]) for d, t in enumerate(token_ids)]
+            )
+    raw = np.asarray(expected)
+    ours = reward.score(batch_of(videos, PROMPTS))
+    for d, name in enumerate(("vq", "mq", "ta")):
+        mean, std = NORM_STATS[name]
+        np.testing.assert_allclose(ours[name], (raw[:, d] - mean) / std, atol=1e-5, rtol=0)
+        assert np.ptp(raw[:, d]) > 1e-2  # the rewards depend on the sample
+    np.testing.assert_allclose(ours["overall"], ours["vq"] + ours["mq"] + ours["ta"], atol=1e-5)
+
+
+def test_batch_of_8_equals_one_by_one(reward: VideoAlignReward, videos: list[np.ndarray]) -> None:
+    assert len({v.shape for v in videos}) == len(videos)
+    batch = batch_of(videos, PROMPTS)
+    together = reward.score(batch)
+    alone = [reward.score(batch.select([i])) for i in range(len(videos))]
+    assert reward.output_names == ("vq", "mq", "ta", "overall")
+    for name in reward.output_names:
+        assert together[name].shape == (8,) and together[name].dtype == np.float32
+        one_by_one = np.concatenate([a[name] for a in alone])
+        np.testing.assert_allclose(together[name], one_by_one, atol=1e-5, rtol=0)
+
+
+def test_normalize_standardises_raw_outputs_with_the_published_statistics(
+    reward: VideoAlignReward, hf_folder: Path, videos: list[np.ndarray]
+) -> None:
+    raw_reward = VideoAlignReward("raw", {"path": str(hf_folder), **OPTIONS, "normalize": False})
+    batch = batch_of(videos[:4], PROMPTS[:4])
+    raw, normalized = raw_reward.score(batch), reward.score(batch)
+    assert NORM_STATS == {"vq": (3.6757, 2.2476), "mq": (1.1646, 1.3811), "ta": (2.8105, 2.5121)}
+    for name, (mean, std) in NORM_STATS.items():
+        np.testing.assert_allclose(normalized[name], (raw[name] - mean) / std, atol=1e-6, rtol=0)
+    for out in (raw, normalized):
+        np.testing.assert_allclose(out["overall"], out["vq"] + out["mq"] + out["ta"], atol=1e-6)
+
+
+def test_head_reads_output_d_at_token_d_or_one_output_per_token() -> None:
+    logits = torch.arange(2 * 3 * 3, dtype=torch.float32).reshape(2, 3, 3)
+    assert head_outputs(logits).tolist() == [[0, 4, 8], [9, 13, 17]]
+    single = torch.tensor([[[1.0], [2.0], [3.0]]])
+    assert head_outputs(single).tolist() == [[1.0, 2.0, 3.0]]
+
+
+def test_release_scores_equal_the_live_lora_model(
+    release: videoalign_models.TinyRelease, videos: list[np.ndarray]
+) -> None:
+    """The release folder (model.pth with unmerged LoRA, transformers-4 key names) loaded
+    and merged by the kind equals peft's live adapters; checkpoint-10 (zero LoRA) equals
+    the same model with adapters disabled."""
+    options = {"path": str(release.release), "base_model_path": str(release.base_model), **OPTIONS}
+    latest = VideoAlignReward("latest", options)
+    older = VideoAlignReward("older", {**options, "checkpoint_step": release.older_step})
+    inputs = latest.encode(batch_of(videos, PROMPTS))
+    inner = release.reference.base_model.model
+
+    def live_scores() -> torch.Tensor:
+        hidden = inner.model(**inputs, use_cache=False).last_hidden_state
+        rows = []
+        for i, ids in enumerate(inputs["input_ids"].tolist()):
+            positions = [ids.index(t) for t in latest.model.token_ids]
+            rows.append(torch.diagonal(inner.rm_head(hidden[i, positions])))
+        return torch.stack(rows)
+
+    with torch.inference_mode():
+        np.testing.assert_allclose(latest.raw_scores(inputs), live_scores(), atol=1e-5, rtol=0)
+        with release.reference.disable_adapter():
+            np.testing.assert_allclose(older.raw_scores(inputs), live_scores(), atol=1e-5, rtol=0)
+    assert latest.version != older.version
+
+
+def test_merge_lora_state_dict_is_w_plus_s_b_a() -> None:
+    g = torch.Generator().manual_seed(0)
+
+    def t(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g)
+
+    w, bias, a, b = t(2, 3), t(2), t(1, 3), t(2, 1)
+    e, ea, eb = t(4, 2), t(1, 4), t(2, 1)
+    saved, original, other = t(2, 2), t(2, 2), t(5)
+    state = {
+        "base_model.model.lin.base_layer.weight": w,
+        "base_model.model.lin.base_layer.bias": bias,
+        "base_model.model.lin.lora_A.default.weight": a,
+        "base_model.model.lin.lora_B.default.weight": b,
+        "base_model.model.emb.base_layer.weight": e,
+        "base_model.model.emb.lora_embedding_A.default": ea,
+        "base_model.model.emb.lora_embedding_B.default": eb,
+        "base_model.model.head.original_module.weight": original,
+        "base_model.model.head.modules_to_save.default.weight": saved,
+        "base_model.model.other": other,
+    }
+    merged = merge_lora_state_dict(state, 2.0, torch.float32)
+    assert set(merged) == {"lin.weight", "lin.bias", "emb.weight", "head.weight", "other"}
+    torch.testing.assert_close(merged["lin.weight"], w + 2.0 * b @ a)
+    torch.testing.assert_close(merged["emb.weight"], e + 2.0 * (eb @ ea).T)
+    assert (
+        merged["lin.bias"] is bias and merged["head.weight"] is saved and merged["other"] is other
+    )
+    with pytest.raises(ValueError, match="lora_enable"):
+        merge_lora_state_dict(state, None, torch.float32)
+    incomplete = {k: v for k, v in state.items() if "lin.lora_B" not in k}
+    with pytest.raises(ValueError, match="incomplete"):
+        merge_lora_state_dict(incomplete, 2.0, torch.float32)
+
+
+def test_lora_scaling_is_alpha_over_rank_or_its_root() -> None:
+    assert lora_scaling({"lora_enable": True, "lora_r": 16, "lora_alpha": 32}) == 2.0
+    assert (
+        lora_scaling({"lora_enable": True, "lora_r": 16, "lora_alpha": 32, "use_rslora": True})
+        == 8.0
+    )
+    assert lora_scaling({"lora_enable": False, "lora_r": 16}) is None
+
+
+@pytest.mark.parametrize(
+    ("options", "key"),
+    [
+        ({}, "path"),
+        ({"path": "x", "fps": 0}, "fps"),
+        ({"path": "x", "source_fps": -24}, "source_fps"),
+        ({"path": "x", "num_frames": 1}, "num_frames"),
+        ({"path": "x", "min_frame_pixels": 0}, "min_frame_pixels"),
+        ({"path": "x", "min_frame_pixels": 200, "max_frame_pixels": 100}, "max_frame_pixels"),
+        (
+            {"path": "x", "prompt_template": "Rate {prompt} <|VQ_reward|> <|MQ_reward|>"},
+            "prompt_template",
+        ),
+        (
+            {"path": "x", "prompt_template": DEFAULT_PROMPT_TEMPLATE.replace("{prompt}", "")},
+            "prompt_template",
+        ),
+        (
+            {"path": "x", "prompt_template": DEFAULT_PROMPT_TEMPLATE + "<|video_pad|>"},
+            "prompt_template",
+        ),
+        ({"path": "x", "dtype": "fp64"}, "dtype"),
+        ({"path": "x", "device": "gpu"}, "device"),
+        ({"path": "x", "attn_implementation": "flash"}, "attn_implementation"),
+        ({"path": "x", "normalize": "yes"}, "normalize"),
+        ({"path": "x", "checkpoint_step": -1}, "checkpoint_step"),
+        ({"path": "x", "frames": 8}, "frames"),
+    ],
+)
+def test_bad_options_name_the_key(options: dict, key: str) -> None:
+    with pytest.raises(RewardConfigError, match=f"'{key}'") as err:
+        VideoAlignReward("va", options)
+    assert "'va'" in str(err.value)
+
+
+def test_release_and_hf_specific_options_are_checked(
+    hf_folder: Path, release: videoalign_models.TinyRelease
+) -> None:
+    with pytest.raises(RewardConfigError, match="'base_model_path': required"):
+        VideoAlignReward("va", {"path": str(release.release)})
+    with pytest.raises(
+        RewardConfigError, match="'base_model_path': only for a VideoReward release"
+    ):
+        VideoAlignReward("va", {"path": str(hf_folder), "base_model_path": str(release.base_model)})
+    with pytest.raises(CheckpointError, match="no checkpoint-7") as err:
+        VideoAlignReward(
+            "va",
+            {
+                "path": str(release.release),
+                "base_model_path": str(release.base_model),
+                "checkpoint_step": 7,
+            },
+        )
+    assert "found steps: 10, 20" in str(err.value)
+
+
+def _assert_names_path_and_docs(err: pytest.ExceptionInfo, path: Path) -> None:
+    message = str(err.value)
+    assert str(path) in message and "expected:" in message
+    assert "docs/rewards.md" in message and "'videoalign'" in message
+
+
+def test_missing_or_incomplete_checkpoints_fail_at_construction(
+    tmp_path: Path, hf_folder: Path, release: videoalign_models.TinyRelease
+) -> None:
+    missing = tmp_path / "VideoReward"
+    with pytest.raises(CheckpointError, match="folder not found") as err:
+        VideoAlignReward("va", {"path": str(missing)})
+    _assert_names_path_and_docs(err, missing)
+
+    no_weights = tmp_path / "no-weights"
+    shutil.copytree(hf_folder, no_weights, ignore=shutil.ignore_patterns("*.safetensors"))
+    with pytest.raises(CheckpointError, match="lacks weights") as err:
+        VideoAlignReward("va", {"path": str(no_weights)})
+    _assert_names_path_and_docs(err, no_weights)
+
+    adapters = tmp_path / "adapters"
+    (adapters / "checkpoint-5").mkdir(parents=True)
+    (adapters / "checkpoint-5" / "adapter_model.safetensors").write_bytes(b"")
+    shutil.copy(release.release / "model_config.json", adapters)
+    with pytest.raises(CheckpointError, match="only LoRA adapters") as err:
+        VideoAlignReward("va", {"path": str(adapters), "base_model_path": str(release.base_model)})
+    _assert_names_path_and_docs(err, adapters / "checkpoint-5")
+
+    no_base = tmp_path / "Qwen2-VL"
+    with pytest.raises(CheckpointError, match="folder not found") as err:
+        VideoAlignReward("va", {"path": str(release.release), "base_model_path": str(no_base)})
+    _assert_names_path_and_docs(err, no_base)
+
+
+def test_model_config_without_special_tokens_is_rejected(
+    tmp_path: Path, release: videoalign_models.TinyRelease
+) -> None:
+    folder = tmp_path / "last-token"
+    shutil.copytree(release.release, folder)
+    config = json.loads((folder / "model_config.json").read_text())
+    config["model_config"]["reward_token"] = "last"
+    (folder / "model_config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="not a special-token VideoAlign model"):
+        VideoAlignReward("va", {"path": str(folder), "base_model_path": str(release.base_model)})
+
+
+@pytest.mark.parametrize(
+    ("removed", "match"),
+    [
+        ("rm_head.weight", "no rm_head.weight"),
+        ("model.layers.1.mlp.up_proj.weight", "missing: model.language_model.layers.1.mlp.up_proj"),
+    ],
+)
+def test_weights_that_do_not_fit_fail_at_load(
+    tmp_path: Path, hf_folder: Path, removed: str, match: str
+) -> None:
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "broken"
+    shutil.copytree(hf_folder, folder)
+    weights = load_file(str(folder / "model.safetensors"))
+    del weights[removed]  # transformers-4 key names, as save_pretrained writes them
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    broken = VideoAlignReward("va", {"path": str(folder)})
+    with pytest.raises(CheckpointError, match=match) as err:
+        broken.load()
+    _assert_names_path_and_docs(err, folder)
+
+
+def test_prompts_with_special_tokens_and_extreme_frames_are_rejected(
+    reward: VideoAlignReward,
+) -> None:
+    video = np.zeros((2, 32, 32, 3), np.uint8)
+    for token in (*REWARD_TOKENS, "<|video_pad|>"):
+        with pytest.raises(SampleError, match="special token") as err:
+            reward.validate_sample(3, f"a {token} cat", video, None)
+        assert err.value.index == 3 and err.value.field == "prompt"
+    with pytest.raises(SampleError, match="aspect ratio") as err:
+        reward.validate_sample(0, "a cat", np.zeros((2, 2, 500, 3), np.uint8), None)
+    assert err.value.field == "media"
+    with pytest.raises(SampleError, match="special token"):
+        reward.score(batch_of([video], ["<|TA_reward|>"]))
+
+
+def test_version_names_the_kind_and_changes_with_output_options(hf_folder: Path) -> None:
+    a = VideoAlignReward("a", {"path": str(hf_folder)})
+    assert a.version.startswith("videoalign-")
+    assert a.version == VideoAlignReward("b", {"path": str(hf_folder), "device": "cpu"}).version
+    assert a.version != VideoAlignReward("c", {"path": str(hf_folder), "normalize": False}).version
+    assert a.version != VideoAlignReward("d", {"path": str(hf_folder), "fps": 4.0}).version
+
+
+def test_scores_through_a_real_server(
+    reward: VideoAlignReward, hf_folder: Path, videos: list[np.ndarray]
+) -> None:
+    options = {"path": str(hf_folder), **OPTIONS}
+    config = {
+        "server": {"host": "127.0.0.1"},
+        "rewards": {"videoalign": {"kind": "videoalign", "max_batch_size": 8, "options": options}},
+    }
+    server = running_reward_server(config, startup_timeout_s=120, metrics=False)
+    with server as (target, _, _), RewardClient(target) as client:
+        (info,) = client.list_rewards()
+        remote = client.score("videoalign", videos=videos[:4], prompts=PROMPTS[:4])
+    assert info.kind == "videoalign" and info.version == reward.version
+    expected = reward.score(batch_of(videos[:4], PROMPTS[:4]))
+    assert set(remote) == set(reward.output_names)
+    for name in reward.output_names:
+        np.testing.assert_allclose(remote[name], expected[name], atol=1e-5, rtol=0, err_msg=name)

@@ -19,9 +19,8 @@ import torch
 from torch import nn
 
 from dancegrpo_trainer.core.schedules import flow_sigmas, flow_timesteps
-from dancegrpo_trainer.core.sde import flow_sde_step
-from dancegrpo_trainer.core.step_output import StepOutput
-from dancegrpo_trainer.policies.base import Conditioning, Policy, Schedule
+from dancegrpo_trainer.policies.base import Conditioning, Schedule
+from dancegrpo_trainer.policies.flow_transformer import FlowTransformerConfig, FlowTransformerPolicy
 from dancegrpo_trainer.policies.flux_latents import (
     latent_image_ids,
     pack_latents,
@@ -29,12 +28,9 @@ from dancegrpo_trainer.policies.flux_latents import (
     unpack_latents,
 )
 from dancegrpo_trainer.policies.runtime import (
-    RuntimeConfig,
     decode_to_uint8,
-    freeze,
     module_dtype,
     parse_resolution,
-    place,
     transformers_dtype_kwargs,
     vae_decode,
 )
@@ -74,15 +70,13 @@ def dynamic_shift_mu(
 
 
 @dataclasses.dataclass
-class FluxConfig(RuntimeConfig):
+class FluxConfig(FlowTransformerConfig):
     """Options of :class:`FluxPolicy` (defaults: the DanceGRPO paper's FLUX.1-dev run).
 
     Attributes:
         resolution: image size in pixels, an int or ``[height, width]`` (multiple of 16).
         guidance_scale: value fed to the guidance embedding (FLUX.1-dev: 3.5).
-        num_steps: default number of sampling steps.
-        eta: default SDE noise scale η (0 is the Euler ODE sampler).
-        noise_schedule: ``"dance"`` (``g = η``) or ``"flow_grpo"`` (see ``flow_sde_step``).
+        num_steps, eta, noise_schedule: see :class:`FlowTransformerConfig`.
         shift: static timestep shift ``s`` (``σ' = sσ/(1+(s−1)σ)``) when not ``dynamic_shift``.
         dynamic_shift: use diffusers' resolution-dependent shift ``s = exp(μ(seq_len))``
             with the four parameters below (FLUX.1-dev's scheduler config values).
@@ -92,9 +86,7 @@ class FluxConfig(RuntimeConfig):
 
     resolution: int | list[int] = 720
     guidance_scale: float = 3.5
-    num_steps: int = 16
     eta: float = 0.3
-    noise_schedule: str = "dance"
     shift: float = 3.0
     dynamic_shift: bool = False
     base_shift: float = 0.5
@@ -106,16 +98,6 @@ class FluxConfig(RuntimeConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         parse_resolution(self.resolution, 16)
-        if self.num_steps < 1:
-            raise ValueError(f"num_steps must be >= 1, got {self.num_steps}")
-        if self.eta < 0:
-            raise ValueError(f"eta must be >= 0, got {self.eta}")
-        if self.noise_schedule not in ("dance", "flow_grpo"):
-            raise ValueError(
-                f"noise_schedule must be 'dance' or 'flow_grpo', got {self.noise_schedule!r}"
-            )
-        if self.shift <= 0:
-            raise ValueError(f"shift must be > 0, got {self.shift}")
         if self.max_image_seq_len <= self.base_image_seq_len:
             raise ValueError("max_image_seq_len must be greater than base_image_seq_len")
         if not 1 <= self.max_sequence_length <= 512:
@@ -124,7 +106,7 @@ class FluxConfig(RuntimeConfig):
             )
 
 
-class FluxPolicy(Policy):
+class FluxPolicy(FlowTransformerPolicy):
     """FLUX.1 transformer + flow SDE behind the :class:`Policy` interface.
 
     Latents are packed float32 ``[B, L, 4C]`` (``L = (H/16)·(W/16)``, ``C = 16`` for FLUX.1)
@@ -132,8 +114,8 @@ class FluxPolicy(Policy):
     ``pooled_prompt_embeds`` ``[B, 768]`` (CLIP).
     """
 
-    sampler: ClassVar = "flow_sde"
     modality: ClassVar = "image"
+    config: FluxConfig
 
     def __init__(
         self,
@@ -156,25 +138,15 @@ class FluxPolicy(Policy):
             text_encoder_2, tokenizer_2: T5 encoder and its tokenizer. All four ``None``
                 when prompts come from an embedding cache.
         """
-        text_parts = (text_encoder, tokenizer, text_encoder_2, tokenizer_2)
-        if any(p is None for p in text_parts) and any(p is not None for p in text_parts):
-            raise ValueError(
-                "text_encoder, tokenizer, text_encoder_2 and tokenizer_2 must all be given "
-                "(or none of them)"
-            )
-        self.config = config
-        self.device = config.torch_device
-        dtype = config.torch_dtype
-        self.transformer = place(transformer, self.device, dtype)
-        self.vae = place(vae, config.decode_device, dtype)
-        freeze(self.vae)
-        self.tokenizer, self.tokenizer_2 = tokenizer, tokenizer_2
-        self.text_encoder = self.text_encoder_2 = None
-        if text_encoder is not None and text_encoder_2 is not None:
-            self.text_encoder = place(text_encoder, config.text_device, dtype)
-            self.text_encoder_2 = place(text_encoder_2, config.text_device, dtype)
-            freeze(self.text_encoder)
-            freeze(self.text_encoder_2)
+        super().__init__(
+            transformer=transformer,
+            vae=vae,
+            config=config,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            text_encoder_2=text_encoder_2,
+            tokenizer_2=tokenizer_2,
+        )
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.height, self.width = parse_resolution(config.resolution, self.vae_scale_factor * 2)
         self.latent_height = self.height // self.vae_scale_factor
@@ -330,33 +302,6 @@ class FluxPolicy(Policy):
                 return_dict=False,
             )[0]
 
-    def denoise_step(
-        self,
-        latents: torch.Tensor,
-        step_index: int,
-        schedule: Schedule,
-        cond: Conditioning,
-        *,
-        eta: float,
-        prev_sample: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
-    ) -> StepOutput:
-        """Velocity at ``sigmas[step_index]``, then one flow-SDE step to
-        ``sigmas[step_index + 1]`` (``prev_sample`` given: its log-probability instead)."""
-        if schedule.sigmas is None:
-            raise ValueError("FLUX needs a flow schedule with sigmas (use policy.schedule)")
-        velocity = self.predict(latents, schedule.timesteps[step_index], cond)
-        return flow_sde_step(
-            velocity,
-            latents,
-            float(schedule.sigmas[step_index]),
-            float(schedule.sigmas[step_index + 1]),
-            eta=eta,
-            prev_sample=prev_sample,
-            generator=generator,
-            noise_schedule=self.config.noise_schedule,
-        )
-
     # ----------------------------------------------------------------- decoding
     def _decode_chunk(self, packed: torch.Tensor) -> torch.Tensor:
         latents = unpack_latents(packed, self.latent_height, self.latent_width)
@@ -368,9 +313,6 @@ class FluxPolicy(Policy):
         return decode_to_uint8(self._decode_chunk, latents, self.config.vae_decode_chunk_size)
 
     # ----------------------------------------------------------------- training
-    def trainable_module(self) -> nn.Module:
-        return self.transformer
-
     def fsdp_block_types(self) -> tuple[type[nn.Module], ...]:
         """The double- and single-stream transformer blocks (untested on the real model)."""
         from diffusers.models.transformers.transformer_flux import (
@@ -383,8 +325,3 @@ class FluxPolicy(Policy):
     @property
     def lora_target_modules(self) -> list[str]:
         return list(FLUX_LORA_TARGET_MODULES)
-
-    def release_text_encoders(self) -> None:
-        """Drops both tokenizers and text encoders (after caching embeddings)."""
-        self.text_encoder = self.text_encoder_2 = None
-        self.tokenizer = self.tokenizer_2 = None

@@ -21,16 +21,12 @@ import torch
 from torch import nn
 
 from dancegrpo_trainer.core.schedules import flow_sigmas, flow_timesteps
-from dancegrpo_trainer.core.sde import flow_sde_step
-from dancegrpo_trainer.core.step_output import StepOutput
-from dancegrpo_trainer.policies.base import Conditioning, Policy, Schedule
+from dancegrpo_trainer.policies.base import Conditioning, Schedule
+from dancegrpo_trainer.policies.flow_transformer import FlowTransformerConfig, FlowTransformerPolicy
 from dancegrpo_trainer.policies.runtime import (
-    RuntimeConfig,
     decode_to_uint8,
-    freeze,
     module_dtype,
     parse_resolution,
-    place,
     transformers_dtype_kwargs,
     vae_decode,
 )
@@ -78,7 +74,7 @@ HUNYUAN_VIDEO_LORA_TARGET_MODULES = [
 
 
 @dataclasses.dataclass
-class HunyuanVideoConfig(RuntimeConfig):
+class HunyuanVideoConfig(FlowTransformerConfig):
     """Options of :class:`HunyuanVideoPolicy` (defaults: DanceGRPO's released HunyuanVideo
     recipe, ``scripts/finetune/finetune_hunyuan_grpo.sh``; the paper used 73 frames).
 
@@ -89,9 +85,7 @@ class HunyuanVideoConfig(RuntimeConfig):
             compresses the rest 4× in time).
         guidance_scale: value fed (× 1000) to the distilled guidance embedding
             (diffusers' default 6.0; HunyuanVideo has no true CFG in this adapter).
-        num_steps: default number of sampling steps.
-        eta: default SDE noise scale η (0 is the Euler ODE sampler).
-        noise_schedule: ``"dance"`` (``g = η``) or ``"flow_grpo"`` (see ``flow_sde_step``).
+        num_steps, eta, noise_schedule: see :class:`FlowTransformerConfig`.
         shift: static timestep shift ``s`` (``σ' = sσ/(1+(s−1)σ)``); the diffusers
             checkpoints' scheduler uses 7.0, DanceGRPO trains with 5.
         max_sequence_length: Llama prompt tokens after the template (diffusers: 256).
@@ -108,9 +102,7 @@ class HunyuanVideoConfig(RuntimeConfig):
     resolution: int | list[int] = 480
     num_frames: int = 53
     guidance_scale: float = 6.0
-    num_steps: int = 16
     eta: float = 0.25
-    noise_schedule: str = "dance"
     shift: float = 5.0
     max_sequence_length: int = 256
     prompt_template: str = DEFAULT_PROMPT_TEMPLATE
@@ -128,16 +120,6 @@ class HunyuanVideoConfig(RuntimeConfig):
             )
         if self.guidance_scale < 0:
             raise ValueError(f"guidance_scale must be >= 0, got {self.guidance_scale}")
-        if self.num_steps < 1:
-            raise ValueError(f"num_steps must be >= 1, got {self.num_steps}")
-        if self.eta < 0:
-            raise ValueError(f"eta must be >= 0, got {self.eta}")
-        if self.noise_schedule not in ("dance", "flow_grpo"):
-            raise ValueError(
-                f"noise_schedule must be 'dance' or 'flow_grpo', got {self.noise_schedule!r}"
-            )
-        if self.shift <= 0:
-            raise ValueError(f"shift must be > 0, got {self.shift}")
         if self.max_sequence_length < 1:
             raise ValueError(f"max_sequence_length must be >= 1, got {self.max_sequence_length}")
         if self.prompt_template.count("{}") != 1:
@@ -154,7 +136,7 @@ def latent_num_frames(num_frames: int, temporal_ratio: int) -> int:
     return (num_frames - 1) // temporal_ratio + 1
 
 
-class HunyuanVideoPolicy(Policy):
+class HunyuanVideoPolicy(FlowTransformerPolicy):
     """HunyuanVideo transformer + flow SDE behind the :class:`Policy` interface.
 
     Latents are float32 ``[B, C, T, h, w]`` (``C = 16``, ``T = (F−1)/4 + 1``, ``h = H/8``,
@@ -164,8 +146,8 @@ class HunyuanVideoPolicy(Policy):
     ``decode`` gives ``uint8 [N, F, H, W, 3]``.
     """
 
-    sampler: ClassVar = "flow_sde"
     modality: ClassVar = "video"
+    config: HunyuanVideoConfig
 
     def __init__(
         self,
@@ -188,27 +170,17 @@ class HunyuanVideoPolicy(Policy):
             text_encoder_2, tokenizer_2: CLIP text model (pooled output) and its tokenizer.
                 All four ``None`` when prompts come from an embedding cache.
         """
-        text_parts = (text_encoder, tokenizer, text_encoder_2, tokenizer_2)
-        if any(p is None for p in text_parts) and any(p is not None for p in text_parts):
-            raise ValueError(
-                "text_encoder, tokenizer, text_encoder_2 and tokenizer_2 must all be given "
-                "(or none of them)"
-            )
-        self.config = config
-        self.device = config.torch_device
-        dtype = config.torch_dtype
-        self.transformer = place(transformer, self.device, dtype)
-        self.vae = place(vae, config.decode_device, dtype)
-        freeze(self.vae)
+        super().__init__(
+            transformer=transformer,
+            vae=vae,
+            config=config,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            text_encoder_2=text_encoder_2,
+            tokenizer_2=tokenizer_2,
+        )
         if config.vae_tiling:
             self.vae.enable_tiling()
-        self.tokenizer, self.tokenizer_2 = tokenizer, tokenizer_2
-        self.text_encoder = self.text_encoder_2 = None
-        if text_encoder is not None and text_encoder_2 is not None:
-            self.text_encoder = place(text_encoder, config.text_device, dtype)
-            self.text_encoder_2 = place(text_encoder_2, config.text_device, dtype)
-            freeze(self.text_encoder)
-            freeze(self.text_encoder_2)
         self.crop_start = self._resolve_crop_start()
         self._init_geometry()
 
@@ -402,33 +374,6 @@ class HunyuanVideoPolicy(Policy):
                 return_dict=False,
             )[0]
 
-    def denoise_step(
-        self,
-        latents: torch.Tensor,
-        step_index: int,
-        schedule: Schedule,
-        cond: Conditioning,
-        *,
-        eta: float,
-        prev_sample: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
-    ) -> StepOutput:
-        """Velocity at ``sigmas[step_index]``, then one flow-SDE step to
-        ``sigmas[step_index + 1]`` (``prev_sample`` given: its log-probability instead)."""
-        if schedule.sigmas is None:
-            raise ValueError("HunyuanVideo needs a flow schedule with sigmas (use policy.schedule)")
-        velocity = self.predict(latents, schedule.timesteps[step_index], cond)
-        return flow_sde_step(
-            velocity,
-            latents,
-            float(schedule.sigmas[step_index]),
-            float(schedule.sigmas[step_index + 1]),
-            eta=eta,
-            prev_sample=prev_sample,
-            generator=generator,
-            noise_schedule=self.config.noise_schedule,
-        )
-
     # ----------------------------------------------------------------- decoding
     def _decode_chunk(self, latents: torch.Tensor) -> torch.Tensor:
         """``[n, C, T, h, w]`` → frames in ``[-1, 1]`` as ``[n·F, 3, H, W]`` (sample-major)."""
@@ -442,9 +387,6 @@ class HunyuanVideoPolicy(Policy):
         return frames.view(latents.shape[0], -1, *frames.shape[1:])
 
     # ----------------------------------------------------------------- training
-    def trainable_module(self) -> nn.Module:
-        return self.transformer
-
     def fsdp_block_types(self) -> tuple[type[nn.Module], ...]:
         """The dual- and single-stream transformer blocks (untested on the real model)."""
         from diffusers.models.transformers.transformer_hunyuan_video import (
@@ -457,11 +399,6 @@ class HunyuanVideoPolicy(Policy):
     @property
     def lora_target_modules(self) -> list[str]:
         return list(HUNYUAN_VIDEO_LORA_TARGET_MODULES)
-
-    def release_text_encoders(self) -> None:
-        """Drops both tokenizers and text encoders (after caching embeddings)."""
-        self.text_encoder = self.text_encoder_2 = None
-        self.tokenizer = self.tokenizer_2 = None
 
 
 def _load_text_encoders(path: Path, dtype: torch.dtype) -> dict[str, Any]:

@@ -56,7 +56,7 @@ def test_geneval_jsonl_becomes_tagged_prompts_with_metadata(tmp_path):
         "class_name": "cat",
         "count": 1,
         "position_relation": "left of",
-        "position_reference": "dog",
+        "position_reference": 0,
     }
     assert prompts[2].metadata["geneval"]["include"][0]["color"] == "red"
     assert prompts[2].metadata["geneval"]["exclude"] == [{"class_name": "car", "count": 2}]
@@ -66,15 +66,29 @@ def test_geneval_spec_converts_to_a_valid_wire_message(tmp_path):
     from dancegrpo_proto import codec
 
     path = tmp_path / "g.jsonl"
-    path.write_text(
-        json.dumps(
-            {"tag": "counting", "include": [{"class": "cup", "count": 3}], "prompt": "three cups"}
-        )
-        + "\n"
-    )
-    message = codec.metadata_to_proto(ev.load_prompt_set(path)[0].metadata)
+    rows = [
+        {"tag": "counting", "include": [{"class": "cup", "count": 3}], "prompt": "three cups"},
+        {
+            "tag": "position",
+            "include": [
+                {"class": "dog", "count": 1},
+                {"class": "cat", "count": 1, "position": ["left of", 0]},
+            ],
+            "prompt": "a photo of a cat left of a dog",
+        },
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    counting, position = ev.load_prompt_set(path)
+    message = codec.metadata_to_proto(counting.metadata)
     assert message.geneval.include[0].class_name == "cup"
     assert message.geneval.include[0].count == 3
+    message = codec.metadata_to_proto(position.metadata)
+    cat = message.geneval.include[1]
+    assert (cat.class_name, cat.position_relation, cat.position_reference) == ("cat", "left of", 0)
+    bad = dict(rows[1], include=[{"class": "cat", "count": 1, "position": ["left of", 3]}])
+    path.write_text(json.dumps(bad) + "\n")
+    with pytest.raises(ValueError, match="malformed GenEval spec"):
+        ev.load_prompt_set(path)
 
 
 def test_hpd_v2_style_files_tag_prompts_by_style(tmp_path):
@@ -281,3 +295,327 @@ def test_evaluation_connects_like_training_comma_separated_replicas(tmp_path, mo
         {"base": policy, "tuned": policy}, [ev.EvalPrompt("a")], [spec], tmp_path, num_steps=2
     )
     assert made == [["h1:50051", "h2:50051"]]  # one client, one channel per replica
+
+
+# ---------------------------------------------------------------------------- the CLI, end to end
+
+
+def _write_yaml(path, data):
+    import yaml
+
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+#: GenEval prompts in GenEval's own ``evaluation_metadata.jsonl`` format, and the wire form
+#: (``SampleMetadata.geneval``) each must arrive as, written out by hand.
+GENEVAL_ROWS = [
+    (
+        {"tag": "single_object", "include": [{"class": "cat", "count": 1}], "prompt": "a cat"},
+        {"tag": "single_object", "include": [{"class_name": "cat", "count": 1}], "exclude": []},
+    ),
+    (
+        {
+            "tag": "single_object",
+            "include": [{"class": "giraffe", "count": 1}],
+            "prompt": "a giraffe",
+        },
+        {"tag": "single_object", "include": [{"class_name": "giraffe", "count": 1}], "exclude": []},
+    ),
+    (  # "exactly two": include 2 plus exclude 3, as GenEval's create_prompts.py writes it
+        {
+            "tag": "counting",
+            "include": [{"class": "cat", "count": 2}],
+            "exclude": [{"class": "cat", "count": 3}],
+            "prompt": "a photo of two cats",
+        },
+        {
+            "tag": "counting",
+            "include": [{"class_name": "cat", "count": 2}],
+            "exclude": [{"class_name": "cat", "count": 3}],
+        },
+    ),
+    (
+        {
+            "tag": "counting",
+            "include": [{"class": "dining table", "count": 2}],
+            "exclude": [{"class": "dining table", "count": 3}],
+            "prompt": "a photo of two dining tables",
+        },
+        {
+            "tag": "counting",
+            "include": [{"class_name": "dining table", "count": 2}],
+            "exclude": [{"class_name": "dining table", "count": 3}],
+        },
+    ),
+    (
+        {
+            "tag": "colors",
+            "include": [{"class": "cat", "count": 1, "color": "yellow"}],
+            "prompt": "a photo of a yellow cat",
+        },
+        {
+            "tag": "colors",
+            "include": [{"class_name": "cat", "count": 1, "color": "yellow"}],
+            "exclude": [],
+        },
+    ),
+    (
+        {
+            "tag": "colors",
+            "include": [{"class": "cat", "count": 1, "color": "red"}],
+            "prompt": "a photo of a red cat",
+        },
+        {
+            "tag": "colors",
+            "include": [{"class_name": "cat", "count": 1, "color": "red"}],
+            "exclude": [],
+        },
+    ),
+    (
+        {
+            "tag": "position",
+            "include": [
+                {"class": "cat", "count": 1},
+                {"class": "person", "count": 1, "position": ["left of", 0]},
+            ],
+            "prompt": "a photo of a person left of a cat",
+        },
+        {
+            "tag": "position",
+            "include": [
+                {"class_name": "cat", "count": 1},
+                {
+                    "class_name": "person",
+                    "count": 1,
+                    "position_relation": "left of",
+                    "position_reference": 0,
+                },
+            ],
+            "exclude": [],
+        },
+    ),
+]
+
+
+def test_geneval_table_overall_and_per_tag_against_a_real_server(tmp_path):
+    """``dancegrpo-eval`` (``main``) end to end on a GenEval ``evaluation_metadata.jsonl``:
+    tiny_flow base/tuned checkpoints, one real server hosting the tiny ``geneval`` reward.
+
+    What it proves: the metadata reaches the service (``geneval`` rejects samples without
+    it, and the scores equal direct ``RewardClient`` scoring with hand-written wire specs),
+    every per-sample score in ``results.json`` is the service's 0/1 answer for exactly the
+    frames the same checkpoints generate, and the table is GenEval's: per-tag fractions
+    correct, overall = mean of the per-tag means. The random tiny detector scores every
+    detection ~0.008, so thresholds of 0 let its top-k detections through (always full-frame
+    boxes, so ``position`` fails; one colour per object, so the yellow/red pair cannot both
+    pass): the scores hold both 0s and 1s, and the arithmetic is checked on real values.
+    """
+    from dancegrpo_proto import RewardClient
+    from dancegrpo_testing import geneval_models
+    from dancegrpo_testing.servers import running_reward_server
+
+    base, tuned = _tiny_pair(tmp_path)  # writes base.safetensors / tuned.safetensors
+    prompts_path = tmp_path / "evaluation_metadata.jsonl"
+    prompts_path.write_text("".join(json.dumps(row) + "\n" for row, _ in GENEVAL_ROWS))
+    files = geneval_models.write_tiny_geneval_files(tmp_path / "geneval")
+    options = {
+        "detector_path": str(files.detector),
+        "clip_checkpoint": str(files.clip_checkpoint),
+        "clip_arch": str(files.clip_config),
+        "detector_shortest_edge": 64,
+        "detector_longest_edge": 96,
+        "threshold": 0.0,
+        "counting_threshold": 0.0,
+    }
+    server_config = {"rewards": {"geneval": {"kind": "geneval", "options": options}}}
+    k, steps, seed = 2, 3, 0
+    with running_reward_server(server_config, metrics=False, startup_timeout_s=120) as server:
+        config = _write_yaml(
+            tmp_path / "train.yaml",
+            {
+                "model": {
+                    "kind": "tiny_flow",
+                    "options": {"latent_size": 4, "channels": 8, "embed_dim": 16, "num_blocks": 1},
+                },
+                "rewards": {
+                    "endpoints": [
+                        {"target": server.target, "reward": "geneval", "output": "correct"}
+                    ]
+                },
+                "data": {"train_prompts": ["unused"]},
+            },
+        )
+        rewards = _write_yaml(
+            tmp_path / "rewards.yaml",
+            [
+                {
+                    "name": "GenEval",
+                    "target": server.target,
+                    "reward": "geneval",
+                    "output": "correct",
+                    "metadata": True,
+                }
+            ],
+        )
+        out = tmp_path / "eval"
+        argv = ["--config", str(config), "--prompts", str(prompts_path)]
+        argv += ["--base", str(tmp_path / "base.safetensors")]
+        argv += ["--tuned", str(tmp_path / "tuned.safetensors"), "--rewards", str(rewards)]
+        argv += ["--out", str(out), "--samples-per-prompt", str(k), "--num-steps", str(steps)]
+        assert ev.main([*argv, "--seed", str(seed)]) == 0
+        texts = [row["prompt"] for row, _ in GENEVAL_ROWS for _ in range(k)]
+        metadata = [{"geneval": wire} for _, wire in GENEVAL_ROWS for _ in range(k)]
+        prompts = [ev.EvalPrompt(text) for text in texts[::k]]
+        direct = {}
+        with RewardClient(server.target) as client:
+            for label, policy in (("base", base), ("tuned", tuned)):
+                frames = ev.generate(
+                    policy, prompts, samples_per_prompt=k, num_steps=steps, seed=seed
+                )
+                direct[label] = client.score(
+                    "geneval", images=frames, prompts=texts, metadata=metadata
+                )["correct"]
+
+    result = json.loads((out / "results.json").read_text())
+    for label in ("base", "tuned"):
+        scores = np.asarray(result["scores"][label]["GenEval"])
+        assert set(np.unique(scores)) <= {0.0, 1.0}
+        np.testing.assert_array_equal(scores, direct[label])
+    both = np.concatenate([direct["base"], direct["tuned"]])
+    assert 0 < both.sum() < len(both)  # not all-0 or all-1: the means below are real checks
+    tags = np.asarray([row["tag"] for row, _ in GENEVAL_ROWS for _ in range(k)])
+    rows = {(r["metric"], r["tag"]): r for r in result["rows"]}
+    assert [r["tag"] for r in result["rows"]] == [
+        None,
+        "single_object",
+        "counting",
+        "colors",
+        "position",
+    ]
+    for tag, n in (("single_object", 4), ("counting", 4), ("colors", 4), ("position", 2)):
+        row = rows[("GenEval", tag)]
+        assert row["n"] == n
+        assert row["base"] == pytest.approx(float(direct["base"][tags == tag].mean()))
+        assert row["tuned"] == pytest.approx(float(direct["tuned"][tags == tag].mean()))
+    overall = rows[("GenEval", None)]
+    assert overall["n"] == len(texts)
+    for label in ("base", "tuned"):
+        per_tag = [direct[label][tags == t].mean() for t in dict.fromkeys(tags)]
+        assert overall[label] == pytest.approx(float(np.mean(per_tag)))
+    for row in result["rows"]:  # (tuned - base) / |base| in %; NaN (n/a) for a zero base
+        if row["base"] == 0:
+            assert math.isnan(row["relative_change_pct"])
+        else:
+            expected = (row["tuned"] - row["base"]) / abs(row["base"]) * 100
+            assert row["relative_change_pct"] == pytest.approx(expected)
+    table = (out / "results.md").read_text()
+    assert "| GenEval | " in table and "| GenEval [counting] | " in table
+    assert (out / "samples_base.png").is_file() and (out / "samples_tuned.png").is_file()
+    assert result["settings"]["rewards"][0]["metadata"] is True
+
+
+def test_videoalign_vq_mq_table_against_a_real_server(tmp_path):
+    """``dancegrpo-eval`` (``main``) end to end for video: a tiny HunyuanVideo diffusers
+    folder as ``model.path`` (the base: no ``--base``), a perturbed transformer as
+    ``--tuned``, a ``.txt`` prompt set, and one real server hosting the tiny ``videoalign``
+    reward scored as two metrics (outputs ``vq`` and ``mq``). The table equals direct
+    ``RewardClient`` scoring of the same ``[N, T, H, W, 3]`` videos, and the sample grids
+    are animated GIFs, one frame per video frame."""
+    from PIL import Image
+
+    from dancegrpo_proto import RewardClient
+    from dancegrpo_testing import videoalign_models
+    from dancegrpo_testing.diffusion_models import save_pipeline
+    from dancegrpo_testing.servers import running_reward_server
+    from dancegrpo_testing.video_models import TINY_LLAMA_MAX_LENGTH, tiny_hunyuan_video_pipeline
+    from dancegrpo_trainer.config import load_config
+    from dancegrpo_trainer.policy_factory import build_policy
+
+    pipe = tiny_hunyuan_video_pipeline()
+    model_path = save_pipeline(pipe, tmp_path / "hunyuan")
+    generator = torch.Generator().manual_seed(0)
+    perturbed = {
+        k: (v + 0.1 * torch.randn(v.shape, generator=generator)).contiguous()
+        for k, v in pipe.transformer.state_dict().items()
+    }
+    save_file(perturbed, str(tmp_path / "tuned.safetensors"))
+    del pipe
+    prompts_path = tmp_path / "prompts.txt"
+    prompts_path.write_text("a cat jumping on a sofa\n# skipped\na red car\nwaves at sunset\n")
+    folder = videoalign_models.write_hf_folder(tmp_path / "videoalign")
+    options = {
+        "path": str(folder),
+        "min_frame_pixels": 28 * 28,
+        "max_frame_pixels": 56 * 56 * 2,
+        "source_fps": 8.0,
+    }
+    server_config = {"rewards": {"videoalign": {"kind": "videoalign", "options": options}}}
+    steps, seed = 2, 4
+    with running_reward_server(server_config, metrics=False, startup_timeout_s=120) as server:
+        config = _write_yaml(
+            tmp_path / "train.yaml",
+            {
+                "model": {
+                    "kind": "hunyuan_video",
+                    "path": str(model_path),
+                    "height": 32,
+                    "width": 32,
+                    "num_frames": 5,
+                    "options": {
+                        "crop_start": None,
+                        "max_sequence_length": TINY_LLAMA_MAX_LENGTH,
+                        "shift": 7.0,
+                    },
+                },
+                "rewards": {
+                    "endpoints": [{"target": server.target, "reward": "videoalign", "output": "vq"}]
+                },
+                "data": {"train_prompts": ["unused"]},
+            },
+        )
+        out = tmp_path / "eval"
+        argv = ["--config", str(config), "--prompts", str(prompts_path)]
+        argv += ["--tuned", str(tmp_path / "tuned.safetensors"), "--out", str(out)]
+        argv += ["--reward", f"VideoAlign VQ={server.target}/videoalign:vq"]
+        argv += ["--reward", f"VideoAlign MQ={server.target}/videoalign:mq"]
+        assert ev.main([*argv, "--num-steps", str(steps), "--seed", str(seed)]) == 0
+
+        # The same policies, built the way the CLI builds them, sampled again.
+        cfg = load_config(config)
+        prompts = ev.load_prompt_set(prompts_path)
+        texts = [p.prompt for p in prompts]
+        direct = {}
+        with RewardClient(server.target) as client:
+            for label in ("base", "tuned"):
+                policy = build_policy(cfg.model, torch.device("cpu"))
+                if label == "tuned":
+                    ev.load_weights(policy, tmp_path / "tuned.safetensors")
+                frames = ev.generate(
+                    policy, prompts, samples_per_prompt=1, num_steps=steps, seed=seed
+                )
+                assert frames.shape == (3, 5, 32, 32, 3)
+                direct[label] = client.score("videoalign", videos=frames, prompts=texts)
+
+    result = json.loads((out / "results.json").read_text())
+    rows = {r["metric"]: r for r in result["rows"]}
+    assert [r["metric"] for r in result["rows"]] == ["VideoAlign VQ", "VideoAlign MQ"]
+    assert all(r["tag"] is None and r["n"] == 3 for r in result["rows"])
+    for metric, output in (("VideoAlign VQ", "vq"), ("VideoAlign MQ", "mq")):
+        for label in ("base", "tuned"):
+            np.testing.assert_allclose(
+                result["scores"][label][metric], direct[label][output], rtol=1e-6
+            )
+        b, t = float(direct["base"][output].mean()), float(direct["tuned"][output].mean())
+        row = rows[metric]
+        assert row["base"] == pytest.approx(b, abs=1e-6)
+        assert row["tuned"] == pytest.approx(t, abs=1e-6)
+        assert row["relative_change_pct"] == pytest.approx((t - b) / abs(b) * 100, rel=1e-5)
+    assert any(rows[m]["base"] != rows[m]["tuned"] for m in rows)  # the tuned weights loaded
+    table = (out / "results.md").read_text()
+    assert "| VideoAlign VQ | " in table and "| VideoAlign MQ | " in table
+    for label in ("base", "tuned"):
+        with Image.open(out / f"samples_{label}.gif") as gif:
+            assert gif.n_frames == 5  # one grid per video frame
+            assert gif.size == (4 * (3 * (32 + 2) + 2), 4 * (32 + 2 + 2))  # 3 videos, 4x
+    assert not (out / "samples_base.png").exists()

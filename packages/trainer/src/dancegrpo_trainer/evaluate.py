@@ -10,7 +10,7 @@ deterministically: η = 0 and the same seeded initial noise for every (prompt, s
 pair. Frames are scored through ``RewardClient`` by every reward in the list (HPS-v2.1,
 CLIP score, VideoAlign VQ/MQ, GenEval, ... — whatever the services host). Writes
 ``results.json``, ``results.md`` (the paper's table: base, tuned, relative change %) and
-``samples_base.png`` / ``samples_tuned.png`` grids.
+``samples_base.png`` / ``samples_tuned.png`` grids (for video, animated ``.gif``).
 
 Prompt sets (``load_prompt_set``):
 

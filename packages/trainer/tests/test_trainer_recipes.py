@@ -6,7 +6,8 @@ Qwen2-VL VideoReward) plus a video ``color_match``.
 
 Only what CPU and tiny models force is overridden (resolution, step count, run folder).
 Also here: ``dancegrpo-train preprocess``, the KL penalty, EMA, gradient checkpointing,
-and a video-shaped (``[N,T,H,W,3]``), image-conditioned (I2V) policy through the loop.
+and a video-shaped (``[N,T,H,W,3]``), image-conditioned (I2V) policy through the loop. The
+SkyReels I2V recipe reads ``.jsonl`` prompt files whose rows name a conditioning image.
 """
 
 from __future__ import annotations
@@ -60,8 +61,9 @@ def one_torch_thread() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """``weights/`` (tiny SD and FLUX folders named as the recipes expect), ``data/prompts``,
-    and the tiny CLIP reward files."""
+    """``weights/`` (tiny SD, FLUX, HunyuanVideo and SkyReels I2V folders named as the
+    recipes expect), ``data/prompts`` (with I2V prompt + image rows), and the tiny CLIP
+    reward files."""
     from dancegrpo_testing import clip_models, diffusion_models, video_models, videoalign_models
 
     root = tmp_path_factory.mktemp("recipes")
@@ -73,11 +75,16 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     diffusion_models.save_pipeline(
         video_models.tiny_hunyuan_video_pipeline(), weights / "HunyuanVideo"
     )
+    diffusion_models.save_pipeline(
+        video_models.tiny_skyreels_i2v_pipeline(), weights / "SkyReels-I2V"
+    )
     data = root / "data"
     (data / "prompts").mkdir(parents=True)
     for prefix in ("hps", "video"):
         (data / "prompts" / f"{prefix}_train.txt").write_text("\n".join(TRAIN_PROMPTS) + "\n")
         (data / "prompts" / f"{prefix}_eval.txt").write_text("\n".join(EVAL_PROMPTS) + "\n")
+    write_i2v_prompts(data / "prompts", "i2v_train", TRAIN_PROMPTS)
+    write_i2v_prompts(data / "prompts", "i2v_eval", EVAL_PROMPTS)
     files = clip_models.write_tiny_clip_files(root / "clip")
     videoalign = videoalign_models.write_hf_folder(root / "videoalign")
     return {
@@ -135,7 +142,7 @@ def recipe_env(assets: dict[str, Path], server: str) -> Iterator[dict[str, Path]
         mp.setenv("DANCEGRPO_WEIGHTS", str(assets["weights"]))
         mp.setenv("DANCEGRPO_DATA", str(assets["data"]))
         mp.setenv("DANCEGRPO_REWARDS", server)
-        for recipe in ("flux_hps_clip", "hunyuan_video_videoalign"):
+        for recipe in ("flux_hps_clip", "hunyuan_video_videoalign", "skyreels_i2v_videoalign"):
             rc = train_main(["preprocess", "--config", str(CONFIGS / f"{recipe}.yaml")])
             assert rc == 0
         yield assets
@@ -161,6 +168,22 @@ def cli_trainer(monkeypatch: pytest.MonkeyPatch) -> type[RecordingTrainer]:
 
 
 # ------------------------------------------------------------------------------ helpers
+
+
+def write_i2v_prompts(folder: Path, name: str, prompts: Sequence[str]) -> Path:
+    """``folder/name.jsonl`` with one ``{"prompt", "condition_image"}`` row per prompt, the
+    images (random noise, 20x24, not the video size) as PNGs beside it, paths relative."""
+    images = folder / name
+    images.mkdir()
+    rng = np.random.default_rng(zlib.crc32(name.encode()))
+    rows = []
+    for i, prompt in enumerate(prompts):
+        pixels = rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(images / f"{i:04d}.png")
+        rows.append({"prompt": prompt, "condition_image": f"{name}/{i:04d}.png"})
+    path = folder / f"{name}.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
 
 
 def trainable_state(trainer: Trainer) -> dict[str, torch.Tensor]:
@@ -290,6 +313,40 @@ def test_hunyuan_video_videoalign_recipe_trains_on_vq_and_mq(
     assert rec["reward_mean"] == pytest.approx((vq + mq) / 2, abs=1e-6)  # weights 1 and 1
     assert {"output/videoalign/ta_mean", "output/videoalign/overall_mean"} <= set(rec)
     assert trainer.policy.modality == "video" and trainer.policy.text_encoder is None
+    assert [r["step"] for r in records(tmp_path, "eval")] == [0, 1]
+    assert_trained_and_saved(trainer, tmp_path)
+
+
+def test_skyreels_i2v_videoalign_recipe_trains_on_mq_with_images_and_cached_text(
+    recipe_env: dict[str, Path],
+    tmp_path: Path,
+    cli_trainer: type[RecordingTrainer],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """SkyReels I2V against the real ``videoalign`` kind, 5 frames: G = 8 rollouts per
+    prompt with true CFG, the text from the embedding cache (``preprocess`` above) and each
+    prompt's image VAE-encoded once at rollout time, trained on MQ."""
+    from dancegrpo_trainer.policies.skyreels_i2v import SkyReelsI2VPolicy
+
+    encoded: list[tuple[int, ...]] = []
+    original = SkyReelsI2VPolicy.encode_condition_images
+
+    def recording(policy: SkyReelsI2VPolicy, images: torch.Tensor) -> Conditioning:
+        encoded.append(tuple(images.shape))
+        return original(policy, images)
+
+    monkeypatch.setattr(SkyReelsI2VPolicy, "encode_condition_images", recording)
+    trainer = run_recipe("skyreels_i2v_videoalign", tmp_path, "model.num_frames=5")
+    rec = records(tmp_path)[0]
+    assert rec["samples"] == 8
+    assert rec["reward_mean"] == pytest.approx(rec["reward/videoalign/mq_mean"], abs=1e-6)
+    assert {"output/videoalign/vq_mean", "output/videoalign/ta_mean"} <= set(rec)
+    policy = trainer.policy
+    assert isinstance(policy, SkyReelsI2VPolicy) and policy.text_encoder is None
+    assert policy.config.do_true_cfg and policy.num_frames == 5
+    # Eval before, one training prompt (its 20x24 image, encoded once for the group of 8),
+    # eval after.
+    assert encoded == [(1, 20, 24, 3)] * 3
     assert [r["step"] for r in records(tmp_path, "eval")] == [0, 1]
     assert_trained_and_saved(trainer, tmp_path)
 

@@ -1,11 +1,13 @@
-"""Tiny random-weight HunyuanVideo components and pipeline for tests (offline, CPU, seconds).
+"""Tiny random-weight HunyuanVideo components and pipelines (T2V, and SkyReels-V1 I2V built
+from the same parts) for tests (offline, CPU, seconds).
 
 Shapes follow diffusers' own HunyuanVideo fast tests (``tests/pipelines/hunyuan_video``),
 kept to the smallest that still exercise the real code paths:
 
 - ``HunyuanVideoTransformer3DModel``: 1 dual-stream + 1 single-stream block, 1 token-refiner
   block, 2 heads × 10 (RoPE axes 2+4+4), ``patch_size=2`` as the real model (so pixels must be
-  multiples of 8·2 = 16), 4 latent channels, guidance embedding on.
+  multiples of 8·2 = 16), 4 latent channels, guidance embedding on; SkyReels I2V's takes
+  8 input channels (noise + reference-image latents) and predicts 4.
 - ``AutoencoderKLHunyuanVideo``: 4 levels of 8 channels, the real compression (spatial 8,
   temporal 4: ``num_frames = 4k + 1``) and the real ``scaling_factor`` 0.476986.
 - Text: a 3-layer ``LlamaModel`` (hidden 16, so ``hidden_states[-3]`` is a real layer's
@@ -98,13 +100,17 @@ def tiny_llama_text_encoder(seed: int = 0, vocab_size: int | None = None):
     return LlamaModel(config).eval()
 
 
-def tiny_hunyuan_video_transformer(seed: int = 0, *, guidance_embeds: bool = True):
-    """A 1 + 1 block ``HunyuanVideoTransformer3DModel`` (2 heads × 10, ``patch_size=2``)."""
+def tiny_hunyuan_video_transformer(
+    seed: int = 0, *, guidance_embeds: bool = True, in_channels: int = TINY_LATENT_CHANNELS
+):
+    """A 1 + 1 block ``HunyuanVideoTransformer3DModel`` (2 heads × 10, ``patch_size=2``)
+    predicting ``TINY_LATENT_CHANNELS``; ``in_channels`` twice that is SkyReels I2V's
+    layout (noise + image latents stacked on channels, ``image_condition_type`` unset)."""
     from diffusers import HunyuanVideoTransformer3DModel
 
     torch.manual_seed(seed)
     return HunyuanVideoTransformer3DModel(
-        in_channels=TINY_LATENT_CHANNELS,
+        in_channels=in_channels,
         out_channels=TINY_LATENT_CHANNELS,
         num_attention_heads=2,
         attention_head_dim=10,
@@ -178,5 +184,23 @@ def tiny_hunyuan_video_pipeline(seed: int = 0, *, shift: float = 7.0):
     from diffusers import HunyuanVideoPipeline
 
     pipe = HunyuanVideoPipeline(**tiny_hunyuan_video_components(seed, shift=shift))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_skyreels_i2v_pipeline(seed: int = 0, *, shift: float = 7.0):
+    """A diffusers ``HunyuanSkyreelsImageToVideoPipeline``: the tiny HunyuanVideo parts of
+    :func:`tiny_hunyuan_video_components` with a transformer taking ``2 × 4`` input channels
+    (noise latents + VAE latents of the reference image, as SkyReels-V1's 32 = 16 + 16) and
+    predicting 4. Save it with :func:`dancegrpo_testing.diffusion_models.save_pipeline` for
+    ``SkyReelsI2VPolicy.from_pretrained``.
+    """
+    from diffusers import HunyuanSkyreelsImageToVideoPipeline
+
+    components = tiny_hunyuan_video_components(seed, shift=shift)
+    components["transformer"] = tiny_hunyuan_video_transformer(
+        seed, in_channels=2 * TINY_LATENT_CHANNELS
+    )
+    pipe = HunyuanSkyreelsImageToVideoPipeline(**components)
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -29,6 +29,8 @@ class ConfigError(ValueError):
 
 
 MixedPrecision = Literal["no", "bf16", "fp16"]
+#: Adapters built on HunyuanVideo's VAE and transformer (same frame/pixel geometry).
+HUNYUAN_VIDEO_KINDS = ("hunyuan_video", "skyreels_i2v")
 AdvantageMode = Literal["group", "per_prompt"]
 
 
@@ -38,13 +40,15 @@ class ModelConfig:
 
     Attributes:
         kind: adapter name: ``tiny_flow`` (the CPU demo policy), ``stable_diffusion``, ``flux``,
-            ``hunyuan_video`` (text-to-video).
+            ``hunyuan_video`` (text-to-video), ``skyreels_i2v`` (image-to-video: prompts
+            come from a ``.jsonl`` file whose rows carry a ``condition_image``).
         path: local diffusers-format folder; ``${ENV}`` references expand when the model
             is built (e.g. ``${DANCEGRPO_WEIGHTS}/flux-dev``). Unused by ``tiny_flow``.
         height, width: output resolution in pixels.
         num_frames: 1 for images; > 1 for video adapters (frames ``[N,T,H,W,3]``);
-            ``hunyuan_video``: ``4k + 1`` (e.g. 53).
-        guidance_scale: classifier-free (SD) or embedded (FLUX, HunyuanVideo) guidance.
+            ``hunyuan_video`` and ``skyreels_i2v``: ``4k + 1`` (e.g. 53).
+        guidance_scale: classifier-free (SD) or embedded (FLUX, HunyuanVideo, SkyReels)
+            guidance; SkyReels' true CFG weight is ``options.true_cfg_scale``.
         dtype: weight dtype of the frozen parts (``float32``, ``bfloat16``, ``float16``).
         options: adapter-specific keyword arguments, passed through verbatim.
         init_checkpoint: optional ``.safetensors`` of trainable-module weights loaded
@@ -62,9 +66,9 @@ class ModelConfig:
     init_checkpoint: str | None = None
 
     def validate(self) -> None:
-        known = ("tiny_flow", "stable_diffusion", "flux", "hunyuan_video")
+        known = ("tiny_flow", "stable_diffusion", "flux", "hunyuan_video", "skyreels_i2v")
         _check(self.kind in known, "model.kind", f"must be one of {known}, got {self.kind!r}")
-        if self.kind == "hunyuan_video":
+        if self.kind in HUNYUAN_VIDEO_KINDS:
             self._validate_hunyuan_video()
         _check(
             self.kind == "tiny_flow" or bool(self.path),
@@ -78,21 +82,21 @@ class ModelConfig:
         _check(self.dtype in dtypes, "model.dtype", f"must be one of {dtypes}")
 
     def _validate_hunyuan_video(self) -> None:
-        """HunyuanVideo's geometry: the VAE keeps frame 0 and compresses time 4x (so
-        ``4k + 1`` frames) and space 8x, and the transformer patches 2x2 latents (so pixel
-        sizes are multiples of 16)."""
+        """HunyuanVideo's geometry (SkyReels I2V shares its VAE and patching): the VAE keeps
+        frame 0 and compresses time 4x (so ``4k + 1`` frames) and space 8x, and the
+        transformer patches 2x2 latents (so pixel sizes are multiples of 16)."""
         _check(
             self.num_frames % 4 == 1,
             "model.num_frames",
-            f"must be 4k + 1 for hunyuan_video (e.g. 53 as DanceGRPO, 129 as HunyuanVideo's "
-            f"default), got {self.num_frames}",
+            f"must be 4k + 1 for {self.kind} (e.g. 53 as DanceGRPO, 97 as SkyReels', 129 as "
+            f"HunyuanVideo's default), got {self.num_frames}",
         )
         for name in ("height", "width"):
             value = getattr(self, name)
             _check(
                 value % 16 == 0,
                 f"model.{name}",
-                f"must be a multiple of 16 for hunyuan_video (VAE 8x, patch 2), got {value}; "
+                f"must be a multiple of 16 for {self.kind} (VAE 8x, patch 2), got {value}; "
                 f"try {max(16, round(value / 16) * 16)}",
             )
 
@@ -470,6 +474,8 @@ class GRPOConfig:
         self.data.validate()
         self.eval.validate()
         self.run.validate()
+        if self.model.kind == "skyreels_i2v":
+            self._validate_i2v_prompts()
         bon = self.rewards.best_of_n
         if bon.enabled:
             _check(
@@ -501,6 +507,21 @@ class GRPOConfig:
                 "train.fsdp, so that every rank runs the same number of forward passes",
             )
         return self
+
+    def _validate_i2v_prompts(self) -> None:
+        """Image-to-video prompts need a conditioning image each, which only a ``.jsonl``
+        prompt file carries (``{"prompt": ..., "condition_image": ...}`` rows)."""
+        for name in ("train_prompts", "eval_prompts"):
+            source = getattr(self.data, name)
+            if name == "eval_prompts" and not source:
+                continue
+            _check(
+                isinstance(source, str) and source.endswith(".jsonl"),
+                f"data.{name}",
+                f"model.kind {self.model.kind} (image-to-video) needs a .jsonl prompt file whose "
+                f'rows carry a condition_image ({{"prompt": ..., "condition_image": "a.png"}}), '
+                f"got {source!r}",
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

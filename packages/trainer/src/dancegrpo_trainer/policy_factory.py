@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from dancegrpo_trainer.config import ConfigError, ModelConfig, expand_env
+from dancegrpo_trainer.config import HUNYUAN_VIDEO_KINDS, ConfigError, ModelConfig, expand_env
 from dancegrpo_trainer.policies.base import Policy
 
 _AUTOCAST_DTYPES = {"no": None, "bf16": "bfloat16", "fp16": "float16"}
@@ -19,8 +19,8 @@ def build_policy(
 ) -> Policy:
     """Instantiates the adapter for ``cfg.kind`` on ``device``.
 
-    ``cfg.options`` are passed to the adapter's config (SD/FLUX/HunyuanVideo, which also
-    gets ``cfg.num_frames``) or constructor (tiny_flow);
+    ``cfg.options`` are passed to the adapter's config (SD/FLUX/HunyuanVideo/SkyReels I2V; the
+    video ones also get ``cfg.num_frames``) or constructor (tiny_flow);
     ``load_text_encoders=False`` skips text encoders when an embedding cache is used.
     ``mixed_precision`` (``train.mixed_precision``: ``no``/``bf16``/``fp16``) sets the diffusers
     adapters' CUDA autocast so that ``no`` really runs the model in its weight dtype
@@ -56,17 +56,23 @@ def build_policy(
         from dancegrpo_trainer.policies.flux import FluxConfig, FluxPolicy
 
         return FluxPolicy.from_pretrained(path, _make(FluxConfig, common))
-    if cfg.kind == "hunyuan_video":
-        from dancegrpo_trainer.policies.hunyuan_video import (
-            HunyuanVideoConfig,
-            HunyuanVideoPolicy,
-        )
-
+    if cfg.kind in HUNYUAN_VIDEO_KINDS:
         if "num_frames" in options:
             raise ConfigError("model.options.num_frames: set model.num_frames instead")
-        video = {**common, "num_frames": cfg.num_frames}
-        return HunyuanVideoPolicy.from_pretrained(path, _make(HunyuanVideoConfig, video))
+        return _build_video_policy(cfg.kind, path, {**common, "num_frames": cfg.num_frames})
     raise ConfigError(f"model.kind: unknown adapter {cfg.kind!r}")
+
+
+def _build_video_policy(kind: str, path: str, options: dict) -> Policy:
+    """HunyuanVideo T2V or SkyReels I2V (the same loader and geometry; SkyReels adds the
+    reference image and true CFG, ``options.true_cfg_scale`` / ``negative_prompt``)."""
+    if kind == "skyreels_i2v":
+        from dancegrpo_trainer.policies.skyreels_i2v import SkyReelsI2VConfig, SkyReelsI2VPolicy
+
+        return SkyReelsI2VPolicy.from_pretrained(path, _make(SkyReelsI2VConfig, options))
+    from dancegrpo_trainer.policies.hunyuan_video import HunyuanVideoConfig, HunyuanVideoPolicy
+
+    return HunyuanVideoPolicy.from_pretrained(path, _make(HunyuanVideoConfig, options))
 
 
 def _make(cls: type, kwargs: dict) -> object:

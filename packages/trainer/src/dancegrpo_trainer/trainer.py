@@ -229,16 +229,20 @@ class Trainer:
         return lambda: torch.autocast("cuda", dtype=dtype)
 
     def _encode(self, prompts: Sequence[str], images: torch.Tensor | None) -> Conditioning:
-        if self._cache is not None:
-            if images is not None:
-                # The cache is keyed by prompt only; conditioning images would be dropped.
-                raise ValueError(
-                    "data.embedding_cache cannot be used with condition_image prompts (I2V): "
-                    "the cache holds text embeddings only; unset data.embedding_cache"
-                )
-            return self._cache.lookup(list(prompts)).to(self.device)
+        """Conditioning of ``prompts`` (and their ``uint8 [N,H,W,3]`` conditioning images).
+
+        With an embedding cache the text part is looked up (the cache is keyed by prompt and
+        holds text embeddings only) and the images are encoded now by the policy
+        (``encode_condition_images``), then merged into the same rows.
+        """
         with torch.no_grad():
-            return self.policy.encode_prompts(list(prompts), images)
+            if self._cache is None:
+                return self.policy.encode_prompts(list(prompts), images)
+            cond = self._cache.lookup(list(prompts)).to(self.device)
+            if images is None:
+                return cond
+            image_cond = self.policy.encode_condition_images(images)
+        return Conditioning({**cond.tensors, **image_cond.tensors})
 
     def _progress(self) -> bool:
         return self.cfg.run.progress and self.rank == 0

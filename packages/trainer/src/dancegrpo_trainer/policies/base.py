@@ -96,6 +96,19 @@ class Policy(abc.ABC):
     ) -> Conditioning:
         """Encodes prompts (and, for I2V, ``uint8 [N,H,W,3]`` conditioning images)."""
 
+    def encode_condition_images(self, condition_images: torch.Tensor) -> Conditioning:
+        """Encodes ``uint8 [N,H,W,3]`` conditioning images alone: the image part of the
+        conditioning, merged with text embeddings looked up in an embedding cache (which is
+        keyed by prompt and holds text only).
+
+        I2V policies that keep the image conditioning apart from the text implement this;
+        the default raises, since the policy cannot combine images with cached text.
+        """
+        raise ValueError(
+            f"{type(self).__name__} cannot encode conditioning images apart from their prompts, "
+            "so they cannot join cached text embeddings: unset data.embedding_cache"
+        )
+
     @abc.abstractmethod
     def schedule(self, num_steps: int) -> Schedule:
         """The sampling schedule for ``num_steps`` denoising steps."""

@@ -352,8 +352,21 @@ class HunyuanVideoPolicy(FlowTransformerPolicy):
         """The transformer's velocity ``v = ε − x0`` for ``latents`` ``[B, C, T, h, w]`` at
         ``timestep`` (0..1000 scale, passed unscaled as diffusers does), with the guidance
         embedding at ``guidance_scale · 1000``; differentiable."""
+        return self._transformer_forward(latents, timestep, cond.tensors)
+
+    def _transformer_forward(
+        self,
+        hidden_states: torch.Tensor,
+        timestep: torch.Tensor | float,
+        tensors: dict[str, torch.Tensor],
+    ) -> torch.Tensor:
+        """One transformer forward on ``hidden_states`` ``[B, C_in, T, h, w]`` with the text
+        conditioning ``tensors`` (``prompt_embeds``, ``prompt_attention_mask``,
+        ``pooled_prompt_embeds``, ``B`` rows each) and the guidance embedding; returns the
+        transformer's output ``[B, C_out, T, h, w]`` in its dtype (subclasses such as SkyReels
+        I2V build ``hidden_states`` and ``tensors`` differently)."""
         dtype = module_dtype(self.transformer)
-        batch = latents.shape[0]
+        batch = hidden_states.shape[0]
         t = torch.as_tensor(timestep, device=self.device, dtype=torch.float32).expand(batch)
         guidance = None
         if self.guidance_embeds:
@@ -362,10 +375,9 @@ class HunyuanVideoPolicy(FlowTransformerPolicy):
                 (batch,), self.config.guidance_scale, device=self.device, dtype=dtype
             )
             guidance = scale * 1000.0
-        tensors = cond.tensors
         with self.config.autocast():
             return self.transformer(
-                hidden_states=latents.to(self.device, dtype),
+                hidden_states=hidden_states.to(self.device, dtype),
                 timestep=t,
                 encoder_hidden_states=tensors["prompt_embeds"].to(self.device, dtype),
                 encoder_attention_mask=tensors["prompt_attention_mask"].to(self.device, dtype),

@@ -3,6 +3,7 @@ tiny base policy vs a perturbed copy against a real weight-free reward server.""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -619,3 +620,117 @@ def test_videoalign_vq_mq_table_against_a_real_server(tmp_path):
             assert gif.n_frames == 5  # one grid per video frame
             assert gif.size == (4 * (3 * (32 + 2) + 2), 4 * (32 + 2 + 2))  # 3 videos, 4x
     assert not (out / "samples_base.png").exists()
+
+
+def test_image_to_video_eval_conditions_on_the_jsonl_images(tmp_path):
+    """``dancegrpo-eval`` for SkyReels I2V: a JSONL prompt set with ``condition_image``
+    paths (the training data's format). The images reach the policy (swapping them changes
+    the videos) and the reward service (sent as ``condition_images``); the table equals
+    direct scoring of the same videos."""
+    from PIL import Image
+
+    from dancegrpo_proto import RewardClient
+    from dancegrpo_testing.diffusion_models import save_pipeline
+    from dancegrpo_testing.servers import running_reward_server
+    from dancegrpo_testing.video_models import TINY_LLAMA_MAX_LENGTH, tiny_skyreels_i2v_pipeline
+    from dancegrpo_trainer.config import load_config
+    from dancegrpo_trainer.policy_factory import build_policy
+
+    pipe = tiny_skyreels_i2v_pipeline()
+    model_path = save_pipeline(pipe, tmp_path / "skyreels")
+    # --tuned is required; the same weights keep this test about the conditioning.
+    tuned = {k: v.contiguous() for k, v in pipe.transformer.state_dict().items()}
+    save_file(tuned, str(tmp_path / "tuned.safetensors"))
+    rng = np.random.default_rng(0)
+    rows = []
+    for i, prompt in enumerate(["a cat turns its head", "a car drives away"]):
+        Image.fromarray(rng.integers(0, 256, (24, 40, 3), dtype=np.uint8)).save(
+            tmp_path / f"ref{i}.png"
+        )
+        rows.append({"prompt": prompt, "condition_image": f"ref{i}.png"})
+    prompts_path = tmp_path / "i2v.jsonl"
+    prompts_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    server_config = {
+        "rewards": {"bright": {"kind": "brightness", "options": {"modality": "video"}}}
+    }
+    steps, seed = 2, 1
+    with running_reward_server(server_config, metrics=False) as server:
+        config = _write_yaml(
+            tmp_path / "train.yaml",
+            {
+                "model": {
+                    "kind": "skyreels_i2v",
+                    "path": str(model_path),
+                    "height": 32,
+                    "width": 32,
+                    "num_frames": 5,
+                    "options": {
+                        "crop_start": None,
+                        "max_sequence_length": TINY_LLAMA_MAX_LENGTH,
+                        "true_cfg_scale": 1.0,
+                    },
+                },
+                "rewards": {"endpoints": [{"target": server.target, "reward": "bright"}]},
+                "data": {"train_prompts": str(prompts_path)},
+            },
+        )
+        out = tmp_path / "eval"
+        argv = ["--config", str(config), "--prompts", str(prompts_path), "--out", str(out)]
+        argv += ["--tuned", str(tmp_path / "tuned.safetensors")]
+        argv += ["--reward", f"brightness={server.target}/bright"]
+        assert ev.main([*argv, "--num-steps", str(steps), "--seed", str(seed)]) == 0
+
+        prompts = ev.load_prompt_set(prompts_path)
+        assert prompts[1].condition_image == str(tmp_path / "ref1.png")
+        policy = build_policy(load_config(config).model, torch.device("cpu"))
+        frames = ev.generate(policy, prompts, samples_per_prompt=1, num_steps=steps, seed=seed)
+        swapped = [
+            dataclasses.replace(p, condition_image=q.condition_image)
+            for p, q in zip(prompts, prompts[::-1], strict=True)
+        ]
+        other = ev.generate(policy, swapped, samples_per_prompt=1, num_steps=steps, seed=seed)
+        assert frames.shape == (2, 5, 32, 32, 3) and not np.array_equal(frames, other)
+        images = ev.condition_images(prompts, 1)
+        with RewardClient(server.target) as client:
+            direct = client.score(
+                "bright",
+                videos=frames,
+                prompts=[p.prompt for p in prompts],
+                condition_images=images,
+            )["score"]
+    result = json.loads((out / "results.json").read_text())
+    np.testing.assert_allclose(result["scores"]["base"]["brightness"], direct, rtol=1e-6)
+    np.testing.assert_allclose(result["scores"]["tuned"]["brightness"], direct, rtol=1e-6)
+
+
+def test_score_frames_sends_condition_images_and_metadata_per_sample(tmp_path):
+    from PIL import Image
+
+    images = [np.full((4, 6, 3), 10 * i, np.uint8) for i in range(2)]
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(tmp_path / f"c{i}.png")
+    spec = {"tag": "single_object", "include": [{"class_name": "cat", "count": 1}]}
+    prompts = [
+        ev.EvalPrompt("a", "t", {"geneval": spec}, str(tmp_path / "c0.png")),
+        ev.EvalPrompt("b", "t", None, str(tmp_path / "c1.png")),
+    ]
+    calls = []
+
+    class Recording:
+        def score(self, reward, **kwargs):
+            calls.append((reward, kwargs))
+            return {"score": np.arange(len(kwargs["prompts"]), dtype=np.float32)}
+
+    specs = [ev.RewardSpec("m", "t:1", "r", metadata=True), ev.RewardSpec("n", "t:1", "r")]
+    frames = np.zeros((4, 3, 8, 8, 3), np.uint8)
+    out = ev.score_frames(frames, prompts, 2, specs, lambda spec: Recording())
+    assert sorted(out) == ["m", "n"]
+    (_, with_meta), (_, without) = calls
+    assert with_meta["prompts"] == ["a", "a", "b", "b"]
+    assert with_meta["metadata"] == [{"geneval": spec}] * 2 + [None] * 2
+    assert "metadata" not in without
+    for kwargs in (with_meta, without):
+        sent = kwargs["condition_images"]
+        assert sent.shape == (4, 4, 6, 3)
+        np.testing.assert_array_equal(sent, np.stack([images[0]] * 2 + [images[1]] * 2))
+        assert kwargs["videos"] is frames

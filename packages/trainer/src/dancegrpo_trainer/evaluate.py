@@ -18,7 +18,8 @@ Prompt sets (``load_prompt_set``):
 - ``*.jsonl``: GenEval's ``evaluation_metadata.jsonl`` (``prompt``, ``tag``, ``include``
   with ``class``/``count``/``color``/``position``, optional ``exclude``), or any JSONL with a
   ``prompt`` key; the GenEval spec is sent as sample metadata and results are also
-  reported per tag;
+  reported per tag; a ``condition_image`` path (the training data's I2V format, relative
+  to the file) conditions image-to-video policies and is sent to the rewards too;
 - ``*.json`` or a folder of them: the HPD v2 benchmark format, one JSON list of prompts per
   style file (``anime.json``, ``concept-art.json``, ``paintings.json``, ``photo.json``);
   the style is the tag.
@@ -59,11 +60,13 @@ class EvalPrompt:
         prompt: the text.
         tag: a group to report separately (GenEval tag, HPD v2 style), or ``None``.
         metadata: sample metadata for the reward service (``{"geneval": {...}}``) or ``None``.
+        condition_image: path of the conditioning image (image-to-video), or ``None``.
     """
 
     prompt: str
     tag: str | None = None
     metadata: dict[str, Any] | None = None
+    condition_image: str | None = None
 
 
 def _geneval_object(obj: Mapping[str, Any], include: Sequence[Mapping[str, Any]]) -> dict:
@@ -102,7 +105,10 @@ def _parse_jsonl(path: Path) -> list[EvalPrompt]:
                 }
             except (KeyError, IndexError, TypeError, ValueError) as e:
                 raise ValueError(f"{path}:{lineno}: malformed GenEval spec ({e!r})") from e
-        prompts.append(EvalPrompt(str(row["prompt"]), row.get("tag"), metadata))
+        image = row.get("condition_image")
+        if image is not None and not Path(image).is_absolute():
+            image = str(path.parent / image)
+        prompts.append(EvalPrompt(str(row["prompt"]), row.get("tag"), metadata, image))
     return prompts
 
 
@@ -244,12 +250,16 @@ def generate(
     from dancegrpo_trainer.rollout import sample_rollout
 
     texts = [p.prompt for p in prompts for _ in range(samples_per_prompt)]
+    images = condition_images(prompts, samples_per_prompt)
     noise = policy.initial_noise(len(texts), generator=torch.Generator().manual_seed(seed))
     policy.trainable_module().eval()
     frames = []
     for start in range(0, len(texts), chunk_size):
         rows = texts[start : start + chunk_size]
-        cond = policy.encode_prompts(rows)
+        rows_images = (
+            None if images is None else torch.from_numpy(images[start : start + chunk_size])
+        )
+        cond = policy.encode_prompts(rows, rows_images)
         out = sample_rollout(
             policy,
             cond,
@@ -263,6 +273,15 @@ def generate(
     return np.concatenate(frames)
 
 
+def condition_images(prompts: Sequence[EvalPrompt], samples_per_prompt: int) -> np.ndarray | None:
+    """Prompt-major ``uint8 [P·K, H, W, 3]`` conditioning images (``None`` for text-only)."""
+    from dancegrpo_trainer.data import PromptRecord, load_condition_images
+
+    records = [PromptRecord(p.prompt, p.condition_image) for p in prompts]
+    images = load_condition_images(records)
+    return None if images is None else images.numpy().repeat(samples_per_prompt, axis=0)
+
+
 def score_frames(
     frames: np.ndarray,
     prompts: Sequence[EvalPrompt],
@@ -274,10 +293,13 @@ def score_frames(
     returns the ``RewardClient`` for a spec's target (and token/TLS settings)."""
     texts = [p.prompt for p in prompts for _ in range(samples_per_prompt)]
     metadata = [p.metadata for p in prompts for _ in range(samples_per_prompt)]
+    images = condition_images(prompts, samples_per_prompt)
     key = "videos" if frames.ndim == 5 else "images"
     out = {}
     for spec in specs:
-        extra = {"metadata": metadata} if spec.metadata else {}
+        extra: dict[str, Any] = {"metadata": metadata} if spec.metadata else {}
+        if images is not None:
+            extra["condition_images"] = images
         result = client_for(spec).score(spec.reward, prompts=texts, **{key: frames}, **extra)
         if spec.output not in result:
             raise KeyError(

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from dancegrpo_proto.client import RewardClient
+from dancegrpo_proto.client import RewardClient, RewardServiceError
 from dancegrpo_rewards.base import RewardBatch, RewardConfigError, SampleError
+from dancegrpo_rewards.kinds import videoalign
 from dancegrpo_rewards.kinds.checkpoints import CheckpointError
 from dancegrpo_rewards.kinds.videoalign import (
     CHAT_FORMAT,
@@ -145,6 +146,10 @@ def test_frame_indices_are_rounded_linspace() -> None:
         (64, 64, 100352, 200704, (336, 336)),
         (40, 60, 784, 6272, (28, 56)),  # rounded to multiples of 28, inside the bounds
         (10, 10, 784, 6272, (28, 28)),  # never below one 28-pixel patch pair
+        # max below min (VideoAlign's DataConfig default 240·320 = 76800 < 100352): the
+        # too-large branch runs first: √(480·480/76800) = √3, 277.1 → 252
+        (480, 480, 100352, 76800, (252, 252)),
+        (64, 64, 100352, 76800, (336, 336)),  # too small: grown past the maximum
     ],
 )
 def test_frame_size_follows_qwen_vl_utils_smart_resize(
@@ -326,7 +331,7 @@ def test_lora_scaling_is_alpha_over_rank_or_its_root() -> None:
         ({"path": "x", "source_fps": -24}, "source_fps"),
         ({"path": "x", "num_frames": 1}, "num_frames"),
         ({"path": "x", "min_frame_pixels": 0}, "min_frame_pixels"),
-        ({"path": "x", "min_frame_pixels": 200, "max_frame_pixels": 100}, "max_frame_pixels"),
+        ({"path": "x", "max_frame_pixels": 0}, "max_frame_pixels"),
         (
             {"path": "x", "prompt_template": "Rate {prompt} <|VQ_reward|> <|MQ_reward|>"},
             "prompt_template",
@@ -408,16 +413,134 @@ def test_missing_or_incomplete_checkpoints_fail_at_construction(
     _assert_names_path_and_docs(err, no_base)
 
 
-def test_model_config_without_special_tokens_is_rejected(
-    tmp_path: Path, release: videoalign_models.TinyRelease
-) -> None:
-    folder = tmp_path / "last-token"
+def _release_copy(
+    tmp_path: Path, release: videoalign_models.TinyRelease, edit
+) -> tuple[Path, dict]:
+    """A copy of the release whose ``model_config.json`` went through ``edit(config)``;
+    returns the folder and the options that load it."""
+    folder = tmp_path / "VideoReward-edited"
     shutil.copytree(release.release, folder)
     config = json.loads((folder / "model_config.json").read_text())
-    config["model_config"]["reward_token"] = "last"
+    edit(config)
     (folder / "model_config.json").write_text(json.dumps(config))
+    return folder, {"path": str(folder), "base_model_path": str(release.base_model), **OPTIONS}
+
+
+def test_release_reads_the_special_tokens_whatever_reward_token_says(
+    tmp_path: Path, release: videoalign_models.TinyRelease, videos: list[np.ndarray]
+) -> None:
+    """VideoAlign's Qwen2VLRewardModelBT sets reward_token = "special" whenever the tokens
+    were added (use_special_tokens), so "last" (ModelConfig's default) in the file is moot."""
+
+    def last(config: dict) -> None:
+        config["model_config"]["reward_token"] = "last"
+
+    folder, options = _release_copy(tmp_path, release, last)
+    batch = batch_of(videos[:2], PROMPTS[:2])
+    reference = VideoAlignReward("ref", {**options, "path": str(release.release)})
+    edited = VideoAlignReward("last", options).score(batch)
+    for name, values in reference.score(batch).items():
+        np.testing.assert_allclose(edited[name], values, atol=1e-6, rtol=0)
+
+    def no_tokens(config: dict) -> None:
+        config["model_config"]["use_special_tokens"] = False
+
+    folder, options = _release_copy(tmp_path / "2", release, no_tokens)
     with pytest.raises(CheckpointError, match="not a special-token VideoAlign model"):
-        VideoAlignReward("va", {"path": str(folder), "base_model_path": str(release.base_model)})
+        VideoAlignReward("va", options)
+
+
+def test_release_normalises_with_its_inference_config_or_not_at_all(
+    tmp_path: Path, release: videoalign_models.TinyRelease, videos: list[np.ndarray]
+) -> None:
+    """As VideoAlign's ``_norm``: the release's own statistics; none there → raw outputs."""
+    stats = {"vq": (1.5, 0.5), "mq": (-2.0, 4.0), "ta": (0.25, 3.0)}
+
+    def own_stats(config: dict) -> None:
+        config["inference_config"] = {
+            f"{name.upper()}_{key}": value
+            for name, (mean, std) in stats.items()
+            for key, value in (("mean", mean), ("std", std))
+        }
+
+    def no_stats(config: dict) -> None:
+        del config["inference_config"]
+
+    _, options = _release_copy(tmp_path / "own", release, own_stats)
+    _, bare_options = _release_copy(tmp_path / "bare", release, no_stats)
+    batch = batch_of(videos[:3], PROMPTS[:3])
+    raw = VideoAlignReward("raw", {**options, "normalize": False}).score(batch)
+    own = VideoAlignReward("own", options)
+    assert own.norm_stats == stats
+    normalized = own.score(batch)
+    for name, (mean, std) in stats.items():
+        np.testing.assert_allclose(normalized[name], (raw[name] - mean) / std, atol=1e-5, rtol=0)
+    bare = VideoAlignReward("bare", bare_options)
+    assert bare.norm_stats is None
+    for name, values in bare.score(batch).items():
+        np.testing.assert_allclose(values, raw[name], atol=1e-6, rtol=0)
+
+    def bad_std(config: dict) -> None:
+        config["inference_config"]["MQ_std"] = 0
+
+    _, bad_options = _release_copy(tmp_path / "bad", release, bad_std)
+    with pytest.raises(CheckpointError, match="MQ_std > 0"):
+        VideoAlignReward("va", bad_options)
+
+
+def test_release_data_config_sets_the_sampling_defaults(
+    tmp_path: Path, release: videoalign_models.TinyRelease
+) -> None:
+    """VideoAlign samples with data_config's fps / num_frames / max_frame_pixels unless the
+    caller passes them; options set here win (fps drops an inherited num_frames)."""
+
+    def sampling(config: dict) -> None:
+        config["data_config"].update({"fps": 4, "num_frames": 6, "max_frame_pixels": 76800})
+
+    _, options = _release_copy(tmp_path, release, sampling)
+    options = {k: v for k, v in options.items() if k not in ("max_frame_pixels", "fps")}
+    inherited = VideoAlignReward("va", options).config
+    assert (inherited.fps, inherited.num_frames, inherited.max_frame_pixels) == (4.0, 6, 76800)
+    overridden = VideoAlignReward("va", {**options, "fps": 1.0, "max_frame_pixels": 5000}).config
+    assert (overridden.fps, overridden.num_frames, overridden.max_frame_pixels) == (1.0, None, 5000)
+    assert VideoAlignReward("va", {**options, "num_frames": 2}).config.num_frames == 2
+    defaults = VideoAlignReward("va", {**options, "path": str(release.release)}).config
+    assert (defaults.fps, defaults.num_frames, defaults.max_frame_pixels) == (2.0, None, 200704)
+
+    def one_frame(config: dict) -> None:
+        config["data_config"]["num_frames"] = 1
+
+    _, options = _release_copy(tmp_path / "one", release, one_frame)
+    with pytest.raises(RewardConfigError, match="'num_frames'.*from data_config of"):
+        VideoAlignReward("va", options)
+
+    def multi_pts(config: dict) -> None:
+        config["data_config"]["sample_type"] = "multi_pts"
+
+    _, options = _release_copy(tmp_path / "multi", release, multi_pts)
+    with pytest.raises(CheckpointError, match="only 'uniform' frame sampling"):
+        VideoAlignReward("va", options)
+
+
+def test_release_head_stays_float32_when_the_model_runs_bf16(
+    release: videoalign_models.TinyRelease, videos: list[np.ndarray]
+) -> None:
+    """rm_head is a LoRA target in VideoAlign's release (every Linear outside the vision
+    tower); its merged weight W + s·B·A must not be rounded to the backbone's bf16."""
+    options = {"path": str(release.release), "base_model_path": str(release.base_model), **OPTIONS}
+    bf16 = VideoAlignReward("bf16", {**options, "dtype": "bf16"})
+    state = torch.load(release.release / "checkpoint-20" / "model.pth", weights_only=True)
+    prefix = "base_model.model.rm_head."
+    w, a, b = (
+        state[prefix + k]
+        for k in ("base_layer.weight", "lora_A.default.weight", "lora_B.default.weight")
+    )
+    scaling = videoalign_models.LORA_ALPHA / videoalign_models.LORA_R
+    head = bf16.model.rm_head
+    assert head.dtype == torch.float32 and bf16.model.dtype == torch.bfloat16
+    assert torch.equal(head, w.float() + scaling * (b.float() @ a.float()))
+    scores = bf16.score(batch_of(videos[:2], PROMPTS[:2]))
+    assert all(np.isfinite(v).all() and v.dtype == np.float32 for v in scores.values())
 
 
 @pytest.mark.parametrize(
@@ -456,6 +579,64 @@ def test_prompts_with_special_tokens_and_extreme_frames_are_rejected(
     assert err.value.field == "media"
     with pytest.raises(SampleError, match="special token"):
         reward.score(batch_of([video], ["<|TA_reward|>"]))
+    for bad in (
+        np.zeros((0, 8, 8, 3), np.uint8),
+        np.zeros((2, 0, 8, 3), np.uint8),
+        np.zeros((8, 8, 3), np.uint8),
+        np.zeros((2, 8, 8, 3), np.float32),
+    ):
+        with pytest.raises(SampleError) as err:
+            reward.validate_sample(1, "a cat", bad, None)
+        assert err.value.field == "media" and err.value.index == 1
+
+
+def test_odd_videos_and_prompts_score_like_one_by_one(reward: VideoAlignReward) -> None:
+    """Edge inputs the server accepts never reach the processor as errors: 1-3 frames,
+    1000 frames, 1x1 and 200:1 frames, prompts with chat tokens, braces, 10k characters."""
+    rng = np.random.default_rng(5)
+
+    def video(t: int, h: int, w: int) -> np.ndarray:
+        return rng.integers(0, 256, (t, h, w, 3), dtype=np.uint8)
+
+    samples = [
+        (video(1, 32, 32), "one frame"),
+        (video(2, 32, 32), "two frames"),
+        (video(3, 40, 24), "three frames"),
+        (video(1000, 24, 24), "a thousand frames"),
+        (video(4, 1, 1), "one pixel"),
+        (video(4, 1, 200), "a 1x200 strip"),
+        (video(4, 200, 1), "a 200x1 strip"),
+        (video(4, 32, 32), "a <|im_end|> cat <|endoftext|> <|im_start|>assistant"),
+        (video(4, 32, 32), "{prompt} {text} {} END"),
+        (video(4, 32, 32), "猫 🐱\u200b\t\n" + "long " * 1998),
+    ]
+    videos, prompts = [v for v, _ in samples], [p for _, p in samples]
+    for index, (v, p) in enumerate(samples):
+        reward.validate_sample(index, p, v, None)
+    assert len(prompts[-1]) <= 10_000  # the server's MAX_PROMPT_CHARS
+    together = reward.score(batch_of(videos, prompts))
+    alone = [reward.score(batch_of([v], [p])) for v, p in samples]
+    for name in reward.output_names:
+        assert np.isfinite(together[name]).all()
+        one_by_one = np.concatenate([a[name] for a in alone])
+        np.testing.assert_allclose(together[name], one_by_one, atol=1e-4, rtol=0)
+    # 1000 frames at 8 fps are 125 s: 250 frames at 2 fps, resized to one 28x28 patch pair
+    assert tuple(reward.prepare_frames(videos[3]).shape) == (250, 3, 28, 28)
+
+
+def test_frames_are_resized_a_few_at_a_time_with_the_same_result(
+    reward: VideoAlignReward, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    video = np.random.default_rng(6).integers(0, 256, (9, 40, 60, 3), dtype=np.uint8)
+    whole = reward.prepare_frames(video)
+    monkeypatch.setattr(videoalign, "RESIZE_CHUNK_BYTES", 1)  # one frame per chunk
+    assert torch.equal(reward.prepare_frames(video), whole)
+    frames = torch.from_numpy(video[[0, 3, 5, 8]]).permute(0, 3, 1, 2)
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.functional import resize
+
+    expected = resize(frames, [28, 56], interpolation=InterpolationMode.BICUBIC, antialias=True)
+    assert torch.equal(whole, expected)
 
 
 def test_version_names_the_kind_and_changes_with_output_options(hf_folder: Path) -> None:
@@ -477,7 +658,14 @@ def test_scores_through_a_real_server(
     server = running_reward_server(config, startup_timeout_s=120, metrics=False)
     with server as (target, _, _), RewardClient(target) as client:
         (info,) = client.list_rewards()
+        with pytest.raises(RewardServiceError) as bad_prompt:
+            client.score("videoalign", videos=videos[:2], prompts=["a cat", "a <|MQ_reward|>"])
+        with pytest.raises(RewardServiceError) as bad_frames:
+            client.score("videoalign", videos=[np.zeros((2, 2, 500, 3), np.uint8)], prompts=["x"])
         remote = client.score("videoalign", videos=videos[:4], prompts=PROMPTS[:4])
+    assert bad_prompt.value.code.name == bad_frames.value.code.name == "INVALID_ARGUMENT"
+    assert "samples[1].prompt: must not contain the special token" in bad_prompt.value.details
+    assert "samples[0].media: aspect ratio of 2x500" in bad_frames.value.details
     assert info.kind == "videoalign" and info.version == reward.version
     expected = reward.score(batch_of(videos[:4], PROMPTS[:4]))
     assert set(remote) == set(reward.output_names)

@@ -10,20 +10,27 @@ from VideoAlign's ``inference.py``, ``prompt_template.py``, ``trainer.py`` and
    count (``smart_nframes``), taken at ``round(linspace(0, T-1, n))``.
 2. **Frame size** — each frame resized (bicubic, antialiased, back to ``uint8``) so both
    sides are multiples of 28 and the area lies in ``[128·28², max_frame_pixels]``,
-   ``max_frame_pixels = 200704 = 256·28²`` for the released model (``smart_resize``).
+   ``max_frame_pixels = 200704 = 256·28²`` unless the release's ``data_config`` says
+   otherwise (``smart_resize``; an area above the maximum is shrunk first, so the maximum
+   wins when it is below the minimum).
 3. **Pixels** — the checkpoint's Qwen2-VL processor: ``/255``, CLIP mean/std, 14×14×2 patches.
 4. **Text** — one user turn of the Qwen2-VL chat format: the video, then the
    ``detailed_special`` instruction with the prompt and three added tokens
    ``<|VQ_reward|>``, ``<|MQ_reward|>``, ``<|TA_reward|>``; generation prompt appended;
    padded on the right.
-5. **Head** — ``rm_head`` (``Linear(hidden, 3, bias=False)``) on the last hidden state (after
-   the final norm) at the three tokens; output ``d`` is read at the ``d``-th token
+5. **Head** — ``rm_head`` (``Linear(hidden, 3 or 1, bias=False)``) on the last hidden state
+   (after the final norm) at the three tokens; output ``d`` is read at the ``d``-th token
    (``diagonal`` of ``[3 tokens × 3 outputs]``; a 1-output head gives one value per token):
-   ``vq`` visual quality, ``mq`` motion quality, ``ta`` text alignment.
+   ``vq`` visual quality, ``mq`` motion quality, ``ta`` text alignment. VideoAlign runs the
+   head in the model's dtype (bf16); here it runs in float32 on the (bf16) hidden states.
 6. **Normalisation** — ``reward(..., use_norm=True)`` (the default, and what DanceGRPO calls)
-   standardises each output with the checkpoint's statistics ``(x - mean) / std``; the
-   ``Overall`` it reports is ``VQ + MQ + TA`` after that. Option ``normalize`` (default true)
-   does the same with the published statistics (``NORM_STATS``); false gives raw outputs.
+   standardises each output with the release's ``inference_config`` statistics
+   ``(x - mean) / std`` (raw outputs when the release has none); the ``Overall`` it reports
+   is ``VQ + MQ + TA`` after that. Option ``normalize`` (default true) does the same; an HF
+   folder carries no statistics and uses the published ones (``NORM_STATS``); false gives
+   raw outputs.
+7. **Sampling options** — VideoAlign samples with the release's ``data_config`` (``fps``,
+   ``num_frames``, ``max_frame_pixels``); the same-named options default to those values.
 
 Frames arrive decoded (``[T, H, W, 3]`` uint8) without a frame rate, so ``source_fps``
 says what rate they were generated at (default 24, HunyuanVideo's; Wan 2.1 is 16) and
@@ -34,6 +41,7 @@ frames differ from scores of an exported mp4 by the codec's loss.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -43,7 +51,7 @@ import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.functional import resize
 
-from dancegrpo_rewards.base import Reward, RewardBatch, SampleError
+from dancegrpo_rewards.base import Reward, RewardBatch, RewardConfigError, SampleError
 from dancegrpo_rewards.kinds.checkpoints import version_string
 from dancegrpo_rewards.kinds.options import (
     OptionError,
@@ -55,11 +63,14 @@ from dancegrpo_rewards.kinds.options import (
 )
 from dancegrpo_rewards.kinds.runtime import torch_device, torch_dtype
 from dancegrpo_rewards.kinds.videoalign_weights import (
+    DATA_CONFIG_OPTIONS,
     REWARD_TOKENS,
     LoadedVideoAlign,
     load_videoalign,
     resolve_checkpoint,
 )
+
+logger = logging.getLogger(__name__)
 
 DOCS_SECTION = "videoalign"
 
@@ -67,7 +78,8 @@ DOCS_SECTION = "videoalign"
 OUTPUTS = ("vq", "mq", "ta", "overall")
 
 #: Published (mean, std) of the released model's raw outputs (the ``inference_config`` of
-#: KwaiVGI/VideoReward's ``model_config.json``, used by VideoAlign's ``_norm``).
+#: KwaiVGI/VideoReward's ``model_config.json``, used by VideoAlign's ``_norm``); what an HF
+#: folder (which has no ``model_config.json``) is standardised with.
 NORM_STATS = {"vq": (3.6757, 2.2476), "mq": (1.1646, 1.3811), "ta": (2.8105, 2.5121)}
 
 #: Where the text prompt goes in ``prompt_template``.
@@ -177,6 +189,8 @@ VIDEO_MIN_PIXELS = 128 * 28 * 28  # 100352
 RELEASED_MAX_FRAME_PIXELS = 256 * 28 * 28  # 200704, VideoReward's data_config.max_frame_pixels
 MAX_ASPECT_RATIO = 200
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+#: Frames are resized this many float32 bytes at a time (bounds the resize's float copy).
+RESIZE_CHUNK_BYTES = 64 * 2**20
 
 
 def _round_by(value: float, factor: int) -> int:
@@ -226,9 +240,9 @@ def resized_frame_size(
     ``[min_pixels, max_pixels]`` (qwen-vl-utils ``smart_resize``).
 
     Rounded to the nearest multiple; if too large, both sides scaled by
-    ``√(H·W / max_pixels)`` and floored; if too small, scaled by ``√(min_pixels / (H·W))``
-    and ceiled. Sides never drop below ``factor`` (the reference can reach 0 only for
-    aspect ratios it rejects anyway).
+    ``√(H·W / max_pixels)`` and floored; else if too small, scaled by ``√(min_pixels / (H·W))``
+    and ceiled (so ``max_pixels`` wins where it is below ``min_pixels``). Sides never drop
+    below ``factor`` (the reference can reach 0 only for aspect ratios it rejects anyway).
     """
     if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
         raise ValueError(f"aspect ratio of {height}x{width} exceeds {MAX_ASPECT_RATIO}")
@@ -284,7 +298,12 @@ class VideoAlignOptions:
         num_frames: score this many frames (rounded to even) instead of sampling by ``fps``.
         min_frame_pixels, max_frame_pixels: area bounds of a resized frame (100352, 200704).
         prompt_template: the instruction; ``{prompt}`` and each reward token exactly once.
-        normalize: standardise outputs with ``NORM_STATS`` (VideoAlign's ``use_norm``).
+        normalize: standardise outputs (VideoAlign's ``use_norm``): with a release's
+            ``inference_config``, or ``NORM_STATS`` for an HF folder.
+
+    For a release, ``fps``, ``num_frames`` and ``max_frame_pixels`` default to its
+    ``data_config`` values (``VideoAlignReward`` fills them in; setting ``fps`` drops an
+    inherited ``num_frames``).
     """
 
     path: str | None = None
@@ -320,11 +339,8 @@ class VideoAlignOptions:
         if self.num_frames is not None and self.num_frames < FRAME_FACTOR:
             raise OptionError("num_frames", f"must be >= {FRAME_FACTOR}, got {self.num_frames}")
         check_positive("min_frame_pixels", self.min_frame_pixels)
-        if self.max_frame_pixels < self.min_frame_pixels:
-            raise OptionError(
-                "max_frame_pixels",
-                f"must be >= min_frame_pixels ({self.min_frame_pixels}), got {self.max_frame_pixels}",
-            )
+        # May be below min_frame_pixels: smart_resize then shrinks large frames to it.
+        check_positive("max_frame_pixels", self.max_frame_pixels)
         check_prompt_template("prompt_template", self.prompt_template)
 
 
@@ -335,6 +351,15 @@ def _check_prompt(index: int, prompt: str) -> None:
 
 
 def _check_frames(index: int, media: np.ndarray) -> None:
+    # The server's decoder guarantees the first three; they are repeated for direct callers.
+    if media.dtype != np.uint8 or media.ndim != 4 or media.shape[-1] != 3:
+        raise SampleError(
+            index,
+            "media",
+            f"takes uint8 [T, H, W, 3] frames, got {media.dtype} {list(media.shape)}",
+        )
+    if min(media.shape) == 0:
+        raise SampleError(index, "media", f"has an empty dimension: {list(media.shape)}")
     height, width = media.shape[-3], media.shape[-2]
     if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
         raise SampleError(
@@ -398,6 +423,36 @@ class VideoAlignReward(Reward):
         self.checkpoint = resolve_checkpoint(
             name, self.config.path, self.config.base_model_path, self.config.checkpoint_step
         )
+        # As VideoAlign's prepare_batch: the release's data_config samples the video unless
+        # the option is set here.
+        inherited = {k: v for k, v in self.checkpoint.data_options.items() if k not in options}
+        if "fps" in options:
+            inherited.pop("num_frames", None)
+        assert set(inherited) <= set(DATA_CONFIG_OPTIONS)
+        if inherited:
+            try:
+                self.config = parse_options(
+                    VideoAlignOptions, {**options, **inherited}, reward_name=name
+                )
+            except RewardConfigError as err:
+                source = self.checkpoint.path / "model_config.json"
+                raise RewardConfigError(
+                    f"{err} (from data_config of {source}; set the option to override it)"
+                ) from err
+        #: ``{output: (mean, std)}`` that ``score`` standardises with; ``None``: raw outputs.
+        self.norm_stats: Mapping[str, tuple[float, float]] | None = None
+        if self.config.normalize:
+            if self.checkpoint.layout == "hf":
+                self.norm_stats = NORM_STATS
+            elif self.checkpoint.norm_stats is not None:
+                self.norm_stats = self.checkpoint.norm_stats
+            else:
+                logger.warning(
+                    "reward %r: %s has no inference_config; outputs are raw, as VideoAlign's "
+                    "use_norm gives them",
+                    name,
+                    self.checkpoint.path / "model_config.json",
+                )
         output_options = dataclasses.asdict(self.config)
         for key in ("path", "base_model_path", "device"):
             output_options.pop(key)
@@ -435,34 +490,46 @@ class VideoAlignReward(Reward):
         _check_frames(index, media)
 
     def prepare_frames(self, video: np.ndarray) -> torch.Tensor:
-        """``uint8 [T, H, W, 3]`` → the scored frames, resized: ``uint8 [n, 3, h, w]``."""
+        """``uint8 [T, H, W, 3]`` → the scored frames, resized: ``uint8 [n, 3, h, w]``.
+
+        Only the sampled frames are copied, a few at a time (the resize works on a float32
+        copy: ``RESIZE_CHUNK_BYTES`` bounds it, e.g. one frame at a time for 4096×4096).
+        """
         config = self.config
+        total, height, width = video.shape[:3]
         indices = sample_frame_indices(
-            video.shape[0],
-            source_fps=config.source_fps,
-            fps=config.fps,
-            num_frames=config.num_frames,
+            total, source_fps=config.source_fps, fps=config.fps, num_frames=config.num_frames
         )
-        frames = torch.from_numpy(np.ascontiguousarray(video[indices])).permute(0, 3, 1, 2)
         size = resized_frame_size(
-            video.shape[1],
-            video.shape[2],
+            height,
+            width,
             factor=self.model.patch_factor,
             min_pixels=config.min_frame_pixels,
             max_pixels=config.max_frame_pixels,
         )
-        return resize(frames, list(size), interpolation=InterpolationMode.BICUBIC, antialias=True)
+        step = max(1, RESIZE_CHUNK_BYTES // (4 * 3 * height * width))
+        chunks = []
+        for start in range(0, len(indices), step):
+            # Fancy indexing copies the chosen frames; channels first for torchvision.
+            frames = torch.from_numpy(video[indices[start : start + step]])
+            frames = frames.permute(0, 3, 1, 2).contiguous()
+            chunks.append(
+                resize(frames, list(size), interpolation=InterpolationMode.BICUBIC, antialias=True)
+            )
+        return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
 
     def encode(self, batch: RewardBatch) -> dict[str, torch.Tensor]:
-        """The processor's CPU tensors for a batch (``input_ids`` ``[N, L]`` right-padded,
-        ``pixel_values_videos``, ``video_grid_thw``, ...)."""
+        """The processor's tensors for a batch (``input_ids`` ``[N, L]`` right-padded,
+        ``pixel_values_videos`` float32 ``[patches, 3·2·14·14]`` already on the model's device,
+        ``video_grid_thw``, ...)."""
         for index, (prompt, video) in enumerate(zip(batch.prompts, batch.media, strict=True)):
             _check_prompt(index, prompt)
             _check_frames(index, video)
         texts = [render_text(self.config.prompt_template, p) for p in batch.prompts]
         videos = [self.prepare_frames(video) for video in batch.media]
         # Frames are already sampled and resized the reference way: the processor only
-        # rescales, normalises and patchifies.
+        # rescales, normalises and patchifies, on the model's device (float work that would
+        # otherwise be the largest CPU cost of a batch; only the uint8 frames are copied over).
         processor = self.model.processor
         inputs = processor(
             text=texts,
@@ -471,6 +538,7 @@ class VideoAlignReward(Reward):
             return_tensors="pt",
             do_resize=False,
             do_sample_frames=False,
+            device=str(self.model.device),
             **_resize_cap_off(processor.video_processor),
         )
         return dict(inputs)
@@ -480,6 +548,7 @@ class VideoAlignReward(Reward):
         model = self.model
         tensors = {key: value.to(model.device) for key, value in inputs.items()}
         tensors["pixel_values_videos"] = tensors["pixel_values_videos"].to(model.dtype)
+        # Hidden states in the model's dtype; the head (float32 weights) runs in float32.
         hidden = model.backbone(**tensors, use_cache=False).last_hidden_state  # [N, L, D]
         positions = reward_token_positions(tensors["input_ids"], model.token_ids)  # [N, 3]
         rows = torch.arange(hidden.shape[0], device=hidden.device)[:, None]
@@ -488,13 +557,13 @@ class VideoAlignReward(Reward):
 
     @torch.inference_mode()
     def score(self, batch: RewardBatch) -> dict[str, np.ndarray]:
-        """float32 ``(N,)`` per output; ``(x - mean) / std`` per dimension if ``normalize``."""
+        """float32 ``(N,)`` per output; ``(x - mean) / std`` per dimension with ``norm_stats``."""
         raw = self.raw_scores(self.encode(batch)).double().cpu().numpy()
         result = {}
         for column, name in enumerate(OUTPUTS[:3]):
             values = raw[:, column]
-            if self.config.normalize:
-                mean, std = NORM_STATS[name]
+            if self.norm_stats is not None:
+                mean, std = self.norm_stats[name]
                 values = (values - mean) / std
             result[name] = values
         result["overall"] = result["vq"] + result["mq"] + result["ta"]

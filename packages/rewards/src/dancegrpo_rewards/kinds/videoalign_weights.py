@@ -20,7 +20,10 @@
    (new ids at the end) and the embeddings take the checkpoint's row count. LoRA factors
    are merged into the weights here — ``W + s·B·A`` with ``s = lora_alpha / r``
    (``lora_alpha / √r`` for rsLoRA), peft's LoRA definition — so neither peft nor the base
-   model's weights are needed.
+   model's weights are needed. Two more blocks of ``model_config.json`` are read, as
+   VideoAlign's ``inference.py`` reads them: ``inference_config`` (the ``VQ/MQ/TA`` mean and
+   std that ``use_norm`` standardises with) and ``data_config`` (``fps``, ``num_frames``,
+   ``max_frame_pixels``: how videos are sampled; only ``sample_type: uniform`` exists here).
 
 The adapter-only form VideoAlign can also write (``adapter_model.safetensors`` +
 ``non_lora_state_dict.pth``, base weights taken from the base model) is not supported.
@@ -32,7 +35,7 @@ import dataclasses
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +72,10 @@ _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 _PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 _CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
+#: ``data_config`` keys of a release that set the defaults of the same-named options.
+DATA_CONFIG_OPTIONS = ("fps", "num_frames", "max_frame_pixels")
+#: Output names and their ``inference_config`` key prefixes.
+_STAT_PREFIXES = {"vq": "VQ", "mq": "MQ", "ta": "TA"}
 
 # peft's key layout of a wrapped model's state dict (peft.tuners.lora): the wrapper prefix,
 # the frozen weight moved under ``base_layer``, LoRA factors per adapter name, full copies
@@ -90,6 +97,10 @@ class VideoAlignCheckpoint:
         base_model: the Qwen2-VL folder of a release; ``None`` for an HF folder.
         lora_scaling: ``s`` of the release's LoRA (``None`` when LoRA is off or for HF).
         digests: fingerprints for ``version``.
+        norm_stats: the release's ``inference_config`` as ``{"vq": (mean, std), ...}``;
+            ``None`` for an HF folder or a release without that block.
+        data_options: the release's ``data_config`` values of ``DATA_CONFIG_OPTIONS`` (those
+            it sets to a value); empty for an HF folder.
     """
 
     layout: str
@@ -98,6 +109,8 @@ class VideoAlignCheckpoint:
     base_model: Path | None
     lora_scaling: float | None
     digests: dict[str, str]
+    norm_stats: dict[str, tuple[float, float]] | None = None
+    data_options: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -151,14 +164,64 @@ def _read_model_config(reward_name: str, file: Path) -> dict[str, Any]:
     if not isinstance(model, dict):
         raise _release_error(reward_name, file, "has no 'model_config' mapping")
     # VideoAlign's create_model_and_processor adds the reward tokens only with
-    # use_special_tokens, and the head reads them only with reward_token == "special".
-    if not model.get("use_special_tokens") or model.get("reward_token", "special") != "special":
+    # use_special_tokens, and then Qwen2VLRewardModelBT reads them whatever
+    # ``reward_token`` says (special_token_ids set → reward_token = "special").
+    if not model.get("use_special_tokens"):
+        raise _release_error(
+            reward_name, file, "is not a special-token VideoAlign model (use_special_tokens)"
+        )
+    return config
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _norm_stats(
+    reward_name: str, file: Path, config: Mapping[str, Any]
+) -> dict[str, tuple[float, float]] | None:
+    """``inference_config`` as ``{"vq": (mean, std), ...}``; ``None`` when absent (VideoAlign's
+    ``_norm`` then returns raw rewards)."""
+    block = config.get("inference_config")
+    if block is None:
+        return None
+    if not isinstance(block, dict):
+        raise _release_error(reward_name, file, "has an inference_config that is not a mapping")
+    stats = {}
+    for name, prefix in _STAT_PREFIXES.items():
+        mean, std = block.get(f"{prefix}_mean"), block.get(f"{prefix}_std")
+        if not (_is_number(mean) and _is_number(std) and std > 0):
+            raise _release_error(
+                reward_name,
+                file,
+                f"has an inference_config without a finite {prefix}_mean and a {prefix}_std > 0",
+            )
+        stats[name] = (float(mean), float(std))
+    return stats
+
+
+def _data_options(reward_name: str, file: Path, config: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``data_config`` values VideoAlign's ``prepare_batch`` samples videos with."""
+    block = config.get("data_config") or {}
+    if not isinstance(block, dict):
+        raise _release_error(reward_name, file, "has a data_config that is not a mapping")
+    sample_type = block.get("sample_type", "uniform")
+    if sample_type != "uniform":
         raise _release_error(
             reward_name,
             file,
-            "is not a special-token VideoAlign model (use_special_tokens, reward_token)",
+            f"has data_config.sample_type {sample_type!r}; only 'uniform' frame sampling is supported",
         )
-    return config
+    options = {key: block[key] for key in DATA_CONFIG_OPTIONS if block.get(key) is not None}
+    for key, value in options.items():
+        integral = key != "fps"
+        if not _is_number(value) or value <= 0 or (integral and value != int(value)):
+            kind = "an integer" if integral else "a number"
+            raise _release_error(
+                reward_name, file, f"has data_config.{key} {value!r}; expected {kind} > 0"
+            )
+        options[key] = int(value) if integral else float(value)
+    return options
 
 
 def lora_scaling(peft_config: Mapping[str, Any]) -> float | None:
@@ -225,7 +288,17 @@ def _resolve_release(
     base = _resolve_base_model(reward_name, base_model_path, path)
     scaling = lora_scaling(config.get("peft_lora_config") or {})
     digests = {"path": folder_digest(path), "base_model_path": folder_digest(base)}
-    return VideoAlignCheckpoint("videoreward", path, weights, base, scaling, digests)
+    file = path / "model_config.json"
+    return VideoAlignCheckpoint(
+        "videoreward",
+        path,
+        weights,
+        base,
+        scaling,
+        digests,
+        norm_stats=_norm_stats(reward_name, file, config),
+        data_options=_data_options(reward_name, file, config),
+    )
 
 
 def resolve_checkpoint(
@@ -297,13 +370,18 @@ def _split_peft_state_dict(
 
 
 def merge_lora_state_dict(
-    state_dict: Mapping[str, torch.Tensor], scaling: float | None, dtype: torch.dtype
+    state_dict: Mapping[str, torch.Tensor],
+    scaling: float | None,
+    dtype: torch.dtype,
+    *,
+    keep_float32: Collection[str] = (),
 ) -> dict[str, torch.Tensor]:
     """Plain weights of a peft-wrapped model's state dict, LoRA merged: ``W + s·B·A``.
 
     peft's LoRA forward is ``base(x) + s·B(A(x))`` (dropout is the identity in eval mode),
     which equals ``x`` through the merged weight ``W + s·B·A``. Merged weights are computed
-    in float32 and stored in ``dtype``; other tensors keep their dtype.
+    in float32 and stored in ``dtype`` (in float32 for the keys in ``keep_float32``);
+    other tensors keep their dtype.
 
     Raises:
         ValueError: LoRA factors without ``scaling``, incomplete factor pairs, a factor
@@ -320,7 +398,8 @@ def merge_lora_state_dict(
             raise ValueError(f"LoRA module {module!r} has no base weight {key!r}")
         delta = _lora_delta(module, parts)
         assert scaling is not None
-        plain[key] = (plain[key].float() + scaling * delta).to(dtype)
+        merged = plain[key].float() + scaling * delta
+        plain[key] = merged if key in keep_float32 else merged.to(dtype)
     return plain
 
 
@@ -363,7 +442,13 @@ def _release_parts(
     # base tokenizer's vocabulary.
     processor.tokenizer.add_special_tokens({"additional_special_tokens": list(REWARD_TOKENS)})
     raw = torch.load(str(checkpoint.weights), map_location="cpu", weights_only=True, mmap=True)
-    return config, processor, merge_lora_state_dict(raw, checkpoint.lora_scaling, dtype)
+    # The language-model head is never evaluated: its (LoRA) weights are not merged at all.
+    raw = {k: v for k, v in raw.items() if not k.removeprefix(_PEFT_PREFIX).startswith("lm_head.")}
+    # The head runs in float32 (see raw_scores): its merged weight is not rounded to dtype.
+    merged = merge_lora_state_dict(
+        raw, checkpoint.lora_scaling, dtype, keep_float32=("rm_head.weight",)
+    )
+    return config, processor, merged
 
 
 def _embedding_rows(state_dict: Mapping[str, torch.Tensor]) -> int:

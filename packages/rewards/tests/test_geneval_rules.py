@@ -7,12 +7,14 @@ import pytest
 from dancegrpo_rewards.kinds.geneval_rules import (
     COLORS,
     GENEVAL_CLASSES,
+    MAX_SPEC_OBJECTS,
     Detection,
     GenEvalSpec,
     ObjectSpec,
     SpecError,
     Thresholds,
     box_iou,
+    colour_requests,
     evaluate,
     filter_detections,
     judge,
@@ -169,6 +171,16 @@ def test_parse_spec_names_the_bad_field(raw: dict, field: str, message: str | No
     assert err.value.field == field
 
 
+def test_parse_spec_caps_the_number_of_objects() -> None:
+    many = [{"class_name": "dog"}] * MAX_SPEC_OBJECTS
+    assert len(parse_spec({"tag": "counting", "include": many, "exclude": many}).exclude) == 32
+    for group in ("include", "exclude"):
+        raw = {"tag": "counting", "include": many, group: many + [{"class_name": "cat"}]}
+        with pytest.raises(SpecError, match=f"33 objects; at most {MAX_SPEC_OBJECTS}") as err:
+            parse_spec(raw)
+        assert err.value.field == group
+
+
 # ---------------------------------------------------------------------------- geometry
 
 
@@ -307,6 +319,47 @@ def test_colour_classifier_gets_the_counted_detections_and_only_when_needed() ->
     calls.clear()
     assert not judge(s, {"car": [det(0.9)]}, classify).correct
     assert calls == []  # too few cars: colour is never asked
+
+
+@pytest.mark.parametrize(
+    ("include", "detected", "expected"),
+    [
+        ([{"class_name": "car", "count": 2, "color": "red"}], {"car": 3}, {"car": 2}),
+        ([{"class_name": "car", "count": 2, "color": "red"}], {"car": 1}, {}),  # too few
+        ([{"class_name": "car", "count": 3}], {"car": 3}, {}),  # no colour named
+        (
+            [
+                {"class_name": "car", "count": 1, "color": "red"},
+                {"class_name": "bus", "count": 1, "color": "red"},
+                {"class_name": "car", "count": 2, "color": "blue"},
+            ],
+            {"car": 5, "bus": 1},
+            {"car": 2, "bus": 1},
+        ),
+        # a colour is asked even when an earlier object failed (GenEval does not stop)
+        (
+            [{"class_name": "cat", "count": 1}, {"class_name": "car", "color": "red"}],
+            {"car": 1},
+            {"car": 1},
+        ),
+    ],
+)
+def test_colour_requests_cover_every_classifier_call(
+    include: list[dict], detected: dict[str, int], expected: dict[str, int]
+) -> None:
+    s = spec("color_attr", include)
+    found = {name: [det(0.9 - i / 100) for i in range(n)] for name, n in detected.items()}
+    assert colour_requests(s, found) == expected
+    calls: list[tuple[str, int]] = []
+
+    def classify(class_name: str, dets: list[Detection]) -> list[str]:
+        calls.append((class_name, len(dets)))
+        assert dets == found[class_name][: len(dets)]  # a prefix of the k best
+        return ["red"] * len(dets)
+
+    evaluate(s, found, classify)
+    assert all(n <= expected[name] for name, n in calls)
+    assert {name for name, _ in calls} == set(expected)
 
 
 def test_precomputed_colours_must_be_present_without_a_classifier() -> None:

@@ -76,6 +76,10 @@ CLASS_ALIASES: Mapping[str, str] = {
     "hair dryer": "hair drier",
 }
 _CLASS_SET = frozenset(GENEVAL_CLASSES)
+#: Most objects an ``include`` or ``exclude`` list may hold. GenEval's prompts have at
+#: most two include objects and one exclude object (``prompts/create_prompts.py``); the
+#: cap bounds the work a single spec can cause (position checks are quadratic).
+MAX_SPEC_OBJECTS = 32
 
 #: A box ``(x1, y1, x2, y2)`` in pixels.
 Box = tuple[float, float, float, float]
@@ -113,7 +117,9 @@ class Detection:
     Attributes:
         score: detector confidence in [0, 1].
         box: ``(x1, y1, x2, y2)`` pixels, ``x2``/``y2`` exclusive as from a mask's extent.
-        mask: optional ``bool [H, W]`` instance mask (used to crop for colour).
+        mask: optional ``bool`` instance mask (used to crop for colour), either over the
+            whole image (``[H, W]``) or over the box only (``[y2 - y1, x2 - x1]``, what the
+            detector gives: a box-sized mask costs far less memory on large images).
         color: optional precomputed colour name (used when no classifier is given).
     """
 
@@ -198,6 +204,8 @@ def parse_spec(raw: Mapping[str, Any]) -> GenEvalSpec:
 def _parse_objects(raw: Any, group: str) -> tuple[ObjectSpec, ...]:
     if not isinstance(raw, Sequence) or isinstance(raw, (str, bytes)):
         raise SpecError(group, f"expected a list of objects, got {type(raw).__name__}")
+    if len(raw) > MAX_SPEC_OBJECTS:
+        raise SpecError(group, f"{len(raw)} objects; at most {MAX_SPEC_OBJECTS} are accepted")
     return tuple(_parse_object(obj, f"{group}[{i}]") for i, obj in enumerate(raw))
 
 
@@ -323,6 +331,24 @@ def filter_detections(
         if chosen:
             kept[class_name] = chosen
     return kept
+
+
+def colour_requests(
+    spec: GenEvalSpec, detected: Mapping[str, Sequence[Detection]]
+) -> dict[str, int]:
+    """Which colours ``evaluate`` will ask for: ``{class_name: k}``, the ``k`` best detections.
+
+    ``evaluate`` classifies the ``count`` best detections of an include object that names
+    a colour and has at least ``count`` detections, independently of the other objects'
+    outcomes; ``k`` is the largest such ``count`` per class, so classifying the ``k`` best
+    once answers every call (each asks for a prefix of them). Lets a caller classify the
+    colours of a whole batch of images in a few CLIP forwards.
+    """
+    needed: dict[str, int] = {}
+    for obj in spec.include:
+        if obj.color is not None and len(detected.get(obj.class_name, ())) >= obj.count:
+            needed[obj.class_name] = max(needed.get(obj.class_name, 0), obj.count)
+    return needed
 
 
 def _precomputed_colors(class_name: str, detections: Sequence[Detection]) -> list[str]:

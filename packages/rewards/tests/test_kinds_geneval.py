@@ -704,6 +704,15 @@ def test_missing_detector_folder_names_path_layout_and_docs(files, tmp_path: Pat
     assert "docs/rewards.md" in text and "'geneval'" in text
 
 
+@pytest.mark.parametrize("key", ["clip_checkpoint", "clip_hf_path"])
+def test_missing_colour_clip_files_name_genevals_option(files, tmp_path: Path, key: str) -> None:
+    options = {**options_for(files), key: str(tmp_path / "nothing-here")}
+    if key == "clip_hf_path":
+        options = {k: v for k, v in options.items() if k not in ("clip_checkpoint", "clip_arch")}
+    with pytest.raises(CheckpointError, match=f"option '{key}'"):
+        GenEvalReward("geneval", options)
+
+
 def copy_folder(source: Path, target: Path, *, skip: tuple[str, ...] = ()) -> Path:
     target.mkdir()
     for path in source.iterdir():

@@ -125,11 +125,17 @@ def resolve_backbone(
     arch: str | None,
     quick_gelu: bool,
     docs_section: str,
+    option_prefix: str = "",
 ) -> BackboneSpec:
-    """Checks that the backbone's files exist and fingerprints them (at construction)."""
+    """Checks that the backbone's files exist and fingerprints them (at construction).
+
+    ``option_prefix`` is how the reward names these options (``"clip_"`` for geneval's
+    ``clip_hf_path``/``clip_checkpoint``), so errors name the key the user wrote.
+    """
     if hf_path:
-        path = resolve_path("hf_path", hf_path)
-        what = f"reward {reward_name!r}: CLIPModel folder (option 'hf_path')"
+        key = f"{option_prefix}hf_path"
+        path = resolve_path(key, hf_path)
+        what = f"reward {reward_name!r}: CLIPModel folder (option '{key}')"
         require_dir(
             path, [hf.CONFIG_FILE], what=what, expected=HF_EXPECTED, docs_section=docs_section
         )
@@ -151,8 +157,9 @@ def resolve_backbone(
             identity={"source": "hf"},
         )
     assert checkpoint is not None and arch is not None
-    path = resolve_path("checkpoint", checkpoint)
-    what = f"reward {reward_name!r}: open_clip checkpoint (option 'checkpoint')"
+    key = f"{option_prefix}checkpoint"
+    path = resolve_path(key, checkpoint)
+    what = f"reward {reward_name!r}: open_clip checkpoint (option '{key}')"
     require_file(path, what=what, expected=OPEN_CLIP_EXPECTED, docs_section=docs_section)
     return BackboneSpec(
         path=path,

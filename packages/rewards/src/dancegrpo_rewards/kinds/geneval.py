@@ -325,6 +325,7 @@ class GenEvalReward(Reward):
             arch=self.config.effective_clip_arch,
             quick_gelu=self.config.clip_quick_gelu,
             docs_section=DOCS_SECTION,
+            option_prefix="clip_",
         )
         self._version = self._make_version()
         self._detector: Mask2FormerDetector | None = None

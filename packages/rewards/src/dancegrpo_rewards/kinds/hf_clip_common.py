@@ -71,7 +71,10 @@ class HFClipEncoder:
         torchmetrics' CLIPScore does.
         """
         images = [torch.from_numpy(np.ascontiguousarray(m)).permute(2, 0, 1) for m in media]
-        pixels = self.processor(images=images, return_tensors="pt")["pixel_values"]
+        # Said, not inferred: a tiny crop such as 3 x 5 would be ambiguous to infer.
+        pixels = self.processor(
+            images=images, return_tensors="pt", input_data_format="channels_first"
+        )["pixel_values"]
         out = self.model.get_image_features(pixel_values=pixels.to(self.device, self.dtype))
         return torch.nn.functional.normalize(_pooled(out).float(), dim=-1)
 

@@ -241,8 +241,8 @@ class _LateScorer(RewardScorer):
         self.delay_s = delay_s
         self.log: list[tuple[str, float]] = []
 
-    def submit(self, frames, prompts, condition_images=None):  # type: ignore[override]
-        inner = super().submit(frames, prompts, condition_images)
+    def submit(self, frames, prompts, condition_images=None, metadata=None):  # type: ignore[override]
+        inner = super().submit(frames, prompts, condition_images, metadata)
         return _LateScores(inner, self.delay_s, self.log)
 
 

@@ -1,18 +1,21 @@
 """The shipped recipes (configs/*.yaml) run as a user runs them: real recipe files, tiny
 diffusers folders under ``$DANCEGRPO_WEIGHTS``, prompt files and the embedding cache under
 ``$DANCEGRPO_DATA``, and one real reward-service process at ``$DANCEGRPO_REWARDS`` hosting
-tiny ``hps``, ``clip``, ``hps_binary`` (threshold over hps) and ``videoalign`` (tiny
-Qwen2-VL VideoReward) plus a video ``color_match``.
+tiny ``hps``, ``clip``, ``hps_binary`` (threshold over hps), ``geneval`` (random-weight
+Mask2Former and colour CLIP) and ``videoalign`` (tiny Qwen2-VL VideoReward) plus a video
+``color_match``.
 
 Only what CPU and tiny models force is overridden (resolution, step count, run folder).
 Also here: ``dancegrpo-train preprocess``, the KL penalty, EMA, gradient checkpointing,
 and a video-shaped (``[N,T,H,W,3]``), image-conditioned (I2V) policy through the loop. The
-SkyReels I2V recipe reads ``.jsonl`` prompt files whose rows name a conditioning image.
+SkyReels I2V recipe reads ``.jsonl`` prompt files whose rows name a conditioning image;
+the GenEval recipe reads GenEval's own rows, whose specs travel to the reward as metadata.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -44,6 +47,47 @@ EVAL_PROMPTS = ["a dog on a chair"]
 #: What CPU and the tiny models force; everything else comes from the recipe.
 CPU = ["model.height=16", "model.width=16", "sampling.num_steps=3", "run.progress=false"]
 FLUX_RECIPES = ["flux_hps_clip", "flux_binary_hps", "flux_best_of_n"]
+#: GenEval rows (GenEval's ``evaluation_metadata.jsonl`` format) and the wire spec each
+#: must reach the reward with. The random tiny detector (thresholds 0) finds a bench in
+#: some images and not in others (7 and 11 of 24 rollouts when written); it has 8 queries,
+#: so it never finds nine of a class: the counting prompt always scores 0.
+GENEVAL_TRAIN = [
+    (
+        {
+            "tag": "single_object",
+            "include": [{"class": "bench", "count": 1}],
+            "prompt": "a photo of a bench",
+        },
+        {"tag": "single_object", "include": [{"class_name": "bench", "count": 1}], "exclude": []},
+    ),
+    (
+        {
+            "tag": "counting",
+            "include": [{"class": "dog", "count": 9}],
+            "exclude": [{"class": "dog", "count": 10}],
+            "prompt": "a photo of nine dogs",
+        },
+        {
+            "tag": "counting",
+            "include": [{"class_name": "dog", "count": 9}],
+            "exclude": [{"class_name": "dog", "count": 10}],
+        },
+    ),
+]
+GENEVAL_EVAL = [
+    (
+        {
+            "tag": "colors",
+            "include": [{"class": "car", "count": 1, "color": "red"}],
+            "prompt": "a red car",
+        },
+        {
+            "tag": "colors",
+            "include": [{"class_name": "car", "count": 1, "color": "red"}],
+            "exclude": [],
+        },
+    ),
+]
 
 
 # ------------------------------------------------------------------------------ fixtures
@@ -85,6 +129,9 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         (data / "prompts" / f"{prefix}_eval.txt").write_text("\n".join(EVAL_PROMPTS) + "\n")
     write_i2v_prompts(data / "prompts", "i2v_train", TRAIN_PROMPTS)
     write_i2v_prompts(data / "prompts", "i2v_eval", EVAL_PROMPTS)
+    for name, rows in (("geneval_train", GENEVAL_TRAIN), ("geneval_eval", GENEVAL_EVAL)):
+        lines = "".join(json.dumps(row) + "\n" for row, _ in rows)
+        (data / "prompts" / f"{name}.jsonl").write_text(lines)
     files = clip_models.write_tiny_clip_files(root / "clip")
     videoalign = videoalign_models.write_hf_folder(root / "videoalign")
     return {
@@ -93,16 +140,19 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "data": data,
         "clip": files.config.parent,
         "videoalign": videoalign,
+        "geneval": root / "geneval",
     }
 
 
 @pytest.fixture(scope="module")
 def server(assets: dict[str, Path]) -> Iterator[str]:
     """One reward service for the module; reward names as in the recipes and services/."""
+    from dancegrpo_testing import geneval_models
     from dancegrpo_testing.servers import running_reward_server
 
     clip = assets["clip"]
     hps = {"checkpoint": str(clip / "hps_tiny.pt"), "arch": str(clip / "tiny_vit.json")}
+    geneval = geneval_models.write_tiny_geneval_files(assets["geneval"])
     config = {
         "server": {"host": "127.0.0.1"},
         "rewards": {
@@ -117,6 +167,20 @@ def server(assets: dict[str, Path]) -> Iterator[str]:
                 "options": {"reward": {"kind": "hps", **hps}, "threshold": 0.0},
             },
             "color_video": {"kind": "color_match", "options": {"modality": "video"}},
+            # The random detector scores every (query, class) pair ~0.008: thresholds of 0
+            # let its top-k through, so whether a class is found varies from image to image.
+            "geneval": {
+                "kind": "geneval",
+                "options": {
+                    "detector_path": str(geneval.detector),
+                    "clip_checkpoint": str(geneval.clip_checkpoint),
+                    "clip_arch": str(geneval.clip_config),
+                    "detector_shortest_edge": 64,
+                    "detector_longest_edge": 96,
+                    "threshold": 0.0,
+                    "counting_threshold": 0.0,
+                },
+            },
             # Small frame budget: the tiny Qwen2-VL sees a few 28 px patches per frame.
             "videoalign": {
                 "kind": "videoalign",
@@ -142,7 +206,8 @@ def recipe_env(assets: dict[str, Path], server: str) -> Iterator[dict[str, Path]
         mp.setenv("DANCEGRPO_WEIGHTS", str(assets["weights"]))
         mp.setenv("DANCEGRPO_DATA", str(assets["data"]))
         mp.setenv("DANCEGRPO_REWARDS", server)
-        for recipe in ("flux_hps_clip", "hunyuan_video_videoalign", "skyreels_i2v_videoalign"):
+        recipes = ("flux_hps_clip", "flux_geneval")
+        for recipe in (*recipes, "hunyuan_video_videoalign", "skyreels_i2v_videoalign"):
             rc = train_main(["preprocess", "--config", str(CONFIGS / f"{recipe}.yaml")])
             assert rc == 0
         yield assets
@@ -301,6 +366,59 @@ def test_flux_best_of_n_recipe_trains_on_top_and_bottom_four_of_24(
     assert_trained_and_saved(trainer, tmp_path)
 
 
+def test_flux_geneval_recipe_sends_each_prompts_spec_and_trains_on_mixed_groups(
+    recipe_env: dict[str, Path],
+    tmp_path: Path,
+    cli_trainer: type[RecordingTrainer],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """FLUX against the real ``geneval`` kind, prompts from GenEval-format JSONL: both
+    train prompts in one step (G = 24 each), every train and eval sample sent with its own
+    prompt's spec (the service rejects samples without one), scored exactly as direct
+    ``RewardClient`` scoring with hand-written wire specs. The never-satisfiable counting
+    group scores all 0, so its advantages are 0; the mixed bench group trains the policy."""
+    from dancegrpo_proto import RewardClient
+
+    seen: list[torch.Tensor] = []
+    original = trainer_module.multi_reward_advantages
+
+    def recording_advantages(*args: Any, **kwargs: Any) -> torch.Tensor:
+        seen.append(original(*args, **kwargs))
+        return seen[-1]
+
+    monkeypatch.setattr(trainer_module, "multi_reward_advantages", recording_advantages)
+    monkeypatch.setattr(trainer_module, "RewardScorer", RecordingScorer)
+    trainer = run_recipe("flux_geneval", tmp_path, "sampling.prompts_per_step=2")
+    scorer = RecordingScorer.last
+    assert scorer is not None
+    rec = records(tmp_path)[0]
+    assert rec["samples"] == 48
+    assert [r["step"] for r in records(tmp_path, "eval")] == [0, 1]
+    wire = {row["prompt"]: spec for row, spec in GENEVAL_TRAIN + GENEVAL_EVAL}
+    for _, prompts, _, metadata in scorer.sent:  # train and eval chunks, in frame order
+        assert metadata == [{"geneval": wire[p]} for p in prompts]
+    train = [chunk for chunk in scorer.sent if chunk[1][0] != GENEVAL_EVAL[0][0]["prompt"]]
+    frames = np.concatenate([chunk[0] for chunk in train])
+    prompts = [p for chunk in train for p in chunk[1]]
+    with RewardClient(os.environ["DANCEGRPO_REWARDS"]) as client:
+        metadata = [{"geneval": wire[p]} for p in prompts]
+        out = client.score("geneval", images=frames, prompts=prompts, metadata=metadata)
+    correct = out["correct"]
+    assert rec["reward/geneval/correct_mean"] == pytest.approx(float(correct.mean()))
+    # Pipelined update: one advantage call per rollout chunk that completes a group.
+    advantages = torch.cat(seen).numpy()
+    assert advantages.shape == (48,)
+    for start in (0, 24):
+        group, adv = correct[start : start + 24], advantages[start : start + 24]
+        if prompts[start] == "a photo of nine dogs":
+            assert (group == 0).all() and (adv == 0).all()  # all equal: nothing to learn
+        else:
+            assert 0 < group.sum() < 24  # mixed: winners pushed up, losers down
+            assert (adv[group == 1] > 0).all() and (adv[group == 0] < 0).all()
+    assert rec["grad_norm"] > 0
+    assert_trained_and_saved(trainer, tmp_path)
+
+
 def test_hunyuan_video_videoalign_recipe_trains_on_vq_and_mq(
     recipe_env: dict[str, Path], tmp_path: Path, cli_trainer: type[RecordingTrainer]
 ) -> None:
@@ -380,6 +498,17 @@ def test_recipe_values_follow_the_paper(recipe: str) -> None:
         assert s.group_size == 12
     if recipe == "flux_binary_hps":
         assert cfg.rewards.endpoints[0].threshold == 0.28
+
+
+def test_flux_geneval_recipe_values() -> None:
+    """DanceGRPO's FLUX settings; Flow-GRPO's GenEval group (24, independent noise), 512 px."""
+    cfg = load_config(CONFIGS / "flux_geneval.yaml")
+    s, t, (ep,) = cfg.sampling, cfg.train, cfg.rewards.endpoints
+    assert (ep.reward, ep.output, ep.metadata, ep.threshold) == ("geneval", "correct", True, None)
+    assert (s.group_size, s.shared_noise, s.num_steps, s.eta) == (24, False, 16, 0.3)
+    assert cfg.model.height == cfg.model.width == 512 and cfg.model.guidance_scale == 3.5
+    assert (t.learning_rate, t.clip_range, t.max_grad_norm) == (1e-5, 1e-4, 0.01)
+    assert cfg.data.train_prompts.endswith(".jsonl") and cfg.data.eval_prompts.endswith(".jsonl")
 
 
 # ------------------------------------------------------------------------------ preprocess
@@ -624,16 +753,21 @@ class TinyI2VPolicy(Policy):
 
 
 class RecordingScorer(RewardScorer):
-    """The real gRPC scorer, keeping what it sent."""
+    """The real gRPC scorer, keeping what it sent (frames, prompts, condition images,
+    metadata)."""
+
+    last: ClassVar[RecordingScorer | None] = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.sent: list[tuple[np.ndarray, list[str], np.ndarray | None]] = []
+        self.sent: list[tuple[np.ndarray, list[str], np.ndarray | None, list | None]] = []
+        RecordingScorer.last = self
 
-    def submit(self, frames, prompts, condition_images=None):  # type: ignore[override]
+    def submit(self, frames, prompts, condition_images=None, metadata=None):  # type: ignore[override]
         images = None if condition_images is None else np.asarray(condition_images)
-        self.sent.append((np.asarray(frames), list(prompts), images))
-        return super().submit(frames, prompts, condition_images)
+        meta = None if metadata is None else list(metadata)
+        self.sent.append((np.asarray(frames), list(prompts), images, meta))
+        return super().submit(frames, prompts, condition_images, metadata)
 
 
 def test_video_i2v_policy_trains_on_remote_video_rewards(server: str, tmp_path: Path) -> None:

@@ -128,7 +128,12 @@ def sample_main(argv: Sequence[str] | None = None) -> int:
 
 def best_of_n(cfg, args: argparse.Namespace) -> list[dict]:
     """Samples ``args.n`` per prompt, keeps the best by the chosen endpoint; returns rows."""
-    from dancegrpo_trainer.data import load_condition_images, load_prompts
+    from dancegrpo_trainer.data import (
+        load_condition_images,
+        load_prompts,
+        repeat_metadata,
+        require_metadata,
+    )
     from dancegrpo_trainer.policy_factory import build_policy
     from dancegrpo_trainer.rollout import sample_rollout
     from dancegrpo_trainer.scoring import RewardScorer
@@ -150,6 +155,8 @@ def best_of_n(cfg, args: argparse.Namespace) -> list[dict]:
     endpoint = cfg.rewards.endpoints[args.endpoint]
     scorer = RewardScorer([endpoint])
     records = load_prompts(args.prompts, "--prompts")
+    if endpoint.metadata:
+        require_metadata(records, "--prompts", f"rewards.endpoints[{args.endpoint}].metadata")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     eta = cfg.sampling.eta if args.eta is None else args.eta
@@ -162,13 +169,20 @@ def best_of_n(cfg, args: argparse.Namespace) -> list[dict]:
             noise = policy.initial_noise(args.n, generator=gen)
             pending = []
             prompts = [rec.prompt] * args.n
+            metadata = repeat_metadata([rec], args.n)
             cond_images = images[[0] * args.n] if images is not None else None
 
             def on_chunk(
-                rows_: slice, frames: torch.Tensor, prompts=prompts, ci=cond_images, out=pending
+                rows_: slice,
+                frames: torch.Tensor,
+                prompts=prompts,
+                ci=cond_images,
+                meta=metadata,
+                out=pending,
             ) -> None:
                 images_ = ci[rows_] if ci is not None else None
-                out.append(scorer.submit(frames, prompts[rows_], images_))
+                meta_ = meta[rows_] if meta is not None else None
+                out.append(scorer.submit(frames, prompts[rows_], images_, meta_))
 
             rollout = sample_rollout(
                 policy,

@@ -114,6 +114,9 @@ class RewardEndpoint:
         threshold: if set, the term is binary: ``1`` where ``output >= threshold`` else ``0``.
         timeout_s: per-call deadline passed to the client.
         name: label used in metrics; defaults to ``reward/output``.
+        metadata: send each sample's prompt metadata (its GenEval spec, from a ``.jsonl``
+            prompt file of GenEval rows): rewards such as ``geneval`` need it. Every
+            train and eval prompt must then carry one (checked at start-up).
         token_env: name of the environment variable holding the bearer token the server
             expects (its ``server.auth.token_env``); ``None`` sends no token.
         tls_ca: PEM CA bundle to verify the server's certificate; setting any ``tls_*``
@@ -128,6 +131,7 @@ class RewardEndpoint:
     threshold: float | None = None
     timeout_s: float = 120.0
     name: str = ""
+    metadata: bool = False
     token_env: str | None = None
     tls_ca: str | None = None
     tls_cert: str | None = None
@@ -378,7 +382,9 @@ class DataConfig:
 
     Attributes:
         train_prompts: a ``.txt`` file (one prompt per line), a ``.jsonl`` file (rows with
-            ``prompt`` and optional ``condition_image`` path for I2V), or an inline list.
+            ``prompt`` and optional ``condition_image`` path for I2V, or GenEval's rows
+            ``{"tag", "include", "exclude", "prompt"}``, whose spec becomes the prompt's
+            metadata, sent to endpoints with ``metadata: true``), or an inline list.
         eval_prompts: the same, for held-out evaluation (may be empty to skip eval).
         embedding_cache: folder written by ``dancegrpo-train preprocess``; when set,
             prompt conditioning is read from it instead of running text encoders.
@@ -476,6 +482,7 @@ class GRPOConfig:
         self.run.validate()
         if self.model.kind == "skyreels_i2v":
             self._validate_i2v_prompts()
+        self._validate_metadata_prompts()
         bon = self.rewards.best_of_n
         if bon.enabled:
             _check(
@@ -520,6 +527,25 @@ class GRPOConfig:
                 f"data.{name}",
                 f"model.kind {self.model.kind} (image-to-video) needs a .jsonl prompt file whose "
                 f'rows carry a condition_image ({{"prompt": ..., "condition_image": "a.png"}}), '
+                f"got {source!r}",
+            )
+
+    def _validate_metadata_prompts(self) -> None:
+        """Endpoints with ``metadata: true`` need prompts that carry metadata, which only a
+        ``.jsonl`` file of GenEval rows does (each row's spec is checked when the trainer
+        loads the file, ``data.require_metadata``)."""
+        asking = [i for i, ep in enumerate(self.rewards.endpoints) if ep.metadata]
+        if not asking:
+            return
+        for name in ("train_prompts", "eval_prompts"):
+            source = getattr(self.data, name)
+            if name == "eval_prompts" and not source:
+                continue
+            _check(
+                isinstance(source, str) and source.endswith(".jsonl"),
+                f"rewards.endpoints[{asking[0]}].metadata",
+                f"is true, so data.{name} must be a .jsonl file of GenEval rows "
+                '({"tag", "include", "exclude", "prompt"}) that carry each prompt\'s metadata, '
                 f"got {source!r}",
             )
 

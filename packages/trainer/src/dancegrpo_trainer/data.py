@@ -4,27 +4,52 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
-from dancegrpo_trainer.config import expand_env
+from dancegrpo_trainer.config import ConfigError, expand_env
+from dancegrpo_trainer.geneval_prompts import geneval_metadata
 
 
 @dataclasses.dataclass
 class PromptRecord:
-    """One prompt, with its conditioning image path for image-to-video tasks."""
+    """One prompt, with its conditioning image path for image-to-video tasks and its
+    sample metadata (``{"geneval": {...}}`` from a GenEval row) for rewards that need it."""
 
     prompt: str
     condition_image: str | None = None
+    metadata: dict[str, Any] | None = None
+
+
+def prompt_record(row: Mapping[str, Any], base: Path, where: str) -> PromptRecord:
+    """One JSONL prompt row: ``prompt``, optional ``condition_image`` (a path relative to
+    ``base``, the file's folder) and optional GenEval spec (``tag``, ``include``,
+    ``exclude``; see :mod:`dancegrpo_trainer.geneval_prompts`).
+
+    ``where`` (e.g. ``data.train_prompts: p.jsonl:3``) prefixes error messages.
+    """
+    if "prompt" not in row:
+        raise ValueError(f"{where}: no 'prompt' key")
+    try:
+        metadata = geneval_metadata(row)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from e
+    image = row.get("condition_image")
+    if image is not None and not Path(image).is_absolute():
+        image = str(base / image)
+    return PromptRecord(str(row["prompt"]), image, metadata)
 
 
 def load_prompts(source: str | Sequence[str], field: str) -> list[PromptRecord]:
     """Reads prompts from an inline list, a ``.txt`` file (one per line; blank lines and
-    ``#`` comments skipped) or a ``.jsonl`` file (``{"prompt": ..., "condition_image": ...}``).
+    ``#`` comments skipped) or a ``.jsonl`` file (rows ``{"prompt": ..., "condition_image":
+    ...}``, or GenEval's ``{"tag", "include", "exclude", "prompt"}`` rows, whose spec
+    becomes the record's ``metadata``; see :func:`prompt_record`).
 
     ``field`` names the config field in error messages.
     """
@@ -36,15 +61,9 @@ def load_prompts(source: str | Sequence[str], field: str) -> list[PromptRecord]:
     records = []
     if path.suffix == ".jsonl":
         for lineno, line in enumerate(path.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            if "prompt" not in row:
-                raise ValueError(f"{field}: {path}:{lineno} has no 'prompt' key")
-            image = row.get("condition_image")
-            if image is not None and not Path(image).is_absolute():
-                image = str(path.parent / image)
-            records.append(PromptRecord(row["prompt"], image))
+            if line.strip():
+                where = f"{field}: {path}:{lineno}"
+                records.append(prompt_record(json.loads(line), path.parent, where))
     else:
         for line in path.read_text().splitlines():
             if line.strip() and not line.lstrip().startswith("#"):
@@ -63,6 +82,28 @@ def load_condition_images(records: Sequence[PromptRecord]) -> torch.Tensor | Non
         raise ValueError("either every prompt has a condition_image or none does")
     images = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
     return torch.from_numpy(np.stack(images))
+
+
+def repeat_metadata(
+    records: Sequence[PromptRecord], repeats: int
+) -> list[dict[str, Any] | None] | None:
+    """Per-sample metadata of ``records``, each repeated ``repeats`` times (prompt-major,
+    the order of the samples rolled out from them); ``None`` when no record has any."""
+    if all(r.metadata is None for r in records):
+        return None
+    return [r.metadata for r in records for _ in range(repeats)]
+
+
+def require_metadata(records: Sequence[PromptRecord], field: str, asked_by: str) -> None:
+    """Raises ``ConfigError`` naming ``asked_by`` (e.g. ``rewards.endpoints[0].metadata``)
+    and ``field`` when a prompt of ``records`` (read from ``field``) carries no metadata."""
+    missing = [r.prompt for r in records if r.metadata is None]
+    if missing:
+        raise ConfigError(
+            f"{asked_by}: is true, but {len(missing)} of the {len(records)} prompts of "
+            f"{field} carry no metadata (first: {missing[0]!r}); give {field} a .jsonl "
+            'file of GenEval rows ({"tag", "include", "exclude", "prompt"})'
+        )
 
 
 class PromptSampler:

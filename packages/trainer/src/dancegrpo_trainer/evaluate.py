@@ -47,6 +47,7 @@ import numpy as np
 import torch
 import yaml
 
+from dancegrpo_trainer.data import prompt_record
 from dancegrpo_trainer.policies.base import Policy
 
 # ---------------------------------------------------------------------------- prompt sets
@@ -69,46 +70,18 @@ class EvalPrompt:
     condition_image: str | None = None
 
 
-def _geneval_object(obj: Mapping[str, Any], include: Sequence[Mapping[str, Any]]) -> dict:
-    """GenEval's ``{"class", "count", "color", "position": [relation, index]}`` → our spec."""
-    out: dict[str, Any] = {"class_name": str(obj["class"]), "count": int(obj.get("count", 1))}
-    if obj.get("color"):
-        out["color"] = str(obj["color"])
-    if obj.get("position"):
-        relation, index = obj["position"]
-        index = int(index)
-        if not 0 <= index < len(include):
-            raise IndexError(f"position index {index} outside include (length {len(include)})")
-        out["position_relation"] = str(relation)
-        out["position_reference"] = index  # the wire field is an index into include
-    return out
-
-
 def _parse_jsonl(path: Path) -> list[EvalPrompt]:
+    """GenEval rows (their spec as ``metadata``) or ``{"prompt", "condition_image"}`` rows,
+    read like training prompt files (``data.prompt_record``)."""
     prompts = []
     for lineno, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
             continue
         row = json.loads(line)
-        if "prompt" not in row:
-            raise ValueError(f"{path}:{lineno}: no 'prompt' key")
-        metadata = None
-        if "include" in row:
-            try:
-                include = row["include"]
-                metadata = {
-                    "geneval": {
-                        "tag": str(row.get("tag", "")),
-                        "include": [_geneval_object(o, include) for o in include],
-                        "exclude": [_geneval_object(o, include) for o in row.get("exclude", [])],
-                    }
-                }
-            except (KeyError, IndexError, TypeError, ValueError) as e:
-                raise ValueError(f"{path}:{lineno}: malformed GenEval spec ({e!r})") from e
-        image = row.get("condition_image")
-        if image is not None and not Path(image).is_absolute():
-            image = str(path.parent / image)
-        prompts.append(EvalPrompt(str(row["prompt"]), row.get("tag"), metadata, image))
+        record = prompt_record(row, path.parent, f"{path}:{lineno}")
+        prompts.append(
+            EvalPrompt(record.prompt, row.get("tag"), record.metadata, record.condition_image)
+        )
     return prompts
 
 

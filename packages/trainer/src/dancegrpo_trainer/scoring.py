@@ -2,10 +2,12 @@
 
 The trainer talks to rewards only through ``dancegrpo_proto.RewardClient`` over gRPC.
 Each configured endpoint is one ``(target, reward, output)`` term; terms that share a
-``(target, reward)`` are scored with one call. Calls are asynchronous so scoring overlaps
-with the next rollout chunk. A failure (after the client's own retries) raises
-:class:`RewardScoringError` naming the endpoint; a missing output or a non-finite value is
-an error too. There is no fallback reward: a silent 0 or −1 would train on garbage.
+``(target, reward)`` are scored with one call, which carries the samples' metadata (e.g.
+GenEval specs) when any of its endpoints sets ``metadata: true``. Calls are asynchronous
+so scoring overlaps with the next rollout chunk. A failure (after the client's own
+retries) raises :class:`RewardScoringError` naming the endpoint; a missing output or a
+non-finite value is an error too. There is no fallback reward: a silent 0 or −1 would
+train on garbage.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +116,12 @@ class RewardScorer:
         self._calls: dict[tuple[str, str], list[RewardEndpoint]] = {}
         for ep in self.endpoints:
             self._calls.setdefault((self._targets[ep.label], ep.reward), []).append(ep)
+        # The calls that send metadata (any of their endpoints asks), with the first
+        # endpoint asking, for error messages.
+        self._metadata_calls: dict[tuple[str, str], int] = {}
+        for i, ep in enumerate(self.endpoints):
+            if ep.metadata:
+                self._metadata_calls.setdefault((self._targets[ep.label], ep.reward), i)
 
     def wait_until_ready(self, timeout: float) -> None:
         """Blocks until every target reports SERVING (raises naming the target otherwise)."""
@@ -130,13 +138,21 @@ class RewardScorer:
         frames: torch.Tensor | np.ndarray,
         prompts: Sequence[str],
         condition_images: torch.Tensor | np.ndarray | None = None,
+        metadata: Sequence[Mapping[str, Any] | None] | None = None,
     ) -> PendingScores:
-        """Starts scoring ``frames`` (``uint8 [N,H,W,3]`` images or ``[N,T,H,W,3]`` videos)."""
+        """Starts scoring ``frames`` (``uint8 [N,H,W,3]`` images or ``[N,T,H,W,3]`` videos).
+
+        ``metadata``: one ``{"geneval": {...}}`` (or ``None``) per sample, in the order of
+        ``frames``; sent only to the calls whose endpoints set ``metadata: true``, which
+        fail here when it is missing.
+        """
         media = frames.cpu().numpy() if isinstance(frames, torch.Tensor) else np.asarray(frames)
         if media.dtype != np.uint8 or media.ndim not in (4, 5) or media.shape[-1] != 3:
             raise ValueError(f"frames must be uint8 [N,H,W,3] or [N,T,H,W,3], got {media.shape}")
         if len(prompts) != media.shape[0]:
             raise ValueError(f"{len(prompts)} prompts for {media.shape[0]} samples")
+        if metadata is not None and len(metadata) != media.shape[0]:
+            raise ValueError(f"{len(metadata)} metadata entries for {media.shape[0]} samples")
         kwargs: dict[str, Any] = {"prompts": list(prompts)}
         kwargs["images" if media.ndim == 4 else "videos"] = media
         if condition_images is not None:
@@ -147,13 +163,28 @@ class RewardScorer:
         futures = {}
         for (target, reward), eps in self._calls.items():
             timeout = max(ep.timeout_s for ep in eps)
+            extra = self._metadata_kwargs((target, reward), metadata)
             try:
                 futures[(target, reward)] = self._clients[target].score_async(
-                    reward, timeout=timeout, **kwargs
+                    reward, timeout=timeout, **kwargs, **extra
                 )
             except Exception as e:
                 raise RewardScoringError(_describe(target, reward, e)) from e
         return PendingScores(self, futures, media.shape[0])
+
+    def _metadata_kwargs(
+        self, call: tuple[str, str], metadata: Sequence[Mapping[str, Any] | None] | None
+    ) -> dict[str, Any]:
+        """``{"metadata": [...]}`` for a call that sends metadata, else ``{}``."""
+        if call not in self._metadata_calls:
+            return {}
+        if metadata is None:
+            i = self._metadata_calls[call]
+            raise ValueError(
+                f"rewards.endpoints[{i}].metadata is true, but these samples carry no "
+                "metadata (prompts from a .jsonl file of GenEval rows do)"
+            )
+        return {"metadata": list(metadata)}
 
     def close(self) -> None:
         for client in self._clients.values():

@@ -37,7 +37,13 @@ from dancegrpo_trainer.core import (
     best_of_n_indices,
     multi_reward_advantages,
 )
-from dancegrpo_trainer.data import PromptSampler, load_condition_images, load_prompts
+from dancegrpo_trainer.data import (
+    PromptSampler,
+    load_condition_images,
+    load_prompts,
+    repeat_metadata,
+    require_metadata,
+)
 from dancegrpo_trainer.policies.base import Conditioning, Policy
 from dancegrpo_trainer.policy_factory import build_policy
 from dancegrpo_trainer.rollout import (
@@ -184,6 +190,7 @@ class Trainer:
             if cfg.data.eval_prompts
             else []
         )
+        self._check_prompt_metadata()
         self.sampler = PromptSampler(len(self.train_records), cfg.run.seed, cfg.data.shuffle)
         self._cache = None
         if use_cache:
@@ -247,17 +254,29 @@ class Trainer:
     def _progress(self) -> bool:
         return self.cfg.run.progress and self.rank == 0
 
+    def _check_prompt_metadata(self) -> None:
+        """Fails at start-up, not at the first reward call, when an endpoint sends metadata
+        (``metadata: true``) and a train or eval prompt has none."""
+        asking = [i for i, ep in enumerate(self.cfg.rewards.endpoints) if ep.metadata]
+        if not asking:
+            return
+        where = f"rewards.endpoints[{asking[0]}].metadata"
+        require_metadata(self.train_records, "data.train_prompts", where)
+        require_metadata(self.eval_records, "data.eval_prompts", where)
+
     # ------------------------------------------------------------------ rewards
 
     def _score_rollout(
         self,
         prompts: Sequence[str],
         cond_images: torch.Tensor | None,
+        metadata: Sequence[dict[str, Any] | None] | None,
         generate: Callable[[Callable[[slice, torch.Tensor], None]], Any],
         num_scored: int,
     ) -> tuple[Any, Scores | None, float, float]:
         """Runs ``generate(on_chunk)``, scoring the first ``num_scored`` rows as chunks finish
         (rows past them are padding, generated only to keep sharded forwards in lockstep).
+        ``prompts``, ``cond_images`` and ``metadata`` (``None``: none) are per row.
 
         Returns ``(generate's result, scores or None if nothing was scored, sample_s,
         reward_wait_s)``.
@@ -270,7 +289,10 @@ class Trainer:
                 return
             real = slice(rows.start, stop)
             images = cond_images[real] if cond_images is not None else None
-            pending.append(self.scorer.submit(frames[: stop - rows.start], prompts[real], images))
+            meta = metadata[real] if metadata is not None else None
+            pending.append(
+                self.scorer.submit(frames[: stop - rows.start], prompts[real], images, meta)
+            )
 
         t0 = time.perf_counter()
         result = generate(on_chunk)
@@ -322,6 +344,7 @@ class Trainer:
         records = [self.train_records[i] for i in local]
         group_images = load_condition_images(records)
         prompts = [r.prompt for r in records for _ in range(s.group_size)]
+        metadata = repeat_metadata(records, s.group_size)
         repeat = torch.arange(len(records)).repeat_interleave(s.group_size)
         cond = self._encode([r.prompt for r in records], group_images).select(repeat)
         cond_images = group_images[repeat] if group_images is not None else None
@@ -341,7 +364,8 @@ class Trainer:
 
         def on_chunk(rows: slice, frames: torch.Tensor) -> None:
             images = cond_images[rows] if cond_images is not None else None
-            chunks.append((rows, self.scorer.submit(frames, prompts[rows], images)))
+            meta = metadata[rows] if metadata is not None else None
+            chunks.append((rows, self.scorer.submit(frames, prompts[rows], images, meta)))
 
         t0 = time.perf_counter()
         rollout = sample_rollout(
@@ -535,6 +559,7 @@ class Trainer:
             raise ValueError("data.eval_prompts is empty: nothing to evaluate")
         k = e.samples_per_prompt
         all_prompts = [r.prompt for r in self.eval_records for _ in range(k)]
+        all_metadata = repeat_metadata(self.eval_records, k)
         all_images = load_condition_images(self.eval_records)
         repeat_all = torch.arange(len(self.eval_records)).repeat_interleave(k)
         noise_all = self.policy.initial_noise(
@@ -546,6 +571,7 @@ class Trainer:
             pad = -(-len(all_prompts) // self.world) - len(rows)
             sampled += [rows[0] if rows else 0] * pad
         prompts = [all_prompts[i] for i in sampled]
+        metadata = [all_metadata[i] for i in sampled] if all_metadata is not None else None
         idx = repeat_all[sampled]
         images = all_images[idx] if all_images is not None else None
         frames = torch.empty(0)
@@ -573,7 +599,9 @@ class Trainer:
                         desc="eval",
                     )
 
-            rollout, scores, _, _ = self._score_rollout(prompts, images, generate, len(rows))
+            rollout, scores, _, _ = self._score_rollout(
+                prompts, images, metadata, generate, len(rows)
+            )
             frames = rollout.frames[: len(rows)]
         parts = dist_utils.all_gather_object(
             (rows, scores.terms if scores else {}, scores.outputs if scores else {}, frames)

@@ -515,15 +515,19 @@ class GRPOConfig:
             )
         return self
 
+    def _prompt_sources(self) -> list[tuple[str, Any, bool]]:
+        """``(field, source, is a .jsonl path)`` of the train prompts and, when set, the
+        eval prompts."""
+        names = ["train_prompts"] + (["eval_prompts"] if self.data.eval_prompts else [])
+        sources = [(name, getattr(self.data, name)) for name in names]
+        return [(n, src, isinstance(src, str) and src.endswith(".jsonl")) for n, src in sources]
+
     def _validate_i2v_prompts(self) -> None:
         """Image-to-video prompts need a conditioning image each, which only a ``.jsonl``
         prompt file carries (``{"prompt": ..., "condition_image": ...}`` rows)."""
-        for name in ("train_prompts", "eval_prompts"):
-            source = getattr(self.data, name)
-            if name == "eval_prompts" and not source:
-                continue
+        for name, source, is_jsonl in self._prompt_sources():
             _check(
-                isinstance(source, str) and source.endswith(".jsonl"),
+                is_jsonl,
                 f"data.{name}",
                 f"model.kind {self.model.kind} (image-to-video) needs a .jsonl prompt file whose "
                 f'rows carry a condition_image ({{"prompt": ..., "condition_image": "a.png"}}), '
@@ -537,12 +541,9 @@ class GRPOConfig:
         asking = [i for i, ep in enumerate(self.rewards.endpoints) if ep.metadata]
         if not asking:
             return
-        for name in ("train_prompts", "eval_prompts"):
-            source = getattr(self.data, name)
-            if name == "eval_prompts" and not source:
-                continue
+        for name, source, is_jsonl in self._prompt_sources():
             _check(
-                isinstance(source, str) and source.endswith(".jsonl"),
+                is_jsonl,
                 f"rewards.endpoints[{asking[0]}].metadata",
                 f"is true, so data.{name} must be a .jsonl file of GenEval rows "
                 '({"tag", "include", "exclude", "prompt"}) that carry each prompt\'s metadata, '

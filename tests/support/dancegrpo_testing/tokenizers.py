@@ -1,4 +1,6 @@
-"""Offline CLIP tokenizers built from open_clip's bundled BPE vocabulary.
+"""Offline tokenizers: CLIP's from open_clip's bundled BPE vocabulary, and small
+byte-level BPEs trained on a few strings for models whose vocabulary is not bundled
+anywhere (Llama-3 for HunyuanVideo, Qwen2 for VideoAlign).
 
 open_clip ships ``bpe_simple_vocab_16e6.txt.gz`` (OpenAI's CLIP merges). The vocabulary
 of OpenAI CLIP — and of every CLIP tokenizer on the hub (SD, FLUX, HunyuanVideo) — is
@@ -73,3 +75,22 @@ def clip_tokenizer(model_max_length: int = 77):
     return CLIPTokenizer.from_pretrained(
         str(d), model_max_length=model_max_length, pad_token="<|endoftext|>"
     )
+
+
+def train_byte_level_bpe(corpus: list[str], special_tokens: list[str], vocab_size: int):
+    """A byte-level BPE ``tokenizers.Tokenizer`` (GPT-2/Llama-3/Qwen2 style: no prefix
+    space, every byte representable) trained deterministically on ``corpus``, with
+    ``special_tokens`` first in the vocabulary."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=special_tokens,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus, trainer)
+    return tok

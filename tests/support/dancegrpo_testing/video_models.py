@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from dancegrpo_testing.diffusion_models import _T5_WORDS, TINY_HIDDEN, tiny_clip_text_model
+from dancegrpo_testing.tokenizers import train_byte_level_bpe
 
 #: Prompt tokens after the template (``max_sequence_length`` in the tests; real model: 256).
 TINY_LLAMA_MAX_LENGTH = 16
@@ -50,22 +51,12 @@ def llama_tokenizer(model_max_length: int = 512):
     ``<|begin_of_text|>`` prepended, Llama-3's header/eot tokens atomic, right padding with
     ``<|end_of_text|>`` (as the HunyuanVideo tokenizer, whose attention mask the transformer
     reads as right-padded)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
+    from tokenizers import processors
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=LLAMA3_SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
-
     corpus = [" ".join(_T5_WORDS), DEFAULT_PROMPT_TEMPLATE["template"]]
-    tok.train_from_iterator(corpus, trainer)
+    tok = train_byte_level_bpe(corpus, LLAMA3_SPECIAL_TOKENS, vocab_size=400)
     bos = LLAMA3_SPECIAL_TOKENS[0]
     tok.post_processor = processors.TemplateProcessing(
         single=f"{bos} $A", special_tokens=[(bos, tok.token_to_id(bos))]

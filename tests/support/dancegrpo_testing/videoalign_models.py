@@ -25,6 +25,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from dancegrpo_testing.tokenizers import train_byte_level_bpe
+
 #: Qwen2-VL's chat and vision special tokens (ids 0..6 in the tiny vocabulary).
 QWEN2_VL_TOKENS = (
     "<|endoftext|>",
@@ -44,22 +46,13 @@ LORA_R, LORA_ALPHA = 4, 8
 
 def tiny_tokenizer(*, reward_tokens: bool = False, vocab_size: int = 1500):
     """A byte-level BPE ``Qwen2Tokenizer`` built offline (deterministic)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import Qwen2Tokenizer
 
     from dancegrpo_rewards.kinds.videoalign import CHAT_FORMAT, DEFAULT_PROMPT_TEMPLATE
     from dancegrpo_rewards.kinds.videoalign_weights import REWARD_TOKENS
 
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=list(QWEN2_VL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    bpe.train_from_iterator([DEFAULT_PROMPT_TEMPLATE, CHAT_FORMAT], trainer)
+    corpus = [DEFAULT_PROMPT_TEMPLATE, CHAT_FORMAT]
+    bpe = train_byte_level_bpe(corpus, list(QWEN2_VL_TOKENS), vocab_size=vocab_size)
     tokenizer = Qwen2Tokenizer(tokenizer_object=bpe)
     if reward_tokens:
         tokenizer.add_special_tokens({"additional_special_tokens": list(REWARD_TOKENS)})

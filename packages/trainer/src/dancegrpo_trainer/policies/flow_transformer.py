@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import nn
@@ -21,6 +21,8 @@ from dancegrpo_trainer.policies.base import Conditioning, Policy, Schedule
 from dancegrpo_trainer.policies.runtime import RuntimeConfig, freeze, place
 
 NOISE_SCHEDULES = ("dance", "flow_grpo")
+
+P = TypeVar("P", bound="FlowTransformerPolicy")
 
 
 @dataclasses.dataclass
@@ -59,6 +61,9 @@ class FlowTransformerPolicy(Policy):
     """
 
     sampler: ClassVar = "flow_sde"
+    #: The adapter's options class: the config ``from_pipeline``/``from_pretrained`` use
+    #: when given none.
+    config_class: ClassVar[type[FlowTransformerConfig]] = FlowTransformerConfig
     config: FlowTransformerConfig
 
     def __init__(
@@ -92,6 +97,20 @@ class FlowTransformerPolicy(Policy):
             self.text_encoder_2 = place(text_encoder_2, config.text_device, dtype)
             freeze(self.text_encoder)
             freeze(self.text_encoder_2)
+
+    @classmethod
+    def from_pipeline(cls: type[P], pipe: Any, config: FlowTransformerConfig | None = None) -> P:
+        """Wraps the components of a loaded diffusers pipeline of this model (its
+        ``transformer``, ``vae``, text encoders and tokenizers)."""
+        return cls(
+            transformer=pipe.transformer,
+            vae=pipe.vae,
+            config=config or cls.config_class(),
+            text_encoder=pipe.text_encoder,
+            tokenizer=pipe.tokenizer,
+            text_encoder_2=pipe.text_encoder_2,
+            tokenizer_2=pipe.tokenizer_2,
+        )
 
     @abc.abstractmethod
     def predict(

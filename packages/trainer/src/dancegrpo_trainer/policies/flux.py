@@ -20,7 +20,11 @@ from torch import nn
 
 from dancegrpo_trainer.core.schedules import flow_sigmas, flow_timesteps
 from dancegrpo_trainer.policies.base import Conditioning, Schedule
-from dancegrpo_trainer.policies.flow_transformer import FlowTransformerConfig, FlowTransformerPolicy
+from dancegrpo_trainer.policies.flow_transformer import (
+    FlowTransformerConfig,
+    FlowTransformerPolicy,
+    P,
+)
 from dancegrpo_trainer.policies.flux_latents import (
     latent_image_ids,
     pack_latents,
@@ -115,6 +119,7 @@ class FluxPolicy(FlowTransformerPolicy):
     """
 
     modality: ClassVar = "image"
+    config_class: ClassVar = FluxConfig
     config: FluxConfig
 
     def __init__(
@@ -156,27 +161,14 @@ class FluxPolicy(FlowTransformerPolicy):
         self.guidance_embeds = bool(self.transformer.config.guidance_embeds)
 
     @classmethod
-    def from_pipeline(cls, pipe: Any, config: FluxConfig | None = None) -> FluxPolicy:
-        """Wraps the components of a loaded diffusers ``FluxPipeline``."""
-        return cls(
-            transformer=pipe.transformer,
-            vae=pipe.vae,
-            config=config or FluxConfig(),
-            text_encoder=pipe.text_encoder,
-            tokenizer=pipe.tokenizer,
-            text_encoder_2=pipe.text_encoder_2,
-            tokenizer_2=pipe.tokenizer_2,
-        )
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, config: FluxConfig | None = None) -> FluxPolicy:
+    def from_pretrained(cls: type[P], path: str | Path, config: FluxConfig | None = None) -> P:
         """Loads ``transformer/``, ``vae/`` and (unless ``load_text_encoders`` is off)
         ``text_encoder/`` + ``tokenizer/`` (CLIP) and ``text_encoder_2/`` + ``tokenizer_2/``
         (T5) from a local diffusers-format folder, e.g. ``black-forest-labs/FLUX.1-dev``."""
         from diffusers import AutoencoderKL, FluxTransformer2DModel
         from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
-        config = config or FluxConfig()
+        config = config or cls.config_class()
         path = Path(path)
         if not (path / "transformer").is_dir():
             raise FileNotFoundError(f"{path} is not a diffusers FLUX folder (no transformer/)")

@@ -22,7 +22,11 @@ from torch import nn
 
 from dancegrpo_trainer.core.schedules import flow_sigmas, flow_timesteps
 from dancegrpo_trainer.policies.base import Conditioning, Schedule
-from dancegrpo_trainer.policies.flow_transformer import FlowTransformerConfig, FlowTransformerPolicy
+from dancegrpo_trainer.policies.flow_transformer import (
+    FlowTransformerConfig,
+    FlowTransformerPolicy,
+    P,
+)
 from dancegrpo_trainer.policies.runtime import (
     decode_to_uint8,
     module_dtype,
@@ -147,6 +151,7 @@ class HunyuanVideoPolicy(FlowTransformerPolicy):
     """
 
     modality: ClassVar = "video"
+    config_class: ClassVar = HunyuanVideoConfig
     config: HunyuanVideoConfig
 
     def __init__(
@@ -224,31 +229,16 @@ class HunyuanVideoPolicy(FlowTransformerPolicy):
         return len(self.tokenizer(prefix).input_ids)
 
     @classmethod
-    def from_pipeline(
-        cls, pipe: Any, config: HunyuanVideoConfig | None = None
-    ) -> HunyuanVideoPolicy:
-        """Wraps the components of a loaded diffusers ``HunyuanVideoPipeline``."""
-        return cls(
-            transformer=pipe.transformer,
-            vae=pipe.vae,
-            config=config or HunyuanVideoConfig(),
-            text_encoder=pipe.text_encoder,
-            tokenizer=pipe.tokenizer,
-            text_encoder_2=pipe.text_encoder_2,
-            tokenizer_2=pipe.tokenizer_2,
-        )
-
-    @classmethod
     def from_pretrained(
-        cls, path: str | Path, config: HunyuanVideoConfig | None = None
-    ) -> HunyuanVideoPolicy:
+        cls: type[P], path: str | Path, config: HunyuanVideoConfig | None = None
+    ) -> P:
         """Loads ``transformer/``, ``vae/`` and (unless ``load_text_encoders`` is off)
         ``text_encoder/`` + ``tokenizer/`` (Llava-Llama-3) and ``text_encoder_2/`` +
         ``tokenizer_2/`` (CLIP) from a local diffusers-format folder, e.g.
         ``hunyuanvideo-community/HunyuanVideo``."""
         from diffusers import AutoencoderKLHunyuanVideo, HunyuanVideoTransformer3DModel
 
-        config = config or HunyuanVideoConfig()
+        config = config or cls.config_class()
         path = Path(path)
         if not (path / "transformer").is_dir():
             raise FileNotFoundError(

@@ -23,8 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Any, cast
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -90,9 +89,12 @@ class SkyReelsI2VPolicy(HunyuanVideoPolicy):
     ``image_latents`` ``[B, C, 1, h, w]``. ``encode_prompts`` without images gives the text
     part alone (what an embedding cache stores); :meth:`encode_condition_images` gives the
     image part, and the two merge into one :class:`Conditioning`. ``decode`` gives
-    ``uint8 [N, F, H, W, 3]``.
+    ``uint8 [N, F, H, W, 3]``. ``from_pretrained`` reads HunyuanVideo's folder layout with
+    ``Skywork/SkyReels-V1-Hunyuan-I2V`` as ``transformer/``; ``from_pipeline`` wraps a
+    diffusers ``HunyuanSkyreelsImageToVideoPipeline``.
     """
 
+    config_class: ClassVar = SkyReelsI2VConfig
     config: SkyReelsI2VConfig
 
     def __init__(self, *, config: SkyReelsI2VConfig, **components: Any) -> None:
@@ -123,22 +125,6 @@ class SkyReelsI2VPolicy(HunyuanVideoPolicy):
                 "without it (image_condition_type must be None)"
             )
         self.latent_channels = out_channels
-
-    @classmethod
-    def from_pipeline(cls, pipe: Any, config: SkyReelsI2VConfig | None = None) -> SkyReelsI2VPolicy:
-        """Wraps the components of a loaded diffusers ``HunyuanSkyreelsImageToVideoPipeline``."""
-        policy = super().from_pipeline(pipe, config or SkyReelsI2VConfig())
-        return cast(SkyReelsI2VPolicy, policy)
-
-    @classmethod
-    def from_pretrained(
-        cls, path: str | Path, config: SkyReelsI2VConfig | None = None
-    ) -> SkyReelsI2VPolicy:
-        """Loads a local diffusers-format SkyReels I2V folder (HunyuanVideo's layout with
-        ``Skywork/SkyReels-V1-Hunyuan-I2V`` as ``transformer/``); text encoders unless
-        ``load_text_encoders`` is off."""
-        policy = super().from_pretrained(path, config or SkyReelsI2VConfig())
-        return cast(SkyReelsI2VPolicy, policy)
 
     # ----------------------------------------------------------------- conditioning
     @torch.no_grad()

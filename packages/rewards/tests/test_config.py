@@ -18,8 +18,12 @@ def test_minimal_config_gets_safe_defaults():
     assert config.server.host == "127.0.0.1"
     assert config.server.port == 50051 and config.server.metrics_port == 9464
     assert config.server.max_message_bytes == DEFAULT_MAX_MESSAGE_BYTES
-    # 8 videos of 53x480x480x3 uint8 fit
-    assert config.server.max_message_bytes > 8 * 53 * 480 * 480 * 3
+    # proportionate: 32 images of 1024x1024x3 uint8 fit, 8 videos of 53x480x480x3 need more
+    assert 32 * 1024 * 1024 * 3 < config.server.max_message_bytes < 8 * 53 * 480 * 480 * 3
+    assert (config.server.max_connection_age_s, config.server.max_connection_age_grace_s) == (
+        300,
+        120,
+    )
     assert config.server.drain_s == 0  # no drain by default (local use)
     assert (
         load_config({"server": {"drain_s": 2.5}, "rewards": {"c": {"kind": "x"}}}).server.drain_s

@@ -18,6 +18,7 @@ from PIL import Image
 from dancegrpo_proto import SERVICE_NAME, RewardClient, codec
 from dancegrpo_proto.v1 import rewards_pb2 as pb
 from dancegrpo_proto.v1 import rewards_pb2_grpc
+from dancegrpo_rewards.config import DEFAULT_MAX_MESSAGE_BYTES
 from dancegrpo_rewards.registry import reward_class
 from dancegrpo_testing.servers import PROBE_KIND, running_reward_server
 
@@ -206,7 +207,7 @@ def test_list_rewards_reports_outputs_limits_and_versions(stub):
     assert infos["color"].requires_prompt and list(infos["color"].output_names) == ["score"]
     assert infos["video"].modality == pb.MODALITY_VIDEO and infos["video"].limits.max_frames == 4
     assert infos["small"].limits.max_samples_per_request == 4
-    assert infos["color"].limits.max_request_bytes == 512 * 1024 * 1024
+    assert infos["color"].limits.max_request_bytes == DEFAULT_MAX_MESSAGE_BYTES
     assert infos["color"].max_batch_size == 16
     assert infos["jpeg"].version.startswith("jpeg_compressibility-")
     assert reply.server_version

@@ -4,8 +4,10 @@ ListRewards. One server is shared by the whole module."""
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import io
+import logging
 import re
 import urllib.request
 
@@ -22,8 +24,9 @@ from PIL import Image
 from dancegrpo_proto import SERVICE_NAME, RewardClient, codec
 from dancegrpo_proto.v1 import rewards_pb2 as pb
 from dancegrpo_proto.v1 import rewards_pb2_grpc
-from dancegrpo_rewards.config import DEFAULT_MAX_MESSAGE_BYTES
+from dancegrpo_rewards.config import DEFAULT_MAX_MESSAGE_BYTES, load_config
 from dancegrpo_rewards.registry import reward_class
+from dancegrpo_rewards.server import RewardServer
 from dancegrpo_testing.servers import PROBE_KIND, running_reward_server
 
 CONFIG = {
@@ -242,6 +245,32 @@ def test_undecodable_request_gets_invalid_argument_not_unknown(
     (violation,) = _details(info.value)[error_details_pb2.BadRequest].field_violations
     assert violation.field == "" and violation.description == info.value.details()
     assert stub.Score(GOOD, timeout=10).outputs[0].values[0] == pytest.approx(1 - 1 / np.sqrt(3))
+
+
+def test_undecodable_request_logs_one_line_without_traceback(caplog):
+    """grpc used to log a full traceback per undecodable request (37 MB over 30k requests)."""
+    config = load_config(
+        {"server": {"port": 0, "metrics_port": None}, "rewards": {"b": {"kind": "brightness"}}}
+    )
+
+    async def call_with_garbage() -> grpc.StatusCode:
+        server = RewardServer(config)
+        address = await server.start()
+        try:
+            async with grpc.aio.insecure_channel(address.target) as channel:
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await channel.unary_unary(f"/{SERVICE_NAME}/Score")(b"\x0f\x01", timeout=10)
+            return info.value.code()
+        finally:
+            await server.shutdown(grace_s=0)
+
+    with caplog.at_level(logging.INFO):
+        assert asyncio.run(call_with_garbage()) == grpc.StatusCode.INVALID_ARGUMENT
+    problems = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    (record,) = problems
+    assert record.getMessage() == "rpc failed" and record.exc_info is None
+    assert record.fields["code"] == "INVALID_ARGUMENT" and record.fields["reward"] == "_unknown"
+    assert record.fields["details"].startswith("not a valid dancegrpo.rewards.v1.ScoreRequest")
 
 
 def test_undecodable_streamed_requests_get_invalid_argument(server):

@@ -7,8 +7,8 @@ Schema (every key documented in docs/serving.md)::
       port: 50051                # 0 picks a free port
       metrics_port: 9464         # Prometheus HTTP port; 0 picks a free port; null disables
       max_message_bytes: 134217728   # 128 MiB; size it from your largest request (docs)
-      max_connection_age_s: 300  # GOAWAY after this long (±10 %) so DNS clients re-resolve
-      max_connection_age_grace_s: 120  # then in-flight calls get this long; null/none disable
+      max_connection_age_s: 300  # GOAWAY after this long (±10 %) so DNS clients re-resolve; null: never
+      max_connection_age_grace_s: 120  # then calls in flight get this long; null: no limit
       grace_period_s: 30
       drain_s: 0                 # on SIGTERM: keep serving new calls this long after NOT_SERVING
       log_format: text           # or json (one JSON object per line)

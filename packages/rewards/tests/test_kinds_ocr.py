@@ -128,7 +128,9 @@ SENTENCES = ["The quick brown fox jumps", "Welcome to the reward hub"]
 
 def rendered_cases() -> list[tuple[str, str, int]]:
     cases = [(text, font, 48) for text in WORDS for font in ("pil_default", "DejaVuSans")]
-    cases += [(text, font, 32) for text in SENTENCES for font in ("pil_default", "DejaVuSerif-Bold")]
+    cases += [
+        (text, font, 32) for text in SENTENCES for font in ("pil_default", "DejaVuSerif-Bold")
+    ]
     cases += [("Hello World", "DejaVuSansMono", 24), ("OPEN", "pil_default", 96)]
     return cases
 

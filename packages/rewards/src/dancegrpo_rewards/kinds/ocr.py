@@ -92,9 +92,7 @@ class OcrOptions:
         if self.num_threads < 0:
             raise OptionError("num_threads", f"must be >= 0, got {self.num_threads}")
         if self.det_limit_side_len < 32:
-            raise OptionError(
-                "det_limit_side_len", f"must be >= 32, got {self.det_limit_side_len}"
-            )
+            raise OptionError("det_limit_side_len", f"must be >= 32, got {self.det_limit_side_len}")
         if self.det_limit_type not in ("max", "min"):
             raise OptionError(
                 "det_limit_type", f"must be 'max' or 'min', got {self.det_limit_type!r}"
@@ -219,7 +217,7 @@ class OcrReward(Reward):
             raise SampleError(
                 index,
                 "prompt",
-                'needs the text to render between double quotes, e.g. \'a sign that says "OPEN"\''
+                "needs the text to render between double quotes, e.g. 'a sign that says \"OPEN\"'"
                 f", got {prompt[:80]!r}",
             )
 

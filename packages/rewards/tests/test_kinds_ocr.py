@@ -160,6 +160,14 @@ def test_two_lines_are_read_in_order(ocr: OcrReward) -> None:
     assert out["score"][0] == 1.0 and out["edit_distance"][0] == 0
 
 
+def test_text_running_off_the_image_scores_what_is_visible(ocr: OcrReward) -> None:
+    sentence = "The quick brown fox jumps"
+    for font in available_fonts(48).values():
+        image = render_text(sentence, font, size=(400, 120))
+        score = ocr.score(batch_of([image], [f'a banner "{sentence}"']))["score"][0]
+        assert 0.3 < score < 0.95  # the middle of the sentence is read, its ends are cut off
+
+
 def test_coloured_text_on_colour_is_read(ocr: OcrReward) -> None:
     image = render_text(
         "Fresh Bread", available_fonts(48)["pil_default"], background=(20, 40, 120),

@@ -2,8 +2,9 @@
 diffusers folders under ``$DANCEGRPO_WEIGHTS``, prompt files and the embedding cache under
 ``$DANCEGRPO_DATA``, and one real reward-service process at ``$DANCEGRPO_REWARDS`` hosting
 tiny ``hps``, ``clip``, ``hps_binary`` (threshold over hps), ``geneval`` (random-weight
-Mask2Former and colour CLIP) and ``videoalign`` (tiny Qwen2-VL VideoReward) plus a video
-``color_match``.
+Mask2Former and colour CLIP), ``videoalign`` (tiny Qwen2-VL VideoReward), ``ocr`` (real
+PP-OCRv4 weights), ``pickscore`` (tiny PickScore) and ``unifiedreward`` (``vlm_judge`` over
+a local OpenAI-compatible judge) plus a video ``color_match``.
 
 Only what CPU and tiny models force is overridden (resolution, step count, run folder).
 Also here: ``dancegrpo-train preprocess``, the KL penalty, EMA, gradient checkpointing,
@@ -161,6 +162,7 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def server(assets: dict[str, Path]) -> Iterator[str]:
     """One reward service for the module; reward names as in the recipes and services/."""
     from dancegrpo_testing import geneval_models
+    from dancegrpo_testing.openai_judge import RuleJudge, serve_judge
     from dancegrpo_testing.servers import running_reward_server
 
     clip = assets["clip"]
@@ -216,8 +218,14 @@ def server(assets: dict[str, Path]) -> Iterator[str]:
         },
     }
     env = {"OMP_NUM_THREADS": "1"}
-    with running_reward_server(config, env, metrics=False, startup_timeout_s=120) as running:
-        yield running.target
+    # A VLM judge over HTTP (OpenAI API) for `vlm_judge`: "Final Score" from the pixels.
+    with serve_judge(RuleJudge(), model="UnifiedReward") as judge:
+        config["rewards"]["unifiedreward"] = {
+            "kind": "vlm_judge",
+            "options": {"base_url": judge.base_url, "model": "UnifiedReward", "score_scale": 0.2},
+        }
+        with running_reward_server(config, env, metrics=False, startup_timeout_s=120) as running:
+            yield running.target
 
 
 @pytest.fixture(scope="module")
@@ -889,3 +897,16 @@ def test_flux_ocr_recipe_sends_quoted_prompts_to_the_real_ocr_reward(
         out = client.score("ocr", images=frames, prompts=prompts)
     assert rec["reward/ocr/score_mean"] == pytest.approx(float(out["score"].mean()))
     assert (out["score"] == 0).all() and rec["advantage_abs_mean"] == 0
+
+
+def test_flux_unifiedreward_recipe_trains_on_a_vlm_judge(
+    recipe_env: dict[str, Path], tmp_path: Path, cli_trainer: type[RecordingTrainer]
+) -> None:
+    """FLUX against the ``vlm_judge`` kind, whose judge is an OpenAI-compatible HTTP server
+    (a rule-based stand-in: ``Final Score`` from the mean pixel): the chain trainer → gRPC →
+    reward service → HTTP judge trains one step on its parsed scores."""
+    trainer = run_recipe("flux_unifiedreward", tmp_path, "data.eval_prompts=[]")
+    rec = records(tmp_path)[0]
+    assert rec["samples"] == 12 and rec["advantage_abs_mean"] > 0
+    assert 0.2 <= rec["reward/unifiedreward/score_mean"] <= 1.0  # (1..5) / 5
+    assert_trained_and_saved(trainer, tmp_path)

@@ -40,6 +40,7 @@ def test_rewards_config_validates_and_names_real_kinds():
         "threshold",
         "videoalign",
         "geneval",
+        "pickscore",
     }
     assert kinds <= set(REWARD_KINDS)
     assert config.rewards["hps"].options["checkpoint"] == "/weights/hps/HPS_v2.1_compressed.pt"

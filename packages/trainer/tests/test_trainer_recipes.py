@@ -2,8 +2,9 @@
 diffusers folders under ``$DANCEGRPO_WEIGHTS``, prompt files and the embedding cache under
 ``$DANCEGRPO_DATA``, and one real reward-service process at ``$DANCEGRPO_REWARDS`` hosting
 tiny ``hps``, ``clip``, ``hps_binary`` (threshold over hps), ``geneval`` (random-weight
-Mask2Former and colour CLIP) and ``videoalign`` (tiny Qwen2-VL VideoReward) plus a video
-``color_match``.
+Mask2Former and colour CLIP), ``videoalign`` (tiny Qwen2-VL VideoReward), ``ocr`` (real
+PP-OCRv4 weights), ``pickscore`` (tiny PickScore) and ``unifiedreward`` (``vlm_judge`` over
+a local OpenAI-compatible judge) plus a video ``color_match``.
 
 Only what CPU and tiny models force is overridden (resolution, step count, run folder).
 Also here: ``dancegrpo-train preprocess``, the KL penalty, EMA, gradient checkpointing,
@@ -44,6 +45,9 @@ ROOT = Path(__file__).resolve().parents[3]
 CONFIGS = ROOT / "configs"
 TRAIN_PROMPTS = ["a photo of a cat", "a red car", "a small house", "a blue bird"]
 EVAL_PROMPTS = ["a dog on a chair"]
+#: Text-rendering prompts: the ``ocr`` reward reads the quoted text.
+OCR_TRAIN = ['a shop sign that says "OPEN"', 'a birthday cake with "HAPPY 30" in icing']
+OCR_EVAL = ['a street sign reading "MAIN ST"']
 #: What CPU and the tiny models force; everything else comes from the recipe.
 CPU = ["model.height=16", "model.width=16", "sampling.num_steps=3", "run.progress=false"]
 FLUX_RECIPES = ["flux_hps_clip", "flux_binary_hps", "flux_best_of_n"]
@@ -129,11 +133,19 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         (data / "prompts" / f"{prefix}_eval.txt").write_text("\n".join(EVAL_PROMPTS) + "\n")
     write_i2v_prompts(data / "prompts", "i2v_train", TRAIN_PROMPTS)
     write_i2v_prompts(data / "prompts", "i2v_eval", EVAL_PROMPTS)
+    for name, lines in (
+        ("ocr_train", OCR_TRAIN),
+        ("ocr_eval", OCR_EVAL),
+        ("pickscore_train", TRAIN_PROMPTS),
+        ("pickscore_eval", EVAL_PROMPTS),
+    ):
+        (data / "prompts" / f"{name}.txt").write_text("\n".join(lines) + "\n")
     for name, rows in (("geneval_train", GENEVAL_TRAIN), ("geneval_eval", GENEVAL_EVAL)):
         lines = "".join(json.dumps(row) + "\n" for row, _ in rows)
         (data / "prompts" / f"{name}.jsonl").write_text(lines)
     files = clip_models.write_tiny_clip_files(root / "clip")
     videoalign = videoalign_models.write_hf_folder(root / "videoalign")
+    pickscore = clip_models.write_pickscore_folders(root / "pickscore")
     return {
         "root": root,
         "weights": weights,
@@ -141,6 +153,8 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "clip": files.config.parent,
         "videoalign": videoalign,
         "geneval": root / "geneval",
+        "pickscore": pickscore.model,
+        "pickscore_processor": pickscore.processor,
     }
 
 
@@ -148,6 +162,7 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def server(assets: dict[str, Path]) -> Iterator[str]:
     """One reward service for the module; reward names as in the recipes and services/."""
     from dancegrpo_testing import geneval_models
+    from dancegrpo_testing.openai_judge import RuleJudge, serve_judge
     from dancegrpo_testing.servers import running_reward_server
 
     clip = assets["clip"]
@@ -191,11 +206,26 @@ def server(assets: dict[str, Path]) -> Iterator[str]:
                     "source_fps": 8.0,
                 },
             },
+            # Real PP-OCRv4 weights (the rapidocr-onnxruntime wheel's).
+            "ocr": {"kind": "ocr", "options": {"num_threads": 1}},
+            "pickscore": {
+                "kind": "pickscore",
+                "options": {
+                    "path": str(assets["pickscore"]),
+                    "processor_path": str(assets["pickscore_processor"]),
+                },
+            },
         },
     }
     env = {"OMP_NUM_THREADS": "1"}
-    with running_reward_server(config, env, metrics=False, startup_timeout_s=120) as running:
-        yield running.target
+    # A VLM judge over HTTP (OpenAI API) for `vlm_judge`: "Final Score" from the pixels.
+    with serve_judge(RuleJudge(), model="UnifiedReward") as judge:
+        config["rewards"]["unifiedreward"] = {
+            "kind": "vlm_judge",
+            "options": {"base_url": judge.base_url, "model": "UnifiedReward", "score_scale": 0.2},
+        }
+        with running_reward_server(config, env, metrics=False, startup_timeout_s=120) as running:
+            yield running.target
 
 
 @pytest.fixture(scope="module")
@@ -206,7 +236,7 @@ def recipe_env(assets: dict[str, Path], server: str) -> Iterator[dict[str, Path]
         mp.setenv("DANCEGRPO_WEIGHTS", str(assets["weights"]))
         mp.setenv("DANCEGRPO_DATA", str(assets["data"]))
         mp.setenv("DANCEGRPO_REWARDS", server)
-        recipes = ("flux_hps_clip", "flux_geneval")
+        recipes = ("flux_hps_clip", "flux_geneval", "flux_ocr", "flux_pickscore")
         for recipe in (*recipes, "hunyuan_video_videoalign", "skyreels_i2v_videoalign"):
             rc = train_main(["preprocess", "--config", str(CONFIGS / f"{recipe}.yaml")])
             assert rc == 0
@@ -816,3 +846,67 @@ def test_video_i2v_policy_trains_on_remote_video_rewards(server: str, tmp_path: 
     live = trainable_state(trainer)
     assert all(not torch.equal(live[k], v) for k, v in initial.items())
     assert (path / "model.safetensors").is_file()
+
+
+def lora_moved(trainer: Trainer) -> tuple[int, int]:
+    """(LoRA weights that changed, LoRA weights) since the trainer was built."""
+    live = trainable_state(trainer)
+    assert live and all("lora" in name for name in live)
+    moved = sum(int((live[k] != v).sum()) for k, v in trainer.initial.items())
+    return moved, sum(v.numel() for v in live.values())
+
+
+def test_flux_pickscore_recipe_trains_lora_against_pickscore(
+    recipe_env: dict[str, Path], tmp_path: Path, cli_trainer: type[RecordingTrainer]
+) -> None:
+    """Flow-GRPO's PickScore settings (LoRA r 32, KL 0.01, G = 24) against the real
+    ``pickscore`` kind on a tiny PickScore: scores differ within the group, so the LoRA
+    factors train (B leaves zero; A follows from the second step)."""
+    trainer = run_recipe("flux_pickscore", tmp_path, "data.eval_prompts=[]")
+    rec = records(tmp_path)[0]
+    assert rec["samples"] == 24 and rec["advantage_abs_mean"] > 0
+    assert "reward/pickscore/score_mean" in rec and rec["grad_norm"] > 0
+    moved, total = lora_moved(trainer)
+    assert moved > 0.4 * total  # every lora_B element (half of each pair's weights, or more)
+    saved = load_file(str(tmp_path / "checkpoints" / "step_000001" / "model.safetensors"))
+    assert saved.keys() >= {k for k in trainable_state(trainer)}
+
+
+def test_flux_ocr_recipe_sends_quoted_prompts_to_the_real_ocr_reward(
+    recipe_env: dict[str, Path],
+    tmp_path: Path,
+    cli_trainer: type[RecordingTrainer],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Flow-GRPO's OCR settings against real PP-OCRv4 weights: every sample goes out with
+    its quoted prompt and scores as the service scores it directly. Tiny random FLUX draws
+    no letters, so every group scores 0 and has zero advantage: the step runs (and the KL
+    term is 0 on the first step), nothing trains: what the recipe's header warns about."""
+    from dancegrpo_proto import RewardClient
+
+    monkeypatch.setattr(trainer_module, "RewardScorer", RecordingScorer)
+    run_recipe("flux_ocr", tmp_path, "data.eval_prompts=[]", "sampling.prompts_per_step=2")
+    scorer = RecordingScorer.last
+    assert scorer is not None
+    rec = records(tmp_path)[0]
+    assert rec["samples"] == 48
+    frames = np.concatenate([chunk[0] for chunk in scorer.sent])
+    prompts = [p for chunk in scorer.sent for p in chunk[1]]
+    assert sorted(set(prompts)) == sorted(OCR_TRAIN)
+    with RewardClient(os.environ["DANCEGRPO_REWARDS"]) as client:
+        out = client.score("ocr", images=frames, prompts=prompts)
+    assert rec["reward/ocr/score_mean"] == pytest.approx(float(out["score"].mean()))
+    assert (out["score"] == 0).all() and rec["advantage_abs_mean"] == 0
+
+
+def test_flux_unifiedreward_recipe_trains_on_a_vlm_judge(
+    recipe_env: dict[str, Path], tmp_path: Path, cli_trainer: type[RecordingTrainer]
+) -> None:
+    """FLUX against the ``vlm_judge`` kind, whose judge is an OpenAI-compatible HTTP server
+    (a rule-based stand-in: ``Final Score`` from the mean pixel): the chain trainer → gRPC →
+    reward service → HTTP judge trains one step on its parsed scores."""
+    trainer = run_recipe("flux_unifiedreward", tmp_path, "data.eval_prompts=[]")
+    rec = records(tmp_path)[0]
+    assert rec["samples"] == 12 and rec["advantage_abs_mean"] > 0
+    assert 0.2 <= rec["reward/unifiedreward/score_mean"] <= 1.0  # (1..5) / 5
+    assert_trained_and_saved(trainer, tmp_path)

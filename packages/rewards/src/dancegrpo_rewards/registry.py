@@ -21,6 +21,9 @@ REWARD_KINDS: dict[str, str] = {
     "aesthetic": "dancegrpo_rewards.kinds.aesthetic:AestheticReward",
     "geneval": "dancegrpo_rewards.kinds.geneval:GenEvalReward",
     "videoalign": "dancegrpo_rewards.kinds.videoalign:VideoAlignReward",
+    "ocr": "dancegrpo_rewards.kinds.ocr:OcrReward",
+    "pickscore": "dancegrpo_rewards.kinds.pickscore:PickScoreReward",
+    "vlm_judge": "dancegrpo_rewards.kinds.vlm_judge:VLMJudgeReward",
     # composite rewards
     "video_frames": "dancegrpo_rewards.kinds.composite:VideoFramesReward",
     "threshold": "dancegrpo_rewards.kinds.composite:ThresholdReward",

@@ -21,6 +21,7 @@ REWARD_KINDS: dict[str, str] = {
     "aesthetic": "dancegrpo_rewards.kinds.aesthetic:AestheticReward",
     "geneval": "dancegrpo_rewards.kinds.geneval:GenEvalReward",
     "videoalign": "dancegrpo_rewards.kinds.videoalign:VideoAlignReward",
+    "image_similarity": "dancegrpo_rewards.kinds.image_similarity:ImageSimilarityReward",
     # composite rewards
     "video_frames": "dancegrpo_rewards.kinds.composite:VideoFramesReward",
     "threshold": "dancegrpo_rewards.kinds.composite:ThresholdReward",

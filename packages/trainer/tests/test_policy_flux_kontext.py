@@ -4,6 +4,7 @@ gradients, loading and config checks."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -367,3 +368,18 @@ def test_model_config_checks_kontext_geometry():
     ModelConfig(**base).validate()
     with pytest.raises(ConfigError, match="model.width: must be a multiple of 16 for flux_kontext"):
         ModelConfig(**(base | {"width": 390})).validate()
+
+
+def test_edit_sources_of_different_sizes_are_refused_naming_the_files(tmp_path):
+    from dancegrpo_trainer.data import load_condition_images, load_prompts
+
+    rows = []
+    for i, size in enumerate([(20, 24), (20, 24), (30, 24)]):
+        Image.new("RGB", size[::-1]).save(tmp_path / f"src{i}.png")
+        rows.append(json.dumps({"prompt": f"edit {i}", "condition_image": f"src{i}.png"}))
+    path = tmp_path / "edits.jsonl"
+    path.write_text("\n".join(rows) + "\n")
+    records = load_prompts(str(path), "data.train_prompts")
+    assert load_condition_images(records[:2]).shape == (2, 20, 24, 3)
+    with pytest.raises(ValueError, match=r"src0.png is 24x20, .*src2.png is 24x30; resize"):
+        load_condition_images(records)

@@ -165,9 +165,9 @@ class FluxKontextPolicy(FluxPolicy):
         """``[n, 3, H, W]`` → scaled posterior-mode latents ``[n, C, h, w]`` float32 (the
         inverse of ``vae_decode``'s normalisation)."""
         vae = self.vae
-        mode = vae.encode(pixels.to(self.config.decode_device, module_dtype(vae))).latent_dist
+        posterior = vae.encode(pixels.to(self.config.decode_device, module_dtype(vae)))
         shift = getattr(vae.config, "shift_factor", None) or 0.0
-        return (mode.mode().float() - shift) * vae.config.scaling_factor
+        return (posterior.latent_dist.mode().float() - shift) * vae.config.scaling_factor
 
     # ----------------------------------------------------------------- sampling
     def predict(

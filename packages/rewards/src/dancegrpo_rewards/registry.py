@@ -24,6 +24,7 @@ REWARD_KINDS: dict[str, str] = {
     "ocr": "dancegrpo_rewards.kinds.ocr:OcrReward",
     "pickscore": "dancegrpo_rewards.kinds.pickscore:PickScoreReward",
     "vlm_judge": "dancegrpo_rewards.kinds.vlm_judge:VLMJudgeReward",
+    "image_similarity": "dancegrpo_rewards.kinds.image_similarity:ImageSimilarityReward",
     # composite rewards
     "video_frames": "dancegrpo_rewards.kinds.composite:VideoFramesReward",
     "threshold": "dancegrpo_rewards.kinds.composite:ThresholdReward",

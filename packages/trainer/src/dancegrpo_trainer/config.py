@@ -31,6 +31,10 @@ class ConfigError(ValueError):
 MixedPrecision = Literal["no", "bf16", "fp16"]
 #: Adapters built on HunyuanVideo's VAE and transformer (same frame/pixel geometry).
 HUNYUAN_VIDEO_KINDS = ("hunyuan_video", "skyreels_i2v")
+#: Image adapters whose pixel sizes are multiples of 16 (VAE 8x, 2x2 patches or packing).
+IMAGE_16_KINDS = ("sd3", "flux_kontext")
+#: Adapters conditioned on one image per prompt (a ``.jsonl`` row's ``condition_image``).
+CONDITION_IMAGE_KINDS = ("skyreels_i2v", "flux_kontext")
 AdvantageMode = Literal["group", "per_prompt"]
 
 
@@ -41,14 +45,16 @@ class ModelConfig:
     Attributes:
         kind: adapter name: ``tiny_flow`` (the CPU demo policy), ``stable_diffusion``, ``flux``,
             ``hunyuan_video`` (text-to-video), ``skyreels_i2v`` (image-to-video: prompts
-            come from a ``.jsonl`` file whose rows carry a ``condition_image``).
+            come from a ``.jsonl`` file whose rows carry a ``condition_image``), ``sd3``
+            (Stable Diffusion 3 / 3.5), ``flux_kontext`` (FLUX.1-Kontext image editing: each
+            ``.jsonl`` row's ``condition_image`` is the source image).
         path: local diffusers-format folder; ``${ENV}`` references expand when the model
             is built (e.g. ``${DANCEGRPO_WEIGHTS}/flux-dev``). Unused by ``tiny_flow``.
         height, width: output resolution in pixels.
         num_frames: 1 for images; > 1 for video adapters (frames ``[N,T,H,W,3]``);
             ``hunyuan_video`` and ``skyreels_i2v``: ``4k + 1`` (e.g. 53).
-        guidance_scale: classifier-free (SD) or embedded (FLUX, HunyuanVideo, SkyReels)
-            guidance; SkyReels' true CFG weight is ``options.true_cfg_scale``.
+        guidance_scale: classifier-free (SD, SD3) or embedded (FLUX, FLUX.1-Kontext,
+            HunyuanVideo, SkyReels) guidance; SkyReels' true CFG weight is ``options.true_cfg_scale``.
         dtype: weight dtype of the frozen parts (``float32``, ``bfloat16``, ``float16``).
         options: adapter-specific keyword arguments, passed through verbatim.
         init_checkpoint: optional ``.safetensors`` of trainable-module weights loaded
@@ -67,9 +73,12 @@ class ModelConfig:
 
     def validate(self) -> None:
         known = ("tiny_flow", "stable_diffusion", "flux", "hunyuan_video", "skyreels_i2v")
+        known += IMAGE_16_KINDS
         _check(self.kind in known, "model.kind", f"must be one of {known}, got {self.kind!r}")
         if self.kind in HUNYUAN_VIDEO_KINDS:
             self._validate_hunyuan_video()
+        if self.kind in IMAGE_16_KINDS:
+            self._validate_image_16()
         _check(
             self.kind == "tiny_flow" or bool(self.path),
             "model.path",
@@ -98,6 +107,23 @@ class ModelConfig:
                 f"model.{name}",
                 f"must be a multiple of 16 for {self.kind} (VAE 8x, patch 2), got {value}; "
                 f"try {max(16, round(value / 16) * 16)}",
+            )
+
+    def _validate_image_16(self) -> None:
+        """SD3's and FLUX.1-Kontext's geometry: images (one frame) whose sides are multiples
+        of 16 (VAE 8x, then 2x2 patches (SD3) or 2x2 packing (FLUX))."""
+        _check(
+            self.num_frames == 1,
+            "model.num_frames",
+            f"must be 1 for {self.kind} (an image model), got {self.num_frames}",
+        )
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            _check(
+                value % 16 == 0,
+                f"model.{name}",
+                f"must be a multiple of 16 for {self.kind} (VAE 8x, 2x2 patches), got "
+                f"{value}; try {max(16, round(value / 16) * 16)}",
             )
 
 
@@ -480,7 +506,7 @@ class GRPOConfig:
         self.data.validate()
         self.eval.validate()
         self.run.validate()
-        if self.model.kind == "skyreels_i2v":
+        if self.model.kind in CONDITION_IMAGE_KINDS:
             self._validate_i2v_prompts()
         self._validate_metadata_prompts()
         bon = self.rewards.best_of_n
@@ -523,13 +549,14 @@ class GRPOConfig:
         return [(n, src, isinstance(src, str) and src.endswith(".jsonl")) for n, src in sources]
 
     def _validate_i2v_prompts(self) -> None:
-        """Image-to-video prompts need a conditioning image each, which only a ``.jsonl``
-        prompt file carries (``{"prompt": ..., "condition_image": ...}`` rows)."""
+        """Image-to-video and editing prompts need a conditioning (source) image each, which
+        only a ``.jsonl`` prompt file carries (``{"prompt": ..., "condition_image": ...}``)."""
+        what = "image editing" if self.model.kind == "flux_kontext" else "image-to-video"
         for name, source, is_jsonl in self._prompt_sources():
             _check(
                 is_jsonl,
                 f"data.{name}",
-                f"model.kind {self.model.kind} (image-to-video) needs a .jsonl prompt file whose "
+                f"model.kind {self.model.kind} ({what}) needs a .jsonl prompt file whose "
                 f'rows carry a condition_image ({{"prompt": ..., "condition_image": "a.png"}}), '
                 f"got {source!r}",
             )

@@ -82,7 +82,7 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(reward_target: str, 
     assert (tmp_path / "full" / "config.yaml").is_file()
     assert any((tmp_path / "full" / "tb").iterdir())
     ckpt = tmp_path / "full" / "checkpoints" / "step_000004"
-    for name in ("model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json"):
+    for name in ("model.safetensors", "optimizer.safetensors", "scheduler.json", "manifest.json"):
         assert (ckpt / name).is_file()
 
 

@@ -41,11 +41,17 @@ class MetricsLogger:
         self.run_dir = run_dir
         self.active = active
         self.path = run_dir / "metrics.jsonl"
+        self._tensorboard = active and tensorboard
         self._tb = None
-        if active and tensorboard:
+        self._purge_step: int | None = None
+
+    def _writer(self):  # noqa: ANN202 - a SummaryWriter, opened at the first record
+        if self._tb is None and self._tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(run_dir / "tb"))
+            # purge_step hides the events an interrupted attempt wrote past the resume step.
+            self._tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=self._purge_step)
+        return self._tb
 
     def log(self, record: Mapping[str, Any]) -> None:
         """Writes ``record`` (must contain ``step`` and ``split``)."""
@@ -54,16 +60,22 @@ class MetricsLogger:
         clean = {k: _jsonable(v) for k, v in record.items()}
         with self.path.open("a") as f:
             f.write(json.dumps(clean) + "\n")
-        if self._tb is not None:
+        tb = self._writer()
+        if tb is not None:
             step, split = int(record["step"]), record["split"]
             for key, value in clean.items():
                 if key not in ("step", "split") and isinstance(value, (int, float)):
-                    self._tb.add_scalar(f"{split}/{key}", value, step)
-            self._tb.flush()
+                    tb.add_scalar(f"{split}/{key}", value, step)
+            tb.flush()
 
     def truncate_after(self, step: int) -> None:
-        """Drops records past ``step`` (a resumed run rewrites the steps it repeats)."""
-        if not self.active or not self.path.is_file():
+        """Drops records past ``step`` (a resumed run rewrites the steps it repeats; ``-1``:
+        a fresh start drops every record of an earlier attempt), in ``metrics.jsonl`` and,
+        when called before the first record, in TensorBoard."""
+        if not self.active:
+            return
+        self._purge_step = step + 1
+        if not self.path.is_file():
             return
         keep = [json.dumps(rec) for rec in read_metrics(self.path) if rec["step"] <= step]
         self.path.write_text("".join(line + "\n" for line in keep))

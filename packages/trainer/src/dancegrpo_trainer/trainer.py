@@ -30,7 +30,7 @@ import torch
 from safetensors.torch import load_file
 
 from dancegrpo_trainer import distributed as dist_utils
-from dancegrpo_trainer.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from dancegrpo_trainer.checkpoint import load_checkpoint, resume_checkpoint, save_checkpoint
 from dancegrpo_trainer.config import ConfigError, GRPOConfig, expand_env
 from dancegrpo_trainer.core import (
     PerPromptStatTracker,
@@ -680,16 +680,10 @@ class Trainer:
         return path
 
     def _maybe_resume(self) -> None:
-        resume = self.cfg.run.resume
-        if resume == "never":
+        path = resume_checkpoint(self.run_dir, self.cfg.run.resume)
+        if path is None:  # a fresh start: drop the rows of an earlier attempt
+            self.metrics.truncate_after(-1)
             return
-        if resume == "auto":
-            found = list_checkpoints(self.run_dir)
-            if not found:
-                return
-            path = found[-1]
-        else:
-            path = Path(resume)
         state, extra = load_checkpoint(
             path,
             module=self.policy.trainable_module(),

@@ -9,10 +9,10 @@ import json
 import re
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from dancegrpo_rewards.base import RewardConfigError
 from dancegrpo_rewards.config import load_config
@@ -154,3 +154,22 @@ sys.exit(main(["serve", "--config", {str(config)!r}, "--port", "0", "--no-metric
     result = _run(code)
     assert result.returncode == 2, result.stderr[-3000:]
     assert "pip install 'dancegrpo-rewards[videoalign]'" in result.stderr
+
+
+def test_check_fails_when_a_composites_inner_kind_lacks_its_extra(tmp_path: Path) -> None:
+    """What the image build runs (``dancegrpo-rewards check``): no import, no weights."""
+    config = tmp_path / "service.yaml"
+    config.write_text(
+        "rewards:\n  binary:\n    kind: threshold\n"
+        "    options: {threshold: 0.3, reward: {kind: hps, checkpoint: /nowhere.pt}}\n"
+    )
+    code = f"""
+import sys
+sys.modules["open_clip"] = None
+from dancegrpo_rewards.cli import main
+sys.exit(main(["check", "--config", {str(config)!r}, "--no-file-check"]))
+"""
+    result = _run(code)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "rewards.binary: kind 'hps' needs open_clip" in result.stderr
+    assert "pip install 'dancegrpo-rewards[hps]'" in result.stderr

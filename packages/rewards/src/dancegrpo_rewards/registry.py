@@ -71,6 +71,16 @@ def missing_dependencies(kind: str) -> tuple[str | None, list[str]]:
     return extra, [m for m in EXTRA_MODULES[extra] if _module_missing(m)]
 
 
+def kinds_in_options(options: object) -> set[str]:
+    """Kinds named inside a reward's options (e.g. a composite's inner ``reward.kind``)."""
+    if isinstance(options, dict):
+        found = {options["kind"]} if isinstance(options.get("kind"), str) else set()
+        return found.union(*(kinds_in_options(v) for v in options.values()))
+    if isinstance(options, list):
+        return set().union(*(kinds_in_options(v) for v in options))
+    return set()
+
+
 def reward_class(kind: str) -> type[Reward]:
     """The class for ``kind``; ``KeyError`` lists the known kinds.
 

@@ -28,6 +28,9 @@ sys.path.insert(0, str(ROOT / "packages/proto/src"))
 from dancegrpo_rewards.config import load_config  # noqa: E402
 from dancegrpo_rewards.registry import KIND_EXTRAS, kinds_in_options  # noqa: E402
 
+#: The packages' build-system.requires (packages/*/pyproject.toml).
+BUILD_BACKEND = ["setuptools>=77", "wheel"]
+
 
 def group_extras(group_dir: Path) -> list[str]:
     config = load_config(
@@ -52,6 +55,7 @@ def lock(group: str) -> Path:
         if (group_dir / "constraints.txt").is_file():
             cmd += ["-c", str(group_dir / "constraints.txt")]
         cmd += [str(ROOT / "packages/proto"), f"{ROOT / 'packages/rewards'}[{','.join(extras)}]"]
+        cmd += BUILD_BACKEND  # pinned too: the image builds our packages without isolation
         subprocess.run(cmd, check=True)
         installs = json.loads(report.read_text())["install"]
     pins = sorted(

@@ -206,6 +206,7 @@ def test_group_configs_validate_and_the_lock_carries_their_extras(group: str) ->
     config = _group_config(group)
     pins = _pins(group)
     assert "torch" in pins and not any(name.startswith("dancegrpo") for name in pins)
+    assert {"setuptools", "wheel"} <= set(pins)  # the image builds our packages without isolation
     pyproject = (ROOT / "packages/rewards/pyproject.toml").read_text()
     import tomllib
 

@@ -499,6 +499,46 @@ def test_skyreels_i2v_videoalign_recipe_trains_on_mq_with_images_and_cached_text
     assert_trained_and_saved(trainer, tmp_path)
 
 
+def test_two_group_recipe_trains_against_two_reward_services(
+    recipe_env: dict[str, Path],
+    server: str,
+    tmp_path: Path,
+    cli_trainer: type[RecordingTrainer],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """configs/hunyuan_video_two_groups.yaml: VideoAlign VQ from one service (the "video"
+    group: the module's server) and per-frame HPS from a second process (the "image"
+    group's ``video_hps``), one trainer, one step; each reward normalised per group."""
+    from dancegrpo_testing.servers import running_reward_server
+
+    clip = recipe_env["clip"]
+    hps = {
+        "kind": "hps",
+        "checkpoint": str(clip / "hps_tiny.pt"),
+        "arch": str(clip / "tiny_vit.json"),
+    }
+    image_group = {
+        "server": {"host": "127.0.0.1"},
+        "rewards": {
+            "video_hps": {"kind": "video_frames", "options": {"num_frames": 2, "reward": hps}}
+        },
+    }
+    env = {"OMP_NUM_THREADS": "1"}
+    with running_reward_server(image_group, env, metrics=False, startup_timeout_s=120) as image:
+        monkeypatch.setenv("DANCEGRPO_REWARDS_IMAGE", image.target)
+        monkeypatch.setenv("DANCEGRPO_REWARDS_VIDEO", server)
+        trainer = run_recipe("hunyuan_video_two_groups", tmp_path, "model.num_frames=5")
+    from dancegrpo_trainer.config import expand_env
+
+    targets = {expand_env(ep.target, ep.label) for ep in trainer.cfg.rewards.endpoints}
+    assert targets == {image.target, server}
+    rec = records(tmp_path)[0]
+    assert rec["samples"] == 24
+    vq, frame_hps = rec["reward/videoalign/vq_mean"], rec["reward/video_hps/score_mean"]
+    assert rec["reward_mean"] == pytest.approx((vq + frame_hps) / 2, abs=1e-6)
+    assert_trained_and_saved(trainer, tmp_path)
+
+
 @pytest.mark.parametrize("recipe", ["sd15_hps", *FLUX_RECIPES])
 def test_recipe_values_follow_the_paper(recipe: str) -> None:
     """DanceGRPO (Xue et al. 2025) §4 and its FLUX scripts (finetune_flux_grpo_8gpus.sh)."""

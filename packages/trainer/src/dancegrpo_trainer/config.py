@@ -464,7 +464,10 @@ class RunConfig:
         keep_checkpoints: how many recent checkpoints to keep.
         resume: ``auto`` (latest checkpoint in output_dir, if any), ``never``, or a path.
         sample_grid_every: write a sample grid every K steps (0 disables).
-        progress: show tqdm progress bars (rank 0).
+        progress: show the run's progress bar on a terminal (rank 0); per-step rollout/eval
+            bars appear only while steps are slow enough for them to matter.
+        log_every: a train log line every K steps (0: only at evals and checkpoints);
+            every step's figures are in metrics.jsonl and TensorBoard regardless.
     """
 
     output_dir: str = "runs/default"
@@ -475,9 +478,11 @@ class RunConfig:
     resume: str = "auto"
     sample_grid_every: int = 10
     progress: bool = True
+    log_every: int = 10
 
     def validate(self) -> None:
         _check(bool(self.output_dir), "run.output_dir", "is required")
+        _check(self.log_every >= 0, "run.log_every", "must be >= 0 (0: only at evals/checkpoints)")
         _check(self.max_steps >= 1, "run.max_steps", "must be >= 1")
         _check(self.checkpoint_every >= 0, "run.checkpoint_every", "must be >= 0")
         _check(self.keep_checkpoints >= 1, "run.keep_checkpoints", "must be >= 1")

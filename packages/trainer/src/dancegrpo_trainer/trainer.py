@@ -30,7 +30,7 @@ import torch
 from safetensors.torch import load_file
 
 from dancegrpo_trainer import distributed as dist_utils
-from dancegrpo_trainer.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from dancegrpo_trainer.checkpoint import load_checkpoint, resume_checkpoint, save_checkpoint
 from dancegrpo_trainer.config import ConfigError, GRPOConfig, expand_env
 from dancegrpo_trainer.core import (
     PerPromptStatTracker,
@@ -56,7 +56,7 @@ from dancegrpo_trainer.rollout import (
 )
 from dancegrpo_trainer.run_logging import (
     MetricsLogger,
-    format_kv,
+    RunProgress,
     logger,
     plot_reward_curve,
     save_samples,
@@ -223,6 +223,12 @@ class Trainer:
                 "the update waits for all rewards (train.pipeline_update has no effect)"
             )
         self.metrics = MetricsLogger(self.run_dir, active=self.rank == 0)
+        self.console = RunProgress(
+            cfg.run.max_steps,
+            active=self.rank == 0,
+            bar=cfg.run.progress,
+            log_every=cfg.run.log_every,
+        )
         self.step = 0
         self._maybe_resume()
 
@@ -252,7 +258,7 @@ class Trainer:
         return Conditioning({**cond.tensors, **image_cond.tensors})
 
     def _progress(self) -> bool:
-        return self.cfg.run.progress and self.rank == 0
+        return self.rank == 0 and self.console.inner_bars
 
     def _check_prompt_metadata(self) -> None:
         """Fails at start-up, not at the first reward call, when an endpoint sends metadata
@@ -632,25 +638,24 @@ class Trainer:
         """Runs until ``run.max_steps``; returns the eval records of this call."""
         cfg = self.cfg
         evals = []
+        self.console.begin(self.step)
         if self.eval_records and self.step == 0:
             evals.append(self._log_eval(self.evaluate()))
         while self.step < cfg.run.max_steps:
-            record = self.train_step()
-            if self.rank == 0:
-                logger.info(format_kv({k: v for k, v in record.items() if "/" not in k}))
+            self.console.train(self.train_step())
             last = self.step == cfg.run.max_steps
             if self.eval_records and (self.step % cfg.eval.every_steps == 0 or last):
                 evals.append(self._log_eval(self.evaluate()))
             ce = cfg.run.checkpoint_every
             if (ce and self.step % ce == 0) or last:
                 self.save()
+        self.console.close()
         if self.rank == 0 and self.metrics.path.is_file():
             plot_reward_curve(self.metrics.path, self.run_dir / "reward_curve.png")
         return evals
 
     def _log_eval(self, record: dict[str, Any]) -> dict[str, Any]:
-        if self.rank == 0:
-            logger.info(format_kv({k: v for k, v in record.items() if "/" not in k}))
+        self.console.eval(record)
         return record
 
     def trainer_state(self) -> dict[str, Any]:
@@ -675,21 +680,14 @@ class Trainer:
             extra_tensors=self.ema.state_dict() if self.ema is not None else None,
             keep=self.cfg.run.keep_checkpoints,
         )
-        if self.rank == 0:
-            logger.info(f"checkpoint step={self.step} path={path}")
+        self.console.checkpoint(self.step, path)
         return path
 
     def _maybe_resume(self) -> None:
-        resume = self.cfg.run.resume
-        if resume == "never":
+        path = resume_checkpoint(self.run_dir, self.cfg.run.resume)
+        if path is None:  # a fresh start: drop the rows of an earlier attempt
+            self.metrics.truncate_after(-1)
             return
-        if resume == "auto":
-            found = list_checkpoints(self.run_dir)
-            if not found:
-                return
-            path = found[-1]
-        else:
-            path = Path(resume)
         state, extra = load_checkpoint(
             path,
             module=self.policy.trainable_module(),
@@ -718,6 +716,7 @@ class Trainer:
             logger.info(f"resumed step={self.step} from={path}")
 
     def close(self) -> None:
+        self.console.close()
         self.metrics.close()
         self.scorer.close()
 

@@ -31,11 +31,10 @@ from torch import nn
 from dancegrpo_trainer import trainer as trainer_module
 from dancegrpo_trainer.cli import train_main
 from dancegrpo_trainer.config import config_from_dict, load_config
-from dancegrpo_trainer.core.schedules import flow_sigmas, flow_timesteps
-from dancegrpo_trainer.core.sde import flow_sde_step
-from dancegrpo_trainer.core.step_output import StepOutput
+from dancegrpo_trainer.core.schedules import flow_sigmas
 from dancegrpo_trainer.embedding_cache import EmbeddingCache
 from dancegrpo_trainer.policies.base import Conditioning, Policy, Schedule
+from dancegrpo_trainer.policies.flow import FlowPolicy
 from dancegrpo_trainer.policy_factory import build_policy
 from dancegrpo_trainer.scoring import RewardScorer
 from dancegrpo_trainer.trainer import Trainer
@@ -490,6 +489,8 @@ def test_recipe_values_follow_the_paper(recipe: str) -> None:
         return
     assert (cfg.model.height, cfg.model.width, s.num_steps, s.eta) == (720, 720, 16, 0.3)
     assert cfg.model.options["shift"] == 3.0 and cfg.model.guidance_scale == 3.5
+    # DanceGRPO's FLUX train step trains steps [:, :-1] (its --ignore_last is unused).
+    assert t.skip_last_timestep
     assert t.max_grad_norm == 0.01 and t.weight_decay == 1e-4
     if recipe == "flux_best_of_n":
         assert s.group_size == 24
@@ -508,6 +509,7 @@ def test_flux_geneval_recipe_values() -> None:
     assert (s.group_size, s.shared_noise, s.num_steps, s.eta) == (24, False, 16, 0.3)
     assert cfg.model.height == cfg.model.width == 512 and cfg.model.guidance_scale == 3.5
     assert (t.learning_rate, t.clip_range, t.max_grad_norm) == (1e-5, 1e-4, 0.01)
+    assert t.skip_last_timestep  # DanceGRPO's FLUX train step: [:, :-1]
     assert cfg.data.train_prompts.endswith(".jsonl") and cfg.data.eval_prompts.endswith(".jsonl")
 
 
@@ -692,11 +694,10 @@ class TinyVideoFlow(nn.Module):
         return self.net(torch.cat([flat, s, text, image], dim=1)).view_as(x)
 
 
-class TinyI2VPolicy(Policy):
+class TinyI2VPolicy(FlowPolicy):
     """A video-shaped rectified-flow policy with a conditioning image: latents
     ``[B, T, 3, L, L]``, frames ``uint8 [N, T, H, W, 3]`` (latent pixels upsampled)."""
 
-    sampler: ClassVar = "flow_sde"
     modality: ClassVar = "video"
 
     def __init__(self, num_frames: int = 3, latent: int = 4, size: int = 16) -> None:
@@ -718,29 +719,14 @@ class TinyI2VPolicy(Policy):
 
     def schedule(self, num_steps: int) -> Schedule:
         sigmas = flow_sigmas(num_steps, shift=1.0)
-        return Schedule(timesteps=flow_timesteps(sigmas), sigmas=sigmas)
+        return Schedule(timesteps=sigmas[:-1], sigmas=sigmas)  # the model takes σ
 
     def initial_noise(self, batch_size: int, generator: torch.Generator | None = None):
         shape = (batch_size, self.num_frames, 3, self.latent, self.latent)
         return torch.randn(shape, generator=generator)
 
-    def denoise_step(
-        self,
-        latents: torch.Tensor,
-        step_index: int,
-        schedule: Schedule,
-        cond: Conditioning,
-        *,
-        eta: float,
-        prev_sample: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
-    ) -> StepOutput:
-        assert schedule.sigmas is not None
-        sigma, sigma_next = schedule.sigmas[step_index], schedule.sigmas[step_index + 1]
-        v = self.model(latents, float(sigma), cond.tensors["text"], cond.tensors["image"])
-        return flow_sde_step(
-            v, latents, sigma, sigma_next, eta=eta, prev_sample=prev_sample, generator=generator
-        )
+    def predict(self, latents: torch.Tensor, timestep: torch.Tensor, cond: Conditioning):
+        return self.model(latents, float(timestep), cond.tensors["text"], cond.tensors["image"])
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         b, t = latents.shape[:2]

@@ -347,14 +347,14 @@ def test_flux_best_of_n_recipe_trains_on_top_and_bottom_four_of_24(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     seen: list[torch.Tensor] = []
-    original = trainer_module.grpo_update
+    original = trainer_module.policy_update
 
     def recording_update(policy: Policy, optimizer: Any, rollout: Any, advantages, **kw: Any):
         assert len(rollout) == len(advantages)
         seen.append(advantages.detach().cpu())
         return original(policy, optimizer, rollout, advantages, **kw)
 
-    monkeypatch.setattr(trainer_module, "grpo_update", recording_update)
+    monkeypatch.setattr(trainer_module, "policy_update", recording_update)
     trainer = run_recipe("flux_best_of_n", tmp_path, "data.eval_prompts=[]")
     rec = records(tmp_path)[0]
     assert rec["samples"] == 24 and "reward/hps/score_mean" in rec  # all N scored remotely

@@ -30,6 +30,7 @@ import torch
 from safetensors.torch import load_file
 
 from dancegrpo_trainer import distributed as dist_utils
+from dancegrpo_trainer.algorithms import algorithm_class
 from dancegrpo_trainer.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from dancegrpo_trainer.config import ConfigError, GRPOConfig, expand_env
 from dancegrpo_trainer.core import (
@@ -48,6 +49,7 @@ from dancegrpo_trainer.policies.base import Conditioning, Policy
 from dancegrpo_trainer.policy_factory import build_policy
 from dancegrpo_trainer.rollout import (
     Rollout,
+    RolloutPlan,
     derive_seed,
     group_parts,
     initial_noise,
@@ -66,9 +68,10 @@ from dancegrpo_trainer.update import (
     GradientAccumulator,
     GradNormMonitor,
     UpdateResult,
-    grpo_update,
+    policy_update,
 )
 from dancegrpo_trainer.weights import EMA, ReferencePolicy, apply_lora
+from dancegrpo_trainer.windows import rollout_plan
 
 
 def _init_distributed() -> torch.device:
@@ -175,6 +178,10 @@ class Trainer:
         )
         self.reference = ReferencePolicy(module, self.lora) if t.kl_coef > 0 else None
         self.ema = EMA(module, t.ema_decay) if t.ema_decay > 0 else None
+        self.algorithm = algorithm_class(t.algorithm)(
+            t, self.policy, reference=self.reference, autocast=self._autocast()
+        )
+        self.spec = self.algorithm.rollout_spec()
         self.grad_monitor = GradNormMonitor(t.grad_norm_window, t.skip_grad_norm_factor)
         self.trackers = {
             ep.label: PerPromptStatTracker(
@@ -359,6 +366,14 @@ class Trainer:
             group_generators=seeded_generators(groups, seed, step, "initial_noise"),
         )
         sde_generators = seeded_generators(samples, seed, step, "sde_noise")
+        plan = rollout_plan(
+            self.policy,
+            s,
+            step=step,
+            seed=seed,
+            skip_last=cfg.train.skip_last_timestep,
+            stochastic=self.spec.stochastic,
+        )
         self.policy.trainable_module().eval()
         chunks: list[tuple[slice, PendingScores]] = []
 
@@ -372,7 +387,7 @@ class Trainer:
             self.policy,
             cond,
             noise,
-            num_steps=s.num_steps,
+            plan=plan,
             eta=s.eta,
             row_generators=sde_generators,
             chunk_size=s.rollout_batch_size,
@@ -380,6 +395,8 @@ class Trainer:
             autocast=self._autocast(),
             progress=self._progress(),
             desc=f"rollout {self.step + 1}",
+            keep=self.spec.keep,
+            group_size=s.group_size,
         )
         t1 = time.perf_counter()
         lr = self.scheduler.get_last_lr()[0]
@@ -398,7 +415,7 @@ class Trainer:
         self.step += 1
         record: dict[str, Any] = {"step": self.step, "split": "train"}
         record.update(self._reward_stats(out.terms, out.outputs))
-        record.update(self._reduce_update_metrics(out.result.metrics))
+        record.update(self._reduce_update_metrics(out.result))
         record.update(
             learning_rate=lr,
             advantage_abs_mean=float(out.advantages.abs().mean()),
@@ -420,16 +437,14 @@ class Trainer:
         return record
 
     def _update_kwargs(self) -> dict[str, Any]:
-        """This step's settings of :class:`GradientAccumulator` / :func:`grpo_update`."""
+        """This step's settings of :class:`GradientAccumulator` / :func:`policy_update`."""
         seed, step = self.cfg.run.seed, self.step
         return {
             "cfg": self.cfg.train,
-            "eta": self.cfg.sampling.eta,
+            "algorithm": self.algorithm,
             "timestep_generator": lambda k: torch.Generator().manual_seed(
                 derive_seed(seed, step, "timesteps", k)
             ),
-            "reference": self.reference,
-            "autocast": self._autocast(),
             "progress": self._progress(),
         }
 
@@ -458,7 +473,7 @@ class Trainer:
                 advantages.cpu(), group_size=s.group_size, top_k=bon.top_k, bottom_k=bon.bottom_k
             )
             rollout, advantages = rollout.select(keep), advantages[keep.to(self.device)]
-        result = grpo_update(
+        result = policy_update(
             self.policy,
             self.optimizer,
             rollout,
@@ -532,13 +547,16 @@ class Trainer:
             wait_s=wait_s,
         )
 
-    def _reduce_update_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
+    def _reduce_update_metrics(self, result: UpdateResult) -> dict[str, float]:
+        """The update metrics over ranks: means, or the algorithm's min/max reductions."""
+        metrics = result.metrics
         if self.world == 1:
             return metrics
         gathered = dist_utils.all_gather_object(metrics)
         out = {k: float(np.mean([g[k] for g in gathered])) for k in metrics}
-        out["ratio_min"] = min(g["ratio_min"] for g in gathered)
-        out["ratio_max"] = max(g["ratio_max"] for g in gathered)
+        for key, how in result.reductions.items():
+            if key in out:
+                out[key] = (min if how == "min" else max)(g[key] for g in gathered)
         return out
 
     # ------------------------------------------------------------------ eval
@@ -589,7 +607,10 @@ class Trainer:
                         self.policy,
                         cond,
                         noise_all[sampled],
-                        num_steps=cfg.sampling.num_steps,
+                        plan=RolloutPlan(
+                            self.policy.schedule(cfg.sampling.num_steps),
+                            sampler=cfg.sampling.sampler,
+                        ),
                         eta=e.eta,
                         row_generators=row_generators,
                         chunk_size=cfg.sampling.rollout_batch_size,
@@ -662,6 +683,12 @@ class Trainer:
             "global_prompts_per_step": self.cfg.sampling.prompts_per_step * self.world,
         }
 
+    def _extra_tensors(self) -> dict[str, torch.Tensor] | None:
+        """EMA shadow weights and the algorithm's state, saved beside the model."""
+        extra = {**(self.ema.state_dict() if self.ema is not None else {})}
+        extra.update(self.algorithm.state_dict())
+        return extra or None
+
     def save(self) -> Path:
         """Writes a checkpoint of the current step (collective: call on every rank)."""
         path = save_checkpoint(
@@ -672,7 +699,7 @@ class Trainer:
             optimizer=self.optimizer,
             scheduler=self.scheduler,
             trainer_state=self.trainer_state(),
-            extra_tensors=self.ema.state_dict() if self.ema is not None else None,
+            extra_tensors=self._extra_tensors(),
             keep=self.cfg.run.keep_checkpoints,
         )
         if self.rank == 0:
@@ -713,6 +740,7 @@ class Trainer:
             t.load_state_dict(state["trackers"][k])
         if self.ema is not None:
             self.ema.load_state_dict(extra)
+        self.algorithm.load_state_dict(extra)
         self.metrics.truncate_after(self.step)
         if self.rank == 0:
             logger.info(f"resumed step={self.step} from={path}")

@@ -468,6 +468,66 @@ def test_skyreels_i2v_videoalign_recipe_trains_on_mq_with_images_and_cached_text
     assert_trained_and_saved(trainer, tmp_path)
 
 
+@pytest.mark.parametrize("recipe", ["flux_fast", "flux_mixgrpo", "flux_mixgrpo_flash"])
+def test_flux_window_recipes_train_one_step_on_their_window(
+    recipe: str,
+    recipe_env: dict[str, Path],
+    tmp_path: Path,
+    cli_trainer: type[RecordingTrainer],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each SDE-window recipe trains one real step: only its window's steps are sampled
+    with noise and trained (6 steps here: the recipes' windows need more than 3)."""
+    from dancegrpo_trainer.algorithms.grpo import GRPO
+    from dancegrpo_trainer.windows import window_bounds
+
+    trained: list[list[int]] = []
+    original = GRPO.terms
+
+    def recording(self: GRPO, rollout: Any, generator: Any) -> list[int]:
+        trained.append(original(self, rollout, generator))
+        assert (rollout.log_probs[:, trained[-1]] != 0).all()
+        others = [i for i in range(rollout.schedule.num_steps) if i not in trained[-1]]
+        assert (rollout.log_probs[:, others] == 0).all()
+        return trained[-1]
+
+    monkeypatch.setattr(GRPO, "terms", recording)
+    trainer = run_recipe(recipe, tmp_path, "sampling.num_steps=6", "data.eval_prompts=[]")
+    cfg = trainer.cfg
+    start, stop = window_bounds(cfg.sampling.window, 6, step=0, seed=cfg.run.seed, skip_last=True)
+    assert trained and all(t == list(range(start, stop)) for t in trained)
+    assert records(tmp_path)[0]["samples"] == 12
+    assert_trained_and_saved(trainer, tmp_path)
+
+
+def test_window_recipe_values_follow_their_sources() -> None:
+    """Flow-GRPO-Fast (window of 2 in the first half) and MixGRPO's FLUX scripts."""
+    load = lambda name: load_config(  # noqa: E731
+        CONFIGS / f"{name}.yaml", ["model.path=x", "data.train_prompts=[p]", "data.eval_prompts=[]"]
+    )
+    fast = load("flux_fast").sampling
+    assert (fast.window.kind, fast.window.size, fast.window.span, fast.window.branch) == (
+        "fast",
+        2,
+        [0, 8],
+        True,
+    )
+    for name, iters, flash in (("flux_mixgrpo", 25, False), ("flux_mixgrpo_flash", 20, True)):
+        cfg = load(name)
+        s, w = cfg.sampling, cfg.sampling.window
+        assert (s.num_steps, s.eta, s.sampler, s.group_size) == (25, 0.7, "flow_grpo", 12)
+        assert (w.kind, w.size, w.schedule, w.iters_per_move, w.stride, w.roll_back) == (
+            "mixgrpo",
+            4,
+            "progressive",
+            iters,
+            1,
+            True,
+        )
+        assert w.flash == flash and (not flash or w.flash_compress_ratio == 0.4)
+        assert cfg.train.skip_last_timestep and cfg.train.max_grad_norm == 1.0
+
+
 @pytest.mark.parametrize("recipe", ["sd15_hps", *FLUX_RECIPES])
 def test_recipe_values_follow_the_paper(recipe: str) -> None:
     """DanceGRPO (Xue et al. 2025) §4 and its FLUX scripts (finetune_flux_grpo_8gpus.sh)."""

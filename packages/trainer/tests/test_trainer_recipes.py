@@ -379,13 +379,15 @@ def test_flux_geneval_recipe_sends_each_prompts_spec_and_trains_on_mixed_groups(
     from dancegrpo_proto import RewardClient
 
     seen: list[torch.Tensor] = []
-    original = trainer_module.multi_reward_advantages
+    from dancegrpo_trainer import scored_update
+
+    original = scored_update.multi_reward_advantages
 
     def recording_advantages(*args: Any, **kwargs: Any) -> torch.Tensor:
         seen.append(original(*args, **kwargs))
         return seen[-1]
 
-    monkeypatch.setattr(trainer_module, "multi_reward_advantages", recording_advantages)
+    monkeypatch.setattr(scored_update, "multi_reward_advantages", recording_advantages)
     monkeypatch.setattr(trainer_module, "RewardScorer", RecordingScorer)
     trainer = run_recipe("flux_geneval", tmp_path, "sampling.prompts_per_step=2")
     scorer = RecordingScorer.last

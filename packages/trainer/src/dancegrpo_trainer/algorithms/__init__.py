@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import importlib
 
-#: name → ``"module:Class"`` (relative to this package).
-ALGORITHMS: dict[str, str] = {
+#: name → ``"module:Class"`` (a module of this package; the class itself also works, e.g.
+#: for an algorithm defined outside the package).
+ALGORITHMS: dict[str, str | type] = {
     "grpo": "grpo:GRPO",
 }
 
@@ -20,7 +21,10 @@ def algorithm_class(name: str) -> type:
     """The :class:`~dancegrpo_trainer.algorithms.base.Algorithm` subclass named ``name``."""
     if name not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {name!r}: choose from {sorted(ALGORITHMS)}")
-    module, cls = ALGORITHMS[name].split(":")
+    entry = ALGORITHMS[name]
+    if not isinstance(entry, str):
+        return entry
+    module, cls = entry.split(":")
     return getattr(importlib.import_module(f"{__name__}.{module}"), cls)
 
 

@@ -189,8 +189,13 @@ def test_flash_tail_runs_dpm_solver_on_the_compressed_schedule():
 
 def _policies():
     from dancegrpo_testing.diffusion_models import TINY_T5_MAX_LENGTH, tiny_flux_pipeline
-    from dancegrpo_testing.video_models import tiny_skyreels_i2v_pipeline
+    from dancegrpo_testing.video_models import (
+        TINY_LLAMA_MAX_LENGTH,
+        tiny_hunyuan_video_pipeline,
+        tiny_skyreels_i2v_pipeline,
+    )
     from dancegrpo_trainer.policies.flux import FluxConfig, FluxPolicy
+    from dancegrpo_trainer.policies.hunyuan_video import HunyuanVideoConfig, HunyuanVideoPolicy
     from dancegrpo_trainer.policies.skyreels_i2v import SkyReelsI2VConfig, SkyReelsI2VPolicy
 
     flux = FluxPolicy.from_pipeline(
@@ -210,7 +215,18 @@ def _policies():
         ),
         copy=True,
     )
-    return {"tiny_flow": _tiny(), "flux": flux, "skyreels_i2v": skyreels}
+    hunyuan = HunyuanVideoPolicy.from_pipeline(
+        tiny_hunyuan_video_pipeline(),
+        HunyuanVideoConfig(
+            resolution=16,
+            num_frames=5,
+            device="cpu",
+            max_sequence_length=TINY_LLAMA_MAX_LENGTH,
+            crop_start=None,
+        ),
+        copy=True,
+    )
+    return {"tiny_flow": _tiny(), "flux": flux, "hunyuan_video": hunyuan, "skyreels_i2v": skyreels}
 
 
 @pytest.fixture(scope="module")
@@ -219,7 +235,7 @@ def policies():
 
 
 @pytest.mark.parametrize("sampler", ["dancegrpo", "flow_grpo", "cps"])
-@pytest.mark.parametrize("which", ["tiny_flow", "flux", "skyreels_i2v"])
+@pytest.mark.parametrize("which", ["tiny_flow", "flux", "hunyuan_video", "skyreels_i2v"])
 def test_every_flow_policy_samples_every_sampler_in_a_flash_window_with_ratio_one(
     policies, which, sampler
 ):

@@ -52,7 +52,7 @@ def _config(**overrides: Any) -> FluxKontextConfig:
 
 
 def _policy(pipe, **overrides: Any) -> FluxKontextPolicy:
-    return FluxKontextPolicy.from_pipeline(pipe, _config(**overrides))
+    return FluxKontextPolicy.from_pipeline(pipe, _config(**overrides), copy=True)
 
 
 def _images(seed: int = 0, size: tuple[int, int] = (32, 16)) -> torch.Tensor:

@@ -32,11 +32,10 @@ from torch import nn
 from dancegrpo_trainer import trainer as trainer_module
 from dancegrpo_trainer.cli import train_main
 from dancegrpo_trainer.config import config_from_dict, load_config
-from dancegrpo_trainer.core.schedules import flow_sigmas, flow_timesteps
-from dancegrpo_trainer.core.sde import flow_sde_step
-from dancegrpo_trainer.core.step_output import StepOutput
+from dancegrpo_trainer.core.schedules import flow_sigmas
 from dancegrpo_trainer.embedding_cache import EmbeddingCache
 from dancegrpo_trainer.policies.base import Conditioning, Policy, Schedule
+from dancegrpo_trainer.policies.flow import FlowPolicy
 from dancegrpo_trainer.policy_factory import build_policy
 from dancegrpo_trainer.scoring import RewardScorer
 from dancegrpo_trainer.trainer import Trainer
@@ -378,14 +377,14 @@ def test_flux_best_of_n_recipe_trains_on_top_and_bottom_four_of_24(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     seen: list[torch.Tensor] = []
-    original = trainer_module.grpo_update
+    original = trainer_module.policy_update
 
     def recording_update(policy: Policy, optimizer: Any, rollout: Any, advantages, **kw: Any):
         assert len(rollout) == len(advantages)
         seen.append(advantages.detach().cpu())
         return original(policy, optimizer, rollout, advantages, **kw)
 
-    monkeypatch.setattr(trainer_module, "grpo_update", recording_update)
+    monkeypatch.setattr(trainer_module, "policy_update", recording_update)
     trainer = run_recipe("flux_best_of_n", tmp_path, "data.eval_prompts=[]")
     rec = records(tmp_path)[0]
     assert rec["samples"] == 24 and "reward/hps/score_mean" in rec  # all N scored remotely
@@ -410,13 +409,15 @@ def test_flux_geneval_recipe_sends_each_prompts_spec_and_trains_on_mixed_groups(
     from dancegrpo_proto import RewardClient
 
     seen: list[torch.Tensor] = []
-    original = trainer_module.multi_reward_advantages
+    from dancegrpo_trainer import scored_update
+
+    original = scored_update.multi_reward_advantages
 
     def recording_advantages(*args: Any, **kwargs: Any) -> torch.Tensor:
         seen.append(original(*args, **kwargs))
         return seen[-1]
 
-    monkeypatch.setattr(trainer_module, "multi_reward_advantages", recording_advantages)
+    monkeypatch.setattr(scored_update, "multi_reward_advantages", recording_advantages)
     monkeypatch.setattr(trainer_module, "RewardScorer", RecordingScorer)
     trainer = run_recipe("flux_geneval", tmp_path, "sampling.prompts_per_step=2")
     scorer = RecordingScorer.last
@@ -539,6 +540,68 @@ def test_two_group_recipe_trains_against_two_reward_services(
     assert_trained_and_saved(trainer, tmp_path)
 
 
+@pytest.mark.parametrize("recipe", ["flux_fast", "flux_mixgrpo", "flux_mixgrpo_flash"])
+def test_flux_window_recipes_train_one_step_on_their_window(
+    recipe: str,
+    recipe_env: dict[str, Path],
+    tmp_path: Path,
+    cli_trainer: type[RecordingTrainer],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each SDE-window recipe trains one real step: only its window's steps are sampled
+    with noise and trained (6 steps here: the recipes' windows need more than 3)."""
+    from dancegrpo_trainer.algorithms.grpo import GRPO
+    from dancegrpo_trainer.windows import window_bounds
+
+    trained: list[list[int]] = []
+    original = GRPO.terms
+
+    def recording(self: GRPO, rollout: Any, generator: Any) -> list[int]:
+        trained.append(original(self, rollout, generator))
+        assert (rollout.log_probs[:, trained[-1]] != 0).all()
+        others = [i for i in range(rollout.schedule.num_steps) if i not in trained[-1]]
+        assert (rollout.log_probs[:, others] == 0).all()
+        return trained[-1]
+
+    monkeypatch.setattr(GRPO, "terms", recording)
+    # 6 steps instead of 16/25: Fast's span [0, 8] shrinks with them to the first half.
+    span = ["sampling.window.span=[0,3]"] if recipe == "flux_fast" else []
+    trainer = run_recipe(recipe, tmp_path, "sampling.num_steps=6", "data.eval_prompts=[]", *span)
+    cfg = trainer.cfg
+    start, stop = window_bounds(cfg.sampling.window, 6, step=0, seed=cfg.run.seed, skip_last=True)
+    assert trained and all(t == list(range(start, stop)) for t in trained)
+    assert records(tmp_path)[0]["samples"] == 12
+    assert_trained_and_saved(trainer, tmp_path)
+
+
+def test_window_recipe_values_follow_their_sources() -> None:
+    """Flow-GRPO-Fast (window of 2 in the first half) and MixGRPO's FLUX scripts."""
+    load = lambda name: load_config(  # noqa: E731
+        CONFIGS / f"{name}.yaml", ["model.path=x", "data.train_prompts=[p]", "data.eval_prompts=[]"]
+    )
+    fast = load("flux_fast").sampling
+    assert (fast.window.kind, fast.window.size, fast.window.span, fast.window.branch) == (
+        "fast",
+        2,
+        [0, 8],
+        True,
+    )
+    for name, iters, flash in (("flux_mixgrpo", 25, False), ("flux_mixgrpo_flash", 20, True)):
+        cfg = load(name)
+        s, w = cfg.sampling, cfg.sampling.window
+        assert (s.num_steps, s.eta, s.sampler, s.group_size) == (25, 0.7, "flow_grpo", 12)
+        assert (w.kind, w.size, w.schedule, w.iters_per_move, w.stride, w.roll_back) == (
+            "mixgrpo",
+            4,
+            "progressive",
+            iters,
+            1,
+            True,
+        )
+        assert w.flash == flash and (not flash or w.flash_compress_ratio == 0.4)
+        assert cfg.train.skip_last_timestep and cfg.train.max_grad_norm == 1.0
+
+
 @pytest.mark.parametrize("recipe", ["sd15_hps", *FLUX_RECIPES])
 def test_recipe_values_follow_the_paper(recipe: str) -> None:
     """DanceGRPO (Xue et al. 2025) §4 and its FLUX scripts (finetune_flux_grpo_8gpus.sh)."""
@@ -560,6 +623,8 @@ def test_recipe_values_follow_the_paper(recipe: str) -> None:
         return
     assert (cfg.model.height, cfg.model.width, s.num_steps, s.eta) == (720, 720, 16, 0.3)
     assert cfg.model.options["shift"] == 3.0 and cfg.model.guidance_scale == 3.5
+    # DanceGRPO's FLUX train step trains steps [:, :-1] (its --ignore_last is unused).
+    assert t.skip_last_timestep
     assert t.max_grad_norm == 0.01 and t.weight_decay == 1e-4
     if recipe == "flux_best_of_n":
         assert s.group_size == 24
@@ -578,6 +643,7 @@ def test_flux_geneval_recipe_values() -> None:
     assert (s.group_size, s.shared_noise, s.num_steps, s.eta) == (24, False, 16, 0.3)
     assert cfg.model.height == cfg.model.width == 512 and cfg.model.guidance_scale == 3.5
     assert (t.learning_rate, t.clip_range, t.max_grad_norm) == (1e-5, 1e-4, 0.01)
+    assert t.skip_last_timestep  # DanceGRPO's FLUX train step: [:, :-1]
     assert cfg.data.train_prompts.endswith(".jsonl") and cfg.data.eval_prompts.endswith(".jsonl")
 
 
@@ -762,11 +828,10 @@ class TinyVideoFlow(nn.Module):
         return self.net(torch.cat([flat, s, text, image], dim=1)).view_as(x)
 
 
-class TinyI2VPolicy(Policy):
+class TinyI2VPolicy(FlowPolicy):
     """A video-shaped rectified-flow policy with a conditioning image: latents
     ``[B, T, 3, L, L]``, frames ``uint8 [N, T, H, W, 3]`` (latent pixels upsampled)."""
 
-    sampler: ClassVar = "flow_sde"
     modality: ClassVar = "video"
 
     def __init__(self, num_frames: int = 3, latent: int = 4, size: int = 16) -> None:
@@ -788,29 +853,14 @@ class TinyI2VPolicy(Policy):
 
     def schedule(self, num_steps: int) -> Schedule:
         sigmas = flow_sigmas(num_steps, shift=1.0)
-        return Schedule(timesteps=flow_timesteps(sigmas), sigmas=sigmas)
+        return Schedule(timesteps=sigmas[:-1], sigmas=sigmas)  # the model takes σ
 
     def initial_noise(self, batch_size: int, generator: torch.Generator | None = None):
         shape = (batch_size, self.num_frames, 3, self.latent, self.latent)
         return torch.randn(shape, generator=generator)
 
-    def denoise_step(
-        self,
-        latents: torch.Tensor,
-        step_index: int,
-        schedule: Schedule,
-        cond: Conditioning,
-        *,
-        eta: float,
-        prev_sample: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
-    ) -> StepOutput:
-        assert schedule.sigmas is not None
-        sigma, sigma_next = schedule.sigmas[step_index], schedule.sigmas[step_index + 1]
-        v = self.model(latents, float(sigma), cond.tensors["text"], cond.tensors["image"])
-        return flow_sde_step(
-            v, latents, sigma, sigma_next, eta=eta, prev_sample=prev_sample, generator=generator
-        )
+    def predict(self, latents: torch.Tensor, timestep: torch.Tensor, cond: Conditioning):
+        return self.model(latents, float(timestep), cond.tensors["text"], cond.tensors["image"])
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         b, t = latents.shape[:2]

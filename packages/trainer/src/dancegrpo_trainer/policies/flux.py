@@ -253,6 +253,10 @@ class FluxPolicy(FlowTransformerPolicy):
         )
         return math.exp(mu)
 
+    @property
+    def schedule_shift(self) -> float:
+        return self.effective_shift
+
     def schedule(self, num_steps: int | None = None) -> Schedule:
         """Shifted ``sigmas`` ``[n + 1]`` from 1 to 0 and ``timesteps = 1000·sigmas[:-1]``."""
         sigmas = flow_sigmas(num_steps or self.config.num_steps, shift=self.effective_shift)

@@ -195,20 +195,14 @@ class StableDiffusion3Policy(FlowTransformerPolicy):
         self.latent_channels = int(tr_cfg.in_channels)
         self.t5_width = int(tr_cfg.joint_attention_dim)
 
-    @classmethod
-    def from_pipeline(cls: type[P], pipe: Any, config: FlowTransformerConfig | None = None) -> P:
-        """Wraps the components of a loaded diffusers ``StableDiffusion3Pipeline``."""
-        return cls(
-            transformer=pipe.transformer,
-            vae=pipe.vae,
-            config=config or cls.config_class(),
-            text_encoder=pipe.text_encoder,
-            tokenizer=pipe.tokenizer,
-            text_encoder_2=pipe.text_encoder_2,
-            tokenizer_2=pipe.tokenizer_2,
-            text_encoder_3=pipe.text_encoder_3,
-            tokenizer_3=pipe.tokenizer_3,
-        )
+    pipeline_modules: ClassVar[dict[str, str]] = {
+        **FlowTransformerPolicy.pipeline_modules,
+        "text_encoder_3": "text",
+    }
+    pipeline_extras: ClassVar[tuple[str, ...]] = (
+        *FlowTransformerPolicy.pipeline_extras,
+        "tokenizer_3",
+    )
 
     @classmethod
     def from_pretrained(

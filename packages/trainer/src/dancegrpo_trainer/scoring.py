@@ -8,6 +8,14 @@ so scoring overlaps with the next rollout chunk. A failure (after the client's o
 retries) raises :class:`RewardScoringError` naming the endpoint; a missing output or a
 non-finite value is an error too. There is no fallback reward: a silent 0 or −1 would
 train on garbage.
+
+Routing (``data.sources``): ``submit(..., routes=...)`` gives each sample the terms that
+score it; a call receives only the samples routed to one of its terms (none: no call),
+and the other samples' values of its terms are NaN with weight 0 in :class:`Scores`.
+
+Group-wise rewards (``RewardInfo.scoring_scope`` = group, read once per target with
+``ListRewards``) get each call's samples with ``group_sizes`` from ``groups=`` (the
+sample's prompt-group index), so every group reaches the service whole, in one request.
 """
 
 from __future__ import annotations
@@ -35,20 +43,39 @@ class Scores:
 
     Attributes:
         terms: endpoint label → float32 ``(N,)``: the value that trains (thresholded to
-            0/1 for binary endpoints).
+            0/1 for binary endpoints); NaN for samples not routed to the term.
         outputs: ``reward/output`` → float32 ``(N,)`` for every output the services
-            returned (logged, whether or not it trains).
+            returned (logged, whether or not it trains); NaN where not scored.
+        weights: label → float32 ``(N,)``, each sample's weight of the term (0 where not
+            routed); ``None`` when the batch was not routed (every term at its endpoint
+            weight for every sample).
     """
 
     terms: dict[str, np.ndarray]
     outputs: dict[str, np.ndarray]
+    weights: dict[str, np.ndarray] | None = None
 
     @staticmethod
     def concat(parts: Sequence[Scores]) -> Scores:
+        weights = None
+        if parts[0].weights is not None:
+            weights = {k: np.concatenate([p.weights[k] for p in parts]) for k in parts[0].weights}  # type: ignore[index]
         return Scores(
             terms={k: np.concatenate([p.terms[k] for p in parts]) for k in parts[0].terms},
             outputs={k: np.concatenate([p.outputs[k] for p in parts]) for k in parts[0].outputs},
+            weights=weights,
         )
+
+
+def group_run_lengths(groups: Sequence[int]) -> list[int]:
+    """Sizes of the consecutive runs of equal group ids, e.g. ``[0,0,1,1,1] → [2, 3]``."""
+    sizes: list[int] = []
+    for i, g in enumerate(groups):
+        if i and g == groups[i - 1]:
+            sizes[-1] += 1
+        else:
+            sizes.append(1)
+    return sizes
 
 
 def make_reward_client(target: str, endpoint: RewardEndpoint | None = None) -> Any:
@@ -122,6 +149,53 @@ class RewardScorer:
         for i, ep in enumerate(self.endpoints):
             if ep.metadata:
                 self._metadata_calls.setdefault((self._targets[ep.label], ep.reward), i)
+        self._group_wise: frozenset[tuple[str, str]] | None = None  # read on first use
+
+    @property
+    def group_wise_calls(self) -> frozenset[tuple[str, str]]:
+        """The ``(target, reward)`` calls whose reward is group-wise, from each target's
+        ``ListRewards`` (asked once). A reward the target does not host fails here, naming
+        the endpoint. Clients without ``list_rewards`` (test doubles) count as per-sample."""
+        if self._group_wise is None:
+            from dancegrpo_proto.v1 import rewards_pb2 as pb
+
+            found = set()
+            for target, client in self._clients.items():
+                list_rewards = getattr(client, "list_rewards", None)
+                if list_rewards is None:
+                    continue
+                calls = [(r, eps) for (tg, r), eps in self._calls.items() if tg == target]
+                timeout = max(ep.timeout_s for _, eps in calls for ep in eps)
+                try:
+                    infos = {info.name: info for info in list_rewards(timeout=timeout)}
+                except Exception as e:
+                    raise RewardScoringError(
+                        f"{_describe(target, calls[0][0], e)} (reading ListRewards, to learn "
+                        "whether the reward is group-wise)"
+                    ) from e
+                for (call_target, reward), eps in self._calls.items():
+                    if call_target != target:
+                        continue
+                    if reward not in infos:
+                        i = self.endpoints.index(eps[0])
+                        raise RewardScoringError(
+                            f"rewards.endpoints[{i}].reward: {reward!r} is not hosted at "
+                            f"{target} (it hosts {sorted(infos)})"
+                        )
+                    if getattr(infos[reward], "scoring_scope", 0) == pb.SCORING_SCOPE_GROUP:
+                        found.add((target, reward))
+            self._group_wise = frozenset(found)
+        return self._group_wise
+
+    @property
+    def needs_whole_groups(self) -> bool:
+        """Whether some call is group-wise: batches must then be submitted in whole groups."""
+        return bool(self.group_wise_calls)
+
+    def group_wise_labels(self) -> set[str]:
+        """Labels of the terms whose reward is group-wise."""
+        calls = self.group_wise_calls
+        return {ep.label for key, eps in self._calls.items() if key in calls for ep in eps}
 
     def wait_until_ready(self, timeout: float) -> None:
         """Blocks until every target reports SERVING (raises naming the target otherwise)."""
@@ -139,38 +213,91 @@ class RewardScorer:
         prompts: Sequence[str],
         condition_images: torch.Tensor | np.ndarray | None = None,
         metadata: Sequence[Mapping[str, Any] | None] | None = None,
+        *,
+        routes: Sequence[Mapping[str, float]] | None = None,
+        groups: Sequence[int] | None = None,
     ) -> PendingScores:
         """Starts scoring ``frames`` (``uint8 [N,H,W,3]`` images or ``[N,T,H,W,3]`` videos).
 
         ``metadata``: one ``{"geneval": {...}}`` (or ``None``) per sample, in the order of
         ``frames``; sent only to the calls whose endpoints set ``metadata: true``, which
         fail here when it is missing.
+        ``routes``: per sample, ``label → weight`` of the terms that score it (``None``:
+        every term, at its endpoint weight); a call gets only its routed samples.
+        ``groups``: per sample, its prompt group's index (consecutive samples of a group
+        share it); required when a call is group-wise, whose requests then carry the
+        groups' sizes (so whole groups only: submit whole groups).
         """
         media = frames.cpu().numpy() if isinstance(frames, torch.Tensor) else np.asarray(frames)
+        n = media.shape[0]
         if media.dtype != np.uint8 or media.ndim not in (4, 5) or media.shape[-1] != 3:
             raise ValueError(f"frames must be uint8 [N,H,W,3] or [N,T,H,W,3], got {media.shape}")
-        if len(prompts) != media.shape[0]:
-            raise ValueError(f"{len(prompts)} prompts for {media.shape[0]} samples")
-        if metadata is not None and len(metadata) != media.shape[0]:
-            raise ValueError(f"{len(metadata)} metadata entries for {media.shape[0]} samples")
-        kwargs: dict[str, Any] = {"prompts": list(prompts)}
-        kwargs["images" if media.ndim == 4 else "videos"] = media
-        if condition_images is not None:
-            cond = condition_images
-            kwargs["condition_images"] = (
-                cond.cpu().numpy() if isinstance(cond, torch.Tensor) else cond
-            )
+        if len(prompts) != n:
+            raise ValueError(f"{len(prompts)} prompts for {n} samples")
+        for name, column in (("metadata", metadata), ("routes", routes), ("groups", groups)):
+            if column is not None and len(column) != n:
+                raise ValueError(f"{len(column)} {name} entries for {n} samples")
+        cond = condition_images
+        if isinstance(cond, torch.Tensor):
+            cond = cond.cpu().numpy()
         futures = {}
         for (target, reward), eps in self._calls.items():
+            labels = {ep.label for ep in eps}
+            if routes is None:
+                rows = None
+            else:
+                rows = [i for i in range(n) if labels.intersection(routes[i])]
+                if not rows:
+                    continue  # no sample of this batch is scored by this reward
+                if len(rows) == n:
+                    rows = None
+            kwargs = self._call_kwargs(
+                (target, reward), rows, media, prompts, cond, metadata, groups
+            )
             timeout = max(ep.timeout_s for ep in eps)
-            extra = self._metadata_kwargs((target, reward), metadata)
             try:
-                futures[(target, reward)] = self._clients[target].score_async(
-                    reward, timeout=timeout, **kwargs, **extra
+                futures[(target, reward)] = (
+                    rows,
+                    self._clients[target].score_async(reward, timeout=timeout, **kwargs),
                 )
             except Exception as e:
                 raise RewardScoringError(_describe(target, reward, e)) from e
-        return PendingScores(self, futures, media.shape[0])
+        return PendingScores(self, futures, n, routes)
+
+    def _call_kwargs(
+        self,
+        call: tuple[str, str],
+        rows: list[int] | None,
+        media: np.ndarray,
+        prompts: Sequence[str],
+        cond: np.ndarray | Sequence[Any] | None,
+        metadata: Sequence[Mapping[str, Any] | None] | None,
+        groups: Sequence[int] | None,
+    ) -> dict[str, Any]:
+        """The client arguments of one call: its samples (``rows``; ``None``: all)."""
+
+        def pick(column: Any) -> Any:
+            if column is None or rows is None:
+                return column
+            if isinstance(column, np.ndarray):
+                return column[rows]
+            return [column[i] for i in rows]
+
+        kwargs: dict[str, Any] = {"prompts": list(pick(list(prompts)))}
+        kwargs["images" if media.ndim == 4 else "videos"] = pick(media)
+        if cond is not None:
+            kwargs["condition_images"] = pick(cond)
+        meta = self._metadata_kwargs(call, pick(metadata))
+        kwargs.update(meta)
+        if call in self.group_wise_calls:
+            if groups is None:
+                i = self.endpoints.index(self._calls[call][0])
+                raise ValueError(
+                    f"rewards.endpoints[{i}]: reward {call[1]!r} is group-wise, so samples "
+                    "must be submitted with their prompt groups (groups=)"
+                )
+            kwargs["group_sizes"] = group_run_lengths(pick(list(groups)))
+        return kwargs
 
     def _metadata_kwargs(
         self, call: tuple[str, str], metadata: Sequence[Mapping[str, Any] | None] | None
@@ -199,45 +326,71 @@ class PendingScores:
     def __init__(
         self,
         scorer: RewardScorer,
-        futures: dict[tuple[str, str], concurrent.futures.Future],
+        futures: dict[tuple[str, str], tuple[list[int] | None, concurrent.futures.Future]],
         num_samples: int,
+        routes: Sequence[Mapping[str, float]] | None = None,
     ) -> None:
         self._scorer = scorer
         self._futures = futures
         self._n = num_samples
+        self._routes = routes
 
     def result(self) -> Scores:
         terms: dict[str, np.ndarray] = {}
         outputs: dict[str, np.ndarray] = {}
-        for (target, reward), future in self._futures.items():
+        for (target, reward), (rows, future) in self._futures.items():
             try:
                 response = future.result()
             except Exception as e:
                 raise RewardScoringError(_describe(target, reward, e)) from e
-            for name, values in response.items():
-                arr = np.asarray(values, dtype=np.float32).reshape(-1)
-                if arr.shape[0] != self._n:
+            expected = self._n if rows is None else len(rows)
+            values: dict[str, np.ndarray] = {}
+            for name, column in response.items():
+                arr = np.asarray(column, dtype=np.float32).reshape(-1)
+                if arr.shape[0] != expected:
                     raise RewardScoringError(
                         f"reward {reward!r} at {target} returned {arr.shape[0]} values for "
-                        f"output {name!r}, expected {self._n}"
+                        f"output {name!r}, expected {expected}"
                     )
                 if not np.isfinite(arr).all():
                     raise RewardScoringError(
                         f"reward {reward!r} at {target} returned non-finite values for "
                         f"output {name!r}"
                     )
-                outputs[f"{reward}/{name}"] = arr
+                values[name] = arr
+                outputs[f"{reward}/{name}"] = self._spread(arr, rows)
             for ep in self._scorer._calls[(target, reward)]:
                 if ep.output not in response:
                     raise RewardScoringError(
                         f"reward {reward!r} at {target} has no output {ep.output!r} "
                         f"(it returned {sorted(response)}); fix rewards.endpoints output"
                     )
-                value = outputs[f"{reward}/{ep.output}"]
+                value = values[ep.output]
                 if ep.threshold is not None:
                     value = (value >= ep.threshold).astype(np.float32)
-                terms[ep.label] = value
-        return Scores(terms=terms, outputs=outputs)
+                terms[ep.label] = self._spread(value, rows)
+        if self._routes is None:
+            return Scores(terms=terms, outputs=outputs)
+        # Terms and outputs of calls no sample was routed to are all NaN, weight 0.
+        for ep in self._scorer.endpoints:
+            nan = np.full(self._n, np.nan, np.float32)
+            terms.setdefault(ep.label, nan)
+            outputs.setdefault(f"{ep.reward}/{ep.output}", nan)
+        weights = {
+            label: np.asarray([route.get(label, 0.0) for route in self._routes], np.float32)
+            for label in terms
+        }
+        for label, column in terms.items():  # a routed sample always has its term
+            assert not np.isnan(column[weights[label] > 0]).any(), label
+        return Scores(terms=terms, outputs=outputs, weights=weights)
+
+    def _spread(self, values: np.ndarray, rows: list[int] | None) -> np.ndarray:
+        """A call's values in the batch's rows (NaN where the call had no sample)."""
+        if rows is None:
+            return values
+        full = np.full(self._n, np.nan, np.float32)
+        full[rows] = values
+        return full
 
 
 def _describe(target: str, reward: str, error: BaseException) -> str:
@@ -248,3 +401,58 @@ def _describe(target: str, reward: str, error: BaseException) -> str:
             "the environment variable holding it)"
         )
     return message
+
+
+class ChunkSubmitter:
+    """``on_chunk`` of a training rollout: sends each finished chunk to the reward services
+    and keeps ``chunks`` (``(rows, pending scores)``, in order).
+
+    When a reward is group-wise (``scorer.needs_whole_groups``), a chunk that ends inside a
+    prompt group waits for the rest of its group: every submission is whole groups, so
+    every group reaches its service in one request. Otherwise chunks go out as they finish.
+
+    Args:
+        scorer: the reward scorer.
+        group_size: samples per prompt group (rows ``[kG, (k+1)G)`` are group ``k``).
+        prompts, condition_images, metadata, routes: per-row columns of the rollout
+            (``None``: absent; ``routes`` as in :meth:`RewardScorer.submit`).
+    """
+
+    def __init__(
+        self,
+        scorer: RewardScorer,
+        group_size: int,
+        prompts: Sequence[str],
+        *,
+        condition_images: torch.Tensor | None = None,
+        metadata: Sequence[Mapping[str, Any] | None] | None = None,
+        routes: Sequence[Mapping[str, float]] | None = None,
+    ) -> None:
+        self.scorer = scorer
+        self.group_size = group_size
+        self.prompts = list(prompts)
+        self.condition_images = condition_images
+        self.metadata = metadata
+        self.routes = routes
+        # Duck-typed scorers (test doubles) without group-wise support score per sample.
+        self.whole_groups = bool(getattr(scorer, "needs_whole_groups", False))
+        self.chunks: list[tuple[slice, PendingScores]] = []
+        self._held: list[tuple[slice, torch.Tensor]] = []
+
+    def __call__(self, rows: slice, frames: torch.Tensor) -> None:
+        self._held.append((rows, frames))
+        if self.whole_groups and rows.stop % self.group_size:
+            return  # the chunk ends inside a group: wait for the group's last sample
+        rows = slice(self._held[0][0].start, rows.stop)
+        if len(self._held) > 1:
+            frames = torch.cat([f for _, f in self._held])
+        self._held.clear()
+        images = self.condition_images[rows] if self.condition_images is not None else None
+        meta = self.metadata[rows] if self.metadata is not None else None
+        extra: dict[str, Any] = {}
+        if self.routes is not None:
+            extra["routes"] = self.routes[rows]
+        if self.whole_groups:
+            extra["groups"] = [i // self.group_size for i in range(rows.start, rows.stop)]
+        pending = self.scorer.submit(frames, self.prompts[rows], images, meta, **extra)
+        self.chunks.append((rows, pending))

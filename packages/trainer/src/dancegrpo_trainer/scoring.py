@@ -57,12 +57,28 @@ class Scores:
 
     @staticmethod
     def concat(parts: Sequence[Scores]) -> Scores:
+        """The parts in order; a column one part lacks (a reward no sample of it was routed
+        to) is NaN there."""
+
+        def join(columns: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+            keys = list(dict.fromkeys(k for c in columns for k in c))
+            sizes = [len(next(iter(p.terms.values()))) for p in parts]
+            return {
+                k: np.concatenate(
+                    [
+                        c.get(k, np.full(n, np.nan, np.float32))
+                        for c, n in zip(columns, sizes, strict=True)
+                    ]
+                )
+                for k in keys
+            }
+
         weights = None
         if parts[0].weights is not None:
-            weights = {k: np.concatenate([p.weights[k] for p in parts]) for k in parts[0].weights}  # type: ignore[index]
+            weights = join([p.weights for p in parts])  # type: ignore[misc]
         return Scores(
-            terms={k: np.concatenate([p.terms[k] for p in parts]) for k in parts[0].terms},
-            outputs={k: np.concatenate([p.outputs[k] for p in parts]) for k in parts[0].outputs},
+            terms=join([p.terms for p in parts]),
+            outputs=join([p.outputs for p in parts]),
             weights=weights,
         )
 
@@ -150,6 +166,11 @@ class RewardScorer:
             if ep.metadata:
                 self._metadata_calls.setdefault((self._targets[ep.label], ep.reward), i)
         self._group_wise: frozenset[tuple[str, str]] | None = None  # read on first use
+        # Each call's output names (ListRewards), so routed batches that skip a call still
+        # carry its columns (NaN): every chunk and rank then logs the same keys.
+        self._output_names: dict[tuple[str, str], list[str]] = {
+            call: list(dict.fromkeys(ep.output for ep in eps)) for call, eps in self._calls.items()
+        }
 
     @property
     def group_wise_calls(self) -> frozenset[tuple[str, str]]:
@@ -184,8 +205,17 @@ class RewardScorer:
                         )
                     if getattr(infos[reward], "scoring_scope", 0) == pb.SCORING_SCOPE_GROUP:
                         found.add((target, reward))
+                    names = list(getattr(infos[reward], "output_names", []))
+                    self._output_names[(target, reward)] = list(
+                        dict.fromkeys([*names, *self._output_names[(target, reward)]])
+                    )
             self._group_wise = frozenset(found)
         return self._group_wise
+
+    def output_names(self) -> dict[tuple[str, str], list[str]]:
+        """Each call's output names (its services' ``ListRewards``, else its endpoints')."""
+        self.group_wise_calls  # noqa: B018 - reads ListRewards once
+        return self._output_names
 
     @property
     def needs_whole_groups(self) -> bool:
@@ -372,10 +402,12 @@ class PendingScores:
         if self._routes is None:
             return Scores(terms=terms, outputs=outputs)
         # Terms and outputs of calls no sample was routed to are all NaN, weight 0.
+        nan = np.full(self._n, np.nan, np.float32)
         for ep in self._scorer.endpoints:
-            nan = np.full(self._n, np.nan, np.float32)
             terms.setdefault(ep.label, nan)
-            outputs.setdefault(f"{ep.reward}/{ep.output}", nan)
+        for (_, reward), names in self._scorer.output_names().items():
+            for name in names:
+                outputs.setdefault(f"{reward}/{name}", nan)
         weights = {
             label: np.asarray([route.get(label, 0.0) for route in self._routes], np.float32)
             for label in terms

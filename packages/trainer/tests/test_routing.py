@@ -331,3 +331,37 @@ def test_mixture_sampler_follows_shares_and_resumes_exactly() -> None:
 def test_pooled_sources_sample_like_one_prompt_list() -> None:
     pooled = PromptSampler(7, seed=1)
     assert sorted(pooled.next_indices(7)) == list(range(7))
+
+
+def test_per_prompt_trackers_see_only_the_prompts_their_reward_scores() -> None:
+    cfg = config_from_dict(
+        {
+            "rewards": {
+                "endpoints": [dict(e) for e in ENDPOINTS],
+                "advantage": "per_prompt",
+                "tracker_buffer_size": 4,
+                "tracker_min_count": 1,
+            },
+            "data": routed_config().to_dict()["data"],
+        }
+    )
+    adv = RewardAdvantages(cfg.rewards, group_size=2)
+    nan = np.nan
+    terms = {
+        "geneval": np.array([1, 0, nan, nan], np.float32),
+        "ocr": np.array([nan, nan, 0.5, 0.25], np.float32),
+        "pick": np.array([20, 22, 18, 19], np.float32),
+    }
+    weights = {
+        "geneval": np.array([1, 1, 0, 0], np.float32),
+        "ocr": np.array([0, 0, 1, 1], np.float32),
+        "pick": np.array([0.5, 0.5, 3, 3], np.float32),
+    }
+    prompts = ["g", "g", "o", "o"]
+    out = adv.of_batch(terms, prompts, weights)
+    assert adv.trackers["geneval"].state_dict()["buffers"] == {"g": [1.0, 0.0]}
+    assert adv.trackers["ocr"].state_dict()["buffers"] == {"o": [0.5, 0.25]}
+    assert set(adv.trackers["pick"].state_dict()["buffers"]) == {"g", "o"}
+    # (r - mean) / (biased std + 1e-6) per prompt, each weighted by its source's weight.
+    expected = [1 * 1 + 0.5 * -1, 1 * -1 + 0.5 * 1, 1 * 1 + 3 * -1, 1 * -1 + 3 * 1]
+    np.testing.assert_allclose(out.numpy(), expected, atol=1e-4)

@@ -23,6 +23,7 @@ from dancegrpo_proto import RewardClient, RewardServiceError
 from dancegrpo_proto.v1 import rewards_pb2 as pb
 from dancegrpo_proto.v1 import rewards_pb2_grpc
 from dancegrpo_rewards.base import RewardBatch, RewardConfigError
+from dancegrpo_rewards.cli import main as cli_main
 from dancegrpo_rewards.kinds.pairwise import PairwisePreferenceReward, pair_schedule, win_rates
 from dancegrpo_rewards.kinds.pairwise_judges import (
     UNIFIEDREWARD_THINK_IMAGE_TEMPLATE,
@@ -300,7 +301,9 @@ def _details(info: pytest.ExceptionInfo[RewardServiceError]) -> tuple[grpc.Statu
     return info.value.code, info.value.details
 
 
-def test_served_group_wise_reward_declares_itself_and_validates_groups() -> None:
+def test_served_group_wise_reward_declares_itself_and_validates_groups(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     rng = np.random.default_rng(0)
     sizes = [3, 2, 4, 6, 2]
     n = sum(sizes)
@@ -314,6 +317,10 @@ def test_served_group_wise_reward_declares_itself_and_validates_groups() -> None
             assert pref.output_names == ["win_rate"]
             assert bright.scoring_scope == pb.SCORING_SCOPE_SAMPLE
             assert (bright.min_group_size, bright.max_group_size) == (0, 0)
+            assert cli_main(["list", "--target", target]) == 0
+            lines = dict(line.split("\t", 1) for line in capsys.readouterr().out.splitlines())
+            assert lines["pref"].endswith("\tgroup-wise groups=2..6")
+            assert "group-wise" not in lines["bright"]
 
             # Chunks of whole groups (chunk_size 5 < 17 samples): each group judged whole.
             out = client.score("pref", images=images, group_sizes=sizes)["win_rate"]

@@ -409,3 +409,95 @@ def test_routed_run_resumes_exactly(services: dict[str, Any], tmp_path: Path) ->
     assert any("source/ocr/samples" in r for r in a) and any(
         "source/geneval/samples" in r for r in a
     )
+
+
+# ------------------------------------------------------------------------------ two ranks
+
+
+def _routed_overrides(target: str, out: Path, prompts_per_step: int) -> list[str]:
+    endpoints = (
+        f"[{{target: '{target}', reward: color_match, output: score, name: color}},"
+        f" {{target: '{target}', reward: brightness, output: score, name: light}}]"
+    )
+    sources = (
+        "[{name: colours, train_prompts: [a red square, a blue square],"
+        " eval_prompts: [a green square], rewards: [color]},"
+        " {name: light, train_prompts: [a white square, a black square],"
+        " eval_prompts: [a grey square], rewards: {light: 1.0, color: 0.5}}]"
+    )
+    return [
+        f"rewards.endpoints={endpoints}",
+        "data.train_prompts=[]",
+        "data.eval_prompts=[]",
+        f"data.sources={sources}",
+        f"run.output_dir={out}",
+        "run.progress=false",
+        "run.max_steps=2",
+        "run.checkpoint_every=0",
+        "run.sample_grid_every=0",
+        "run.resume=never",
+        f"sampling.prompts_per_step={prompts_per_step}",
+        "sampling.group_size=4",
+        "sampling.num_steps=4",
+        "sampling.rollout_batch_size=3",
+        "train.micro_batch_size=3",
+        "train.learning_rate=1e-3",
+        "train.timestep_fraction=0.5",
+        "train.skip_grad_norm_factor=0",
+        "eval.samples_per_prompt=2",
+        "eval.every_steps=2",
+    ]
+
+
+@pytest.mark.slow
+def test_routed_run_on_two_ranks_matches_one_process(tmp_path: Path) -> None:
+    """Routing under ``torchrun`` (gloo, 2 ranks × 2 prompts; the ranks hold different
+    sources, so NaN columns, weights and source names are gathered) reproduces one process
+    × 4 prompts: parameters to float32 noise, per-source metrics to 1e-4."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from dancegrpo_testing.servers import running_reward_server
+
+    script = str(Path(__file__).with_name("test_trainer_distributed.py"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr=127.0.0.1",
+        f"--master_port={port}",
+    ]
+    one, two = tmp_path / "one", tmp_path / "two"
+    with running_reward_server(ROOT / "services/demo.yaml", metrics=False) as server:
+        for cmd in (
+            [sys.executable, script, str(one), *_routed_overrides(server.target, one, 4)],
+            [*torchrun, script, str(two), *_routed_overrides(server.target, two, 2)],
+        ):
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+            assert proc.returncode == 0, proc.stderr[-5000:]
+    single = torch.load(one / "params_rank0.pt", weights_only=True)
+    initial = torch.load(one / "params_initial.pt", weights_only=True)
+    for rank in (0, 1):
+        ranked = torch.load(two / f"params_rank{rank}.pt", weights_only=True)
+        for key, value in single.items():
+            torch.testing.assert_close(ranked[key], value, rtol=0, atol=1e-5, msg=key)
+    assert max(float((single[k] - initial[k]).abs().max()) for k in single) > 1e-3
+    a = [json.loads(line) for line in (one / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["split"], r["step"]) for r in a] == [(r["split"], r["step"]) for r in b]
+    for x, y in zip(a, b, strict=True):
+        keys = {k for k in x if k.startswith(("source/", "reward_mean", "reward_std", "reward/"))}
+        assert keys == {
+            k for k in y if k.startswith(("source/", "reward_mean", "reward_std", "reward/"))
+        }
+        assert {"source/colours/reward_mean", "source/light/reward_mean"} <= keys
+        for k in keys:
+            assert x[k] == pytest.approx(y[k], rel=1e-4, abs=1e-6), (x["step"], k)

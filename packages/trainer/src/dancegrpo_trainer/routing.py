@@ -44,10 +44,6 @@ class RewardRouting:
             raise ValueError(f"prompt {record.prompt!r} has no known source ({record.source!r})")
         return dict(self._by_source[record.source])
 
-    def labels_of(self, source: str) -> list[str]:
-        """The labels that score ``source``."""
-        return list(self._by_source[source])
-
     def sample_routes(
         self, records: Sequence[PromptRecord], repeats: int
     ) -> list[dict[str, float]] | None:

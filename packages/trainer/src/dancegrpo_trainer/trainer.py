@@ -318,8 +318,7 @@ class Trainer:
             metadata=metadata,
             routes=self.routing.sample_routes(records, s.group_size),
         )
-        chunks = submitter.chunks
-        on_chunk = submitter
+        chunks = submitter.chunks  # (rows, pending scores), whole groups when group-wise
 
         t0 = time.perf_counter()
         rollout = sample_rollout(
@@ -330,7 +329,7 @@ class Trainer:
             eta=s.eta,
             row_generators=sde_generators,
             chunk_size=s.rollout_batch_size,
-            on_chunk=on_chunk,
+            on_chunk=submitter,
             autocast=self._autocast(),
             progress=self._progress(),
             desc=f"rollout {self.step + 1}",

@@ -30,6 +30,7 @@ from dancegrpo_rewards.kinds.pairwise_judges import (
     VLMPairwiseOptions,
     parse_pairwise_answer,
 )
+from dancegrpo_rewards.registry import reward_class
 from dancegrpo_testing.openai_judge import ChatInput, serve_judge
 from dancegrpo_testing.servers import running_reward_server
 
@@ -152,6 +153,13 @@ def test_options_fail_at_construction_naming_the_key() -> None:
                 }
             },
         )
+    inner = {
+        "kind": "pairwise_preference",
+        "judge": {"type": "score", "reward": {"kind": "brightness"}},
+    }
+    for wrapper, extra in (("threshold", {"threshold": 0.5}), ("video_frames", {})):
+        with pytest.raises(RewardConfigError, match=f"group-wise; {wrapper} needs a per-sample"):
+            reward_class(wrapper)("w", {"reward": inner, **extra})
     with pytest.raises(RewardConfigError, match="'mode'"):
         PairwisePreferenceReward(
             "pref",

@@ -31,6 +31,11 @@ class ConfigError(ValueError):
 MixedPrecision = Literal["no", "bf16", "fp16"]
 #: Adapters built on HunyuanVideo's VAE and transformer (same frame/pixel geometry).
 HUNYUAN_VIDEO_KINDS = ("hunyuan_video", "skyreels_i2v")
+#: Wan adapters: Wan2.1 / Wan2.2-A14B text-to-video, their image-to-video models, and
+#: Wan2.2 TI2V-5B (text or image); the pixel multiple of each (VAE factor × patch 2).
+WAN_KINDS = {"wan_t2v": 16, "wan_i2v": 16, "wan_ti2v": 32}
+#: Kinds whose every prompt needs a conditioning image (``.jsonl`` prompt files).
+I2V_KINDS = ("skyreels_i2v", "wan_i2v")
 AdvantageMode = Literal["group", "per_prompt"]
 
 
@@ -41,12 +46,15 @@ class ModelConfig:
     Attributes:
         kind: adapter name: ``tiny_flow`` (the CPU demo policy), ``stable_diffusion``, ``flux``,
             ``hunyuan_video`` (text-to-video), ``skyreels_i2v`` (image-to-video: prompts
-            come from a ``.jsonl`` file whose rows carry a ``condition_image``).
+            come from a ``.jsonl`` file whose rows carry a ``condition_image``), ``wan_t2v``
+            (Wan2.1 T2V, Wan2.2 T2V-A14B), ``wan_i2v`` (Wan2.1 I2V, Wan2.2 I2V-A14B; ``.jsonl``
+            prompts with images), ``wan_ti2v`` (Wan2.2 TI2V-5B: text, or images when the
+            prompt rows carry them).
         path: local diffusers-format folder; ``${ENV}`` references expand when the model
             is built (e.g. ``${DANCEGRPO_WEIGHTS}/flux-dev``). Unused by ``tiny_flow``.
         height, width: output resolution in pixels.
         num_frames: 1 for images; > 1 for video adapters (frames ``[N,T,H,W,3]``);
-            ``hunyuan_video`` and ``skyreels_i2v``: ``4k + 1`` (e.g. 53).
+            ``hunyuan_video``, ``skyreels_i2v`` and the Wan kinds: ``4k + 1`` (e.g. 53, 81).
         guidance_scale: classifier-free (SD) or embedded (FLUX, HunyuanVideo, SkyReels)
             guidance; SkyReels' true CFG weight is ``options.true_cfg_scale``.
         dtype: weight dtype of the frozen parts (``float32``, ``bfloat16``, ``float16``).
@@ -66,10 +74,12 @@ class ModelConfig:
     init_checkpoint: str | None = None
 
     def validate(self) -> None:
-        known = ("tiny_flow", "stable_diffusion", "flux", "hunyuan_video", "skyreels_i2v")
+        known = ("tiny_flow", "stable_diffusion", "flux", *HUNYUAN_VIDEO_KINDS, *WAN_KINDS)
         _check(self.kind in known, "model.kind", f"must be one of {known}, got {self.kind!r}")
         if self.kind in HUNYUAN_VIDEO_KINDS:
             self._validate_hunyuan_video()
+        if self.kind in WAN_KINDS:
+            self._validate_wan()
         _check(
             self.kind == "tiny_flow" or bool(self.path),
             "model.path",
@@ -98,6 +108,26 @@ class ModelConfig:
                 f"model.{name}",
                 f"must be a multiple of 16 for {self.kind} (VAE 8x, patch 2), got {value}; "
                 f"try {max(16, round(value / 16) * 16)}",
+            )
+
+    def _validate_wan(self) -> None:
+        """Wan's geometry: the VAE keeps frame 0 and compresses time 4x (``4k + 1``
+        frames), space 8x (Wan2.1 VAE) or 16x (Wan2.2 TI2V-5B VAE), and the transformer
+        patches 2x2 latents (pixel sizes multiples of 16, or 32 for ``wan_ti2v``)."""
+        _check(
+            self.num_frames % 4 == 1,
+            "model.num_frames",
+            f"must be 4k + 1 for {self.kind} (e.g. 81 as Wan's default, 33, 121 for TI2V-5B), "
+            f"got {self.num_frames}",
+        )
+        multiple = WAN_KINDS[self.kind]
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            _check(
+                value % multiple == 0,
+                f"model.{name}",
+                f"must be a multiple of {multiple} for {self.kind} (VAE {multiple // 2}x, "
+                f"patch 2), got {value}; try {max(multiple, round(value / multiple) * multiple)}",
             )
 
 
@@ -480,7 +510,7 @@ class GRPOConfig:
         self.data.validate()
         self.eval.validate()
         self.run.validate()
-        if self.model.kind == "skyreels_i2v":
+        if self.model.kind in I2V_KINDS:
             self._validate_i2v_prompts()
         self._validate_metadata_prompts()
         bon = self.rewards.best_of_n

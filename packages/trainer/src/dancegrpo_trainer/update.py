@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from dancegrpo_trainer.config import TrainConfig
 from dancegrpo_trainer.core import gaussian_mean_kl, grpo_loss, select_timesteps
 from dancegrpo_trainer.distributed import average_gradients
-from dancegrpo_trainer.policies.base import Policy
+from dancegrpo_trainer.policies.base import Policy, Schedule
 from dancegrpo_trainer.rollout import Rollout
 from dancegrpo_trainer.weights import ReferencePolicy
 
@@ -134,7 +134,7 @@ class GradientAccumulator:
         self.module.train()
         optimizer.zero_grad(set_to_none=True)
 
-    def _steps_of(self, batch_index: int, num_steps: int) -> list[int]:
+    def _steps_of(self, batch_index: int, schedule: Schedule) -> list[int]:
         """The timestep subset of global micro-batch ``batch_index`` (drawn once)."""
         if batch_index not in self._timesteps:
             gen = (
@@ -142,14 +142,30 @@ class GradientAccumulator:
                 if self._timestep_generator is not None
                 else self._generator
             )
-            self._timesteps[batch_index] = select_timesteps(
+            allowed = self._allowed_steps(schedule)
+            picks = select_timesteps(
                 1,
-                num_steps,
+                len(allowed) if allowed is not None else schedule.num_steps,
                 timestep_fraction=self.cfg.timestep_fraction,
                 generator=gen,
-                skip_last=self.cfg.skip_last_timestep,
+                skip_last=self.cfg.skip_last_timestep and allowed is None,
             )[0].tolist()
+            self._timesteps[batch_index] = picks if allowed is None else [allowed[j] for j in picks]
         return self._timesteps[batch_index]
+
+    def _allowed_steps(self, schedule: Schedule) -> list[int] | None:
+        """The policy's trainable steps (``None``: all), less the last with
+        ``skip_last_timestep``."""
+        allowed = self.policy.trainable_steps(schedule)
+        if allowed is None:
+            return None
+        last = schedule.num_steps - 1
+        allowed = [s for s in allowed if not (self.cfg.skip_last_timestep and s == last)]
+        if not allowed:
+            raise ValueError(
+                "no trainable step is left once train.skip_last_timestep drops the last"
+            )
+        return allowed
 
     def accumulate(
         self, rollout: Rollout, advantages: torch.Tensor, *, sample_offset: int = 0
@@ -172,7 +188,7 @@ class GradientAccumulator:
         while start < n:
             batch_index, within = divmod(sample_offset + start, mb)
             stop = min(start + mb - within, n)
-            steps = self._steps_of(batch_index, rollout.schedule.num_steps)
+            steps = self._steps_of(batch_index, rollout.schedule)
             self._micro_batch(rollout, advantages, start, stop, steps)
             self._bar.update(stop - start)
             start = stop

@@ -141,6 +141,15 @@ class Policy(abc.ABC):
     def trainable_module(self) -> nn.Module:
         """The module GRPO updates (UNet / transformer / the demo network)."""
 
+    def trainable_steps(self, schedule: Schedule) -> list[int] | None:
+        """The step indices whose log-probabilities depend on the trainable module, where
+        that is not every step (e.g. a two-expert model training one expert: the other
+        expert's steps carry no gradient); the update draws its timesteps among them.
+
+        Default: ``None``, every step.
+        """
+        return None
+
     @property
     def lora_target_modules(self) -> list[str]:
         """Module-name patterns for ``peft.LoraConfig(target_modules=...)``."""

@@ -51,7 +51,8 @@ class FlowTransformerConfig(RuntimeConfig):
             raise ValueError(
                 f"noise_schedule must be 'dance' or 'flow_grpo', got {self.noise_schedule!r}"
             )
-        if self.shift <= 0:
+        # None: an adapter that reads the shift from its checkpoint (Wan).
+        if self.shift is not None and self.shift <= 0:
             raise ValueError(f"shift must be > 0, got {self.shift}")
 
 

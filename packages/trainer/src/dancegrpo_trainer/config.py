@@ -336,7 +336,8 @@ class TrainConfig:
         fsdp: shard the trainable module's parameters, gradients and optimiser state
             across ranks (FSDP2 ``fully_shard``, per block of ``Policy.fsdp_block_types``);
             needs a distributed launch with more than one process. Trains exactly like
-            the unsharded run (same gradient, same checkpoints).
+            the unsharded run (same gradient, same checkpoints), with LoRA (frozen base
+            sharded too), EMA and the KL penalty.
     """
 
     learning_rate: float = 1e-5
@@ -392,18 +393,6 @@ class TrainConfig:
         _check(0 <= self.ema_decay < 1, "train.ema_decay", "must be in [0, 1) (0 disables)")
         _check(self.lora.rank >= 0, "train.lora.rank", "must be >= 0 (0 = full fine-tune)")
         _check(0 <= self.lora.dropout < 1, "train.lora.dropout", "must be in [0, 1)")
-        if self.fsdp:
-            # EMA and the full-fine-tune KL reference swap weights by pointer (p.data = t),
-            # which is unsupported on sharded (DTensor) parameters.
-            why = "it swaps weights by pointer, which is unsupported on sharded parameters"
-            _check(self.ema_decay == 0, "train.ema_decay", f"must be 0 with train.fsdp: {why}")
-            _check(self.kl_coef == 0, "train.kl_coef", f"must be 0 with train.fsdp: {why}")
-            _check(
-                not self.lora.enabled,
-                "train.lora.rank",
-                "must be 0 with train.fsdp (LoRA under FSDP is untested); shard a full "
-                "fine-tune or use LoRA without FSDP",
-            )
 
 
 @dataclasses.dataclass

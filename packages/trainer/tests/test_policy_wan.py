@@ -356,29 +356,29 @@ def test_rows_at_different_timesteps_go_to_different_experts():
     torch.testing.assert_close(mixed, torch.cat([first, second]), atol=1e-6, rtol=0)
 
 
-def test_trainable_steps_follow_the_trained_expert():
+def test_step_groups_follow_the_trained_experts():
     schedule = _policy("wan22_t2v_a14b").schedule(STEPS)
-    assert _policy("wan22_t2v_a14b").trainable_steps(schedule) is None
+    assert _policy("wan21_t2v").step_groups(schedule) is None
+    assert _policy("wan22_t2v_a14b").step_groups(schedule) == [[0, 1], [2, 3, 4]]
     high = _policy("wan22_t2v_a14b", train_experts="high_noise")
     low = _policy("wan22_t2v_a14b", train_experts="low_noise")
-    assert high.trainable_steps(schedule) == [0, 1]
-    assert low.trainable_steps(schedule) == [2, 3, 4]
+    assert high.step_groups(schedule) == [[0, 1]]
+    assert low.step_groups(schedule) == [[2, 3, 4]]
     assert high.trainable_module() is high.transformer
     assert low.trainable_module() is low.transformer_2
     assert all(not p.requires_grad for p in low.transformer.parameters())
     with pytest.raises(ValueError, match="train_experts='low_noise': none of the 1 steps"):
-        low.trainable_steps(low.schedule(1))  # t = 1000 only: the high-noise expert's
+        low.step_groups(low.schedule(1))  # t = 1000 only: the high-noise expert's
     with pytest.raises(ValueError, match="needs a two-expert model"):
         _policy("wan21_t2v", train_experts="low_noise")
 
 
-def test_training_one_expert_updates_only_it_on_its_own_steps():
-    """``grpo_update`` with ``train_experts: low_noise``: every trained timestep is one of
-    the low-noise expert's, its weights move, the high-noise expert's do not."""
+def _update_recording_steps(policy: WanPolicy, fraction: float) -> list[list[int]]:
+    """One ``grpo_update`` on 4 rollouts (micro-batches of 2); the steps each micro-batch
+    recomputed, in order."""
     from dancegrpo_trainer.rollout import sample_rollout
     from dancegrpo_trainer.update import GradNormMonitor, grpo_update
 
-    policy = _policy("wan22_t2v_a14b", train_experts="low_noise", guidance_scale=1.0)
     cond = policy.encode_prompts(PROMPTS).select([0, 0, 1, 1])
     rollout = sample_rollout(
         policy,
@@ -389,30 +389,52 @@ def test_training_one_expert_updates_only_it_on_its_own_steps():
         generator=torch.Generator().manual_seed(1),
         chunk_size=4,
     )
-    high = [p.detach().clone() for p in policy.transformer.parameters()]
-    low = [p.detach().clone() for p in policy.transformer_2.parameters()]
-    module = policy.trainable_module()
-    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-3)
-    seen: list[int] = []
+    optimizer = torch.optim.AdamW(policy.trainable_module().parameters(), lr=1e-3)
+    seen: list[tuple[int, int]] = []
     original = policy.denoise_step
 
     def recording(x, i, *args, **kwargs):
-        seen.append(i)
+        seen.append((x.shape[0], i))
         return original(x, i, *args, **kwargs)
 
     policy.denoise_step = recording  # type: ignore[method-assign]
-    cfg = TrainConfig(timestep_fraction=0.7, micro_batch_size=2, clip_range=10.0)
+    cfg = TrainConfig(timestep_fraction=fraction, micro_batch_size=2, clip_range=10.0)
+    advantages = torch.tensor([1.0, -1.0, 0.5, -0.5])
     grpo_update(
         policy,
         optimizer,
         rollout,
-        torch.tensor([1.0, -1.0, 0.5, -0.5]),
+        advantages,
         cfg=cfg,
         eta=0.7,
-        generator=torch.Generator().manual_seed(2),
+        timestep_generator=lambda k: torch.Generator().manual_seed(10 + k),
         grad_monitor=GradNormMonitor(5, 0),
     )
-    assert seen and set(seen) <= {2, 3, 4} and len(seen) == 2 * 2  # floor(0.7·3) per micro-batch
+    per_batch = len(seen) // 2
+    return [[i for _, i in seen[:per_batch]], [i for _, i in seen[per_batch:]]]
+
+
+def test_every_micro_batch_trains_each_expert_in_the_same_order():
+    """Both experts trained: each micro-batch draws from the high-noise steps, then from the
+    low-noise ones (fraction 0.5: 1 of 2, then 1 of 3), whatever its random subset."""
+    policy = _policy("wan22_t2v_a14b", guidance_scale=1.0)
+    batches = _update_recording_steps(policy, 0.5)
+    for steps in batches:
+        assert len(steps) == 2 and steps[0] in (0, 1) and steps[1] in (2, 3, 4)
+    assert [
+        policy.expert_indices(policy.schedule(STEPS).timesteps[b]).tolist() for b in batches
+    ] == [[0, 1]] * 2
+
+
+def test_training_one_expert_updates_only_it_on_its_own_steps():
+    """``grpo_update`` with ``train_experts: low_noise``: every trained timestep is one of
+    the low-noise expert's, its weights move, the high-noise expert's do not."""
+    policy = _policy("wan22_t2v_a14b", train_experts="low_noise", guidance_scale=1.0)
+    high = [p.detach().clone() for p in policy.transformer.parameters()]
+    low = [p.detach().clone() for p in policy.transformer_2.parameters()]
+    batches = _update_recording_steps(policy, 0.7)
+    assert [len(b) for b in batches] == [2, 2]  # floor(0.7 · 3) of the low-noise steps
+    assert set(batches[0] + batches[1]) <= {2, 3, 4}
     assert all(
         torch.equal(a, b) for a, b in zip(high, policy.transformer.parameters(), strict=True)
     )

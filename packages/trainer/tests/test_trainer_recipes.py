@@ -627,7 +627,7 @@ def test_wan22_i2v_a14b_recipe_trains_the_high_noise_expert_alone(
     trainer = run_recipe("wan22_i2v_a14b_videoalign", tmp_path, *WAN_CPU, "train.fsdp=false")
     policy = trainer.policy
     assert policy.trainable_module() is policy.transformer and policy.boundary_ratio == 0.9
-    assert policy.trainable_steps(policy.schedule(3)) == [0, 1]
+    assert policy.step_groups(policy.schedule(3)) == [[0, 1]]
     assert all(not p.requires_grad for p in policy.transformer_2.parameters())
     assert not any("lora_" in n for n, _ in policy.transformer_2.named_parameters())
     assert records(tmp_path)[0]["samples"] == 8

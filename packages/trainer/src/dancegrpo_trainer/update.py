@@ -135,37 +135,53 @@ class GradientAccumulator:
         optimizer.zero_grad(set_to_none=True)
 
     def _steps_of(self, batch_index: int, schedule: Schedule) -> list[int]:
-        """The timestep subset of global micro-batch ``batch_index`` (drawn once)."""
+        """The timestep subset of global micro-batch ``batch_index`` (drawn once).
+
+        A policy with :meth:`~dancegrpo_trainer.policies.base.Policy.step_groups` gets
+        ``timestep_fraction`` of each group (at least one step), the groups in their order:
+        every micro-batch then runs the same sequence of sub-networks (e.g. Wan2.2's
+        experts), which sharded (FSDP) ranks must do in lockstep.
+        """
         if batch_index not in self._timesteps:
             gen = (
                 self._timestep_generator(batch_index)
                 if self._timestep_generator is not None
                 else self._generator
             )
-            allowed = self._allowed_steps(schedule)
-            picks = select_timesteps(
-                1,
-                len(allowed) if allowed is not None else schedule.num_steps,
-                timestep_fraction=self.cfg.timestep_fraction,
-                generator=gen,
-                skip_last=self.cfg.skip_last_timestep and allowed is None,
-            )[0].tolist()
-            self._timesteps[batch_index] = picks if allowed is None else [allowed[j] for j in picks]
+            groups = self._step_groups(schedule)
+            if groups is None:
+                steps = select_timesteps(
+                    1,
+                    schedule.num_steps,
+                    timestep_fraction=self.cfg.timestep_fraction,
+                    generator=gen,
+                    skip_last=self.cfg.skip_last_timestep,
+                )[0].tolist()
+            else:
+                steps = []
+                for group in groups:
+                    picks = select_timesteps(
+                        1, len(group), timestep_fraction=self.cfg.timestep_fraction, generator=gen
+                    )[0]
+                    steps += [group[j] for j in picks.tolist()]
+            self._timesteps[batch_index] = steps
         return self._timesteps[batch_index]
 
-    def _allowed_steps(self, schedule: Schedule) -> list[int] | None:
-        """The policy's trainable steps (``None``: all), less the last with
-        ``skip_last_timestep``."""
-        allowed = self.policy.trainable_steps(schedule)
-        if allowed is None:
+    def _step_groups(self, schedule: Schedule) -> list[list[int]] | None:
+        """The policy's step groups (``None``: one draw over every step), less the last step
+        with ``skip_last_timestep`` and any group that leaves empty."""
+        groups = self.policy.step_groups(schedule)
+        if groups is None:
             return None
         last = schedule.num_steps - 1
-        allowed = [s for s in allowed if not (self.cfg.skip_last_timestep and s == last)]
-        if not allowed:
+        skip = self.cfg.skip_last_timestep
+        groups = [[s for s in g if not (skip and s == last)] for g in groups]
+        groups = [g for g in groups if g]
+        if not groups:
             raise ValueError(
                 "no trainable step is left once train.skip_last_timestep drops the last"
             )
-        return allowed
+        return groups
 
     def accumulate(
         self, rollout: Rollout, advantages: torch.Tensor, *, sample_offset: int = 0

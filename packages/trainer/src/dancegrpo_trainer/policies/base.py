@@ -141,12 +141,16 @@ class Policy(abc.ABC):
     def trainable_module(self) -> nn.Module:
         """The module GRPO updates (UNet / transformer / the demo network)."""
 
-    def trainable_steps(self, schedule: Schedule) -> list[int] | None:
-        """The step indices whose log-probabilities depend on the trainable module, where
-        that is not every step (e.g. a two-expert model training one expert: the other
-        expert's steps carry no gradient); the update draws its timesteps among them.
+    def step_groups(self, schedule: Schedule) -> list[list[int]] | None:
+        """Groups of step indices the update samples separately, where the steps are not
+        all alike: each micro-batch trains ``timestep_fraction`` of every group (at least one
+        step each), group after group, and never a step outside the groups. A model that
+        routes steps to different sub-networks (Wan2.2's two experts) lists each one's
+        steps, so that every micro-batch on every rank runs the same sequence of
+        sub-networks (sharded ranks must), and leaves out the steps of a frozen one (their
+        log-probabilities carry no gradient).
 
-        Default: ``None``, every step.
+        Default: ``None``, one draw over every step.
         """
         return None
 

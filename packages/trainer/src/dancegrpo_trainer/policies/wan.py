@@ -506,21 +506,24 @@ class WanPolicy(FlowTransformerPolicy):
             return torch.zeros(t.shape, dtype=torch.long, device=t.device)
         return (t < self.boundary_timestep).long()
 
-    def trainable_steps(self, schedule: Schedule) -> list[int] | None:
-        """With one expert of two training, the steps it denoises (the other expert's
-        log-probabilities carry no gradient); ``None`` (every step) otherwise."""
-        which = self.config.train_experts
-        if which == "all":
+    def step_groups(self, schedule: Schedule) -> list[list[int]] | None:
+        """With two experts, the steps of each trained expert (high-noise first): every
+        micro-batch then trains the same number of steps of each expert in the same order
+        (what FSDP's collectives need when ranks draw different timesteps), and a frozen
+        expert's steps, which carry no gradient, are never drawn. ``None`` with one
+        transformer."""
+        if self.experts is None:
             return None
-        wanted = 0 if which == "high_noise" else 1
-        steps = (self.expert_indices(schedule.timesteps) == wanted).nonzero().flatten().tolist()
-        if not steps:
+        experts = self.expert_indices(schedule.timesteps)
+        trained = {"all": (0, 1), "high_noise": (0,), "low_noise": (1,)}[self.config.train_experts]
+        groups = [(experts == e).nonzero().flatten().tolist() for e in trained]
+        if not any(groups):
             raise ValueError(
-                f"train_experts={which!r}: none of the {schedule.num_steps} steps is below/above "
-                f"the boundary t = {self.boundary_timestep:g} for that expert; change "
-                "sampling.num_steps, shift or train_experts"
+                f"train_experts={self.config.train_experts!r}: none of the "
+                f"{schedule.num_steps} steps is on that side of the boundary t = "
+                f"{self.boundary_timestep:g}; change sampling.num_steps, shift or train_experts"
             )
-        return steps
+        return [g for g in groups if g]
 
     def predict(
         self, latents: torch.Tensor, timestep: torch.Tensor | float, cond: Conditioning

@@ -134,7 +134,9 @@ class GradientAccumulator:
         self.module.train()
         optimizer.zero_grad(set_to_none=True)
 
-    def _steps_of(self, batch_index: int, schedule: Schedule) -> list[int]:
+    def _steps_of(
+        self, batch_index: int, num_steps: int, schedule: Schedule | None = None
+    ) -> list[int]:
         """The timestep subset of global micro-batch ``batch_index`` (drawn once).
 
         A policy with :meth:`~dancegrpo_trainer.policies.base.Policy.step_groups` gets
@@ -148,11 +150,11 @@ class GradientAccumulator:
                 if self._timestep_generator is not None
                 else self._generator
             )
-            groups = self._step_groups(schedule)
+            groups = self._step_groups(schedule) if schedule is not None else None
             if groups is None:
                 steps = select_timesteps(
                     1,
-                    schedule.num_steps,
+                    num_steps,
                     timestep_fraction=self.cfg.timestep_fraction,
                     generator=gen,
                     skip_last=self.cfg.skip_last_timestep,
@@ -204,7 +206,7 @@ class GradientAccumulator:
         while start < n:
             batch_index, within = divmod(sample_offset + start, mb)
             stop = min(start + mb - within, n)
-            steps = self._steps_of(batch_index, rollout.schedule)
+            steps = self._steps_of(batch_index, rollout.schedule.num_steps, rollout.schedule)
             self._micro_batch(rollout, advantages, start, stop, steps)
             self._bar.update(stop - start)
             start = stop

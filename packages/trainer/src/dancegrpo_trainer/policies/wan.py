@@ -466,6 +466,11 @@ class WanPolicy(FlowTransformerPolicy):
         return torch.where(keep[..., None], hidden, torch.zeros((), dtype=hidden.dtype))
 
     # ----------------------------------------------------------------- sampling
+    @property
+    def schedule_shift(self) -> float:
+        """The shift :meth:`schedule` uses (``config.shift``, or the checkpoint's)."""
+        return self.shift
+
     def schedule(self, num_steps: int | None = None) -> Schedule:
         """Shifted ``sigmas`` ``[n + 1]`` from 1 to 0 (the shift resolved at construction)
         and ``timesteps = 1000·sigmas[:-1]``: the flow schedule of the checkpoint's UniPC

@@ -212,7 +212,9 @@ class Trainer:
                     "preprocess --config ... --overwrite` (it caches train and eval prompts)"
                 )
 
-        self.scorer = scorer or RewardScorer(cfg.rewards.endpoints)
+        self.scorer = scorer or RewardScorer(
+            cfg.rewards.endpoints, outage_budget_s=cfg.rewards.outage_budget_s
+        )
         self.weights = {ep.label: ep.weight for ep in cfg.rewards.endpoints}
         # The per-prompt tracker normalises over the whole global batch (a prompt may
         # recur in it), so its advantages exist only once every reward is in.

@@ -1,4 +1,4 @@
-"""p1, p1b, p2: the reward hub's serving overhead, as side-by-side throughput ratios.
+"""p1, p1b, p2, p1_cheap: the reward hub's serving overhead, as side-by-side throughput ratios.
 
 One randomly initialised CLIP ViT-B/32 at 224 px (the ``clip`` kind; its forward dominates)
 is scored three ways with batch 8:
@@ -283,6 +283,102 @@ def run_transport(repeats: int = 8) -> list[dict]:
     ]
 
 
+CHEAP_SIZE = 256
+
+
+@contextlib.contextmanager
+def floor_server() -> Iterator[str]:
+    """Runs ``grpc_floor_server.py`` (receive the bytes, answer 2 bytes); yields its target."""
+    proc = subprocess.Popen(
+        [sys.executable, str(BENCH_DIR / "grpc_floor_server.py")],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        port = int(proc.stdout.readline())
+        yield f"127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(20)
+
+
+def run_cheap(repeats: int = 8) -> list[dict]:
+    """p1_cheap: p1's comparison (1 client, batch 8, one request at a time) with a cheap
+    reward, where the fixed cost of a request is what shows.
+
+    The reward is ``jpeg_compressibility`` (DDPO's compressibility, weight-free, a few ms
+    per batch) on 8 photo-like 256 px images (1.5 MB raw per request). In process:
+    ``score`` on one dedicated worker thread, as p1. Over gRPC: the real server and
+    ``RewardClient``. Measured in the same interleaved run, as information: the transport
+    floor, the same request bytes sent to ``grpc_floor_server.py`` (a grpc.aio server that
+    answers without reading them), which bounds what any gRPC server could reach here.
+    """
+    import grpc
+
+    from dancegrpo_proto import RewardClient, codec
+    from dancegrpo_rewards.base import RewardBatch
+    from dancegrpo_rewards.kinds.weight_free import JpegCompressibility
+    from dancegrpo_testing.servers import running_reward_server
+    from grpc_floor_server import METHOD
+
+    images = smooth_images(BATCH, CHEAP_SIZE)
+    prompts = ["a photo"] * BATCH
+    reward = JpegCompressibility("jpeg", {})
+    inproc_batch = RewardBatch(prompts, list(images), [None] * BATCH, [None] * BATCH)
+    model_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="inproc")
+    config = {
+        "server": {"host": "127.0.0.1", "grace_period_s": 5},
+        "rewards": {"jpeg": {"kind": "jpeg_compressibility", "max_batch_size": BATCH}},
+    }
+    with (
+        running_reward_server(config, metrics=False, startup_timeout_s=180) as server,
+        floor_server() as floor_target,
+        RewardClient(server.target, timeout=300) as client,
+        grpc.insecure_channel(
+            floor_target, options=[("grpc.max_send_message_length", 1 << 30)]
+        ) as floor_channel,
+    ):
+        expected = reward.score(inproc_batch)["score"]
+        got = client.score("jpeg", images=images, prompts=prompts)["score"]
+        np.testing.assert_array_equal(got, expected)
+        send_to_floor = floor_channel.unary_unary(METHOD)
+
+        def grpc_side() -> None:
+            client.score("jpeg", images=images, prompts=prompts)
+
+        def inproc_side() -> None:
+            model_thread.submit(reward.score, inproc_batch).result()
+
+        def floor_side() -> None:  # what RewardClient sends, to a server that does nothing
+            send_to_floor(codec.serialize_score_request("jpeg", images, prompts), timeout=300)
+
+        t = interleaved(grpc_side, inproc_side, repeats=repeats * 8)
+        floor = interleaved(floor_side, inproc_side, repeats=repeats * 8)
+    model_thread.shutdown()
+    ratio = t.b_s / t.a_s
+    best = floor.b_s / (floor.b_s + floor.a_s)
+    return [
+        record(
+            "p1_cheap_grpc_over_inproc",
+            ratio,
+            ">= 0.85",
+            ratio >= 0.85,
+            {
+                "summary": f"jpeg_compressibility, {BATCH} x {CHEAP_SIZE}px photo-like, batch "
+                f"{BATCH}: gRPC {t.a_s * 1e3:.2f} ms vs in-process {t.b_s * 1e3:.2f} ms; "
+                f"bare gRPC round trip of the same bytes {floor.a_s * 1e3:.2f} ms "
+                f"(best reachable here {best:.2f})",
+                "grpc_s": t.a_samples,
+                "inproc_s": t.b_samples,
+                "floor_s": floor.a_samples,
+                "floor_inproc_s": floor.b_samples,
+                "best_reachable": round(best, 4),
+            },
+        )
+    ]
+
+
 if __name__ == "__main__":
     run()
     run_transport()
+    run_cheap()

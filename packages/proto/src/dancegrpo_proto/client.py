@@ -42,7 +42,7 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from dancegrpo_proto import codec
+from dancegrpo_proto import allocator, codec
 from dancegrpo_proto.targets import host_name, replica_addresses
 from dancegrpo_proto.v1 import rewards_pb2 as pb
 from dancegrpo_proto.v1 import rewards_pb2_grpc
@@ -191,6 +191,9 @@ class RewardClient:
             (``private_key``/``certificate_chain`` for mTLS).
         max_message_bytes: gRPC send/receive limit (default 512 MiB, like the server).
         channel_options: extra gRPC channel arguments.
+        tune_malloc: apply ``dancegrpo_proto.allocator.tune_malloc()`` to this process
+            (glibc keeps freed request-sized buffers instead of re-faulting their pages on
+            every call; ~1.5 ms per 1.5 MB request on 2 cores). Process-wide, once.
     """
 
     def __init__(
@@ -209,6 +212,7 @@ class RewardClient:
         certificate_chain: bytes | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         channel_options: Sequence[tuple[str, Any]] = (),
+        tune_malloc: bool = True,
     ) -> None:
         target_list = [targets] if isinstance(targets, str) else list(targets)
         if not target_list or not all(isinstance(t, str) and t for t in target_list):
@@ -223,6 +227,8 @@ class RewardClient:
             raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
         if encoding not in codec.ENCODINGS:
             raise ValueError(f"encoding must be one of {codec.ENCODINGS}, got {encoding!r}")
+        if tune_malloc:
+            allocator.tune_malloc()
         self.timeout = timeout
         self.attempt_timeout = attempt_timeout
         self.retry = retry or RetryPolicy()

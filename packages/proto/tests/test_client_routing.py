@@ -7,6 +7,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import json
+import shutil
 import signal
 import socket
 import threading
@@ -27,6 +28,7 @@ from dancegrpo_proto.client import (
     service_config,
 )
 from dancegrpo_proto.v1 import rewards_pb2 as pb
+from dancegrpo_testing.certs import make_test_certs
 from dancegrpo_testing.servers import PROBE_KIND, running_reward_server
 
 PROTO_DIR = Path(__file__).resolve().parents[1] / "proto/dancegrpo/rewards/v1"
@@ -158,6 +160,27 @@ def test_wait_until_ready_skips_addresses_that_refuse_connections():
             client.wait_until_ready(timeout=30)
     with RewardClient(refused) as client, pytest.raises(TimeoutError, match="UNAVAILABLE"):
         client.wait_until_ready(timeout=0.5)  # but a target needs one replica that answers
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI")
+def test_wait_until_ready_over_tls_checks_each_address_against_the_target_name(tmp_path):
+    # The probe of each resolved address must still verify the certificate for the name
+    # in the target ("localhost"), not for the address it connects to (127.0.0.1, which
+    # this certificate does not name).
+    make_test_certs(tmp_path, server_san="DNS:localhost")
+    config = {
+        "server": {
+            "tls": {"cert": str(tmp_path / "server.pem"), "key": str(tmp_path / "server.key")}
+        },
+        **COLOR,
+    }
+    ca = (tmp_path / "ca.pem").read_bytes()
+    # wait_for_health=False: the helper's own probe would check the name 127.0.0.1.
+    with running_reward_server(config, wait_for_health=False) as server:
+        port = server.target.rsplit(":", 1)[1]
+        with RewardClient(f"localhost:{port}", root_certificates=ca) as client:
+            client.wait_until_ready(timeout=30)
+            assert client.score("color", images=IMAGE, prompts=PROMPT)["score"].shape == (1,)
 
 
 def test_published_service_config_matches_the_client_defaults():

@@ -242,7 +242,7 @@ class RewardClient:
             **DEFAULT_CHANNEL_OPTIONS,
             **dict(channel_options),
         }
-        self._options = list(merged.items())
+        options = list(merged.items())
         self._credentials = None
         if root_certificates or private_key or certificate_chain:
             self._credentials = grpc.ssl_channel_credentials(
@@ -252,7 +252,7 @@ class RewardClient:
             )
         self._channels: list[_Channel] = []
         for target in target_list:
-            channel = self._open_channel(target, self._options)
+            channel = self._open_channel(target, options)
             score_bytes = channel.unary_unary(
                 _SCORE_METHOD, response_deserializer=pb.ScoreResponse.FromString
             )
@@ -456,8 +456,8 @@ class RewardClient:
             probes.append((address, health_pb2_grpc.HealthStub(channel), channel))
         return probes
 
-    def _pick(self, failed: Mapping[int, int]) -> _Channel:
-        """The channel for the next attempt of a call.
+    def _pick(self, failed: Mapping[int, int]) -> int:
+        """The index of the channel for the next attempt of a call.
 
         Preference: a channel whose replicas are up (``READY``), rotating; then one whose
         state is not known yet (``IDLE``/``CONNECTING``); then one that failed earlier in
@@ -466,7 +466,7 @@ class RewardClient:
         """
         n = len(self._channels)
         if n == 1:
-            return self._channels[0]
+            return 0
 
         def preference(k: int) -> tuple[int, int, int]:
             i = (start + k) % n
@@ -484,7 +484,7 @@ class RewardClient:
             start = self._cursor
             chosen = (start + min(range(n), key=preference)) % n
             self._cursor = (chosen + 1) % n
-        return self._channels[chosen]
+        return chosen
 
     def _call_score(self, reward: str, request: bytes, deadline: float) -> pb.ScoreResponse:
         def call(ch: _Channel, attempt_timeout: float) -> pb.ScoreResponse:
@@ -496,7 +496,8 @@ class RewardClient:
         failed: dict[int, int] = {}  # channel index -> attempt at which it last failed
         attempt = 0
         while True:
-            ch = self._pick(failed)
+            index = self._pick(failed)
+            ch = self._channels[index]
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise RewardServiceError(
@@ -510,7 +511,7 @@ class RewardClient:
             except grpc.RpcError as exc:
                 code = exc.code()
                 details = exc.details() or ""
-            failed[self._channels.index(ch)] = attempt
+            failed[index] = attempt
             attempt += 1
             sleep = self.retry.backoff(attempt - 1, self._rng)
             if (

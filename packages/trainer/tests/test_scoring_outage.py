@@ -116,7 +116,7 @@ def test_outage_budget_is_validated(value: str):
         load_config(ROOT / "configs/demo.yaml", [f"rewards.outage_budget_s={value}"])
     with pytest.raises(ConfigError, match=r"rewards\.outage_budget_s"):
         load_config(ROOT / "configs/demo.yaml", ["rewards.outage_budget_s=soon"])
-    assert load_config(ROOT / "configs/demo.yaml").rewards.outage_budget_s == 600
+    assert load_config(ROOT / "configs/demo.yaml").rewards.outage_budget_s == 300
 
 
 def _free_port() -> int:

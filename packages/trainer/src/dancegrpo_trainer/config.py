@@ -208,7 +208,7 @@ class RewardsConfig:
     best_of_n: BestOfNConfig = dataclasses.field(default_factory=BestOfNConfig)
     tracker_buffer_size: int = 32
     tracker_min_count: int = 16
-    outage_budget_s: float = 600.0
+    outage_budget_s: float = 300.0
 
     def validate(self) -> None:
         _check(len(self.endpoints) >= 1, "rewards.endpoints", "needs at least one endpoint")

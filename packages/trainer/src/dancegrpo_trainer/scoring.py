@@ -120,7 +120,7 @@ class RewardScorer:
         endpoints: Sequence[RewardEndpoint],
         client_factory: Callable[[str, RewardEndpoint], Any] = make_reward_client,
         *,
-        outage_budget_s: float = 600.0,
+        outage_budget_s: float = 300.0,
     ) -> None:
         if outage_budget_s < 0:
             raise ValueError(f"outage_budget_s must be >= 0, got {outage_budget_s}")

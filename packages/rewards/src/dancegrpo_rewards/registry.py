@@ -23,6 +23,7 @@ REWARD_KINDS: dict[str, str] = {
     "videoalign": "dancegrpo_rewards.kinds.videoalign:VideoAlignReward",
     "ocr": "dancegrpo_rewards.kinds.ocr:OcrReward",
     "pickscore": "dancegrpo_rewards.kinds.pickscore:PickScoreReward",
+    "imagereward": "dancegrpo_rewards.kinds.imagereward:ImageRewardReward",
     "vlm_judge": "dancegrpo_rewards.kinds.vlm_judge:VLMJudgeReward",
     # composite rewards
     "video_frames": "dancegrpo_rewards.kinds.composite:VideoFramesReward",

@@ -115,6 +115,7 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from dancegrpo_testing import (
         clip_models,
         diffusion_models,
+        hpsv3_models,
         imagereward_models,
         video_models,
         videoalign_models,
@@ -146,6 +147,8 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         ("pickscore_eval", EVAL_PROMPTS),
         ("imagereward_train", TRAIN_PROMPTS),
         ("imagereward_eval", EVAL_PROMPTS),
+        ("hpsv3_train", TRAIN_PROMPTS),
+        ("hpsv3_eval", EVAL_PROMPTS),
     ):
         (data / "prompts" / f"{name}.txt").write_text("\n".join(lines) + "\n")
     for name, rows in (("geneval_train", GENEVAL_TRAIN), ("geneval_eval", GENEVAL_EVAL)):
@@ -155,6 +158,7 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     videoalign = videoalign_models.write_hf_folder(root / "videoalign")
     pickscore = clip_models.write_pickscore_folders(root / "pickscore")
     imagereward = imagereward_models.write_imagereward_files(root / "imagereward")
+    hpsv3 = hpsv3_models.write_hpsv3_files(root / "hpsv3")
     return {
         "root": root,
         "weights": weights,
@@ -165,6 +169,7 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "pickscore": pickscore.model,
         "pickscore_processor": pickscore.processor,
         "imagereward": imagereward.checkpoint,
+        "hpsv3": hpsv3.checkpoint,
     }
 
 
@@ -229,6 +234,15 @@ def server(assets: dict[str, Path]) -> Iterator[str]:
                 "kind": "imagereward",
                 "options": {"checkpoint": str(assets["imagereward"])},
             },
+            # A small pixel budget: the tiny Qwen2-VL sees 4 merged patches per image.
+            "hpsv3": {
+                "kind": "hpsv3",
+                "options": {
+                    "checkpoint": str(assets["hpsv3"]),
+                    "min_pixels": 56 * 56,
+                    "max_pixels": 56 * 56,
+                },
+            },
         },
     }
     env = {"OMP_NUM_THREADS": "1"}
@@ -256,6 +270,7 @@ def recipe_env(assets: dict[str, Path], server: str) -> Iterator[dict[str, Path]
             "flux_ocr",
             "flux_pickscore",
             "flux_imagereward",
+            "flux_hpsv3",
         )
         for recipe in (*recipes, "hunyuan_video_videoalign", "skyreels_i2v_videoalign"):
             rc = train_main(["preprocess", "--config", str(CONFIGS / f"{recipe}.yaml")])
@@ -919,6 +934,28 @@ def test_flux_imagereward_recipe_values() -> None:
         1.0,
     )
     assert (t.timestep_fraction, t.weight_decay, t.kl_coef) == (0.6, 1e-4, 0.0)
+
+
+def test_flux_hpsv3_recipe_trains_against_hpsv3(
+    recipe_env: dict[str, Path], tmp_path: Path, cli_trainer: type[RecordingTrainer]
+) -> None:
+    """DanceGRPO's FLUX settings against the real ``hpsv3`` kind on a tiny Qwen2-VL HPSv3 in
+    the official layout: trains on μ (``score``)."""
+    trainer = run_recipe("flux_hpsv3", tmp_path, "data.eval_prompts=[]")
+    rec = records(tmp_path)[0]
+    assert rec["samples"] == 12 and rec["advantage_abs_mean"] > 0
+    assert "reward/hpsv3/score_mean" in rec
+    assert_trained_and_saved(trainer, tmp_path)
+
+
+def test_flux_hpsv3_recipe_values() -> None:
+    """DanceGRPO's FLUX values (as flux_hps_clip) with the hpsv3 reward's μ."""
+    cfg = load_config(CONFIGS / "flux_hpsv3.yaml")
+    ref = load_config(CONFIGS / "flux_hps_clip.yaml")
+    (ep,) = cfg.rewards.endpoints
+    assert (ep.reward, ep.output) == ("hpsv3", "score")
+    assert cfg.sampling == ref.sampling and cfg.train == ref.train
+    assert cfg.model.options == ref.model.options and cfg.model.height == 720
 
 
 def test_flux_ocr_recipe_sends_quoted_prompts_to_the_real_ocr_reward(

@@ -24,6 +24,7 @@ REWARD_KINDS: dict[str, str] = {
     "ocr": "dancegrpo_rewards.kinds.ocr:OcrReward",
     "pickscore": "dancegrpo_rewards.kinds.pickscore:PickScoreReward",
     "imagereward": "dancegrpo_rewards.kinds.imagereward:ImageRewardReward",
+    "hpsv3": "dancegrpo_rewards.kinds.hpsv3:HPSv3Reward",
     "vlm_judge": "dancegrpo_rewards.kinds.vlm_judge:VLMJudgeReward",
     # composite rewards
     "video_frames": "dancegrpo_rewards.kinds.composite:VideoFramesReward",

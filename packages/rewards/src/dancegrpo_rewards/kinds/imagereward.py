@@ -20,9 +20,10 @@ side to 224 (bicubic), centre crop 224, ``/255``, OpenAI CLIP mean/std.
 The backbone runs on transformers' BLIP modules, which are ports of the same BLIP code:
 ``BlipVisionModel`` (timm-style ViT: pre-norm blocks, fused ``qkv``, exact GELU, final
 LayerNorm; eps 1e-6 as BLIP's ViT) and ``BlipTextModel`` with cross-attention layers and a
-bidirectional (encoder) mask. ``load_official_state_dict`` maps ``ImageReward.pt``'s key
-names onto them; the architecture is read from the checkpoint's shapes and
-``med_config.json``.
+bidirectional (encoder) mask. Masks: ``med.py`` adds -10000 at padded text keys, transformers
+the dtype's minimum — both give those keys zero weight after the softmax; the image mask is
+all ones in both. ``split_official_state_dict`` maps ``ImageReward.pt``'s key names onto
+the modules; the architecture is read from the checkpoint's shapes and ``med_config.json``.
 """
 
 from __future__ import annotations

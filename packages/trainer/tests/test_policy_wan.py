@@ -94,9 +94,11 @@ def _config(variant: Variant, **overrides: Any) -> WanConfig:
 
 
 def _policy(name: str, pipe=None, **overrides: Any) -> WanPolicy:
+    """A policy on a copy of ``pipe``'s modules (placed and frozen as the constructor does;
+    the pipeline stays as it was, so parity tests can still run it)."""
     variant = VARIANTS[name]
     return variant.policy_class.from_pipeline(
-        pipe or variant.build(), _config(variant, **overrides)
+        pipe or variant.build(), _config(variant, **overrides), copy=True
     )
 
 
@@ -443,6 +445,53 @@ def test_training_one_expert_updates_only_it_on_its_own_steps():
     )
 
 
+def _stub_rollout(policy: WanPolicy, stochastic: list[bool] | None):
+    """A one-row rollout carrying only what ``GRPO.terms`` reads (schedule, window)."""
+    from dancegrpo_trainer.rollout import Rollout
+
+    n = len(stochastic) if stochastic is not None else STEPS
+    return Rollout(
+        latents=torch.zeros(1, n + 1, 1),
+        log_probs=torch.zeros(1, n),
+        frames=None,
+        cond=Conditioning({"prompt_embeds": torch.zeros(1, 1)}),
+        schedule=policy.schedule(n),
+        stochastic=torch.tensor(stochastic) if stochastic is not None else None,
+    )
+
+
+@pytest.mark.parametrize(
+    ("experts", "expected"), [("all", [1, 2, 3]), ("low_noise", [2, 3]), ("high_noise", [1])]
+)
+def test_grpo_under_an_sde_window_trains_the_recorded_steps_of_trained_experts(experts, expected):
+    """Steps 1-3 recorded (experts 0, 1, 1): GRPO trains those of the trained experts, in
+    group order; a window holding none of them is refused, naming what to change."""
+    from dancegrpo_trainer.algorithms.grpo import GRPO
+
+    policy = _policy("wan22_t2v_a14b", train_experts=experts)
+    grpo = GRPO(TrainConfig(), policy, eta=0.7)
+    window = [False, True, True, True, False]
+    assert grpo.terms(_stub_rollout(policy, window), torch.Generator()) == expected
+    if experts == "high_noise":
+        with pytest.raises(ValueError, match="none of which the policy trains.*train_experts"):
+            grpo.terms(_stub_rollout(policy, [False, False, True, True, False]), None)
+
+
+def test_grpo_draws_per_expert_without_the_skipped_last_step():
+    """Every step recorded, ``skip_last_timestep``: the last (low-noise) step is never
+    drawn; both experts get ``timestep_fraction`` of their steps, high noise first."""
+    from dancegrpo_trainer.algorithms.grpo import GRPO
+
+    policy = _policy("wan22_t2v_a14b")
+    grpo = GRPO(TrainConfig(timestep_fraction=1.0, skip_last_timestep=True), policy, eta=0.7)
+    for seed in range(5):
+        steps = grpo.terms(_stub_rollout(policy, None), torch.Generator().manual_seed(seed))
+        assert sorted(steps[:2]) == [0, 1] and sorted(steps[2:]) == [2, 3]
+    low = _policy("wan22_t2v_a14b", train_experts="low_noise")
+    grpo = GRPO(TrainConfig(timestep_fraction=0.1, skip_last_timestep=True), low, eta=0.7)
+    assert grpo.terms(_stub_rollout(low, None), torch.Generator()) in ([2], [3])
+
+
 # ------------------------------------------------------------------ log-probs and gradients
 
 
@@ -585,9 +634,10 @@ def test_prompt_embeddings_are_the_pipelines():
     policy = _policy("wan21_t2v", pipe, negative_prompt="low quality")
     prompts = ["  a  cat &amp;amp; a\tdog ", "a red car on the street"]
     cond = policy.encode_prompts(prompts)
-    expected, negative = pipe.encode_prompt(
-        prompts, negative_prompt=["low quality"] * 2, max_sequence_length=TINY_WAN_MAX_LENGTH
-    )
+    with torch.no_grad():  # as the pipeline's __call__ runs it
+        expected, negative = pipe.encode_prompt(
+            prompts, negative_prompt=["low quality"] * 2, max_sequence_length=TINY_WAN_MAX_LENGTH
+        )
     torch.testing.assert_close(cond.tensors["prompt_embeds"], expected, rtol=0, atol=0)
     torch.testing.assert_close(cond.tensors["negative_prompt_embeds"], negative, rtol=0, atol=0)
     assert float(cond.tensors["prompt_embeds"][0, -1].abs().sum()) == 0  # padding zeroed

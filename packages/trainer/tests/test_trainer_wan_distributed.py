@@ -15,7 +15,8 @@ file as a script against one real reward server (video ``color_match``):
 Each pair must agree within ``ATOL = 1e-5`` (float32 sums in another order, see
 test_trainer_distributed) while training moves the weights by far more; ``grad_norm``, loss,
 KL and rewards agree to 1e-4 relative. The sharded LoRA checkpoint holds the adapters only,
-and resuming from it reproduces the uninterrupted second step exactly.
+and its optimiser state (gathered from the shards) equals the unsharded run's; resuming
+from it reproduces the uninterrupted second step exactly.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+
+from dancegrpo_trainer.checkpoint_format import OPTIMIZER_FILE, load_optimizer_state
 
 ATOL = 1e-5
 STEPS = 2
@@ -165,6 +168,13 @@ def test_wan_two_ranks_train_like_one_with_and_without_fsdp(tmp_path: Path) -> N
     assert saved.keys() == plain.keys()
     for key, value in plain.items():
         torch.testing.assert_close(saved[key], value, rtol=0, atol=ATOL, msg=key)
+    # The adapters' optimiser state, gathered from the shards, in the unsharded layout.
+    opt_fsdp = load_optimizer_state(_checkpoint(runs["lora_fsdp"], STEPS) / OPTIMIZER_FILE)
+    opt_plain = load_optimizer_state(_checkpoint(runs["lora_one"], STEPS) / OPTIMIZER_FILE)
+    assert opt_fsdp["state"].keys() == opt_plain["state"].keys() and opt_plain["state"]
+    for i, state in opt_plain["state"].items():
+        for name in ("exp_avg", "exp_avg_sq", "step"):
+            torch.testing.assert_close(opt_fsdp["state"][i][name], state[name], atol=ATOL, rtol=0)
     again = torch.load(runs["lora_resumed"] / "params_final.pt")
     for key, value in final.items():
         torch.testing.assert_close(again[key], value, rtol=0, atol=0, msg=key)

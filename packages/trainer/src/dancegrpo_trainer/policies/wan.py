@@ -25,6 +25,7 @@ Wan2.2 TI2V-5B (``expand_timesteps``) runs here as text-to-video; images are
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import html
 import json
@@ -68,6 +69,8 @@ WAN_LORA_TARGET_MODULES = [
 ]
 #: Which experts of a two-expert (Wan2.2 A14B) model train: both, or one of them.
 TRAIN_EXPERTS = ("all", "high_noise", "low_noise")
+#: The experts (0: ``transformer``, 1: ``transformer_2``) each ``train_experts`` trains.
+TRAINED_EXPERTS = {"all": (0, 1), "high_noise": (0,), "low_noise": (1,)}
 #: Conditioning keys: UMT5 embeddings of the prompt and (CFG) of the negative prompt.
 PROMPT_KEY, NEGATIVE_KEY = "prompt_embeds", "negative_prompt_embeds"
 NUM_TRAIN_TIMESTEPS = 1000
@@ -350,28 +353,24 @@ class WanPolicy(FlowTransformerPolicy):
         return [self.transformer] + ([self.transformer_2] if self.transformer_2 else [])
 
     # ----------------------------------------------------------------- loading
-    @classmethod
-    def from_pipeline(cls: type[P], pipe: Any, config: WanConfig | None = None) -> P:
-        """Wraps a loaded diffusers ``WanPipeline`` (or ``WanImageToVideoPipeline`` for
-        :class:`~dancegrpo_trainer.policies.wan_i2v.WanI2VPolicy`): its transformer(s),
-        VAE, UMT5 encoder and tokenizer, ``boundary_ratio``, ``expand_timesteps`` and the
-        scheduler's shift."""
-        return cls(
-            config=config or cls.config_class(),
-            **cls._pipeline_components(pipe),
-            boundary_ratio=pipe.config.get("boundary_ratio"),
-            expand_timesteps=bool(pipe.config.get("expand_timesteps", False)),
-            flow_shift=scheduler_shift(pipe.scheduler.config),
-        )
+    #: ``from_pipeline``'s modules (see :class:`FlowTransformerPolicy`): one UMT5 text
+    #: encoder, and Wan2.2 A14B's low-noise expert (``None`` in one-transformer pipelines).
+    pipeline_modules: ClassVar[dict[str, str]] = {
+        "transformer": "model",
+        "transformer_2": "model",
+        "vae": "decode",
+        "text_encoder": "text",
+    }
+    pipeline_extras: ClassVar[tuple[str, ...]] = ("tokenizer",)
 
     @classmethod
-    def _pipeline_components(cls, pipe: Any) -> dict[str, Any]:
+    def pipeline_options(cls, pipe: Any) -> dict[str, Any]:
+        """A ``WanPipeline``'s (or ``WanImageToVideoPipeline``'s) ``boundary_ratio`` and
+        ``expand_timesteps`` (its registered config) and its scheduler's shift."""
         return {
-            "transformer": pipe.transformer,
-            "transformer_2": getattr(pipe, "transformer_2", None),
-            "vae": pipe.vae,
-            "text_encoder": pipe.text_encoder,
-            "tokenizer": pipe.tokenizer,
+            "boundary_ratio": pipe.config.get("boundary_ratio"),
+            "expand_timesteps": bool(pipe.config.get("expand_timesteps", False)),
+            "flow_shift": scheduler_shift(pipe.scheduler.config),
         }
 
     @classmethod
@@ -520,7 +519,7 @@ class WanPolicy(FlowTransformerPolicy):
         if self.experts is None:
             return None
         experts = self.expert_indices(schedule.timesteps)
-        trained = {"all": (0, 1), "high_noise": (0,), "low_noise": (1,)}[self.config.train_experts]
+        trained = TRAINED_EXPERTS[self.config.train_experts]
         groups = [(experts == e).nonzero().flatten().tolist() for e in trained]
         if not any(groups):
             raise ValueError(
@@ -623,8 +622,12 @@ class WanPolicy(FlowTransformerPolicy):
         extra: dict[str, torch.Tensor],
     ) -> torch.Tensor:
         """One forward of ``expert`` (through :class:`WanExperts` when there are two, so a
-        sharded two-expert module runs as one unit); output in the transformer's dtype."""
+        sharded two-expert module runs as one unit); output in the transformer's dtype.
+
+        An expert that does not train runs without gradients whatever its ``requires_grad``
+        flags (``from_pipeline`` shares a pipeline's modules without freezing them)."""
         module = self._expert_modules()[expert]
+        frozen = expert not in TRAINED_EXPERTS[self.config.train_experts]
         dtype = module_dtype(module)
         kwargs = dict(
             hidden_states=hidden.to(self.device, dtype),
@@ -633,7 +636,8 @@ class WanPolicy(FlowTransformerPolicy):
             return_dict=False,
             **{k: v.to(self.device, dtype) for k, v in extra.items()},
         )
-        with self.config.autocast():
+        grad = torch.no_grad() if frozen else contextlib.nullcontext()
+        with self.config.autocast(), grad:
             if self.experts is not None:
                 return self.experts(expert, **kwargs)[0]
             return self.transformer(**kwargs)[0]

@@ -125,13 +125,13 @@ class WanI2VPolicy(WanPolicy):
         return self.expand_timesteps
 
     # ----------------------------------------------------------------- loading
-    @classmethod
-    def _pipeline_components(cls, pipe: Any) -> dict[str, Any]:
-        return {
-            **super()._pipeline_components(pipe),
-            "image_encoder": getattr(pipe, "image_encoder", None),
-            "image_processor": getattr(pipe, "image_processor", None),
-        }
+    #: :class:`WanPolicy`'s, plus Wan2.1 I2V's CLIP image encoder (placed with the text
+    #: encoder) and its processor (``None`` in Wan2.2 pipelines).
+    pipeline_modules: ClassVar[dict[str, str]] = {
+        **WanPolicy.pipeline_modules,
+        "image_encoder": "text",
+    }
+    pipeline_extras: ClassVar[tuple[str, ...]] = (*WanPolicy.pipeline_extras, "image_processor")
 
     @classmethod
     def _load_extras(cls, path: Path, index: dict[str, Any], config: WanConfig) -> dict[str, Any]:

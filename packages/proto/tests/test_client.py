@@ -167,6 +167,9 @@ def test_round_robin_across_two_replicas():
     with running_reward_server(config) as a, running_reward_server(config) as b:
         image, prompt = _u8(1, 4, 4, 3), ["red"]
         with RewardClient([a.target, b.target]) as client:
+            # Both channels READY first: rotation prefers replicas known to be up, so a
+            # channel still connecting would be skipped.
+            client.wait_until_ready(timeout=60)
             for _ in range(10):
                 client.score("color", images=image, prompts=prompt)
         assert (_score_requests(a.metrics_url), _score_requests(b.metrics_url)) == (5.0, 5.0)

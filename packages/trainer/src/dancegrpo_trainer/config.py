@@ -31,6 +31,10 @@ class ConfigError(ValueError):
 MixedPrecision = Literal["no", "bf16", "fp16"]
 #: Adapters built on HunyuanVideo's VAE and transformer (same frame/pixel geometry).
 HUNYUAN_VIDEO_KINDS = ("hunyuan_video", "skyreels_i2v")
+#: Qwen-Image adapters (one Qwen2.5-VL text encoder, VAE 8x then 2x2 packing, true CFG).
+QWEN_IMAGE_KINDS = ("qwen_image", "qwen_image_edit", "qwen_image_edit_plus")
+#: Qwen-Image editing adapters: a source image per prompt, which the text encoder sees too.
+QWEN_IMAGE_EDIT_KINDS = ("qwen_image_edit", "qwen_image_edit_plus")
 AdvantageMode = Literal["group", "per_prompt"]
 
 
@@ -41,14 +45,17 @@ class ModelConfig:
     Attributes:
         kind: adapter name: ``tiny_flow`` (the CPU demo policy), ``stable_diffusion``, ``flux``,
             ``hunyuan_video`` (text-to-video), ``skyreels_i2v`` (image-to-video: prompts
-            come from a ``.jsonl`` file whose rows carry a ``condition_image``).
+            come from a ``.jsonl`` file whose rows carry a ``condition_image``),
+            ``qwen_image`` (text-to-image), ``qwen_image_edit`` / ``qwen_image_edit_plus``
+            (image editing: each ``.jsonl`` row's ``condition_image`` is the source image).
         path: local diffusers-format folder; ``${ENV}`` references expand when the model
             is built (e.g. ``${DANCEGRPO_WEIGHTS}/flux-dev``). Unused by ``tiny_flow``.
         height, width: output resolution in pixels.
         num_frames: 1 for images; > 1 for video adapters (frames ``[N,T,H,W,3]``);
             ``hunyuan_video`` and ``skyreels_i2v``: ``4k + 1`` (e.g. 53).
         guidance_scale: classifier-free (SD) or embedded (FLUX, HunyuanVideo, SkyReels)
-            guidance; SkyReels' true CFG weight is ``options.true_cfg_scale``.
+            guidance; SkyReels' and Qwen-Image's true CFG weight is ``options.true_cfg_scale``
+            (Qwen-Image has no guidance embedding: ``guidance_scale`` stays 1).
         dtype: weight dtype of the frozen parts (``float32``, ``bfloat16``, ``float16``).
         options: adapter-specific keyword arguments, passed through verbatim.
         init_checkpoint: optional ``.safetensors`` of trainable-module weights loaded
@@ -67,9 +74,12 @@ class ModelConfig:
 
     def validate(self) -> None:
         known = ("tiny_flow", "stable_diffusion", "flux", "hunyuan_video", "skyreels_i2v")
+        known += QWEN_IMAGE_KINDS
         _check(self.kind in known, "model.kind", f"must be one of {known}, got {self.kind!r}")
         if self.kind in HUNYUAN_VIDEO_KINDS:
             self._validate_hunyuan_video()
+        if self.kind in QWEN_IMAGE_KINDS:
+            self._validate_qwen_image()
         _check(
             self.kind == "tiny_flow" or bool(self.path),
             "model.path",
@@ -99,6 +109,29 @@ class ModelConfig:
                 f"must be a multiple of 16 for {self.kind} (VAE 8x, patch 2), got {value}; "
                 f"try {max(16, round(value / 16) * 16)}",
             )
+
+    def _validate_qwen_image(self) -> None:
+        """Qwen-Image's geometry (images; VAE 8x then 2x2 packing, so pixel sizes are
+        multiples of 16) and guidance (true CFG only, no guidance embedding)."""
+        _check(
+            self.num_frames == 1,
+            "model.num_frames",
+            f"must be 1 for {self.kind} (an image model), got {self.num_frames}",
+        )
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            _check(
+                value % 16 == 0,
+                f"model.{name}",
+                f"must be a multiple of 16 for {self.kind} (VAE 8x, 2x2 packing), got {value}; "
+                f"try {max(16, round(value / 16) * 16)}",
+            )
+        _check(
+            self.guidance_scale == 1.0,
+            "model.guidance_scale",
+            f"must stay 1.0 for {self.kind} (Qwen-Image has no guidance embedding); set the "
+            f"true CFG weight with model.options.true_cfg_scale, got {self.guidance_scale}",
+        )
 
 
 @dataclasses.dataclass
@@ -480,8 +513,16 @@ class GRPOConfig:
         self.data.validate()
         self.eval.validate()
         self.run.validate()
-        if self.model.kind == "skyreels_i2v":
+        if self.model.kind == "skyreels_i2v" or self.model.kind in QWEN_IMAGE_EDIT_KINDS:
             self._validate_i2v_prompts()
+        if self.model.kind in QWEN_IMAGE_EDIT_KINDS:
+            _check(
+                self.data.embedding_cache is None,
+                "data.embedding_cache",
+                f"must be unset for {self.model.kind}: its text encoder sees the source image, "
+                "so prompt embeddings cannot be cached by prompt text (keep the text encoder "
+                "loaded; model.options.text_encoder_device may place it elsewhere)",
+            )
         self._validate_metadata_prompts()
         bon = self.rewards.best_of_n
         if bon.enabled:
@@ -525,11 +566,12 @@ class GRPOConfig:
     def _validate_i2v_prompts(self) -> None:
         """Image-to-video prompts need a conditioning image each, which only a ``.jsonl``
         prompt file carries (``{"prompt": ..., "condition_image": ...}`` rows)."""
+        what = "image editing" if self.model.kind in QWEN_IMAGE_EDIT_KINDS else "image-to-video"
         for name, source, is_jsonl in self._prompt_sources():
             _check(
                 is_jsonl,
                 f"data.{name}",
-                f"model.kind {self.model.kind} (image-to-video) needs a .jsonl prompt file whose "
+                f"model.kind {self.model.kind} ({what}) needs a .jsonl prompt file whose "
                 f'rows carry a condition_image ({{"prompt": ..., "condition_image": "a.png"}}), '
                 f"got {source!r}",
             )

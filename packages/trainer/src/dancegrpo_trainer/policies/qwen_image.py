@@ -114,13 +114,14 @@ def qwen_image_sigmas(num_steps: int, shift: float, shift_terminal: float | None
     ``σ = linspace(1, 1/n, n)``; time shift ``σ' = sσ / (1 + (s−1)σ)`` (the exponential
     dynamic shift ``e^μ / (e^μ + 1/σ − 1)`` with ``s = e^μ``); then, with ``shift_terminal``,
     ``stretch_shift_to_terminal`` (from LTX-Video): ``1 − σ`` is rescaled so the last sigma
-    equals ``shift_terminal``; a final 0 is appended. Computed in float64.
+    equals ``shift_terminal``; a final 0 is appended. Computed in float64. A one-step
+    schedule is ``[1, 0]`` (diffusers' stretch divides by zero there and gives NaN).
     """
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     base = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)[:-1]
     sigmas = shift_sigmas(base, shift)
-    if shift_terminal:
+    if shift_terminal and num_steps > 1:
         one_minus = 1.0 - sigmas
         sigmas = 1.0 - one_minus / (one_minus[-1] / (1.0 - shift_terminal))
     return torch.cat([sigmas, sigmas.new_zeros(1)]).to(torch.float32)

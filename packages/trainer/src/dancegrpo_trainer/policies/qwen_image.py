@@ -172,7 +172,11 @@ def encode_chat(
     extra = {k: inputs[k].to(device) for k in ("pixel_values", "image_grid_thw") if k in inputs}
     if "pixel_values" in extra:
         extra["pixel_values"] = extra["pixel_values"].to(module_dtype(text_encoder))
-    hidden = text_encoder(
+    # The pipelines call the ...ForConditionalGeneration model, which also computes logits
+    # over the 152k vocabulary for every token (~0.5 GB per 1.5k-token row in bf16); its
+    # inner model gives the same hidden states without them.
+    body = text_encoder.model if hasattr(text_encoder, "lm_head") else text_encoder
+    hidden = body(
         input_ids=inputs["input_ids"].to(device),
         attention_mask=mask,
         output_hidden_states=True,

@@ -125,7 +125,9 @@ class QwenImageEditPolicy(QwenImagePolicy):
     CFG (the negative prompt with the same image), ``image_latents`` ``[B, L_c, 4C]`` (the
     packed, normalised source latents of every image of the row, in order) and
     ``image_shapes`` int64 ``[B, K, 2]`` (each image's packed grid, for RoPE). The
-    ``tokenizer`` is the pipeline's ``Qwen2VLProcessor``.
+    ``tokenizer`` is the pipeline's ``Qwen2VLProcessor``: ``from_pretrained`` reads
+    ``transformer/``, ``vae/``, ``text_encoder/`` and ``processor/`` of a diffusers folder
+    (``Qwen/Qwen-Image-Edit``; Edit-Plus: ``Qwen/Qwen-Image-Edit-2509``).
     """
 
     config_class: ClassVar = QwenImageEditConfig
@@ -139,13 +141,6 @@ class QwenImageEditPolicy(QwenImagePolicy):
 
         # The pipelines' image processor (resize with Lanczos, scale to [-1, 1]).
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor * 2)
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, config: Any = None) -> Any:
-        """Loads ``transformer/``, ``vae/`` and (unless ``load_text_encoders`` is off)
-        ``text_encoder/`` (Qwen2.5-VL) + ``processor/`` from a local diffusers-format folder,
-        e.g. ``Qwen/Qwen-Image-Edit`` (Edit-Plus: ``Qwen/Qwen-Image-Edit-2509``)."""
-        return super().from_pretrained(path, config)
 
     @classmethod
     def _load_tokenizer(cls, path: Path) -> Any:

@@ -8,7 +8,7 @@ CONFIG ?= services/rewards.yaml
 TRAIN_CONFIG ?= configs/demo.yaml
 PYTEST_ARGS ?=
 STAMP := $(VENV)/.install-stamp
-INSTALL_INPUTS := requirements-torch.txt requirements-test-nodeps.txt \
+INSTALL_INPUTS := requirements-torch.txt requirements-test-nodeps.txt requirements-dev.txt \
 	packages/proto/pyproject.toml packages/rewards/pyproject.toml packages/trainer/pyproject.toml
 
 export HF_HUB_OFFLINE := 1
@@ -16,12 +16,12 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help install proto serve-rewards demo train test lint format bench clean
+.PHONY: help install proto serve-rewards demo train test lint format bench check-deploy lock-groups clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[1m%-14s\033[0m %s\n", $$1, $$2}'
 
-install: $(STAMP) ## Create .venv/ and install torch, then the three packages (editable, dev extras)
+install: $(STAMP) ## Create .venv/ and install torch, the three packages (editable; dev = every extra) and the dev tools
 
 $(STAMP): $(INSTALL_INPUTS)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,7 @@ $(STAMP): $(INSTALL_INPUTS)
 	$(PIP) install --quiet -c requirements-torch.txt \
 		-e "packages/proto[dev]" -e "packages/rewards[dev]" -e "packages/trainer[dev]"
 	$(PIP) install --quiet --no-deps -r requirements-test-nodeps.txt
+	$(PIP) install --quiet -c requirements-torch.txt -r requirements-dev.txt
 	@# The hpsv2 1.2.0 wheel omits its tokenizer vocabulary (the same file open_clip ships).
 	@$(PY) -c "import importlib.util as u, pathlib, shutil, open_clip; f = pathlib.Path(open_clip.__file__).parent / 'bpe_simple_vocab_16e6.txt.gz'; shutil.copy(f, pathlib.Path(u.find_spec('hpsv2').origin).parent / 'src/open_clip' / f.name)"
 	@$(PY) -c "import torch, dancegrpo_proto, dancegrpo_rewards, dancegrpo_trainer; print('installed: torch', torch.__version__)"
@@ -60,6 +61,12 @@ format: $(STAMP) ## ruff fix + format
 
 bench: $(STAMP) ## Side-by-side ratio benchmarks -> benchmarks/RESULTS.md (ARGS="--only p4")
 	$(PY) benchmarks/run_all.py $(ARGS)
+
+check-deploy: $(STAMP) ## Offline: hadolint the Dockerfile, validate compose and the rendered k8s manifests
+	$(PY) services/check_deploy.py
+
+lock-groups: $(STAMP) ## Re-pin each reward group's image (services/groups/*/requirements.lock; needs PyPI)
+	$(PY) services/groups/lock.py
 
 clean: ## Remove build artefacts (keeps .venv)
 	rm -rf build dist .pytest_cache .ruff_cache runs

@@ -18,8 +18,12 @@ def test_minimal_config_gets_safe_defaults():
     assert config.server.host == "127.0.0.1"
     assert config.server.port == 50051 and config.server.metrics_port == 9464
     assert config.server.max_message_bytes == DEFAULT_MAX_MESSAGE_BYTES
-    # 8 videos of 53x480x480x3 uint8 fit
-    assert config.server.max_message_bytes > 8 * 53 * 480 * 480 * 3
+    # proportionate: 32 images of 1024x1024x3 uint8 fit, 8 videos of 53x480x480x3 need more
+    assert 32 * 1024 * 1024 * 3 < config.server.max_message_bytes < 8 * 53 * 480 * 480 * 3
+    assert (config.server.max_connection_age_s, config.server.max_connection_age_grace_s) == (
+        300,
+        120,
+    )
     assert config.server.drain_s == 0  # no drain by default (local use)
     assert (
         load_config({"server": {"drain_s": 2.5}, "rewards": {"c": {"kind": "x"}}}).server.drain_s
@@ -68,6 +72,14 @@ def test_yaml_file_and_env_expansion(tmp_path):
         (
             {"server": {"drain_s": "5"}, "rewards": {"c": {"kind": "x"}}},
             "server.drain_s: must be a",
+        ),
+        (
+            {"server": {"max_connection_age_s": 0}, "rewards": {"c": {"kind": "x"}}},
+            "server.max_connection_age_s: must be >=",
+        ),
+        (
+            {"server": {"max_connection_age_grace_s": -1}, "rewards": {"c": {"kind": "x"}}},
+            "server.max_connection_age_grace_s: must be >=",
         ),
         ({"extra": 1, "rewards": {"c": {"kind": "x"}}}, "<config>.extra"),
     ],
@@ -135,3 +147,17 @@ def test_dispatch_when_idle_is_a_validated_per_reward_key() -> None:
     assert RewardSpec(name="r", kind="brightness", dispatch_when_idle=True).dispatch_when_idle
     with pytest.raises(RewardConfigError, match=r"rewards\.r\.dispatch_when_idle"):
         RewardSpec(name="r", kind="brightness", dispatch_when_idle="yes")
+
+
+def test_connection_age_becomes_grpc_server_options_and_null_disables_it():
+    from dancegrpo_rewards.server import server_options
+
+    raw = {"server": {"max_connection_age_s": 2.5}, "rewards": {"c": {"kind": "x"}}}
+    options = dict(server_options(load_config(raw)))
+    assert options["grpc.max_connection_age_ms"] == 2500
+    assert options["grpc.max_connection_age_grace_ms"] == 120_000
+    assert options["grpc.max_receive_message_length"] == DEFAULT_MAX_MESSAGE_BYTES
+    raw["server"] = {"max_connection_age_s": None, "max_connection_age_grace_s": None}
+    options = dict(server_options(load_config(raw)))
+    assert "grpc.max_connection_age_ms" not in options
+    assert "grpc.max_connection_age_grace_ms" not in options

@@ -1,24 +1,32 @@
-"""A real server process: concurrent correctness, malformed requests, health, reflection,
-metrics and ListRewards. One server is shared by the whole module."""
+"""A real server process: concurrent correctness, malformed and undecodable requests (codes,
+messages and google.rpc details), health, reflection v1 and v1alpha, metrics and
+ListRewards. One server is shared by the whole module."""
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import io
+import logging
 import re
 import urllib.request
 
 import grpc
 import numpy as np
 import pytest
+from google.protobuf import descriptor_pb2
+from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from grpc_status import rpc_status
 from PIL import Image
 
 from dancegrpo_proto import SERVICE_NAME, RewardClient, codec
 from dancegrpo_proto.v1 import rewards_pb2 as pb
 from dancegrpo_proto.v1 import rewards_pb2_grpc
+from dancegrpo_rewards.config import DEFAULT_MAX_MESSAGE_BYTES, load_config
 from dancegrpo_rewards.registry import reward_class
+from dancegrpo_rewards.server import RewardServer
 from dancegrpo_testing.servers import PROBE_KIND, running_reward_server
 
 CONFIG = {
@@ -160,8 +168,154 @@ def test_malformed_request_gets_code_and_field_then_server_still_serves(
         stub.Score(request_, timeout=10)
     assert info.value.code().name == code, info.value.details()
     assert re.search(pattern, info.value.details()), info.value.details()
+    details = _details(info.value)
+    if code == "INVALID_ARGUMENT":  # the field path and description, apart
+        (violation,) = details[error_details_pb2.BadRequest].field_violations
+        assert info.value.details() == f"{violation.field}: {violation.description}"
+        assert violation.field == info.value.details().split(":")[0]
+    elif code == "NOT_FOUND":
+        resource = details[error_details_pb2.ResourceInfo]
+        assert resource.resource_type == "dancegrpo.rewards.v1.Reward"
+        assert resource.resource_name == request_.reward
+    else:
+        assert details == {}
     reply = stub.Score(GOOD, timeout=10)
     assert reply.outputs[0].values[0] == pytest.approx(1 - 1 / np.sqrt(3))
+
+
+def _details(error: grpc.RpcError) -> dict[type, object]:
+    """The google.rpc details of a failed call, by message class (grpcio-status)."""
+    status = rpc_status.from_call(error)
+    if status is None:
+        return {}
+    assert status.code == error.code().value[0] and status.message == error.details()
+    found = {}
+    for packed in status.details:
+        for cls in (
+            error_details_pb2.BadRequest,
+            error_details_pb2.RetryInfo,
+            error_details_pb2.ResourceInfo,
+        ):
+            if packed.Is(cls.DESCRIPTOR):
+                found[cls] = cls()
+                packed.Unpack(found[cls])
+    assert len(found) == len(status.details)
+    return found
+
+
+VALID_BYTES = GOOD.SerializeToString()
+UNDECODABLE = [  # bytes protobuf cannot parse as the method's request message
+    ("truncated", VALID_BYTES[:-3]),
+    ("bad wire type", b"\x0f\x01"),
+    ("length past the end", b"\x0a\xff\xff\xff\x0f"),
+    ("invalid utf-8 in a string", b"\x0a\x02\xff\xfe"),
+    ("varint over 10 bytes", b"\x08" + b"\xff" * 10 + b"\x01"),
+    ("unmatched group end", b"\x0c"),
+]
+
+
+def _raw_unary(channel, method):
+    return channel.unary_unary(method)  # bytes in, bytes out: nothing parsed on the client
+
+
+UNDECODABLE_CALLS = [
+    (method, type_name, case, data)
+    for method, type_name in [
+        (f"/{SERVICE_NAME}/Score", "dancegrpo.rewards.v1.ScoreRequest"),
+        (f"/{SERVICE_NAME}/ListRewards", "dancegrpo.rewards.v1.ListRewardsRequest"),
+        ("/grpc.health.v1.Health/Check", "grpc.health.v1.HealthCheckRequest"),
+    ]
+    for case, data in UNDECODABLE
+    if not (case.startswith("invalid utf-8") and method.endswith("ListRewards"))  # no strings
+]
+
+
+@pytest.mark.parametrize(
+    ("method", "type_name", "case", "data"),
+    UNDECODABLE_CALLS,
+    ids=[f"{c[0].rsplit('/', 1)[1]}-{c[2]}" for c in UNDECODABLE_CALLS],
+)
+def test_undecodable_request_gets_invalid_argument_not_unknown(
+    server, stub, method, type_name, case, data
+):
+    with grpc.insecure_channel(server.target) as channel, pytest.raises(grpc.RpcError) as info:
+        _raw_unary(channel, method)(data, timeout=10)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+    assert info.value.details().startswith(f"not a valid {type_name} ({len(data)} bytes): ")
+    (violation,) = _details(info.value)[error_details_pb2.BadRequest].field_violations
+    assert violation.field == "" and violation.description == info.value.details()
+    assert stub.Score(GOOD, timeout=10).outputs[0].values[0] == pytest.approx(1 - 1 / np.sqrt(3))
+
+
+def test_undecodable_request_logs_one_line_without_traceback(caplog):
+    """grpc used to log a full traceback per undecodable request (37 MB over 30k requests)."""
+    config = load_config(
+        {"server": {"port": 0, "metrics_port": None}, "rewards": {"b": {"kind": "brightness"}}}
+    )
+
+    async def call_with_garbage() -> grpc.StatusCode:
+        server = RewardServer(config)
+        address = await server.start()
+        try:
+            async with grpc.aio.insecure_channel(address.target) as channel:
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await channel.unary_unary(f"/{SERVICE_NAME}/Score")(b"\x0f\x01", timeout=10)
+            return info.value.code()
+        finally:
+            await server.shutdown(grace_s=0)
+
+    with caplog.at_level(logging.INFO):
+        assert asyncio.run(call_with_garbage()) == grpc.StatusCode.INVALID_ARGUMENT
+    problems = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    (record,) = problems
+    assert record.getMessage() == "rpc failed" and record.exc_info is None
+    assert record.fields["code"] == "INVALID_ARGUMENT" and record.fields["reward"] == "_unknown"
+    assert record.fields["details"].startswith("not a valid dancegrpo.rewards.v1.ScoreRequest")
+
+
+def test_undecodable_streamed_requests_get_invalid_argument(server):
+    """Health.Watch (unary request, streamed replies) and reflection (streamed requests)."""
+    with grpc.insecure_channel(server.target) as channel:
+        watch = channel.unary_stream("/grpc.health.v1.Health/Watch")
+        with pytest.raises(grpc.RpcError) as info:
+            list(watch(b"\x0f\x01", timeout=10))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        reflect = channel.stream_stream(
+            "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
+        )
+        good = reflection_pb2.ServerReflectionRequest(list_services="").SerializeToString()
+        with pytest.raises(grpc.RpcError) as info:
+            list(reflect(iter([good, b"\x0f\x01"]), timeout=10))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "grpc.reflection.v1alpha.ServerReflectionRequest" in info.value.details()
+
+
+@pytest.mark.parametrize(
+    ("request_", "code", "field"),
+    [
+        (_request("x" * 100_000, _image_sample()), "NOT_FOUND", None),
+        (_request("\u00e9" * 100_000, _image_sample()), "NOT_FOUND", None),
+        (
+            _request(
+                "color", _image_sample(metadata=pb.SampleMetadata(attributes={"k" * 100_000: ""}))
+            ),
+            "INVALID_ARGUMENT",
+            "samples[0].metadata.attributes.'" + "k" * 64 + "'... (100000 characters)",
+        ),
+    ],
+    ids=["long reward name", "long non-ascii reward name", "long attribute key"],
+)
+def test_echoed_client_strings_are_cut(stub, request_, code, field):
+    """Echoing 100 KB back overflowed gRPC's metadata limit (a retried RESOURCE_EXHAUSTED)."""
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Score(request_, timeout=10)
+    assert info.value.code().name == code
+    details = info.value.details()
+    assert len(details) < 400 and details.isascii(), details
+    assert "(100000 characters)" in details
+    if field is not None:
+        (violation,) = _details(info.value)[error_details_pb2.BadRequest].field_violations
+        assert violation.field == field
 
 
 def test_sixteen_concurrent_clients_get_exactly_their_in_process_scores(server):
@@ -206,7 +360,7 @@ def test_list_rewards_reports_outputs_limits_and_versions(stub):
     assert infos["color"].requires_prompt and list(infos["color"].output_names) == ["score"]
     assert infos["video"].modality == pb.MODALITY_VIDEO and infos["video"].limits.max_frames == 4
     assert infos["small"].limits.max_samples_per_request == 4
-    assert infos["color"].limits.max_request_bytes == 512 * 1024 * 1024
+    assert infos["color"].limits.max_request_bytes == DEFAULT_MAX_MESSAGE_BYTES
     assert infos["color"].max_batch_size == 16
     assert infos["jpeg"].version.startswith("jpeg_compressibility-")
     assert reply.server_version
@@ -233,6 +387,55 @@ def test_reflection_lists_the_reward_service(server):
     assert {SERVICE_NAME, "grpc.health.v1.Health"} <= names
 
 
+def _file_containing(reflect, symbol: str) -> dict[str, descriptor_pb2.FileDescriptorProto]:
+    (reply,) = reflect(
+        iter([reflection_pb2.ServerReflectionRequest(file_containing_symbol=symbol)]), timeout=5
+    )
+    assert reply.WhichOneof("message_response") == "file_descriptor_response", reply
+    files = {}
+    for data in reply.file_descriptor_response.file_descriptor_proto:
+        proto = descriptor_pb2.FileDescriptorProto.FromString(data)
+        files[proto.name] = proto
+    return files
+
+
+def test_reflection_v1_lists_and_describes_like_v1alpha(server):
+    """grpcurl asks v1 first. v1 and v1alpha messages are wire-identical (grpc/grpc-proto:
+    same messages and field numbers, only the package differs), so the v1alpha classes
+    encode and decode the v1 method here."""
+    with grpc.insecure_channel(server.target) as channel:
+        reflect = channel.stream_stream(
+            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+            request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+            response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+        )
+        (reply,) = reflect(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5
+        )
+        names = {s.name for s in reply.list_services_response.service}
+        assert names == {
+            SERVICE_NAME,
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1.ServerReflection",
+            "grpc.reflection.v1alpha.ServerReflection",
+        }
+        for name in names:  # grpcurl describe: every listed service resolves
+            assert _file_containing(reflect, name)
+        files = _file_containing(reflect, "dancegrpo.rewards.v1.ScoreRequest")
+        assert "dancegrpo/rewards/v1/rewards.proto" in files
+        v1 = _file_containing(reflect, "grpc.reflection.v1.ServerReflection")
+        v1 = v1["grpc/reflection/v1/reflection.proto"]
+        (method,) = v1.service[0].method
+        assert v1.package == "grpc.reflection.v1"
+        assert method.input_type == ".grpc.reflection.v1.ServerReflectionRequest"
+        field_types = {f.type_name for m in v1.message_type for f in m.field if f.type_name}
+        assert field_types and all(t.startswith(".grpc.reflection.v1.") for t in field_types)
+        # the error details the server sends resolve too (grpcurl prints them)
+        assert "google/rpc/error_details.proto" in _file_containing(
+            reflect, "google.rpc.BadRequest"
+        )
+
+
 def _metric(text, name, **labels):
     total = 0.0
     for line in text.splitlines():
@@ -241,16 +444,57 @@ def _metric(text, name, **labels):
     return total
 
 
+def _scrape(server) -> str:
+    return urllib.request.urlopen(server.metrics_url, timeout=5).read().decode()
+
+
+def test_metrics_exist_at_zero_from_start_with_process_gc_and_build_info():
+    config = {"rewards": {"a": {"kind": "brightness"}, "b": {"kind": "color_match"}}}
+    with running_reward_server(config) as running:
+        text = _scrape(running)
+    for reward in ("a", "b"):
+        for code in ("OK", "INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "INTERNAL"):
+            line = f'dancegrpo_reward_requests_total{{code="{code}",method="Score",reward="{reward}"}} 0.0'
+            assert line in text
+        assert f'dancegrpo_reward_samples_total{{reward="{reward}"}} 0.0' in text
+        assert f'dancegrpo_reward_batch_size_count{{reward="{reward}"}} 0.0' in text
+        assert (
+            f'dancegrpo_reward_request_latency_seconds_count{{method="Score",reward="{reward}"}} 0.0'
+            in text
+        )
+        assert f'dancegrpo_reward_queue_depth{{reward="{reward}"}} 0.0' in text
+        assert f'dancegrpo_reward_ready{{reward="{reward}"}} 1.0' in text
+    assert (
+        'dancegrpo_reward_errors_total{code="NOT_FOUND",method="Score",reward="_unknown"} 0.0'
+        in text
+    )
+    assert "_created" not in text
+    assert re.search(r"^process_resident_memory_bytes [0-9.e+]+$", text, re.M)
+    assert re.search(r"^python_gc_collections_total\{generation=\"0\"\} ", text, re.M)
+    assert re.search(
+        r'^dancegrpo_reward_build_info\{grpc="[0-9.]+",protobuf="[0-9.]+",python="[0-9.]+",'
+        r'version="[0-9.]+"\} 1\.0$',
+        text,
+        re.M,
+    )  # fmt: skip
+
+
 def test_metrics_counters_move(server, stub):
-    def scrape():
-        return urllib.request.urlopen(server.metrics_url, timeout=5).read().decode()
+    scrape = lambda: _scrape(server)  # noqa: E731
 
     before = scrape()
     for _ in range(3):
         stub.Score(GOOD, timeout=10)
     with pytest.raises(grpc.RpcError):
         stub.Score(_request("nope", _image_sample()), timeout=10)
+    with grpc.insecure_channel(server.target) as channel, pytest.raises(grpc.RpcError):
+        _raw_unary(channel, f"/{SERVICE_NAME}/Score")(b"\x0f\x01", timeout=10)
     after = scrape()
+    bad = dict(method="Score", reward="_unknown", code="INVALID_ARGUMENT")  # undecodable
+    assert (
+        _metric(after, "dancegrpo_reward_errors_total", **bad)
+        == _metric(before, "dancegrpo_reward_errors_total", **bad) + 1
+    )
     ok = dict(method="Score", reward="color", code="OK")
     assert (
         _metric(after, "dancegrpo_reward_requests_total", **ok)

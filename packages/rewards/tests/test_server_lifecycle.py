@@ -1,5 +1,7 @@
-"""Server lifecycle and protection: start-up health, queue limits, deadlines, SIGTERM,
-bearer-token auth, TLS/mTLS and config errors at start-up. Each test runs its own process."""
+"""Server lifecycle and protection: start-up health, queue limits, deadlines, SIGTERM (also
+with a batch longer than the grace period), bearer-token auth (and the memory of refused
+calls), connection age, TLS/mTLS and config errors at start-up. Each test runs its own
+process."""
 
 from __future__ import annotations
 
@@ -14,7 +16,9 @@ from pathlib import Path
 import grpc
 import pytest
 import yaml
+from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
 
 from dancegrpo_proto.v1 import rewards_pb2 as pb
 from dancegrpo_proto.v1 import rewards_pb2_grpc
@@ -32,6 +36,14 @@ def _probe_config(**reward):
         "server": {"grace_period_s": 10},
         "rewards": {"probe": {"kind": PROBE_KIND, "options": options, **reward}},
     }
+
+
+def _retry_after_s(error: grpc.RpcError) -> float:
+    """The google.rpc.RetryInfo delay of a failed call."""
+    (packed,) = rpc_status.from_call(error).details
+    info = error_details_pb2.RetryInfo()
+    assert packed.Unpack(info)
+    return info.retry_delay.ToTimedelta().total_seconds()
 
 
 def _health(channel, service=""):
@@ -53,6 +65,7 @@ def test_health_is_not_serving_until_rewards_are_loaded():
         with pytest.raises(grpc.RpcError) as info:
             rewards_pb2_grpc.RewardServiceStub(channel).Score(REQUEST, timeout=5)
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert _retry_after_s(info.value) == 1.0
         deadline = time.monotonic() + 20
         while _health(channel) != "SERVING" and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -76,6 +89,7 @@ def test_full_queue_rejects_at_once_and_deadlines_drop_queued_work():
                 stub.Score(REQUEST, timeout=10)
             assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert "queue is full" in info.value.details()
+            assert 0.01 <= _retry_after_s(info.value) <= 5.0  # about one batch
             assert time.monotonic() - start < 0.3  # rejected at once, not after the queue
             with pytest.raises(grpc.RpcError) as info:
                 queued.result()
@@ -103,6 +117,41 @@ def test_sigterm_finishes_in_flight_calls_and_exits_zero():
         with grpc.insecure_channel(target) as channel, pytest.raises(grpc.RpcError) as info:
             rewards_pb2_grpc.RewardServiceStub(channel).Score(REQUEST, timeout=2)
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_sigterm_exit_is_bounded_by_the_grace_period_when_a_batch_runs_longer():
+    options = {"sleep_s": 60, "sleep_prompt": "slow"}
+    config = _probe_config(max_batch_size=1, max_queue_delay_ms=0, options=options)
+    config["server"]["grace_period_s"] = 1
+    slow = pb.ScoreRequest(
+        reward="probe", samples=[pb.Sample(prompt="slow", media=REQUEST.samples[0].media)]
+    )
+    with running_reward_server(config, shutdown_timeout_s=5) as (target, _, process):
+        with grpc.insecure_channel(target) as channel:
+            call = rewards_pb2_grpc.RewardServiceStub(channel).Score.future(slow, timeout=90)
+            time.sleep(0.5)  # the 60 s batch is running
+            process.send_signal(signal.SIGTERM)
+            sent = time.monotonic()
+            assert process.wait(timeout=30) == 0  # not after the batch (60 s)
+            assert time.monotonic() - sent < 30
+            with pytest.raises(grpc.RpcError) as info:
+                call.result(timeout=10)
+        assert info.value.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)
+
+
+def test_max_connection_age_makes_clients_reconnect_without_failing_calls():
+    """GOAWAY after max_connection_age: a DNS client re-resolves and finds new replicas."""
+    config = _probe_config()
+    config["server"].update(max_connection_age_s=0.3, max_connection_age_grace_s=5)
+    with running_reward_server(config) as (target, _, _), grpc.insecure_channel(target) as channel:
+        states = []
+        channel.subscribe(states.append, try_to_connect=False)
+        stub = rewards_pb2_grpc.RewardServiceStub(channel)
+        deadline = time.monotonic() + 30
+        while states.count(grpc.ChannelConnectivity.READY) < 3 and time.monotonic() < deadline:
+            stub.Score(REQUEST, timeout=5)  # never fails across the reconnects
+            time.sleep(0.05)
+        assert states.count(grpc.ChannelConnectivity.READY) >= 3, states
 
 
 def test_sigterm_with_drain_keeps_serving_new_calls_while_not_serving():
@@ -140,6 +189,47 @@ def test_bearer_token_is_required_except_for_health():
             assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
         stub.Score(REQUEST, timeout=5, metadata=(("authorization", "Bearer s3cret"),))
         assert _health(channel) == "SERVING"
+
+
+def _peak_rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc/<pid>/status")
+def test_unauthenticated_large_calls_are_refused_before_their_body_is_read():
+    """Four unauthenticated 100 MB calls took the server from ~60 MB to ~1 GB when the token
+    was checked after the message was read and parsed; refused unread, they cost ~nothing."""
+    config = _probe_config()
+    config["server"]["auth"] = {"token_env": "TEST_REWARD_TOKEN"}
+    payload = pb.ScoreRequest(
+        reward="probe",
+        samples=[pb.Sample(media=pb.Media(raw=pb.RawFrames(data=bytes(100 << 20))))],
+    ).SerializeToString()
+    options = [("grpc.max_send_message_length", 256 << 20)]
+    env = {"TEST_REWARD_TOKEN": "s3cret"}
+    with (
+        running_reward_server(config, env=env) as (target, metrics_url, process),
+        grpc.insecure_channel(target, options=options) as channel,
+    ):
+        before = _peak_rss_bytes(process.pid)
+        score_bytes = channel.unary_unary(f"/{pb.DESCRIPTOR.package}.RewardService/Score")
+        calls = [score_bytes.future(payload, timeout=60) for _ in range(4)]
+        for call in calls:
+            with pytest.raises(grpc.RpcError) as info:
+                call.result()
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        grown = _peak_rss_bytes(process.pid) - before
+        assert grown < 100 << 20, f"peak RSS grew by {grown / 2**20:.0f} MiB"
+        stub = rewards_pb2_grpc.RewardServiceStub(channel)
+        stub.Score(REQUEST, timeout=5, metadata=(("authorization", "Bearer s3cret"),))
+        text = urllib.request.urlopen(metrics_url, timeout=5).read().decode()
+        refused = (
+            'dancegrpo_reward_errors_total{code="UNAUTHENTICATED",method="Score",reward="_unknown"}'
+        )
+        assert f"{refused} 4.0" in text
 
 
 def _openssl(*args, cwd):

@@ -27,7 +27,7 @@ def _policy(pipe, **overrides) -> FluxPolicy:
         "device": "cpu",
         "max_sequence_length": TINY_T5_MAX_LENGTH,
     } | overrides
-    return FluxPolicy.from_pipeline(pipe, FluxConfig(**options))
+    return FluxPolicy.from_pipeline(pipe, FluxConfig(**options), copy=True)
 
 
 def _pipeline_latents(pipe, num_steps, seed, output_type="latent"):

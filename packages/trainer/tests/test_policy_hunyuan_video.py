@@ -56,7 +56,7 @@ def _config(**overrides: Any) -> HunyuanVideoConfig:
 
 
 def _policy(pipe, **overrides: Any) -> HunyuanVideoPolicy:
-    return HunyuanVideoPolicy.from_pipeline(pipe, _config(**overrides))
+    return HunyuanVideoPolicy.from_pipeline(pipe, _config(**overrides), copy=True)
 
 
 def _pipeline_output(pipe, policy: HunyuanVideoPolicy, num_steps: int, seed: int, output_type):

@@ -298,7 +298,11 @@ def test_gradients_reach_the_transformer_or_its_lora_only():
     from peft import LoraConfig
 
     for lora in (False, True):
-        policy = _policy(tiny_qwen_image_edit_pipeline())
+        pipe = tiny_qwen_image_edit_pipeline()
+        # The constructor places and freezes the text encoder and VAE (from_pipeline may
+        # leave shared modules as they are).
+        parts = {k: getattr(pipe, k) for k in ("transformer", "vae", "text_encoder")}
+        policy = QwenImageEditPolicy(**parts, tokenizer=pipe.processor, config=_config(False))
         transformer = policy.trainable_module()
         if lora:
             transformer.requires_grad_(False)
@@ -403,6 +407,7 @@ def test_recipe_values_follow_flow_factory(recipe):
         "condition_image_area": 384 * 384,
     }
     assert (s.num_steps, s.group_size, s.prompts_per_step, s.shared_noise) == (10, 16, 3, False)
+    assert s.eta == 1.0 and (s.window.kind, s.window.size, s.window.span) == ("fast", 1, [1, 4])
     assert (t.lora.rank, t.lora.alpha, t.learning_rate, t.max_grad_norm) == (64, 128, 3e-4, 1.0)
     assert (t.clip_range, t.adv_clip_max, t.kl_coef) == (1e-4, 5.0, 0.0)
     assert cfg.data.embedding_cache is None
@@ -494,3 +499,43 @@ def test_eval_compares_base_and_tuned_on_an_edit_prompt_set(edit_pipe, tmp_path)
     (row,) = result["rows"]
     assert row["base"] == pytest.approx(float(direct["base"].mean()), abs=1e-6)
     assert row["tuned"] == pytest.approx(float(direct["tuned"].mean()), abs=1e-6)
+
+
+# ------------------------------------------------------------------ samplers and windows
+
+
+@pytest.mark.parametrize("sampler", ["dancegrpo", "flow_grpo", "cps"])
+def test_every_flow_sampler_in_a_window_replays_and_recomputes_exactly(plus_pipe, sampler):
+    """The rollout API on Edit-Plus (true CFG, source tokens in the sequence): an SDE window
+    (step 1 of 3 stochastic) with each flow sampler replays bit for bit from its recorded
+    noise, and the window step's recomputed log-probability gives ratio exactly 1."""
+    from dancegrpo_trainer.rollout import RolloutPlan, sample_rollout, seeded_generators
+
+    policy = _policy(plus_pipe)
+    cond = policy.encode_prompts(PROMPTS, _images())
+    noise = policy.initial_noise(2, torch.Generator().manual_seed(0))
+    plan = RolloutPlan(policy.schedule(3), stochastic=[False, True, False], sampler=sampler)
+    eta = 0.5
+    kw = dict(eta=eta, plan=plan, chunk_size=2, decode=False)
+    rollout = sample_rollout(
+        policy,
+        cond,
+        noise,
+        row_generators=seeded_generators(range(2), 7),
+        keep=("log_probs", "noise"),
+        **kw,
+    )
+    assert (rollout.log_probs[:, 1] != 0).all() and (rollout.log_probs[:, [0, 2]] == 0).all()
+    again = sample_rollout(policy, cond, noise, step_noise=rollout.noise, **kw)
+    assert torch.equal(again.latents, rollout.latents)
+    with torch.no_grad():
+        out = policy.denoise_step(
+            rollout.latents[:, 1],
+            1,
+            rollout.schedule,
+            cond,
+            eta=eta,
+            prev_sample=rollout.latents[:, 2],
+            sampler=sampler,
+        )
+    assert torch.equal(torch.exp(out.log_prob - rollout.log_probs[:, 1]), torch.ones(2))

@@ -60,7 +60,7 @@ def _config(**overrides: Any) -> SkyReelsI2VConfig:
 
 
 def _policy(pipe, **overrides: Any) -> SkyReelsI2VPolicy:
-    return SkyReelsI2VPolicy.from_pipeline(pipe, _config(**overrides))
+    return SkyReelsI2VPolicy.from_pipeline(pipe, _config(**overrides), copy=True)
 
 
 def _images(seed: int = 0, size: tuple[int, int] = (40, 48)) -> torch.Tensor:

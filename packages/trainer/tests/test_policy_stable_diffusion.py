@@ -22,7 +22,7 @@ RESOLUTION = 16  # tiny VAE has scale factor 2 → 8×8 latents, the UNet's samp
 
 def _policy(pipe, **overrides) -> StableDiffusionPolicy:
     options = {"resolution": RESOLUTION, "guidance_scale": 5.0, "device": "cpu"} | overrides
-    return StableDiffusionPolicy.from_pipeline(pipe, StableDiffusionConfig(**options))
+    return StableDiffusionPolicy.from_pipeline(pipe, StableDiffusionConfig(**options), copy=True)
 
 
 @pytest.fixture(scope="module")

@@ -129,10 +129,10 @@ def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(tmp_path: P
 
 
 def _check_matches_single_process(two: Path, one: Path) -> None:
-    rank0 = torch.load(two / "params_rank0.pt")
-    rank1 = torch.load(two / "params_rank1.pt")
-    single = torch.load(one / "params_rank0.pt")
-    initial = torch.load(one / "params_initial.pt")
+    rank0 = torch.load(two / "params_rank0.pt", weights_only=True)
+    rank1 = torch.load(two / "params_rank1.pt", weights_only=True)
+    single = torch.load(one / "params_rank0.pt", weights_only=True)
+    initial = torch.load(one / "params_initial.pt", weights_only=True)
     assert rank0.keys() == rank1.keys() == single.keys()
     for key, value in rank0.items():
         torch.testing.assert_close(rank1[key], value, rtol=0, atol=0, msg=key)

@@ -35,6 +35,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from dancegrpo_trainer.checkpoint_format import load_optimizer_state
 from dancegrpo_trainer.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -101,8 +102,8 @@ def test_fsdp_trains_like_unsharded_ranks_and_resumes_exactly(tmp_path: Path) ->
         _torchrun([str(resumed), *_overrides(t, resumed, fsdp=True, steps=3), resume_from])
 
     # The sharded run's step-2 checkpoint (full tensors) matches the unsharded run.
-    initial = torch.load(plain / "params_initial.pt")
-    unsharded = torch.load(plain / "params_final.pt")
+    initial = torch.load(plain / "params_initial.pt", weights_only=True)
+    unsharded = torch.load(plain / "params_final.pt", weights_only=True)
     sharded = load_file(str(_checkpoint(fsdp, 2) / "model.safetensors"))
     assert sharded.keys() == unsharded.keys()
     for key, value in unsharded.items():
@@ -110,8 +111,8 @@ def test_fsdp_trains_like_unsharded_ranks_and_resumes_exactly(tmp_path: Path) ->
     moved = max(float((unsharded[k] - initial[k]).abs().max()) for k in unsharded)
     assert moved > 100 * ATOL, "training barely moved the parameters: the comparison is vacuous"
     # Same optimiser-state layout as an unsharded checkpoint, and the same moments.
-    opt_plain = torch.load(_checkpoint(plain, 2) / "optimizer.pt")
-    opt_fsdp = torch.load(_checkpoint(fsdp, 2) / "optimizer.pt")
+    opt_plain = load_optimizer_state(_checkpoint(plain, 2) / "optimizer.safetensors")
+    opt_fsdp = load_optimizer_state(_checkpoint(fsdp, 2) / "optimizer.safetensors")
     assert opt_fsdp["state"].keys() == opt_plain["state"].keys()
     for i, state in opt_plain["state"].items():
         for name in ("exp_avg", "exp_avg_sq", "step"):
@@ -131,8 +132,8 @@ def test_fsdp_trains_like_unsharded_ranks_and_resumes_exactly(tmp_path: Path) ->
     assert records_fsdp[0]["samples"] == 3  # eval: the padding row is not counted
 
     # Resuming the sharded run at step 2 reproduces its third step exactly.
-    continued = torch.load(fsdp / "params_final.pt")
-    again = torch.load(resumed / "params_final.pt")
+    continued = torch.load(fsdp / "params_final.pt", weights_only=True)
+    again = torch.load(resumed / "params_final.pt", weights_only=True)
     for key, value in continued.items():
         torch.testing.assert_close(again[key], value, rtol=0, atol=0, msg=key)
     assert not torch.equal(continued["conv_out.weight"], sharded["conv_out.weight"])

@@ -82,7 +82,7 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(reward_target: str, 
     assert (tmp_path / "full" / "config.yaml").is_file()
     assert any((tmp_path / "full" / "tb").iterdir())
     ckpt = tmp_path / "full" / "checkpoints" / "step_000004"
-    for name in ("model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json"):
+    for name in ("model.safetensors", "optimizer.safetensors", "scheduler.json", "manifest.json"):
         assert (ckpt / name).is_file()
 
 
@@ -179,3 +179,35 @@ def test_scorer_authenticates_with_the_endpoint_token(tmp_path: Path, monkeypatc
                 scorer.submit(frames, prompts).result()
         finally:
             scorer.close()
+
+
+def test_console_shows_one_run_bar_and_short_lines(
+    reward_target: str, tmp_path: Path, monkeypatch, caplog
+):
+    """What `make demo` prints: one bar for the run (not two per step at 0 %), and the
+    per-step bars only while the steps are slow (here: never after the untimed first)."""
+    import io
+    import logging
+    import sys
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    screen = Terminal()
+    monkeypatch.setattr(sys, "stderr", screen)
+    caplog.set_level(logging.INFO, logger="dancegrpo_trainer")
+    cfg = small_config(reward_target, tmp_path, "run.progress=true", "run.log_every=2")
+    trainer = Trainer(cfg)
+    trainer.console.inner_bar_min_s = float("inf")
+    trainer.train()
+    trainer.close()
+    frames = [f.strip() for f in screen.getvalue().replace("\r", "\n").splitlines() if f.strip()]
+    run_bars = [f for f in frames if f.startswith("train ") and "/4 |" in f]
+    assert run_bars and run_bars[-1].startswith("train 4/4")
+    assert "train=" in run_bars[-1] and "s/step=" in run_bars[-1]
+    assert not any(f.startswith(("rollout 2", "rollout 3", "rollout 4")) for f in frames)
+    lines = [r.getMessage() for r in caplog.records]
+    assert [m.split()[0] for m in lines if m.startswith("step=")] == ["step=2/4", "step=4/4"]
+    assert sum(m.startswith("checkpoint") for m in lines) == 2
+    assert max(len(m) for m in lines) < 200

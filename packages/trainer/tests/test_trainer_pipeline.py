@@ -277,14 +277,18 @@ def test_training_overlaps_scoring_and_reward_wait_is_time_blocked(
 
 
 def test_skip_last_timestep_never_trains_the_final_step():
+    from dancegrpo_trainer.algorithms.grpo import GRPO
+
     policy = TinyFlowPolicy(8, 8, latent_size=4, channels=8, embed_dim=8, num_blocks=1)
-    optimizer = torch.optim.SGD(policy.trainable_module().parameters(), lr=1.0)
+    cond = policy.encode_prompts(PROMPTS[:1])
+    noise = policy.initial_noise(1, generator=torch.Generator().manual_seed(0))
+    rollout = sample_rollout(
+        policy, cond, noise, num_steps=4, eta=0.7, generator=torch.Generator(), chunk_size=1
+    )
     drawn = {}
     for skip in (False, True):
         cfg = TrainConfig(micro_batch_size=1, timestep_fraction=1.0, skip_last_timestep=skip)
-        acc = GradientAccumulator(
-            policy, optimizer, num_samples=8, cfg=cfg, eta=0.7, generator=torch.Generator()
-        )
-        drawn[skip] = [sorted(acc._steps_of(k, num_steps=4)) for k in range(8)]
+        grpo = GRPO(cfg, policy)
+        drawn[skip] = [sorted(grpo.terms(rollout, torch.Generator())) for _ in range(8)]
     assert all(steps == [0, 1, 2, 3] for steps in drawn[False])
     assert all(steps == [0, 1, 2] for steps in drawn[True])

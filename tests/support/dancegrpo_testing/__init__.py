@@ -8,7 +8,9 @@ Submodules, each importing its heavy dependencies only when used:
 - ``clip_models``: tiny open_clip configs/checkpoints (hpsv2 and bare formats), a tiny
   Hugging Face ``CLIPModel`` folder and a random LAION aesthetic head.
 - ``diffusion_models``: tiny SD/FLUX components (UNet, VAE, CLIP, T5 + offline T5
-  tokenizer, FluxTransformer) and pipeline builders / save helpers.
+  tokenizer, FluxTransformer), FLUX.1-Kontext and SD3.5 (MMDiT-X transformer, three text
+  encoders) pipelines, and save helpers.
+- ``dinov2_models``: a tiny DINOv2 folder (hub layout) for ``image_similarity``.
 - ``video_models``: a tiny HunyuanVideo pipeline (3-D transformer, video VAE, Llama + offline
   byte-level BPE tokenizer, CLIP); save it with ``diffusion_models.save_pipeline``.
 - ``geneval_models``: a tiny Mask2Former COCO folder (hub layout) + colour CLIP for ``geneval``.

@@ -220,3 +220,64 @@ def random_images(count: int, *, seed: int = 0, min_size: int = 20, max_size: in
         )
         for _ in range(count)
     ]
+
+
+@dataclasses.dataclass(frozen=True)
+class TinyPickScoreFiles:
+    """Paths written by ``write_pickscore_folders``."""
+
+    model: Path
+    processor: Path
+
+
+def write_pickscore_folders(
+    directory: str | Path, *, image_size: int = 32, logit_scale: float = 100.0, seed: int = 3
+) -> TinyPickScoreFiles:
+    """A tiny PickScore in the official layout: two folders, as PickScore loads them.
+
+    - ``PickScore_v1/``: a ``CLIPModel`` ``save_pretrained`` (``config.json`` + weights, no
+      processor files), like hub repo ``yuvalkirstain/PickScore_v1``; its ``logit_scale``
+      is set to ``log(logit_scale)`` (the released model learned about 100).
+    - ``CLIP-ViT-H-14-laion2B-s32B-b79K/``: the processor folder, like hub repo
+      ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K`` without its weights: the base model's
+      ``config.json`` (``AutoProcessor`` finds ``CLIPProcessor`` through its
+      ``model_type``), the CLIP tokenizer files and a
+      ``preprocessor_config.json`` in that repo's (older, feature-extractor) format —
+      integer ``size``/``crop_size``, ``resample: 3`` (bicubic), OpenAI mean/std — at
+      ``image_size`` instead of 224.
+    """
+    import math
+
+    import torch
+
+    from dancegrpo_testing.tokenizers import clip_tokenizer
+
+    directory = Path(directory)
+    model_dir = directory / "PickScore_v1"
+    staging = write_hf_clip_folder(directory / "staging", image_size=image_size, seed=seed)
+    from transformers import CLIPModel
+
+    model = CLIPModel.from_pretrained(str(staging), local_files_only=True).eval()
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(logit_scale))
+    model.save_pretrained(model_dir)
+    processor_dir = directory / "CLIP-ViT-H-14-laion2B-s32B-b79K"
+    clip_tokenizer().save_pretrained(processor_dir)
+    (processor_dir / "config.json").write_text((staging / "config.json").read_text())
+    (processor_dir / "preprocessor_config.json").write_text(
+        json.dumps(
+            {
+                "crop_size": image_size,
+                "do_center_crop": True,
+                "do_normalize": True,
+                "do_resize": True,
+                "feature_extractor_type": "CLIPFeatureExtractor",
+                "image_mean": [0.48145466, 0.4578275, 0.40821073],
+                "image_std": [0.26862954, 0.26130258, 0.27577711],
+                "resample": 3,
+                "size": image_size,
+            },
+            indent=2,
+        )
+    )
+    return TinyPickScoreFiles(model=model_dir, processor=processor_dir)

@@ -1,4 +1,5 @@
-"""Tiny random-weight diffusion components and pipelines (Stable Diffusion, FLUX) for tests.
+"""Tiny random-weight diffusion components and pipelines (Stable Diffusion, FLUX,
+FLUX.1-Kontext, Stable Diffusion 3.5) for tests.
 
 Every builder seeds ``torch`` before creating weights, so two calls give identical models,
 and each runs in milliseconds on a CPU. Shapes are chosen to be the smallest that still
@@ -9,6 +10,10 @@ exercise the real code paths:
 - FLUX: a 1+1-layer ``FluxTransformer2DModel`` (``in_channels=16`` = 4 latent channels
   packed 2×2, ``joint_attention_dim=32``, ``pooled_projection_dim=32``, guidance embedding)
   with a CLIP text model (pooled, hidden 32) and a tiny T5 encoder (d_model 32).
+  FLUX.1-Kontext reuses these parts in a ``FluxKontextPipeline``.
+- Stable Diffusion 3.5: a 2-block ``SD3Transformer2DModel`` (QK norm, one dual-attention
+  block as SD3.5's MMDiT-X), SD3's VAE factors, two CLIP text models with projection and a
+  T5 of width 64 (the joint attention dim).
 
 The CLIP tokenizer is the real OpenAI vocabulary (:func:`dancegrpo_testing.tokenizers.clip_tokenizer`);
 the T5 tokenizer is a small unigram model over a fixed word list, built offline.
@@ -94,22 +99,24 @@ def t5_tokenizer():
     return T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=TINY_T5_MAX_LENGTH)
 
 
-def tiny_clip_text_model(seed: int = 0, *, with_projection: bool = False):
+def tiny_clip_text_model(
+    seed: int = 0, *, with_projection: bool = False, hidden_size: int = TINY_HIDDEN
+):
     """A 2-layer CLIP text encoder (hidden 32) over the full CLIP vocabulary.
 
     ``with_projection=True`` gives a ``CLIPTextModelWithProjection`` (``text_embeds``
-    ``[B, 32]``) instead of a ``CLIPTextModel`` (``pooler_output`` ``[B, 32]``).
+    ``[B, hidden_size]``) instead of a ``CLIPTextModel`` (``pooler_output`` ``[B, hidden_size]``).
     """
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     config = CLIPTextConfig(
         vocab_size=CLIP_VOCAB_SIZE,
-        hidden_size=TINY_HIDDEN,
+        hidden_size=hidden_size,
         intermediate_size=37,
         num_hidden_layers=2,
         num_attention_heads=4,
         max_position_embeddings=77,
-        projection_dim=TINY_HIDDEN,
+        projection_dim=hidden_size,
         bos_token_id=49406,
         eos_token_id=49407,
         pad_token_id=49407,
@@ -119,13 +126,13 @@ def tiny_clip_text_model(seed: int = 0, *, with_projection: bool = False):
     return cls(config).eval()
 
 
-def tiny_t5_encoder(seed: int = 0, vocab_size: int | None = None):
-    """A 2-layer ``T5EncoderModel`` (d_model 32) sized for :func:`t5_tokenizer`."""
+def tiny_t5_encoder(seed: int = 0, vocab_size: int | None = None, *, d_model: int = TINY_HIDDEN):
+    """A 2-layer ``T5EncoderModel`` (d_model 32 unless given) sized for :func:`t5_tokenizer`."""
     from transformers import T5Config, T5EncoderModel
 
     config = T5Config(
         vocab_size=vocab_size if vocab_size is not None else len(t5_tokenizer()),
-        d_model=TINY_HIDDEN,
+        d_model=d_model,
         d_kv=8,
         d_ff=37,
         num_layers=2,
@@ -140,14 +147,23 @@ def tiny_t5_encoder(seed: int = 0, vocab_size: int | None = None):
     return T5EncoderModel(config).eval()
 
 
-def tiny_vae(seed: int = 0, *, latent_channels: int = 4, flux: bool = False):
+#: ``(scaling_factor, shift_factor)`` of the real VAEs, so the adapters' latent
+#: normalisation is exercised with each model's own values.
+VAE_FACTORS = {"sd": (0.18215, None), "flux": (0.3611, 0.1159), "sd3": (1.5305, 0.0609)}
+
+
+def tiny_vae(
+    seed: int = 0, *, latent_channels: int = 4, flux: bool = False, factors: str | None = None
+):
     """A 2-level ``AutoencoderKL`` (spatial scale factor 2).
 
     ``flux=True`` sets FLUX's ``scaling_factor``/``shift_factor`` (0.3611 / 0.1159) instead
-    of SD's (0.18215, no shift), so the adapters' latent normalisation is exercised.
+    of SD's (0.18215, no shift); ``factors`` names any entry of :data:`VAE_FACTORS`
+    (``"sd3"``: 1.5305 / 0.0609).
     """
     from diffusers import AutoencoderKL
 
+    scaling, shift = VAE_FACTORS[factors or ("flux" if flux else "sd")]
     _seeded(seed)
     return AutoencoderKL(
         in_channels=3,
@@ -159,8 +175,8 @@ def tiny_vae(seed: int = 0, *, latent_channels: int = 4, flux: bool = False):
         norm_num_groups=8,
         latent_channels=latent_channels,
         sample_size=16,
-        scaling_factor=0.3611 if flux else 0.18215,
-        shift_factor=0.1159 if flux else None,
+        scaling_factor=scaling,
+        shift_factor=shift,
     ).eval()
 
 
@@ -284,6 +300,77 @@ def tiny_flux_pipeline(seed: int = 0, *, dynamic_shift: bool = False):
     from diffusers import FluxPipeline
 
     pipe = FluxPipeline(**tiny_flux_components(seed, dynamic_shift=dynamic_shift))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_flux_kontext_pipeline(seed: int = 0, *, dynamic_shift: bool = True):
+    """A ``FluxKontextPipeline`` on the tiny FLUX parts (FLUX.1-Kontext-dev has the FLUX.1-dev
+    architecture; its scheduler uses the dynamic shift, on by default here)."""
+    from diffusers import FluxKontextPipeline
+
+    pipe = FluxKontextPipeline(**tiny_flux_components(seed, dynamic_shift=dynamic_shift))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+#: Width of the tiny SD3 T5 (= the transformer's ``joint_attention_dim``): at least the two
+#: tiny CLIPs' hidden sizes side by side (32 + 32), which SD3 zero-pads to the T5 width.
+TINY_SD3_T5_DIM = 64
+
+
+def tiny_sd3_transformer(seed: int = 0):
+    """A 2-block ``SD3Transformer2DModel`` in SD3.5's MMDiT-X form (QK RMS-norm, a dual
+    attention block): 4 heads × 8, patch 2, 4 latent channels, joint attention dim 64
+    (T5), pooled projection 64 (CLIP-L + CLIP-G pooled, 32 each)."""
+    from diffusers import SD3Transformer2DModel
+
+    _seeded(seed)
+    return SD3Transformer2DModel(
+        sample_size=8,
+        patch_size=2,
+        in_channels=4,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        joint_attention_dim=TINY_SD3_T5_DIM,
+        caption_projection_dim=32,
+        pooled_projection_dim=2 * TINY_HIDDEN,
+        out_channels=4,
+        pos_embed_max_size=16,
+        dual_attention_layers=(0,),
+        qk_norm="rms_norm",
+    )
+
+
+def tiny_sd3_components(seed: int = 0, *, shift: float = 3.0) -> dict[str, Any]:
+    """``transformer``, ``vae`` (SD3's scaling/shift factors), ``text_encoder`` (CLIP-L with
+    projection), ``tokenizer``, ``text_encoder_2`` (CLIP-G with projection), ``tokenizer_2``,
+    ``text_encoder_3`` (T5, d_model 64), ``tokenizer_3`` and ``scheduler`` (FlowMatchEuler,
+    static shift 3 as SD3.5's) for a tiny Stable Diffusion 3.5."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from dancegrpo_testing.tokenizers import clip_tokenizer
+
+    t5_tok = t5_tokenizer()
+    return {
+        "transformer": tiny_sd3_transformer(seed),
+        "vae": tiny_vae(seed + 1, factors="sd3"),
+        "text_encoder": tiny_clip_text_model(seed + 2, with_projection=True),
+        "tokenizer": clip_tokenizer(),
+        "text_encoder_2": tiny_clip_text_model(seed + 3, with_projection=True),
+        "tokenizer_2": clip_tokenizer(),
+        "text_encoder_3": tiny_t5_encoder(seed + 4, len(t5_tok), d_model=TINY_SD3_T5_DIM),
+        "tokenizer_3": t5_tok,
+        "scheduler": FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift),
+    }
+
+
+def tiny_sd3_pipeline(seed: int = 0, *, shift: float = 3.0):
+    """A ``StableDiffusion3Pipeline`` from :func:`tiny_sd3_components`."""
+    from diffusers import StableDiffusion3Pipeline
+
+    pipe = StableDiffusion3Pipeline(**tiny_sd3_components(seed, shift=shift))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -197,7 +197,8 @@ def _stop(process: subprocess.Popen[bytes], timeout_s: float) -> None:
 class ProbeReward(Reward):
     """Test-only reward: ``score`` = mean pixel / 255, ``batch_size`` = samples in the pass.
 
-    Options: ``sleep_s`` (seconds slept per ``score`` call, to fill queues), ``load_s``
+    Options: ``sleep_s`` (seconds slept per ``score`` call, to fill queues; with
+    ``sleep_prompt``, only by calls whose batch has that prompt, so warm-up stays quick), ``load_s``
     (seconds ``load`` takes, to observe health ``NOT_SERVING``), ``fail_prompt`` (``score``
     raises ``RuntimeError`` if any prompt in the batch equals it), ``modality``.
     ``batch_size`` shows how the server merged requests; it is the only non-batch-invariant
@@ -209,10 +210,12 @@ class ProbeReward(Reward):
 
     def __init__(self, name: str, options: Mapping[str, Any]) -> None:
         super().__init__(name, options)
-        unknown = set(self.options) - {"sleep_s", "load_s", "fail_prompt", "modality"}
+        known = {"sleep_s", "sleep_prompt", "load_s", "fail_prompt", "modality"}
+        unknown = set(self.options) - known
         if unknown:
             raise RewardConfigError(f"rewards.{name}.options.{sorted(unknown)[0]}: unknown option")
         self.sleep_s = float(self.options.get("sleep_s", 0.0))
+        self.sleep_prompt = self.options.get("sleep_prompt")
         self.load_s = float(self.options.get("load_s", 0.0))
         self.fail_prompt = self.options.get("fail_prompt")
         self.modality = self.options.get("modality", "image")
@@ -229,7 +232,7 @@ class ProbeReward(Reward):
         time.sleep(self.load_s)
 
     def score(self, batch: RewardBatch) -> dict[str, np.ndarray]:
-        if self.sleep_s:
+        if self.sleep_s and (self.sleep_prompt is None or self.sleep_prompt in batch.prompts):
             time.sleep(self.sleep_s)
         if self.fail_prompt is not None and self.fail_prompt in batch.prompts:
             raise RuntimeError(f"probe failure on prompt {self.fail_prompt!r}")

@@ -21,14 +21,16 @@ Modality = Literal["image", "video"]
 class SampleError(ValueError):
     """A sample is malformed; mapped to gRPC ``INVALID_ARGUMENT``.
 
-    ``index`` is the sample's index in its request and ``field`` the offending field
-    (e.g. ``"media.raw.shape"``, ``"prompt"``, ``"metadata.geneval"``).
+    ``index`` is the sample's index in its request, ``field`` the offending field
+    (e.g. ``"media.raw.shape"``, ``"prompt"``, ``"metadata.geneval"``) and ``description``
+    what is wrong with it (sent to clients as a ``google.rpc.BadRequest`` field violation).
     """
 
     def __init__(self, index: int, field: str, message: str) -> None:
         super().__init__(f"samples[{index}].{field}: {message}")
         self.index = index
         self.field = field
+        self.description = message
 
 
 class RewardConfigError(ValueError):

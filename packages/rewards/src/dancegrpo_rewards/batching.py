@@ -38,17 +38,14 @@ import numpy as np
 
 from dancegrpo_rewards.base import Reward, RewardBatch, SampleError
 from dancegrpo_rewards.metrics import ServiceMetrics
+from dancegrpo_rewards.rich_status import ScoreError, invalid_argument
+
+__all__ = ["DynamicBatcher", "ScoreError", "check_outputs"]
 
 log = logging.getLogger("dancegrpo_rewards.batching")
 
-
-class ScoreError(Exception):
-    """A scoring failure with the gRPC status code it maps to."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+#: ``RetryInfo`` delay suggested while the server shuts down (retry soon, elsewhere).
+SHUTDOWN_RETRY_S = 0.1
 
 
 @dataclasses.dataclass
@@ -112,6 +109,10 @@ class DynamicBatcher:
         self._queued_samples = 0
         self._wake = asyncio.Event()
         self._closing = False
+        self._running = False  # a score() call is on the worker thread
+        # Smoothed forward-pass seconds: the RetryInfo delay of a queue-full rejection
+        # (about when the next batch leaves the queue); the delay bound until measured.
+        self._batch_seconds = max(max_queue_delay_s, 0.01)
         self._task: asyncio.Task[None] | None = None
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix=f"reward-{self.name}"
@@ -121,6 +122,15 @@ class DynamicBatcher:
     def queued_samples(self) -> int:
         """Samples waiting (not yet running)."""
         return self._queued_samples
+
+    @property
+    def busy(self) -> bool:
+        """Whether a ``score`` call is running on the worker thread."""
+        return self._running
+
+    def retry_after_s(self) -> float:
+        """Suggested wait before retrying a queue-full rejection (about one batch)."""
+        return min(max(self._batch_seconds, 0.01), 5.0)
 
     @contextlib.contextmanager
     def arriving(self) -> Iterator[None]:
@@ -142,13 +152,23 @@ class DynamicBatcher:
             self._loop(), name=f"batcher-{self.name}"
         )
 
-    async def close(self) -> None:
-        """Stops accepting, runs everything already queued, then stops the worker thread."""
+    async def close(self, timeout_s: float | None = None) -> bool:
+        """Stops accepting, runs everything already queued, then stops the worker thread.
+
+        With ``timeout_s``, gives up waiting after that long: queued work is dropped and
+        a ``score`` call still running is left to finish on its own (a thread cannot be
+        interrupted). Returns whether the worker finished (``False``: still running).
+        """
         self._closing = True
         self._wake.set()
-        if self._task is not None:
-            await self._task
-        self._executor.shutdown(wait=False)
+        if self._task is not None and not self._task.done():
+            done, _ = await asyncio.wait({self._task}, timeout=timeout_s)
+            if not done:
+                self._task.cancel()
+                for item in self._queue:
+                    _fail(item, _shutting_down())
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        return not self._running
 
     async def submit(self, batch: RewardBatch, deadline: float | None) -> dict[str, np.ndarray]:
         """Queues ``batch`` and returns its outputs (float32 ``(N,)`` per output name).
@@ -157,7 +177,7 @@ class DynamicBatcher:
         full, DEADLINE_EXCEEDED, INVALID_ARGUMENT, INTERNAL).
         """
         if self._closing:
-            raise ScoreError(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
+            raise _shutting_down()
         n = len(batch)
         if n > self.max_queue_size:
             raise ScoreError(
@@ -171,6 +191,7 @@ class DynamicBatcher:
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"reward {self.name!r} queue is full ({self._queued_samples} samples queued, "
                 f"max_queue_size {self.max_queue_size}); retry with backoff",
+                retry_after_s=self.retry_after_s(),
             )
         loop = asyncio.get_running_loop()
         now = loop.time()
@@ -261,12 +282,18 @@ class DynamicBatcher:
         return items
 
     def _score(self, batch: RewardBatch) -> dict[str, np.ndarray]:
-        start = time.perf_counter()
-        outputs = self.reward.score(batch)
-        checked = check_outputs(outputs, tuple(self.reward.output_names), len(batch))
+        self._running = True
+        try:
+            start = time.perf_counter()
+            outputs = self.reward.score(batch)
+            checked = check_outputs(outputs, tuple(self.reward.output_names), len(batch))
+            seconds = time.perf_counter() - start
+        finally:
+            self._running = False
+        self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * seconds
         if self._metrics is not None:
             self._metrics.batch_size.labels(self.name).observe(len(batch))
-            self._metrics.batch_latency.labels(self.name).observe(time.perf_counter() - start)
+            self._metrics.batch_latency.labels(self.name).observe(seconds)
             self._metrics.samples.labels(self.name).inc(len(batch))
         return checked
 
@@ -302,17 +329,21 @@ class DynamicBatcher:
             offset += n
 
     def _map_error(self, exc: Exception, offset: int) -> ScoreError:
-        if isinstance(exc, SampleError):
-            message = str(exc)
-            prefix = f"samples[{exc.index}]."
-            if offset and message.startswith(prefix):  # index within the request, not the chunk
-                message = f"samples[{exc.index + offset}].{message[len(prefix) :]}"
-            return ScoreError(grpc.StatusCode.INVALID_ARGUMENT, message)
+        if isinstance(exc, SampleError):  # index within the request, not the chunk
+            return invalid_argument(f"samples[{exc.index + offset}].{exc.field}", exc.description)
         log.error("reward %s raised while scoring", self.name, exc_info=exc)
         return ScoreError(
             grpc.StatusCode.INTERNAL,
             f"reward {self.name!r} failed: {type(exc).__name__}: {exc}"[:1000],
         )
+
+
+def _shutting_down() -> ScoreError:
+    return ScoreError(
+        grpc.StatusCode.UNAVAILABLE,
+        "the server is shutting down",
+        retry_after_s=SHUTDOWN_RETRY_S,
+    )
 
 
 def _succeed(item: _Item, result: dict[str, np.ndarray]) -> None:

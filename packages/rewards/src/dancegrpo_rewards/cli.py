@@ -3,13 +3,14 @@
     dancegrpo-rewards serve --config services/demo.yaml [--port N] [--metrics-port N]
                             [--port-file FILE]
     dancegrpo-rewards list --target HOST:PORT [--token-env VAR] [--tls-ca FILE]
-    dancegrpo-rewards check --config FILE [--no-file-check]
+    dancegrpo-rewards check --config FILE [--no-file-check]   (also: each kind's extra installed)
 
 ``serve`` prints a banner line to stdout once every reward is ready, e.g.
 ``dancegrpo-rewards: SERVING on 127.0.0.1:50051 | metrics http://127.0.0.1:9464/metrics |
 rewards: color_match(color_match)``; ``--port 0`` binds a free port and ``--port-file``
 receives ``{"port": ..., "metrics_port": ..., "pid": ...}`` (written atomically) as soon as
-the ports are bound. Exit codes: 0 after a clean shutdown, 2 for config errors, 1 otherwise.
+the ports are bound. Exit codes: 0 after a clean shutdown (within ``drain_s +
+grace_period_s`` of SIGTERM, even when a batch runs longer), 2 for config errors, 1 otherwise.
 """
 
 from __future__ import annotations
@@ -101,7 +102,13 @@ async def _serve(config: ServiceConfig, args: argparse.Namespace) -> int:
         await stop.wait()
     else:
         start.cancel()
-    await server.shutdown()
+    if not await server.shutdown():
+        # A score() or load() outlived the grace period on a worker thread. Python would join
+        # that thread at exit (unbounded); the grace period is the promise, so leave now.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 
@@ -119,6 +126,20 @@ def _list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_dependencies(config: ServiceConfig) -> None:
+    """Raises when a configured kind's extra is not installed (looks modules up only)."""
+    from dancegrpo_rewards.registry import kinds_in_options, missing_dependencies
+
+    for name, spec in config.rewards.items():
+        for kind in sorted({spec.kind} | kinds_in_options(spec.options)):
+            extra, missing = missing_dependencies(kind)
+            if missing:
+                raise RewardConfigError(
+                    f"rewards.{name}: kind {kind!r} needs {', '.join(missing)}: "
+                    f"pip install 'dancegrpo-rewards[{extra}]'"
+                )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``dancegrpo-rewards`` console script."""
     args = _parser().parse_args(argv)
@@ -132,6 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = load_config(args.config, require_files=not getattr(args, "no_file_check", False))
         if args.command == "check":
+            _check_dependencies(config)
             print(f"{args.config}: OK ({', '.join(config.rewards)})")
             return 0
         if args.host:

@@ -6,7 +6,9 @@ Schema (every key documented in docs/serving.md)::
       host: 127.0.0.1            # bind address ("0.0.0.0" / "[::]" to serve other hosts)
       port: 50051                # 0 picks a free port
       metrics_port: 9464         # Prometheus HTTP port; 0 picks a free port; null disables
-      max_message_bytes: 536870912
+      max_message_bytes: 134217728   # 128 MiB; size it from your largest request (docs)
+      max_connection_age_s: 300  # GOAWAY after this long (±10 %) so DNS clients re-resolve; null: never
+      max_connection_age_grace_s: 120  # then calls in flight get this long; null: no limit
       grace_period_s: 30
       drain_s: 0                 # on SIGTERM: keep serving new calls this long after NOT_SERVING
       log_format: text           # or json (one JSON object per line)
@@ -45,7 +47,9 @@ import yaml
 
 from dancegrpo_rewards.base import RewardConfigError
 
-DEFAULT_MAX_MESSAGE_BYTES = 512 * 1024 * 1024
+#: 128 MiB: 32 images of 1024x1024x3 uint8 (~101 MB) per request; videos need more
+#: (docs/serving.md says how to size it).
+DEFAULT_MAX_MESSAGE_BYTES = 128 * 1024 * 1024
 DEFAULT_MAX_DECODED_BYTES = 2 * 1024 * 1024 * 1024
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -107,6 +111,8 @@ class ServerConfig:
     port: int = 50051
     metrics_port: int | None = 9464
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    max_connection_age_s: float | None = 300.0
+    max_connection_age_grace_s: float | None = 120.0
     grace_period_s: float = 30.0
     drain_s: float = 0.0
     log_format: str = "text"
@@ -129,6 +135,10 @@ class ServerConfig:
         _check_int("server.max_message_bytes", self.max_message_bytes, 1024)
         if self.max_message_bytes > 2**31 - 1:
             raise _fail("server.max_message_bytes", "gRPC limits messages to 2 GiB - 1")
+        if self.max_connection_age_s is not None:
+            _check_number("server.max_connection_age_s", self.max_connection_age_s, 0.001)
+        if self.max_connection_age_grace_s is not None:
+            _check_number("server.max_connection_age_grace_s", self.max_connection_age_grace_s, 0)
         _check_number("server.grace_period_s", self.grace_period_s, 0)
         _check_number("server.drain_s", self.drain_s, 0)
         if self.log_format not in ("text", "json"):

@@ -1,12 +1,20 @@
-"""The reward kinds a service config can name, resolved lazily.
+"""The reward kinds a service config can name, resolved lazily, and their dependency sets.
 
-One table, edited in one place: ``kind`` → ``"module:Class"``. Classes are imported only
-when a config uses them, so a server hosting weight-free rewards never imports torch.
+``REWARD_KINDS``: ``kind`` → ``"module:Class"``. Classes are imported only when a config
+uses them, so a server hosting weight-free rewards never imports torch.
+
+``KIND_EXTRAS``: ``kind`` → the optional extra of ``dancegrpo-rewards`` that installs its
+heavy dependencies (``pip install 'dancegrpo-rewards[videoalign]'``), and
+``EXTRA_MODULES``: extra → the top-level modules it provides. Before a kind's module is
+imported, those modules are looked up (not imported); a missing one fails start-up with
+an error naming the extra to install. ``tests/test_reward_extras.py`` checks these
+tables against ``packages/rewards/pyproject.toml``.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 
 from dancegrpo_rewards.base import Reward
 
@@ -21,10 +29,68 @@ REWARD_KINDS: dict[str, str] = {
     "aesthetic": "dancegrpo_rewards.kinds.aesthetic:AestheticReward",
     "geneval": "dancegrpo_rewards.kinds.geneval:GenEvalReward",
     "videoalign": "dancegrpo_rewards.kinds.videoalign:VideoAlignReward",
+    "ocr": "dancegrpo_rewards.kinds.ocr:OcrReward",
+    "pickscore": "dancegrpo_rewards.kinds.pickscore:PickScoreReward",
+    "vlm_judge": "dancegrpo_rewards.kinds.vlm_judge:VLMJudgeReward",
+    "image_similarity": "dancegrpo_rewards.kinds.image_similarity:ImageSimilarityReward",
     # composite rewards
     "video_frames": "dancegrpo_rewards.kinds.composite:VideoFramesReward",
     "threshold": "dancegrpo_rewards.kinds.composite:ThresholdReward",
 }
+
+# Kinds absent here (weight-free, composite) need nothing beyond the core install; a
+# composite's inner reward is checked when the composite resolves it.
+KIND_EXTRAS: dict[str, str] = {
+    "hps": "hps",
+    "clip": "clip",
+    "aesthetic": "aesthetic",
+    "geneval": "geneval",
+    "videoalign": "videoalign",
+    "pickscore": "pickscore",
+    "image_similarity": "image-similarity",
+    "ocr": "ocr",
+    "vlm_judge": "vlm-judge",
+}
+
+_TORCH = ("torch", "torchvision", "safetensors")
+_CLIP_BACKBONE = (*_TORCH, "open_clip", "transformers")  # open_clip or Hugging Face CLIP
+EXTRA_MODULES: dict[str, tuple[str, ...]] = {
+    "hps": (*_TORCH, "open_clip"),
+    "clip": _CLIP_BACKBONE,
+    "aesthetic": _CLIP_BACKBONE,
+    "geneval": (*_CLIP_BACKBONE, "scipy"),
+    "videoalign": (*_TORCH, "transformers"),
+    "pickscore": (*_TORCH, "transformers"),
+    "image-similarity": _CLIP_BACKBONE,
+    "ocr": ("rapidocr_onnxruntime",),  # brings onnxruntime and OpenCV as its dependencies
+    "vlm-judge": (),  # the standard library's urllib
+}
+
+
+def _module_missing(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is None
+    except (ImportError, ValueError):  # ValueError: sys.modules[name] is None (blocked)
+        return True
+
+
+def missing_dependencies(kind: str) -> tuple[str | None, list[str]]:
+    """``(extra, missing top-level modules)`` of a registry kind (``(None, [])`` for a
+    kind without an extra). Looks modules up without importing them."""
+    extra = KIND_EXTRAS.get(kind)
+    if extra is None:
+        return None, []
+    return extra, [m for m in EXTRA_MODULES[extra] if _module_missing(m)]
+
+
+def kinds_in_options(options: object) -> set[str]:
+    """Kinds named inside a reward's options (e.g. a composite's inner ``reward.kind``)."""
+    if isinstance(options, dict):
+        found = {options["kind"]} if isinstance(options.get("kind"), str) else set()
+        return found.union(*(kinds_in_options(v) for v in options.values()))
+    if isinstance(options, list):
+        return set().union(*(kinds_in_options(v) for v in options))
+    return set()
 
 
 def reward_class(kind: str) -> type[Reward]:
@@ -36,6 +102,12 @@ def reward_class(kind: str) -> type[Reward]:
     """
     if kind in REWARD_KINDS:
         target = REWARD_KINDS[kind]
+        extra, missing = missing_dependencies(kind)
+        if missing:
+            raise KeyError(
+                f"reward kind {kind!r} needs {', '.join(missing)}, which this environment "
+                f"lacks: install the extra with pip install 'dancegrpo-rewards[{extra}]'"
+            )
     elif ":" in kind:
         target = kind
     else:

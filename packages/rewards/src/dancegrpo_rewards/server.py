@@ -9,6 +9,12 @@ Shutdown (``shutdown()``, wired to SIGTERM/SIGINT by ``serve``): health → ``NO
 new calls are still served for ``drain_s`` (so load balancers see the health change and stop
 routing here before anything is refused), then the gRPC server stops accepting new calls,
 queued and running batches finish within ``grace_period_s``, then worker threads stop.
+Calls still running when the grace period ends are cancelled; a ``score()`` (or a load)
+still running on a worker thread cannot be interrupted, so ``shutdown()`` reports it and
+the CLI exits without waiting for it: exit is bounded by ``drain_s + grace_period_s``.
+
+Every service is registered through ``SafeRegistrar``: a request protobuf cannot parse
+gets ``INVALID_ARGUMENT``, never ``UNKNOWN``.
 """
 
 from __future__ import annotations
@@ -24,16 +30,21 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from dancegrpo_proto import SERVICE_NAME
 from dancegrpo_proto.v1 import rewards_pb2, rewards_pb2_grpc
 from dancegrpo_rewards.base import RewardConfigError
 from dancegrpo_rewards.batching import DynamicBatcher
 from dancegrpo_rewards.config import ServiceConfig
-from dancegrpo_rewards.interceptors import BearerTokenInterceptor, ObservabilityInterceptor
+from dancegrpo_rewards.interceptors import (
+    UNKNOWN_REWARD_LABEL,
+    BearerTokenInterceptor,
+    ObservabilityInterceptor,
+)
 from dancegrpo_rewards.metrics import ServiceMetrics
+from dancegrpo_rewards.reflection import add_reflection
 from dancegrpo_rewards.registry import reward_class
+from dancegrpo_rewards.safe_handlers import SafeRegistrar
 from dancegrpo_rewards.service import HostedReward, RewardServicer
 from dancegrpo_rewards.validation import RequestDecoder
 
@@ -83,6 +94,22 @@ def _read(path: str) -> bytes:
     return Path(path).read_bytes()
 
 
+def server_options(config: ServiceConfig) -> list[tuple[str, int]]:
+    """gRPC server channel arguments from ``config.server``."""
+    cfg = config.server
+    options = [
+        ("grpc.max_receive_message_length", cfg.max_message_bytes),
+        ("grpc.max_send_message_length", cfg.max_message_bytes),
+        ("grpc.so_reuseport", 0),
+    ]
+    if cfg.max_connection_age_s is not None:
+        options.append(("grpc.max_connection_age_ms", round(cfg.max_connection_age_s * 1000)))
+        if cfg.max_connection_age_grace_s is not None:
+            grace_ms = round(cfg.max_connection_age_grace_s * 1000)
+            options.append(("grpc.max_connection_age_grace_ms", grace_ms))
+    return options
+
+
 class RewardServer:
     """One reward-server process: ``await start()``, then ``await shutdown()``."""
 
@@ -90,6 +117,7 @@ class RewardServer:
         self.config = config
         self.metrics = ServiceMetrics()
         self.hosted = build_rewards(config)
+        self.metrics.init_rewards(self.hosted, UNKNOWN_REWARD_LABEL)
         self.address: BoundAddress | None = None
         self._health = health.aio.HealthServicer()
         self._decode_pool = concurrent.futures.ThreadPoolExecutor(
@@ -97,6 +125,7 @@ class RewardServer:
         )
         self._server: grpc.aio.Server | None = None
         self._stopping = False
+        self._loading = False  # a reward's load()/warmup() is running on a thread
 
     def _credentials_or_none(self) -> grpc.ServerCredentials | None:
         tls = self.config.server.tls
@@ -131,26 +160,20 @@ class RewardServer:
         the default ``-1`` keeps the config's value).
         """
         cfg = self.config.server
-        limit = cfg.max_message_bytes
         server = grpc.aio.server(
-            interceptors=self._interceptors(),
-            options=[
-                ("grpc.max_receive_message_length", limit),
-                ("grpc.max_send_message_length", limit),
-                ("grpc.so_reuseport", 0),
-            ],
+            interceptors=self._interceptors(), options=server_options(self.config)
         )
         servicer = RewardServicer(
-            self.hosted, max_message_bytes=limit, decode_pool=self._decode_pool
+            self.hosted, max_message_bytes=cfg.max_message_bytes, decode_pool=self._decode_pool
         )
-        rewards_pb2_grpc.add_RewardServiceServicer_to_server(servicer, server)
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        registrar = SafeRegistrar(server)
+        rewards_pb2_grpc.add_RewardServiceServicer_to_server(servicer, registrar)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, registrar)
         service_names = (
             rewards_pb2.DESCRIPTOR.services_by_name["RewardService"].full_name,
             health.SERVICE_NAME,
-            reflection.SERVICE_NAME,
         )
-        reflection.enable_server_reflection(service_names, server)
+        add_reflection(registrar, service_names)
         for name in ["", SERVICE_NAME, *self.hosted]:
             await self._health.set(name, _NOT_SERVING)
 
@@ -170,8 +193,6 @@ class RewardServer:
             raise OSError(f"could not bind the gRPC port {address}")
         await server.start()
         self._server = server
-        for hosted in self.hosted.values():
-            self.metrics.ready.labels(hosted.spec.name).set(0)
 
         wanted_metrics = cfg.metrics_port if metrics_port == -1 else metrics_port
         bound_metrics = None
@@ -192,8 +213,12 @@ class RewardServer:
             if self._stopping:
                 return
             start = time.perf_counter()
-            await asyncio.to_thread(hosted.reward.load)
-            await asyncio.to_thread(hosted.reward.warmup)
+            self._loading = True
+            try:
+                await asyncio.to_thread(hosted.reward.load)
+                await asyncio.to_thread(hosted.reward.warmup)
+            finally:
+                self._loading = False
             spec = hosted.spec
             batcher = DynamicBatcher(
                 hosted.reward,
@@ -222,11 +247,16 @@ class RewardServer:
             await self._health.set("", _SERVING)
             await self._health.set(SERVICE_NAME, _SERVING)
 
-    async def shutdown(self, grace_s: float | None = None, drain_s: float | None = None) -> None:
+    async def shutdown(self, grace_s: float | None = None, drain_s: float | None = None) -> bool:
         """Graceful stop: NOT_SERVING, keep serving for ``drain_s``, then refuse new calls and
-        finish in-flight work within grace."""
+        finish in-flight work within grace.
+
+        Returns whether every worker finished; ``False`` means a ``score()`` (or a reward's
+        load) is still running on a thread after the grace period: the caller should exit
+        without waiting for it (``cli`` does), as Python would otherwise join the thread.
+        """
         if self._stopping:
-            return
+            return True
         self._stopping = True
         grace = self.config.server.grace_period_s if grace_s is None else grace_s
         drain = self.config.server.drain_s if drain_s is None else drain_s
@@ -237,16 +267,23 @@ class RewardServer:
             await asyncio.sleep(drain)
         # Batchers keep running while the server drains, so in-flight calls complete; the
         # server cancels whatever is still running when the grace period ends.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
         if self._server is not None:
             await self._server.stop(grace)
         batchers = [h.batcher for h in self.hosted.values() if h.batcher is not None]
-        try:
-            await asyncio.wait_for(asyncio.gather(*(b.close() for b in batchers)), timeout=5.0)
-        except TimeoutError:
-            log.warning("a reward worker did not finish within 5 s after the grace period")
+        remaining = max(0.0, deadline - loop.time())
+        finished = all(await asyncio.gather(*(b.close(remaining) for b in batchers)))
+        finished = finished and not self._loading
+        if not finished:
+            log.warning(
+                "a reward's score() or load() is still running after the grace period "
+                f"({grace} s); not waiting for it"
+            )
         self._decode_pool.shutdown(wait=False, cancel_futures=True)
         self.metrics.close()
         log.info("stopped")
+        return finished
 
     async def wait_for_termination(self) -> None:
         """Returns when the gRPC server has stopped."""

@@ -15,11 +15,15 @@ from dancegrpo_proto.v1 import rewards_pb2 as pb
 from dancegrpo_proto.v1 import rewards_pb2_grpc
 from dancegrpo_rewards import __version__
 from dancegrpo_rewards.base import Reward, RewardBatch, SampleError
-from dancegrpo_rewards.batching import DynamicBatcher, ScoreError
+from dancegrpo_rewards.batching import DynamicBatcher
 from dancegrpo_rewards.config import RewardSpec
+from dancegrpo_rewards.rich_status import ScoreError, abort, echo, invalid_argument
 from dancegrpo_rewards.validation import RequestDecoder, RequestError, has_encoded_media
 
 log = logging.getLogger("dancegrpo_rewards.service")
+
+#: ``RetryInfo`` delay suggested while a reward is still loading.
+LOADING_RETRY_S = 1.0
 
 _MODALITY = {"image": pb.MODALITY_IMAGE, "video": pb.MODALITY_VIDEO}
 
@@ -84,7 +88,7 @@ class RewardServicer(rewards_pb2_grpc.RewardServiceServicer):
         try:
             outputs, version = await self._score(request, context)
         except ScoreError as exc:
-            await context.abort(exc.code, exc.message)
+            await abort(context, exc)
         return pb.ScoreResponse(
             outputs=codec.outputs_to_proto(outputs),
             reward_version=version,
@@ -97,12 +101,15 @@ class RewardServicer(rewards_pb2_grpc.RewardServiceServicer):
             known = ", ".join(sorted(self._hosted))
             raise ScoreError(
                 grpc.StatusCode.NOT_FOUND,
-                f"reward: unknown reward {request.reward!r}; this server hosts: {known}",
+                f"reward: unknown reward {echo(request.reward)}; this server hosts: {known}",
+                resource=request.reward,
             )
         batcher = hosted.batcher
         if batcher is None:
             raise ScoreError(
-                grpc.StatusCode.UNAVAILABLE, f"reward {request.reward!r} is still loading"
+                grpc.StatusCode.UNAVAILABLE,
+                f"reward {request.reward!r} is still loading",
+                retry_after_s=LOADING_RETRY_S,
             )
         with batcher.arriving():  # a batch about to start waits for this request
             batch = await self._decode(hosted, request)
@@ -118,8 +125,10 @@ class RewardServicer(rewards_pb2_grpc.RewardServiceServicer):
                 loop = asyncio.get_running_loop()
                 return await loop.run_in_executor(self._decode_pool, hosted.decoder.decode, request)
             return hosted.decoder.decode(request)
-        except (SampleError, RequestError) as exc:
-            raise ScoreError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+        except SampleError as exc:
+            raise invalid_argument(f"samples[{exc.index}].{exc.field}", exc.description) from None
+        except RequestError as exc:
+            raise invalid_argument(exc.field, exc.description) from None
         except Exception as exc:  # a reward's validate_sample hook raised something else
             log.exception("reward %s: validating a request raised", request.reward)
             raise ScoreError(

@@ -16,6 +16,7 @@ from dancegrpo_proto import codec
 from dancegrpo_proto.v1 import rewards_pb2 as pb
 from dancegrpo_rewards.base import Reward, RewardBatch, SampleError
 from dancegrpo_rewards.config import RewardSpec
+from dancegrpo_rewards.rich_status import field_key
 
 #: Longest accepted prompt, in characters (far above any text encoder's context).
 MAX_PROMPT_CHARS = 10_000
@@ -27,6 +28,7 @@ class RequestError(ValueError):
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"{field}: {message}")
         self.field = field
+        self.description = message
 
 
 def has_encoded_media(request: pb.ScoreRequest) -> bool:
@@ -170,7 +172,7 @@ class RequestDecoder:
                 known = ", ".join(sorted(reward.attribute_keys)) or "none"
                 raise SampleError(
                     index,
-                    f"metadata.attributes.{key}",
+                    f"metadata.attributes.{field_key(key)}",
                     f"unknown attribute for reward {reward.name!r} (known: {known})",
                 )
         return codec.metadata_to_dict(metadata)

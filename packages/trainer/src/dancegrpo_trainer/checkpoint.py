@@ -2,14 +2,19 @@
 
 Layout of ``<run>/checkpoints/step_000123/``::
 
-    model.safetensors        trainable-module state (LoRA: adapter weights only; + EMA)
-    optimizer.pt             optimiser state_dict
-    scheduler.pt             learning-rate scheduler state_dict
-    trainer_state.json       step, prompt-sampler position, grad-norm history, tracker
-    rng_state_<rank>.pt      python / numpy / torch (/ cuda) RNG states of each rank
+    model.safetensors              trainable-module state (LoRA: adapter weights only; + EMA)
+    optimizer.safetensors          optimiser state (param groups as JSON in its metadata)
+    scheduler.json                 learning-rate scheduler state_dict
+    trainer_state.json             step, prompt-sampler position, grad-norm history, tracker
+    rng_state_<rank>.safetensors   python / numpy / torch (/ cuda) RNG states of each rank
+    manifest.json                  size and sha256 of every file above, written last
 
-Written by rank 0 (RNG states by every rank) into a temporary folder renamed when
-complete, so a crash mid-save never leaves a checkpoint that looks valid.
+No file is a pickle (safetensors or JSON only; see :mod:`checkpoint_format`), so loading
+a checkpoint never runs code from it. Written by rank 0 (RNG states by every rank) into a
+temporary folder; every file is fsynced, the manifest written, and the folder renamed
+when complete, so a crash mid-save never leaves a checkpoint that looks valid. A resume
+verifies the files it reads against the manifest first (:mod:`checkpoint_integrity`) and
+fails naming the file on a bit flip, a truncated file or a missing part.
 
 A module sharded with FSDP (``train.fsdp``) is saved in the same, unsharded layout: every
 rank joins in gathering the full model and optimiser state, which rank 0 writes, and a
@@ -20,12 +25,10 @@ run's).
 from __future__ import annotations
 
 import json
-import random
 import shutil
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -39,6 +42,23 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.fsdp import FSDPModule
 
 from dancegrpo_trainer import distributed as dist_utils
+from dancegrpo_trainer.checkpoint_format import (
+    OPTIMIZER_FILE,
+    SCHEDULER_FILE,
+    load_optimizer_state,
+    load_rng_state,
+    load_scheduler_state,
+    rng_file_name,
+    save_optimizer_state,
+    save_rng_state,
+    save_scheduler_state,
+)
+from dancegrpo_trainer.checkpoint_integrity import (
+    CheckpointError,
+    fsync_path,
+    verify_files,
+    write_manifest,
+)
 
 _PREFIX = "step_"
 
@@ -110,7 +130,9 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist_utils.barrier()
-    torch.save(_rng_state(), tmp / f"rng_state_{rank}.pt")
+    rng_file = tmp / rng_file_name(rank)
+    save_rng_state(rng_file)
+    fsync_path(rng_file)
     if isinstance(module, FSDPModule):  # collectives: every rank gathers, rank 0 receives
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
         tensors = get_model_state_dict(module, options=opts)
@@ -120,13 +142,15 @@ def save_checkpoint(
     if rank == 0:
         tensors.update({k: v.detach().contiguous().cpu() for k, v in (extra_tensors or {}).items()})
         save_file(tensors, str(tmp / "model.safetensors"))
-        torch.save(optimizer_state, tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        save_optimizer_state(optimizer_state, tmp / OPTIMIZER_FILE)
+        save_scheduler_state(scheduler.state_dict(), tmp / SCHEDULER_FILE)
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **trainer_state}))
     dist_utils.barrier()
     if rank == 0:
+        write_manifest(tmp, step)  # after every rank's files: fsyncs them all first
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
+        fsync_path(root)
         for old in list_checkpoints(run_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     dist_utils.barrier()
@@ -138,8 +162,26 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     root = run_dir / "checkpoints"
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(_PREFIX)]
+    found = [
+        p
+        for p in root.iterdir()
+        if p.is_dir() and p.name.startswith(_PREFIX) and p.name[len(_PREFIX) :].isdigit()
+    ]
     return sorted(found, key=lambda p: int(p.name[len(_PREFIX) :]))
+
+
+def resume_checkpoint(run_dir: Path, resume: str) -> Path | None:
+    """The checkpoint ``run.resume`` selects: ``never`` → ``None``; ``auto`` → the run's
+    latest checkpoint or ``None``; otherwise the given folder, which must exist."""
+    if resume == "never":
+        return None
+    if resume == "auto":
+        found = list_checkpoints(run_dir)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not path.is_dir():
+        raise CheckpointError(f"run.resume: checkpoint folder {path} does not exist")
+    return path
 
 
 def load_checkpoint(
@@ -152,12 +194,19 @@ def load_checkpoint(
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Restores module, optimiser, scheduler and this rank's RNG states.
 
+    Raises :class:`CheckpointError` (naming the file) when a file it reads is missing,
+    truncated or does not match the manifest's checksum.
+
     Returns:
         ``(trainer_state, extra_tensors)``: the JSON trainer state and the tensors saved
         beside the module state (e.g. ``ema.*``).
     """
-    if not (path / "trainer_state.json").is_file():
-        raise FileNotFoundError(f"{path} is not a complete checkpoint (no trainer_state.json)")
+    rng_file = rng_file_name(dist_utils.rank())
+    # A run resumed on more ranks than it was saved with has no RNG file for the new ranks
+    # (nothing in training draws from the global RNGs; every draw has its own seed).
+    rng_saved = (path / rng_file).is_file()
+    reads = ["trainer_state.json", "model.safetensors", OPTIMIZER_FILE, SCHEDULER_FILE]
+    verify_files(path, reads + [rng_file] * rng_saved)
     tensors = load_file(str(path / "model.safetensors"))
     sharded = isinstance(module, FSDPModule)
     own = module.state_dict().keys() if sharded else module_state(module, lora)
@@ -168,7 +217,7 @@ def load_checkpoint(
             f"{' ...' if len(missing) > 5 else ''} (was it saved with another train.lora setting?)"
         )
     extra = {k: v for k, v in tensors.items() if k not in own}
-    optimizer_state = torch.load(path / "optimizer.pt", weights_only=True)
+    optimizer_state = load_optimizer_state(path / OPTIMIZER_FILE)
     if sharded:
         opts = StateDictOptions(full_state_dict=True)
         set_model_state_dict(module, {k: tensors[k] for k in own}, options=opts)
@@ -176,27 +225,7 @@ def load_checkpoint(
     else:
         module.load_state_dict({k: tensors[k] for k in own}, strict=not lora)
         optimizer.load_state_dict(optimizer_state)
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    rng_file = path / f"rng_state_{dist_utils.rank()}.pt"
-    if rng_file.is_file():
-        _set_rng_state(torch.load(rng_file, weights_only=False))
+    scheduler.load_state_dict(load_scheduler_state(path / SCHEDULER_FILE))
+    if rng_saved:
+        load_rng_state(path / rng_file)
     return json.loads((path / "trainer_state.json").read_text()), extra
-
-
-def _rng_state() -> dict[str, Any]:
-    state = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])

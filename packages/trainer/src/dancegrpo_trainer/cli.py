@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -65,10 +66,17 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, FileExistsError) as e:
         print(f"dancegrpo-train: {e}", file=sys.stderr)
         return 2
+    # Before the Trainer: it logs while it starts (e.g. the step it resumed at). The process
+    # group does not exist yet, so the rank comes from the launcher's environment.
+    setup_logging(int(os.environ.get("RANK", dist_utils.rank())))
+    from dancegrpo_trainer.checkpoint_integrity import CheckpointError
     from dancegrpo_trainer.trainer import Trainer
 
-    trainer = Trainer(cfg)
-    setup_logging(dist_utils.rank())
+    try:
+        trainer = Trainer(cfg)
+    except CheckpointError as e:
+        print(f"dancegrpo-train: {e}", file=sys.stderr)
+        return 1
     try:
         trainer.train()
     finally:

@@ -31,6 +31,10 @@ class ConfigError(ValueError):
 MixedPrecision = Literal["no", "bf16", "fp16"]
 #: Adapters built on HunyuanVideo's VAE and transformer (same frame/pixel geometry).
 HUNYUAN_VIDEO_KINDS = ("hunyuan_video", "skyreels_i2v")
+#: Image adapters whose pixel sizes are multiples of 16 (VAE 8x, 2x2 patches or packing).
+IMAGE_16_KINDS = ("sd3", "flux_kontext")
+#: Adapters conditioned on one image per prompt (a ``.jsonl`` row's ``condition_image``).
+CONDITION_IMAGE_KINDS = ("skyreels_i2v", "flux_kontext")
 #: Qwen-Image adapters (one Qwen2.5-VL text encoder, VAE 8x then 2x2 packing, true CFG).
 QWEN_IMAGE_KINDS = ("qwen_image", "qwen_image_edit", "qwen_image_edit_plus")
 #: Qwen-Image editing adapters: a source image per prompt, which the text encoder sees too.
@@ -45,17 +49,19 @@ class ModelConfig:
     Attributes:
         kind: adapter name: ``tiny_flow`` (the CPU demo policy), ``stable_diffusion``, ``flux``,
             ``hunyuan_video`` (text-to-video), ``skyreels_i2v`` (image-to-video: prompts
-            come from a ``.jsonl`` file whose rows carry a ``condition_image``),
-            ``qwen_image`` (text-to-image), ``qwen_image_edit`` / ``qwen_image_edit_plus``
-            (image editing: each ``.jsonl`` row's ``condition_image`` is the source image).
+            come from a ``.jsonl`` file whose rows carry a ``condition_image``), ``sd3``
+            (Stable Diffusion 3 / 3.5), ``flux_kontext`` (FLUX.1-Kontext image editing: each
+            ``.jsonl`` row's ``condition_image`` is the source image), ``qwen_image``
+            (text-to-image), ``qwen_image_edit`` / ``qwen_image_edit_plus`` (image editing,
+            as ``flux_kontext``).
         path: local diffusers-format folder; ``${ENV}`` references expand when the model
             is built (e.g. ``${DANCEGRPO_WEIGHTS}/flux-dev``). Unused by ``tiny_flow``.
         height, width: output resolution in pixels.
         num_frames: 1 for images; > 1 for video adapters (frames ``[N,T,H,W,3]``);
             ``hunyuan_video`` and ``skyreels_i2v``: ``4k + 1`` (e.g. 53).
-        guidance_scale: classifier-free (SD) or embedded (FLUX, HunyuanVideo, SkyReels)
-            guidance; SkyReels' and Qwen-Image's true CFG weight is ``options.true_cfg_scale``
-            (Qwen-Image has no guidance embedding: ``guidance_scale`` stays 1).
+        guidance_scale: classifier-free (SD, SD3) or embedded (FLUX, FLUX.1-Kontext,
+            HunyuanVideo, SkyReels) guidance; SkyReels' and Qwen-Image's true CFG weight is
+            ``options.true_cfg_scale`` (Qwen-Image has no guidance embedding: it stays 1).
         dtype: weight dtype of the frozen parts (``float32``, ``bfloat16``, ``float16``).
         options: adapter-specific keyword arguments, passed through verbatim.
         init_checkpoint: optional ``.safetensors`` of trainable-module weights loaded
@@ -74,12 +80,19 @@ class ModelConfig:
 
     def validate(self) -> None:
         known = ("tiny_flow", "stable_diffusion", "flux", "hunyuan_video", "skyreels_i2v")
-        known += QWEN_IMAGE_KINDS
+        known += IMAGE_16_KINDS + QWEN_IMAGE_KINDS
         _check(self.kind in known, "model.kind", f"must be one of {known}, got {self.kind!r}")
         if self.kind in HUNYUAN_VIDEO_KINDS:
             self._validate_hunyuan_video()
+        if self.kind in IMAGE_16_KINDS + QWEN_IMAGE_KINDS:
+            self._validate_image_16()
         if self.kind in QWEN_IMAGE_KINDS:
-            self._validate_qwen_image()
+            _check(
+                self.guidance_scale == 1.0,
+                "model.guidance_scale",
+                f"must stay 1.0 for {self.kind} (Qwen-Image has no guidance embedding); set the "
+                f"true CFG weight with model.options.true_cfg_scale, got {self.guidance_scale}",
+            )
         _check(
             self.kind == "tiny_flow" or bool(self.path),
             "model.path",
@@ -110,9 +123,9 @@ class ModelConfig:
                 f"try {max(16, round(value / 16) * 16)}",
             )
 
-    def _validate_qwen_image(self) -> None:
-        """Qwen-Image's geometry (images; VAE 8x then 2x2 packing, so pixel sizes are
-        multiples of 16) and guidance (true CFG only, no guidance embedding)."""
+    def _validate_image_16(self) -> None:
+        """SD3's and FLUX.1-Kontext's geometry: images (one frame) whose sides are multiples
+        of 16 (VAE 8x, then 2x2 patches (SD3) or 2x2 packing (FLUX))."""
         _check(
             self.num_frames == 1,
             "model.num_frames",
@@ -123,15 +136,9 @@ class ModelConfig:
             _check(
                 value % 16 == 0,
                 f"model.{name}",
-                f"must be a multiple of 16 for {self.kind} (VAE 8x, 2x2 packing), got {value}; "
-                f"try {max(16, round(value / 16) * 16)}",
+                f"must be a multiple of 16 for {self.kind} (VAE 8x, 2x2 patches), got "
+                f"{value}; try {max(16, round(value / 16) * 16)}",
             )
-        _check(
-            self.guidance_scale == 1.0,
-            "model.guidance_scale",
-            f"must stay 1.0 for {self.kind} (Qwen-Image has no guidance embedding); set the "
-            f"true CFG weight with model.options.true_cfg_scale, got {self.guidance_scale}",
-        )
 
 
 @dataclasses.dataclass
@@ -259,6 +266,131 @@ class RewardsConfig:
         _check(self.tracker_min_count >= 1, "rewards.tracker_min_count", "must be >= 1")
 
 
+WindowKind = Literal["full", "fast", "mixgrpo"]
+WindowSchedule = Literal["progressive", "random", "decay"]
+#: The rectified-flow samplers (``sampling.sampler``); Stable Diffusion uses ``ddim``.
+FLOW_SAMPLER_NAMES = ("dancegrpo", "flow_grpo", "cps")
+
+
+@dataclasses.dataclass
+class WindowConfig:
+    """Which rollout steps are stochastic (SDE, recorded, trained); the others are
+    deterministic ODE steps. A window's position is a pure function of ``(run.seed,
+    train step, this config)``, so resumes and multi-rank runs stay exact.
+
+    Attributes:
+        kind: ``full`` (every step, DanceGRPO), ``fast`` (Flow-GRPO-Fast: ``size`` SDE
+            steps ``[k, k + size)``, ``k`` drawn uniformly each train step so the window
+            lies within ``span``), ``mixgrpo`` (MixGRPO: a window sliding over training).
+        size: SDE steps in the window (``fast``/``mixgrpo``; W = 1–3 for Fast, 4 for MixGRPO).
+        span: ``fast``: ``[lo, hi]``, the steps the window may cover (``lo <= k``,
+            ``k + size <= hi``; Flow-GRPO's ``sde_window_range``); default: every step
+            (the last excluded with ``train.skip_last_timestep``).
+        branch: ``fast``/``mixgrpo``: a group computes its deterministic prefix (steps
+            before the window) once and branches at the window; needs shared noise.
+        schedule: ``mixgrpo``: ``progressive`` (start moves by ``stride`` every
+            ``iters_per_move`` train steps), ``random`` (uniform start each step) or
+            ``decay`` (like progressive, the dwell shrinking linearly from
+            ``iters_per_move`` to ``min_iters_per_move`` towards ``max_start``).
+        iters_per_move, min_iters_per_move, stride: see ``schedule`` (MixGRPO's
+            ``iters_per_group``, ``min_iters_per_group``, ``prog_overlap_step``).
+        max_start: ``mixgrpo``: the last window start (default: the last that fits).
+        roll_back: ``mixgrpo``: after ``max_start`` start again at 0 (else stay there).
+        flash: ``mixgrpo`` progressive: after the window, DPM-Solver++ (2M) on a
+            compressed schedule (MixGRPO-Flash).
+        flash_compress_ratio: post-window schedule points = ``max(2, ⌊(S − stop + 1) ·
+            ratio⌋)`` (MixGRPO's ``dpm_post_compress_ratio``).
+    """
+
+    kind: WindowKind = "full"
+    size: int = 2
+    span: list[int] | None = None
+    branch: bool = False
+    schedule: WindowSchedule = "progressive"
+    iters_per_move: int = 25
+    min_iters_per_move: int = 1
+    stride: int = 1
+    max_start: int | None = None
+    roll_back: bool = True
+    flash: bool = False
+    flash_compress_ratio: float = 0.4
+
+    def validate(self, num_steps: int, skip_last: bool, shared_noise: bool) -> None:
+        w = "sampling.window"
+        _check(
+            self.kind in ("full", "fast", "mixgrpo"),
+            f"{w}.kind",
+            f"must be full, fast or mixgrpo, got {self.kind!r}",
+        )
+        if self.kind == "full":
+            for key in ("branch", "flash"):
+                _check(not getattr(self, key), f"{w}.{key}", "needs kind fast or mixgrpo")
+            return
+        usable = num_steps - int(skip_last)
+        _check(
+            1 <= self.size <= usable,
+            f"{w}.size",
+            f"must be in [1, {usable}] (sampling.num_steps={num_steps}"
+            + (", minus the last step: train.skip_last_timestep)" if skip_last else ")"),
+        )
+        _check(
+            not self.branch or shared_noise,
+            f"{w}.branch",
+            "shares a group's deterministic prefix, so the group must share its initial "
+            "noise: set sampling.shared_noise: true",
+        )
+        if self.kind == "fast":
+            _check(not self.flash, f"{w}.flash", "is MixGRPO-Flash: needs kind mixgrpo")
+            lo, hi = self.fast_span(num_steps, skip_last)
+            _check(
+                lo >= 0 and hi <= usable and hi - lo >= self.size,
+                f"{w}.span",
+                f"must be [lo, hi] with 0 <= lo, hi <= {usable} and hi - lo >= size "
+                f"({self.size}), got {self.span}",
+            )
+            return
+        _check(
+            self.schedule in ("progressive", "random", "decay"),
+            f"{w}.schedule",
+            f"must be progressive, random or decay, got {self.schedule!r}",
+        )
+        _check(self.iters_per_move >= 1, f"{w}.iters_per_move", "must be >= 1")
+        _check(
+            1 <= self.min_iters_per_move <= self.iters_per_move,
+            f"{w}.min_iters_per_move",
+            "must be in [1, iters_per_move]",
+        )
+        _check(self.stride >= 1, f"{w}.stride", "must be >= 1")
+        last = self.last_start(num_steps, skip_last)
+        _check(
+            0 <= last <= usable - self.size,
+            f"{w}.max_start",
+            f"must be in [0, {usable - self.size}] (the window must fit), got {self.max_start}",
+        )
+        _check(
+            not self.flash or self.schedule == "progressive",
+            f"{w}.flash",
+            "needs schedule progressive (MixGRPO-Flash's post-window solver; MixGRPO "
+            "asserts it too)",
+        )
+        _check(
+            0 < self.flash_compress_ratio <= 1,
+            f"{w}.flash_compress_ratio",
+            "must be in (0, 1]",
+        )
+
+    def fast_span(self, num_steps: int, skip_last: bool) -> tuple[int, int]:
+        if self.span is None:
+            return 0, num_steps - int(skip_last)
+        _check(len(self.span) == 2, "sampling.window.span", f"must be [lo, hi], got {self.span}")
+        return int(self.span[0]), int(self.span[1])
+
+    def last_start(self, num_steps: int, skip_last: bool) -> int:
+        if self.max_start is not None:
+            return self.max_start
+        return num_steps - int(skip_last) - self.size
+
+
 @dataclasses.dataclass
 class SamplingConfig:
     """Rollout settings.
@@ -272,6 +404,11 @@ class SamplingConfig:
         shared_noise: one initial noise per group (DanceGRPO's default) instead of one per sample.
         rollout_batch_size: samples denoised together; finished chunks are decoded and sent
             to the reward services while the next chunk is sampled.
+        sampler: the SDE of flow policies: ``dancegrpo`` (DanceGRPO, ``g = η``),
+            ``flow_grpo`` (Flow-GRPO, ``g = η·√(σ/(1−σ))``) or ``cps`` (coefficients-
+            preserving sampling, ``η ∈ (0, 1]``); ``null``: the policy's default
+            (``dancegrpo``; Stable Diffusion: DDIM-η, the only sampler it takes).
+        window: which steps are stochastic (:class:`WindowConfig`).
     """
 
     num_steps: int = 16
@@ -280,6 +417,8 @@ class SamplingConfig:
     prompts_per_step: int = 4
     shared_noise: bool = True
     rollout_batch_size: int = 16
+    sampler: str | None = None
+    window: WindowConfig = dataclasses.field(default_factory=WindowConfig)
 
     def validate(self) -> None:
         _check(self.num_steps >= 1, "sampling.num_steps", "must be >= 1")
@@ -289,6 +428,17 @@ class SamplingConfig:
         )
         _check(self.prompts_per_step >= 1, "sampling.prompts_per_step", "must be >= 1")
         _check(self.rollout_batch_size >= 1, "sampling.rollout_batch_size", "must be >= 1")
+        samplers = (*FLOW_SAMPLER_NAMES, "ddim")
+        _check(
+            self.sampler is None or self.sampler in samplers,
+            "sampling.sampler",
+            f"must be one of {list(samplers)} (or null: the policy's default), got {self.sampler!r}",
+        )
+        _check(
+            self.sampler != "cps" or self.eta <= 1,
+            "sampling.eta",
+            f"must be in (0, 1] with sampling.sampler cps (σ̃ = σ_next·sin(η·π/2)), got {self.eta}",
+        )
 
 
 @dataclasses.dataclass
@@ -336,6 +486,9 @@ class TrainConfig:
             wait-for-all update's up to float summation order). ``rewards.advantage:
             per_prompt`` always waits for every reward (the tracker normalises over the
             global batch). ``false``: wait for every reward, then update.
+        algorithm: the training algorithm, a module under ``dancegrpo_trainer.algorithms``
+            (``grpo``: DanceGRPO's GRPO, the default).
+        algorithm_options: the algorithm's own options (checked by the algorithm).
         fsdp: shard the trainable module's parameters, gradients and optimiser state
             across ranks (FSDP2 ``fully_shard``, per block of ``Policy.fsdp_block_types``);
             needs a distributed launch with more than one process. Trains exactly like
@@ -363,8 +516,17 @@ class TrainConfig:
     lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
     pipeline_update: bool = True
     fsdp: bool = False
+    algorithm: str = "grpo"
+    algorithm_options: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def validate(self) -> None:
+        from dancegrpo_trainer.algorithms import ALGORITHMS
+
+        _check(
+            self.algorithm in ALGORITHMS,
+            "train.algorithm",
+            f"must be one of {sorted(ALGORITHMS)}, got {self.algorithm!r}",
+        )
         _check(self.learning_rate > 0, "train.learning_rate", "must be > 0")
         _check(0 <= self.adam_beta1 < 1, "train.adam_beta1", "must be in [0, 1)")
         _check(0 <= self.adam_beta2 < 1, "train.adam_beta2", "must be in [0, 1)")
@@ -471,7 +633,10 @@ class RunConfig:
         keep_checkpoints: how many recent checkpoints to keep.
         resume: ``auto`` (latest checkpoint in output_dir, if any), ``never``, or a path.
         sample_grid_every: write a sample grid every K steps (0 disables).
-        progress: show tqdm progress bars (rank 0).
+        progress: show the run's progress bar on a terminal (rank 0); per-step rollout/eval
+            bars appear only while steps are slow enough for them to matter.
+        log_every: a train log line every K steps (0: only at evals and checkpoints);
+            every step's figures are in metrics.jsonl and TensorBoard regardless.
     """
 
     output_dir: str = "runs/default"
@@ -482,9 +647,11 @@ class RunConfig:
     resume: str = "auto"
     sample_grid_every: int = 10
     progress: bool = True
+    log_every: int = 10
 
     def validate(self) -> None:
         _check(bool(self.output_dir), "run.output_dir", "is required")
+        _check(self.log_every >= 0, "run.log_every", "must be >= 0 (0: only at evals/checkpoints)")
         _check(self.max_steps >= 1, "run.max_steps", "must be >= 1")
         _check(self.checkpoint_every >= 0, "run.checkpoint_every", "must be >= 0")
         _check(self.keep_checkpoints >= 1, "run.keep_checkpoints", "must be >= 1")
@@ -513,7 +680,7 @@ class GRPOConfig:
         self.data.validate()
         self.eval.validate()
         self.run.validate()
-        if self.model.kind == "skyreels_i2v" or self.model.kind in QWEN_IMAGE_EDIT_KINDS:
+        if self.model.kind in CONDITION_IMAGE_KINDS + QWEN_IMAGE_EDIT_KINDS:
             self._validate_i2v_prompts()
         if self.model.kind in QWEN_IMAGE_EDIT_KINDS:
             _check(
@@ -523,6 +690,7 @@ class GRPOConfig:
                 "so prompt embeddings cannot be cached by prompt text (keep the text encoder "
                 "loaded; model.options.text_encoder_device may place it elsewhere)",
             )
+        self._validate_sampling()
         self._validate_metadata_prompts()
         bon = self.rewards.best_of_n
         if bon.enabled:
@@ -556,6 +724,41 @@ class GRPOConfig:
             )
         return self
 
+    def _validate_sampling(self) -> None:
+        """Sampler, window and algorithm combinations that make sense together."""
+        s, t = self.sampling, self.train
+        _check(
+            "noise_schedule" not in self.model.options,
+            "model.options.noise_schedule",
+            "moved to sampling.sampler (noise_schedule dance -> sampler dancegrpo, "
+            "flow_grpo -> flow_grpo)",
+        )
+        is_flow = self.model.kind != "stable_diffusion"
+        if not is_flow:
+            _check(
+                s.sampler in (None, "ddim"),
+                "sampling.sampler",
+                f"{s.sampler} is a rectified-flow sampler; model.kind stable_diffusion samples "
+                "with DDIM-eta (leave it unset or 'ddim')",
+            )
+            _check(
+                s.window.kind == "full",
+                "sampling.window.kind",
+                "SDE windows are implemented for rectified-flow policies; stable_diffusion "
+                "trains every DDIM step (kind: full)",
+            )
+        else:
+            _check(
+                s.sampler != "ddim",
+                "sampling.sampler",
+                f"ddim is Stable Diffusion's sampler; model.kind {self.model.kind} is a "
+                f"rectified flow: use one of {list(FLOW_SAMPLER_NAMES)}",
+            )
+        s.window.validate(s.num_steps, t.skip_last_timestep, s.shared_noise)
+        from dancegrpo_trainer.algorithms import algorithm_class
+
+        algorithm_class(t.algorithm).validate_config(self)
+
     def _prompt_sources(self) -> list[tuple[str, Any, bool]]:
         """``(field, source, is a .jsonl path)`` of the train prompts and, when set, the
         eval prompts."""
@@ -564,9 +767,9 @@ class GRPOConfig:
         return [(n, src, isinstance(src, str) and src.endswith(".jsonl")) for n, src in sources]
 
     def _validate_i2v_prompts(self) -> None:
-        """Image-to-video prompts need a conditioning image each, which only a ``.jsonl``
-        prompt file carries (``{"prompt": ..., "condition_image": ...}`` rows)."""
-        what = "image editing" if self.model.kind in QWEN_IMAGE_EDIT_KINDS else "image-to-video"
+        """Image-to-video and editing prompts need a conditioning (source) image each, which
+        only a ``.jsonl`` prompt file carries (``{"prompt": ..., "condition_image": ...}``)."""
+        what = "image editing" if self.model.kind in ("flux_kontext", *QWEN_IMAGE_EDIT_KINDS) else "image-to-video"
         for name, source, is_jsonl in self._prompt_sources():
             _check(
                 is_jsonl,

@@ -81,6 +81,15 @@ def load_condition_images(records: Sequence[PromptRecord]) -> torch.Tensor | Non
     if any(p is None for p in paths):
         raise ValueError("either every prompt has a condition_image or none does")
     images = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
+    sizes = [image.shape[:2] for image in images]
+    if len(set(sizes)) > 1:
+        other = next(i for i, size in enumerate(sizes) if size != sizes[0])
+        raise ValueError(
+            f"condition images batched together must share one size: {paths[0]} is "
+            f"{sizes[0][1]}x{sizes[0][0]}, {paths[other]} is {sizes[other][1]}x{sizes[other][0]}; "
+            "resize the prompt file's images to one size (e.g. the training resolution; the "
+            "policy resizes them to its own size before encoding)"
+        )
     return torch.from_numpy(np.stack(images))
 
 

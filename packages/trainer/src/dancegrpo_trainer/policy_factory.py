@@ -25,8 +25,8 @@ def build_policy(
 ) -> Policy:
     """Instantiates the adapter for ``cfg.kind`` on ``device``.
 
-    ``cfg.options`` are passed to the adapter's config (SD/FLUX/HunyuanVideo/SkyReels I2V/
-    Qwen-Image; the video ones also get ``cfg.num_frames``) or constructor (tiny_flow);
+    ``cfg.options`` are passed to the adapter's config (SD/SD3/FLUX/FLUX.1-Kontext/HunyuanVideo/
+    SkyReels I2V/Qwen-Image; the video ones also get ``cfg.num_frames``) or constructor (tiny_flow);
     ``load_text_encoders=False`` skips text encoders when an embedding cache is used.
     ``mixed_precision`` (``train.mixed_precision``: ``no``/``bf16``/``fp16``) sets the diffusers
     adapters' CUDA autocast so that ``no`` really runs the model in its weight dtype
@@ -62,6 +62,14 @@ def build_policy(
         from dancegrpo_trainer.policies.flux import FluxConfig, FluxPolicy
 
         return FluxPolicy.from_pretrained(path, _make(FluxConfig, common))
+    if cfg.kind == "flux_kontext":
+        from dancegrpo_trainer.policies.flux_kontext import FluxKontextConfig, FluxKontextPolicy
+
+        return FluxKontextPolicy.from_pretrained(path, _make(FluxKontextConfig, common))
+    if cfg.kind == "sd3":
+        from dancegrpo_trainer.policies.sd3 import StableDiffusion3Config, StableDiffusion3Policy
+
+        return StableDiffusion3Policy.from_pretrained(path, _make(StableDiffusion3Config, common))
     if cfg.kind in HUNYUAN_VIDEO_KINDS:
         if "num_frames" in options:
             raise ConfigError("model.options.num_frames: set model.num_frames instead")

@@ -1,9 +1,9 @@
-"""One GRPO optimisation step on a batch of stored trajectories.
+"""One optimisation step of the training algorithm on a batch of stored trajectories.
 
-For every micro-batch of samples, a random subset of the denoising steps (shared by the
-micro-batch, so the policy runs batched) is recomputed with gradients; the clipped loss
-of each (micro-batch, timestep) is backpropagated immediately, scaled so the accumulated
-gradient is the mean over all samples and selected timesteps. Gradients are then
+For every micro-batch of samples the algorithm picks its training terms (GRPO: a random
+subset of the recorded denoising steps, shared by the micro-batch so the policy runs
+batched); the loss of each (micro-batch, term) is backpropagated immediately, scaled so
+the accumulated gradient is the mean over all samples and terms. Gradients are then
 averaged across ranks, their norm logged and clipped, and the update is skipped when
 the norm is non-finite or exceeds a multiple of its running median.
 
@@ -32,8 +32,8 @@ import torch
 from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
+from dancegrpo_trainer.algorithms.base import Algorithm
 from dancegrpo_trainer.config import TrainConfig
-from dancegrpo_trainer.core import gaussian_mean_kl, grpo_loss, select_timesteps
 from dancegrpo_trainer.distributed import average_gradients
 from dancegrpo_trainer.policies.base import Policy
 from dancegrpo_trainer.rollout import Rollout
@@ -68,21 +68,24 @@ class GradNormMonitor:
 
 @dataclasses.dataclass
 class UpdateResult:
-    """Diagnostics of one optimisation step (means over samples × timesteps)."""
+    """Diagnostics of one optimisation step (means over samples × terms, or the
+    ``reductions`` named per metric: ``"min"``/``"max"``).
+    """
 
     metrics: dict[str, float]
     skipped: bool
+    reductions: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 class GradientAccumulator:
-    """Accumulates the GRPO gradient of one batch, part by part, then takes one step.
+    """Accumulates one batch's gradient of the algorithm's loss, part by part, then steps.
 
     The batch (``num_samples`` samples on this rank) may arrive in several parts, e.g.
     prompt groups as soon as their rewards are known: the parameters do not change until
     :meth:`step`, so the gradient of a part does not depend on when it is computed. Each
     part's samples are cut into micro-batches at global multiples of
-    ``cfg.micro_batch_size``; a micro-batch split across two parts keeps one timestep
-    subset (drawn once per global micro-batch and remembered), so the accumulated terms are
+    ``cfg.micro_batch_size``; a micro-batch split across two parts keeps one set of terms
+    (drawn once per global micro-batch and remembered), so the accumulated terms are
     exactly those of a single pass over the batch, up to float summation order.
 
     Args:
@@ -90,8 +93,10 @@ class GradientAccumulator:
         optimizer: over the trainable parameters (its gradients are zeroed here).
         num_samples: samples this rank contributes to the step (every part together).
         cfg: the ``train`` section.
-        eta: the rollout's SDE noise level (the training pass must use the same policy).
-        generator: draws the timestep subsets (one stream, in order of first use), or
+        algorithm: the training algorithm (default: GRPO built from ``cfg``, ``eta``,
+            ``reference`` and ``autocast``).
+        eta: the rollout's SDE noise level, for rollouts that do not record it (GRPO).
+        generator: draws the terms (one stream, in order of first use), or
         timestep_generator: ``k ↦`` the generator of global micro-batch ``k``.
         reference: the reference policy for the KL penalty (``cfg.kl_coef > 0``).
         autocast: mixed-precision context factory.
@@ -105,7 +110,8 @@ class GradientAccumulator:
         *,
         num_samples: int,
         cfg: TrainConfig,
-        eta: float,
+        algorithm: Algorithm | None = None,
+        eta: float | None = None,
         generator: torch.Generator | None = None,
         timestep_generator: Callable[[int], torch.Generator] | None = None,
         reference: ReferencePolicy | None = None,
@@ -114,19 +120,21 @@ class GradientAccumulator:
     ) -> None:
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        if algorithm is None:
+            from dancegrpo_trainer.algorithms.grpo import GRPO
+
+            algorithm = GRPO(cfg, policy, reference=reference, autocast=autocast, eta=eta)
         self.policy = policy
         self.optimizer = optimizer
         self.num_samples = num_samples
         self.cfg = cfg
-        self.eta = eta
-        self.reference = reference
-        self.autocast = autocast
+        self.algorithm = algorithm
         self._generator = generator
         self._timestep_generator = timestep_generator
-        self._timesteps: dict[int, list[int]] = {}
+        self._terms: dict[int, list[int]] = {}
         self._seen = 0
         self._totals: dict[str, float] = collections.defaultdict(float)
-        self._ratio_min, self._ratio_max = math.inf, -math.inf
+        self._extrema: dict[str, float] = {}
         self._bar = tqdm(
             total=num_samples, desc="train", unit="sample", disable=not progress, leave=False
         )
@@ -134,22 +142,16 @@ class GradientAccumulator:
         self.module.train()
         optimizer.zero_grad(set_to_none=True)
 
-    def _steps_of(self, batch_index: int, num_steps: int) -> list[int]:
-        """The timestep subset of global micro-batch ``batch_index`` (drawn once)."""
-        if batch_index not in self._timesteps:
+    def _terms_of(self, batch_index: int, rollout: Rollout) -> list[int]:
+        """The terms of global micro-batch ``batch_index`` (drawn once)."""
+        if batch_index not in self._terms:
             gen = (
                 self._timestep_generator(batch_index)
                 if self._timestep_generator is not None
                 else self._generator
             )
-            self._timesteps[batch_index] = select_timesteps(
-                1,
-                num_steps,
-                timestep_fraction=self.cfg.timestep_fraction,
-                generator=gen,
-                skip_last=self.cfg.skip_last_timestep,
-            )[0].tolist()
-        return self._timesteps[batch_index]
+            self._terms[batch_index] = self.algorithm.terms(rollout, gen)
+        return self._terms[batch_index]
 
     def accumulate(
         self, rollout: Rollout, advantages: torch.Tensor, *, sample_offset: int = 0
@@ -172,49 +174,25 @@ class GradientAccumulator:
         while start < n:
             batch_index, within = divmod(sample_offset + start, mb)
             stop = min(start + mb - within, n)
-            steps = self._steps_of(batch_index, rollout.schedule.num_steps)
-            self._micro_batch(rollout, advantages, start, stop, steps)
+            terms = self._terms_of(batch_index, rollout)
+            self._micro_batch(rollout.rows(start, stop), advantages[start:stop], terms)
             self._bar.update(stop - start)
             start = stop
         self._seen += n
 
-    def _micro_batch(
-        self, rollout: Rollout, advantages: torch.Tensor, start: int, stop: int, steps: list[int]
-    ) -> None:
-        cfg, policy = self.cfg, self.policy
-        cond = rollout.cond.select(range(start, stop))
-        adv = advantages[start:stop]
-        weight = (stop - start) / self.num_samples / len(steps)
-        for i in steps:
-            x = rollout.latents[start:stop, i]
-            x_next = rollout.latents[start:stop, i + 1]
-            with self.autocast():
-                out = policy.denoise_step(
-                    x, i, rollout.schedule, cond, eta=self.eta, prev_sample=x_next
-                )
-            kl = None
-            if cfg.kl_coef > 0:
-                assert self.reference is not None
-                with torch.no_grad(), self.reference.active(), self.autocast():
-                    ref = policy.denoise_step(
-                        x, i, rollout.schedule, cond, eta=self.eta, prev_sample=x_next
-                    )
-                kl = gaussian_mean_kl(out.mean, ref.mean, out.std)
-            res = grpo_loss(
-                out.log_prob,
-                rollout.log_probs[start:stop, i],
-                adv,
-                clip_range=cfg.clip_range,
-                adv_clip_max=cfg.adv_clip_max,
-                kl=kl,
-                kl_coef=cfg.kl_coef,
-            )
+    def _micro_batch(self, batch: Rollout, advantages: torch.Tensor, terms: list[int]) -> None:
+        weight = len(batch) / self.num_samples / len(terms)
+        reductions = self.algorithm.metric_reductions
+        for term in terms:
+            res = self.algorithm.loss(batch, advantages, term)
             (res.loss * weight).backward()
-            m = res.metrics()
-            for key in ("loss", "policy_loss", "kl", "clip_fraction", "approx_kl", "ratio_mean"):
-                self._totals[key] += m[key] * weight
-            self._ratio_min = min(self._ratio_min, m["ratio_min"])
-            self._ratio_max = max(self._ratio_max, m["ratio_max"])
+            for key, value in res.metrics.items():
+                how = reductions.get(key, "mean")
+                if how == "mean":
+                    self._totals[key] += value * weight
+                else:
+                    pick = min if how == "min" else max
+                    self._extrema[key] = pick(self._extrema.get(key, value), value)
 
     def step(self, grad_monitor: GradNormMonitor) -> UpdateResult:
         """Averages gradients over ranks, clips, and steps (or skips) the optimiser.
@@ -236,69 +214,54 @@ class GradientAccumulator:
             self.optimizer.zero_grad(set_to_none=True)
         else:
             self.optimizer.step()
+        self.algorithm.after_optimizer_step(skipped)
         metrics = dict(self._totals)
-        metrics.update(
-            ratio_min=self._ratio_min,
-            ratio_max=self._ratio_max,
-            grad_norm=grad_norm,
-            skipped=float(skipped),
+        metrics.update(self._extrema)
+        metrics.update(grad_norm=grad_norm, skipped=float(skipped))
+        return UpdateResult(
+            metrics=metrics, skipped=skipped, reductions=dict(self.algorithm.metric_reductions)
         )
-        return UpdateResult(metrics=metrics, skipped=skipped)
 
 
-def grpo_update(
+def policy_update(
     policy: Policy,
     optimizer: torch.optim.Optimizer,
     rollout: Rollout,
     advantages: torch.Tensor,
     *,
     cfg: TrainConfig,
-    eta: float,
-    generator: torch.Generator | None = None,
-    timestep_generator: Callable[[int], torch.Generator] | None = None,
-    sample_offset: int = 0,
     grad_monitor: GradNormMonitor,
-    reference: ReferencePolicy | None = None,
-    autocast: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
-    progress: bool = False,
+    sample_offset: int = 0,
+    **accumulator: Any,
 ) -> UpdateResult:
-    """Accumulates the GRPO gradient over ``rollout`` and takes (or skips) one step.
+    """Accumulates the algorithm's gradient over ``rollout`` and takes (or skips) one step.
 
     Args:
         policy: the policy whose trainable module is optimised.
         optimizer: over the trainable parameters.
-        rollout: trajectories sampled with ``eta`` (``latents [N, S+1, ...]``).
+        rollout: stored trajectories (``latents [N, S+1, ...]``).
         advantages: float32 ``[N]``.
         cfg: the ``train`` section.
-        eta: the rollout's SDE noise level (the training pass must use the same policy).
-        generator: draws the timestep subsets (one stream for all micro-batches), or
-        timestep_generator: ``k ↦`` the generator of global micro-batch ``k``.
+        grad_monitor: running gradient-norm statistics (skip rule).
         sample_offset: global index of ``rollout``'s first sample (this rank's offset in
             the global batch); micro-batches are cut at global multiples of
             ``cfg.micro_batch_size``. Every rank must hold the same number of samples,
             since per-rank mean gradients are averaged.
-        grad_monitor: running gradient-norm statistics (skip rule).
-        reference: the reference policy for the KL penalty (``cfg.kl_coef > 0``).
-        autocast: mixed-precision context factory.
+        accumulator: :class:`GradientAccumulator`'s other keywords (``algorithm``, ``eta``,
+            ``generator`` / ``timestep_generator``, ``reference``, ``autocast``,
+            ``progress``).
 
     Returns:
-        :class:`UpdateResult` (``metrics``: loss, policy_loss, kl, clip_fraction,
+        :class:`UpdateResult` (GRPO's ``metrics``: loss, policy_loss, kl, clip_fraction,
         approx_kl, ratio_mean/min/max, grad_norm, skipped).
     """
     n = len(rollout)
     if advantages.shape != (n,):
         raise ValueError(f"advantages must be [{n}], got {tuple(advantages.shape)}")
-    acc = GradientAccumulator(
-        policy,
-        optimizer,
-        num_samples=n,
-        cfg=cfg,
-        eta=eta,
-        generator=generator,
-        timestep_generator=timestep_generator,
-        reference=reference,
-        autocast=autocast,
-        progress=progress,
-    )
+    acc = GradientAccumulator(policy, optimizer, num_samples=n, cfg=cfg, **accumulator)
     acc.accumulate(rollout, advantages, sample_offset=sample_offset)
     return acc.step(grad_monitor)
+
+
+#: The GRPO update (the default algorithm): :func:`policy_update` by its former name.
+grpo_update = policy_update

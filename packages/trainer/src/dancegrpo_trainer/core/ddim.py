@@ -45,6 +45,7 @@ def ddim_step(
     generator: torch.Generator | None = None,
     use_clipped_model_output: bool = False,
     reduction: Reduction = "mean",
+    noise: torch.Tensor | None = None,
 ) -> StepOutput:
     """One DDIM step ``x_t → x_{t−k}`` with ``σ_t(η)`` noise, as a Gaussian policy.
 
@@ -74,6 +75,8 @@ def ddim_step(
         eta: η ∈ [0, 1] (0: DDIM, 1: DDPM-like; DDPO uses 1.0).
         prev_sample: if given, the stored next latent to evaluate (detached).
         generator: RNG for the step noise when ``prev_sample`` is not given.
+        noise: explicit standard-normal step noise ``[B, ...]`` instead of drawing it
+            (diffusers' ``variance_noise``): replays a recorded step exactly.
         use_clipped_model_output: re-derive ε̂ from the clipped x0 (diffusers' option).
         reduction: ``"mean"`` (default) or ``"sum"`` of the log-density over non-batch dims.
 
@@ -142,4 +145,5 @@ def ddim_step(
         prev_sample=prev_sample,
         generator=generator,
         reduction=reduction,
+        noise=noise,
     )

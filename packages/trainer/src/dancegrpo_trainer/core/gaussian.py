@@ -89,6 +89,27 @@ def sample_noise(like: torch.Tensor, generator: torch.Generator | None = None) -
     return noise.to(like.device)
 
 
+def check_step_inputs(
+    sample: torch.Tensor,
+    prev_sample: torch.Tensor | None,
+    noise: torch.Tensor | None,
+    generator: torch.Generator | None,
+) -> None:
+    """A step either evaluates a given ``prev_sample`` or draws one (from ``noise`` or
+    ``generator``); shapes must match ``sample``."""
+    if prev_sample is not None and prev_sample.shape != sample.shape:
+        raise ValueError(
+            f"prev_sample shape {tuple(prev_sample.shape)} != sample shape {tuple(sample.shape)}"
+        )
+    if noise is not None:
+        if noise.shape != sample.shape:
+            raise ValueError(
+                f"noise shape {tuple(noise.shape)} != sample shape {tuple(sample.shape)}"
+            )
+        if prev_sample is not None or generator is not None:
+            raise ValueError("give noise, or prev_sample, or generator: not several")
+
+
 def gaussian_step(
     sample: torch.Tensor,
     mean: torch.Tensor,
@@ -99,17 +120,25 @@ def gaussian_step(
     prev_sample: torch.Tensor | None,
     generator: torch.Generator | None,
     reduction: Reduction,
+    noise: torch.Tensor | None = None,
 ) -> StepOutput:
     """The step ``x → x'`` with ``x' ~ N(mean, std²)``: draws ``x'`` (or takes the given
     ``prev_sample``, detached) and returns it with its log-probability.
 
     ``deterministic`` (η = 0) takes ``x' = mean`` without drawing noise, so the generator's
-    state is left untouched. The drawn sample is cast to ``sample``'s dtype before its
+    state is left untouched. ``noise`` (standard normal, shaped like ``sample``) replaces
+    the draw: ``x' = mean + std · noise`` (diffusers' ``variance_noise``), so a recorded
+    trajectory replays exactly. The drawn sample is cast to ``sample``'s dtype before its
     log-probability is computed, so recomputing the step on the stored sample gives exactly
     the same value.
     """
+    check_step_inputs(sample, prev_sample, noise, generator)
     if prev_sample is None:
-        drawn = mean if deterministic else mean + std * sample_noise(sample, generator)
+        if deterministic:
+            drawn = mean
+        else:
+            eps = sample_noise(sample, generator) if noise is None else noise.to(torch.float32)
+            drawn = mean + std * eps
         prev_sample = drawn.detach().to(sample.dtype)
     else:
         prev_sample = prev_sample.detach()

@@ -6,11 +6,12 @@ the model predicts the velocity ``v = ε − x0``; sampling goes from σ = 1 (no
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
 
-from dancegrpo_trainer.core.gaussian import Reduction, gaussian_step, per_sample
+from dancegrpo_trainer.core.gaussian import Reduction, gaussian_step, per_sample, reduce_non_batch
 from dancegrpo_trainer.core.step_output import StepOutput
 
 NoiseSchedule = Literal["dance", "flow_grpo"]
@@ -37,6 +38,7 @@ def flow_sde_step(
     generator: torch.Generator | None = None,
     noise_schedule: NoiseSchedule = "dance",
     reduction: Reduction = "mean",
+    noise: torch.Tensor | None = None,
 ) -> StepOutput:
     """One step ``x_σ → x_σ'`` of the reverse-time SDE of a rectified flow, as a Gaussian policy.
 
@@ -69,6 +71,8 @@ def flow_sde_step(
         prev_sample: if given, the stored next latent whose log-probability is evaluated
             (detached; used when recomputing a rollout step with gradients).
         generator: RNG for the step noise when ``prev_sample`` is not given.
+        noise: explicit standard-normal step noise ``[B, ...]`` instead of drawing it
+            (diffusers' ``variance_noise``): replays a recorded step exactly.
         noise_schedule: ``"dance"`` or ``"flow_grpo"`` (see above).
         reduction: reduce the elementwise log-density over non-batch dims by ``"mean"``
             (DanceGRPO's convention, default) or ``"sum"``.
@@ -87,10 +91,6 @@ def flow_sde_step(
     if velocity.shape != sample.shape:
         raise ValueError(
             f"velocity shape {tuple(velocity.shape)} != sample shape {tuple(sample.shape)}"
-        )
-    if prev_sample is not None and prev_sample.shape != sample.shape:
-        raise ValueError(
-            f"prev_sample shape {tuple(prev_sample.shape)} != sample shape {tuple(sample.shape)}"
         )
     _check_float_sigmas(sigma, sigma_next)
 
@@ -125,4 +125,98 @@ def flow_sde_step(
         prev_sample=prev_sample,
         generator=generator,
         reduction=reduction,
+        noise=noise,
     )
+
+
+CpsLogProb = Literal["gaussian", "flow_grpo"]
+
+
+def cps_step(
+    velocity: torch.Tensor,
+    sample: torch.Tensor,
+    sigma: float | torch.Tensor,
+    sigma_next: float | torch.Tensor,
+    *,
+    eta: float,
+    prev_sample: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    noise: torch.Tensor | None = None,
+    log_prob: CpsLogProb = "gaussian",
+    reduction: Reduction = "mean",
+) -> StepOutput:
+    """One coefficients-preserving sampling (CPS) step ``x_σ → x_σ'`` as a Gaussian policy.
+
+    Flow-CPS (Wang & Yu 2025, "Coefficients-Preserving Sampling for Reinforcement Learning
+    with Flow Matching"; Flow-GRPO's ``sde_step_with_logprob(..., sde_type="cps")``). With
+    ``x̂0 = x − σ·v`` (predicted clean sample) and ``x̂1 = x + (1−σ)·v`` (predicted noise)::
+
+        σ̃    = σ_next · sin(η·π/2)
+        mean = (1 − σ_next)·x̂0 + √(σ_next² − σ̃²)·x̂1
+        std  = σ̃
+
+    so ``x' = (1−σ_next)·x̂0 + σ_next·(cos(ηπ/2)·x̂1 + sin(ηπ/2)·ε)`` keeps the coefficients
+    of a rectified-flow marginal at ``σ_next`` (noise of unit variance). ``η = 0`` is taken
+    as the Euler ODE step ``x − (σ − σ_next)·v`` exactly (the formula above equals it up to
+    rounding); ``σ_next = 0`` (the last step) is deterministic: ``x' = x̂0``, log-prob 0.
+
+    ``log_prob`` picks the log-probability convention:
+
+    - ``"gaussian"`` (default): the Gaussian log-density of ``x'`` as for every other step
+      here (``−(x'−μ)²/(2σ̃²) − log σ̃ − ½·log 2π``, reduced over non-batch dims).
+    - ``"flow_grpo"``: Flow-GRPO's CPS convention, ``−(x'−μ)²`` reduced the same way: it
+      drops the constants (which cancel in a ratio) *and* the ``1/(2σ̃²)`` scale (which
+      does not): its log-ratio is ``2σ̃²`` times the Gaussian one, so the same
+      ``clip_range`` clips differently per step. Entries with ``σ̃ = 0`` contribute 0.
+
+    Args:
+        velocity: the model output ``v`` ``[B, ...]``; gradients flow from it.
+        sample: the current latent ``x_σ`` ``[B, ...]``.
+        sigma, sigma_next: noise levels (floats or per-sample ``[B]`` tensors).
+        eta: η ∈ [0, 1] (Flow-GRPO's ``noise_level``).
+        prev_sample, generator, noise, reduction: as :func:`flow_sde_step`.
+        log_prob: ``"gaussian"`` or ``"flow_grpo"`` (above).
+
+    Returns:
+        :class:`StepOutput` (float32 ``mean``, ``std`` ``[B, 1, ..., 1]``, ``log_prob``
+        ``[B]``, ``pred_original_sample = x̂0``).
+    """
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"eta must be in [0, 1] for CPS (sin(eta*pi/2) <= 1), got {eta}")
+    if log_prob not in ("gaussian", "flow_grpo"):
+        raise ValueError(f"log_prob must be 'gaussian' or 'flow_grpo', got {log_prob!r}")
+    if velocity.shape != sample.shape:
+        raise ValueError(
+            f"velocity shape {tuple(velocity.shape)} != sample shape {tuple(sample.shape)}"
+        )
+    _check_float_sigmas(sigma, sigma_next)
+
+    x = sample.to(torch.float32)
+    v = velocity.to(torch.float32)
+    s = per_sample(sigma, x)
+    s_next = per_sample(sigma_next, x)
+    x0 = x - s * v
+    if eta == 0:
+        mean = x - (s - s_next) * v
+        std_t = torch.zeros_like(s_next)
+    else:
+        std_t = s_next * math.sin(eta * math.pi / 2)
+        x1 = x + (1.0 - s) * v
+        mean = (1.0 - s_next) * x0 + torch.sqrt((s_next**2 - std_t**2).clamp(min=0.0)) * x1
+    std_shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    out = gaussian_step(
+        sample,
+        mean,
+        std_t.expand(std_shape),
+        x0,
+        deterministic=eta == 0,
+        prev_sample=prev_sample,
+        generator=generator,
+        reduction=reduction,
+        noise=noise,
+    )
+    if log_prob == "flow_grpo":
+        sq = -((out.prev_sample.to(torch.float32) - mean) ** 2)
+        sq = torch.where(out.std > 0, sq, torch.zeros_like(sq))
+        out.log_prob = reduce_non_batch(sq, reduction)
+    return out

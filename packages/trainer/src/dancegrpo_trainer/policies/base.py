@@ -13,6 +13,14 @@ A rollout is::
 
 and a training pass recomputes ``denoise_step(x_i, i, schedule, cond, eta=eta,
 prev_sample=x_{i+1})`` with gradients to get the new log-probability of the stored step.
+
+Replay and comparison (issue 13): ``denoise_step(..., noise=eps)`` takes the step noise
+instead of drawing it (``x' = mean + std·eps``, diffusers' ``variance_noise``), so a
+recorded trajectory replays exactly; ``step_index`` may be an int64 ``[B]`` tensor (row
+``b`` at step ``step_index[b]``, as DDPO's recompute needs); ``sampler`` names the step
+rule (flow policies: ``dancegrpo``, ``flow_grpo``, ``cps``; diffusion policies: ``ddim``).
+Flow adapters subclass :class:`~dancegrpo_trainer.policies.flow.FlowPolicy` and implement
+``predict`` only.
 """
 
 from __future__ import annotations
@@ -29,6 +37,8 @@ from dancegrpo_trainer.core.step_output import StepOutput
 
 SamplerKind = Literal["flow_sde", "ddim"]
 ModalityKind = Literal["image", "video"]
+#: A step index for the whole batch, or an int64 ``[B]`` tensor of per-row step indices.
+StepIndex = int | torch.Tensor
 
 
 @dataclasses.dataclass
@@ -123,15 +133,30 @@ class Policy(abc.ABC):
     def denoise_step(
         self,
         latents: torch.Tensor,
-        step_index: int,
+        step_index: StepIndex,
         schedule: Schedule,
         cond: Conditioning,
         *,
         eta: float,
         prev_sample: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        noise: torch.Tensor | None = None,
+        sampler: str | None = None,
     ) -> StepOutput:
-        """Runs the model (with guidance) at ``step_index`` and takes one stochastic step."""
+        """Runs the model (with guidance) at ``step_index`` and takes one stochastic step.
+
+        Args:
+            latents: ``x_i`` ``[B, ...]``.
+            step_index: an int, or an int64 ``[B]`` tensor of per-row step indices.
+            schedule: the sampling schedule (``policy.schedule(n)`` or one built by the
+                caller with the same conventions).
+            cond: ``B`` rows of conditioning.
+            eta: the step's noise level (0: deterministic).
+            prev_sample: the stored ``x_{i+1}`` whose log-probability to evaluate.
+            generator: RNG of the step noise (when neither ``prev_sample`` nor ``noise``).
+            noise: explicit standard-normal step noise ``[B, ...]`` (replay).
+            sampler: the step rule; ``None`` is the policy's default.
+        """
 
     @abc.abstractmethod
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,7 @@
-"""What the diffusers rectified-flow transformer adapters share (FLUX, HunyuanVideo).
+"""What the diffusers rectified-flow transformer adapters share (FLUX, HunyuanVideo,
+SkyReels, SD3, FLUX.1-Kontext, ...).
 
-Both sample with the flow SDE (:func:`flow_sde_step`) on a shifted sigma schedule, train
+They sample with the flow SDE (:func:`flow_sde_step`) on a shifted sigma schedule, train
 only their ``transformer``, freeze a VAE and two text encoders that an embedding cache may
 replace. The model-specific parts (prompt encoding, latent layout, ``predict``, decoding)
 stay in each adapter.
@@ -9,16 +10,22 @@ stay in each adapter.
 from __future__ import annotations
 
 import abc
+import copy as _copy
 import dataclasses
 from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import nn
 
-from dancegrpo_trainer.core.sde import flow_sde_step
-from dancegrpo_trainer.core.step_output import StepOutput
-from dancegrpo_trainer.policies.base import Conditioning, Policy, Schedule
-from dancegrpo_trainer.policies.runtime import RuntimeConfig, freeze, place
+from dancegrpo_trainer.policies.base import Conditioning
+from dancegrpo_trainer.policies.flow import FlowPolicy
+from dancegrpo_trainer.policies.runtime import (
+    RuntimeConfig,
+    check_shared_placement,
+    freeze,
+    place,
+    preserved_module_state,
+)
 
 NOISE_SCHEDULES = ("dance", "flow_grpo")
 
@@ -32,7 +39,10 @@ class FlowTransformerConfig(RuntimeConfig):
     Attributes:
         num_steps: default number of sampling steps.
         eta: default SDE noise scale η (0 is the Euler ODE sampler).
-        noise_schedule: ``"dance"`` (``g = η``) or ``"flow_grpo"`` (see ``flow_sde_step``).
+        noise_schedule: the sampler ``denoise_step`` uses when given none: ``"dance"``
+            (DanceGRPO, ``g = η``) or ``"flow_grpo"`` (see ``flow_sde_step``). The trainer
+            always passes ``sampling.sampler``; in a training config this key is an error
+            (``model.options.noise_schedule``: set ``sampling.sampler``).
         shift: static timestep shift ``s`` (``σ' = sσ/(1+(s−1)σ)``).
     """
 
@@ -55,7 +65,7 @@ class FlowTransformerConfig(RuntimeConfig):
             raise ValueError(f"shift must be > 0, got {self.shift}")
 
 
-class FlowTransformerPolicy(Policy):
+class FlowTransformerPolicy(FlowPolicy):
     """A trainable diffusers ``transformer`` predicting the flow velocity, a frozen VAE and
     two frozen text encoders (both pairs ``None`` when prompts come from an embedding cache).
     """
@@ -98,54 +108,79 @@ class FlowTransformerPolicy(Policy):
             freeze(self.text_encoder)
             freeze(self.text_encoder_2)
 
+    #: The pipeline's modules ``from_pipeline`` hands to the constructor, each with where
+    #: the config places it: ``"model"`` (``device``), ``"decode"`` (``vae_device``) or
+    #: ``"text"`` (``text_encoder_device``). Adapters with other components (a third text
+    #: encoder, an image encoder, a second expert) extend it.
+    pipeline_modules: ClassVar[dict[str, str]] = {
+        "transformer": "model",
+        "vae": "decode",
+        "text_encoder": "text",
+        "text_encoder_2": "text",
+    }
+    #: The pipeline's tensor-free components passed along as they are (tokenizers,
+    #: processors): always shared.
+    pipeline_extras: ClassVar[tuple[str, ...]] = ("tokenizer", "tokenizer_2")
+
     @classmethod
-    def from_pipeline(cls: type[P], pipe: Any, config: FlowTransformerConfig | None = None) -> P:
-        """Wraps the components of a loaded diffusers pipeline of this model (its
-        ``transformer``, ``vae``, text encoders and tokenizers)."""
-        return cls(
-            transformer=pipe.transformer,
-            vae=pipe.vae,
-            config=config or cls.config_class(),
-            text_encoder=pipe.text_encoder,
-            tokenizer=pipe.tokenizer,
-            text_encoder_2=pipe.text_encoder_2,
-            tokenizer_2=pipe.tokenizer_2,
-        )
+    def from_pipeline(
+        cls: type[P],
+        pipe: Any,
+        config: FlowTransformerConfig | None = None,
+        *,
+        copy: bool = False,
+    ) -> P:
+        """Wraps the components of a loaded diffusers pipeline of this model (the modules
+        named in ``pipeline_modules`` and the tokenizers/processors in ``pipeline_extras``).
+
+        Shared (default): the policy holds the pipeline's own modules, no copy, and
+        changes nothing about them: nothing is moved, cast or frozen (``requires_grad``
+        flags and train/eval modes stay as they were; the VAE and text encoders run under
+        ``torch.no_grad``). So the pipeline must already sit where ``config`` says
+        (``device`` / ``vae_device`` / ``text_encoder_device``, in ``dtype``): a mismatch
+        raises naming the module. What *uses* the policy may still change the shared
+        transformer: the :class:`~dancegrpo_trainer.trainer.Trainer` trains it (float32
+        master weights, LoRA adapters injected in place, train/eval mode), and
+        HunyuanVideo's ``vae_tiling`` switches the shared VAE's tiling on.
+
+        ``copy=True``: deep copies of every module are placed, cast and frozen as the
+        constructor does; the pipeline is left exactly as it was. Tokenizers and
+        processors are always shared (they hold no tensors).
+        """
+        config = config or cls.config_class()
+        parts = {name: getattr(pipe, name, None) for name in cls.pipeline_modules}
+        if copy:
+            parts = {k: _copy.deepcopy(v) if v is not None else None for k, v in parts.items()}
+        else:
+            devices = {
+                "model": config.torch_device,
+                "decode": config.decode_device,
+                "text": config.text_device,
+            }
+            for name, module in parts.items():
+                if module is not None:
+                    where = devices[cls.pipeline_modules[name]]
+                    check_shared_placement(name, module, where, config.torch_dtype)
+        extras = {name: getattr(pipe, name, None) for name in cls.pipeline_extras}
+        modules = [] if copy else list(parts.values())
+        with preserved_module_state(modules):
+            return cls(**parts, **extras, config=config)
+
+    @property
+    def schedule_shift(self) -> float:
+        return self.config.shift
+
+    @property
+    def default_sampler(self) -> str:
+        """``config.noise_schedule`` as a sampler name (``dance`` → ``dancegrpo``)."""
+        return "dancegrpo" if self.config.noise_schedule == "dance" else "flow_grpo"
 
     @abc.abstractmethod
     def predict(
         self, latents: torch.Tensor, timestep: torch.Tensor, cond: Conditioning
     ) -> torch.Tensor:
-        """The transformer's velocity for ``latents`` at ``timestep`` (float32)."""
-
-    def denoise_step(
-        self,
-        latents: torch.Tensor,
-        step_index: int,
-        schedule: Schedule,
-        cond: Conditioning,
-        *,
-        eta: float,
-        prev_sample: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
-    ) -> StepOutput:
-        """Velocity at ``sigmas[step_index]``, then one flow-SDE step to
-        ``sigmas[step_index + 1]`` (``prev_sample`` given: its log-probability instead)."""
-        if schedule.sigmas is None:
-            raise ValueError(
-                f"{type(self).__name__} needs a flow schedule with sigmas (use policy.schedule)"
-            )
-        velocity = self.predict(latents, schedule.timesteps[step_index], cond)
-        return flow_sde_step(
-            velocity,
-            latents,
-            float(schedule.sigmas[step_index]),
-            float(schedule.sigmas[step_index + 1]),
-            eta=eta,
-            prev_sample=prev_sample,
-            generator=generator,
-            noise_schedule=self.config.noise_schedule,
-        )
+        """The transformer's velocity for ``latents`` at ``timestep`` (0..1000 scale, a
+        0-dim or per-row ``[B]`` tensor; float32)."""
 
     def trainable_module(self) -> nn.Module:
         return self.transformer

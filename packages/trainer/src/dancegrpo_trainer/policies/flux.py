@@ -253,6 +253,10 @@ class FluxPolicy(FlowTransformerPolicy):
         )
         return math.exp(mu)
 
+    @property
+    def schedule_shift(self) -> float:
+        return self.effective_shift
+
     def schedule(self, num_steps: int | None = None) -> Schedule:
         """Shifted ``sigmas`` ``[n + 1]`` from 1 to 0 and ``timesteps = 1000·sigmas[:-1]``."""
         sigmas = flow_sigmas(num_steps or self.config.num_steps, shift=self.effective_shift)
@@ -272,25 +276,39 @@ class FluxPolicy(FlowTransformerPolicy):
         self, latents: torch.Tensor, timestep: torch.Tensor | float, cond: Conditioning
     ) -> torch.Tensor:
         """The transformer's velocity ``v = ε − x0`` for packed ``latents`` ``[B, L, 4C]`` at
-        ``timestep`` (0..1000 scale), with the guidance embedding; differentiable."""
+        ``timestep`` (0..1000 scale, a scalar or one per row), with the guidance embedding;
+        differentiable."""
+        img_ids = latent_image_ids(self.latent_height, self.latent_width)
+        return self._transformer_forward(latents, img_ids, timestep, cond.tensors)
+
+    def _transformer_forward(
+        self,
+        hidden_states: torch.Tensor,
+        img_ids: torch.Tensor,
+        timestep: torch.Tensor | float,
+        tensors: dict[str, torch.Tensor],
+    ) -> torch.Tensor:
+        """One transformer forward on packed tokens ``hidden_states`` ``[B, L', 4C]`` with RoPE
+        ids ``img_ids`` ``[L', 3]`` and the text conditioning ``tensors``; returns the output
+        for all ``L'`` tokens in the model dtype (FLUX.1-Kontext appends image tokens)."""
         dtype = module_dtype(self.transformer)
-        batch = latents.shape[0]
+        batch = hidden_states.shape[0]
         t = torch.as_tensor(timestep, device=self.device, dtype=torch.float32)
         guidance = None
         if self.guidance_embeds:
             guidance = torch.full(
                 (batch,), self.config.guidance_scale, device=self.device, dtype=torch.float32
             )
-        embeds = cond.tensors["prompt_embeds"].to(self.device, dtype)
+        embeds = tensors["prompt_embeds"].to(self.device, dtype)
         with self.config.autocast():
             return self.transformer(
-                hidden_states=latents.to(self.device, dtype),
+                hidden_states=hidden_states.to(self.device, dtype),
                 timestep=(t.expand(batch) / 1000).to(dtype),
                 guidance=guidance,
-                pooled_projections=cond.tensors["pooled_prompt_embeds"].to(self.device, dtype),
+                pooled_projections=tensors["pooled_prompt_embeds"].to(self.device, dtype),
                 encoder_hidden_states=embeds,
                 txt_ids=text_ids(embeds.shape[1]).to(self.device),
-                img_ids=latent_image_ids(self.latent_height, self.latent_width).to(self.device),
+                img_ids=img_ids.to(self.device),
                 return_dict=False,
             )[0]
 

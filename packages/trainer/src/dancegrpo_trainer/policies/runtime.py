@@ -196,3 +196,59 @@ def place(module: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Mod
     if module_dtype(module) != dtype:
         module = module.to(dtype)
     return module
+
+
+def module_device(module: nn.Module) -> torch.device | None:
+    """The device of a module's first parameter (``None`` if it has none)."""
+    for p in module.parameters():
+        return p.device
+    return None
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    if a.type != b.type:
+        return False
+    return a.index is None or b.index is None or a.index == b.index
+
+
+def check_shared_placement(
+    name: str, module: nn.Module, device: torch.device, dtype: torch.dtype
+) -> None:
+    """Raises unless a caller's ``module`` already sits on ``device`` in ``dtype``.
+
+    ``from_pipeline`` shares the pipeline's modules and never moves or casts them: a
+    mismatch would otherwise silently change the caller's pipeline.
+    """
+    where = module_device(module)
+    if where is not None and not _same_device(where, device):
+        raise ValueError(
+            f"from_pipeline: the pipeline's {name} is on {where}, the config wants {device}; "
+            "move the pipeline first (pipe.to(...)), set the config's device fields to match, "
+            "or pass copy=True to place a copy"
+        )
+    have = module_dtype(module)
+    if have != dtype:
+        raise ValueError(
+            f"from_pipeline: the pipeline's {name} is {have}, the config's dtype is {dtype}; "
+            "set the config's dtype to match, or pass copy=True to cast a copy"
+        )
+
+
+@contextlib.contextmanager
+def preserved_module_state(modules: list[nn.Module | None]) -> Iterator[None]:
+    """Restores each module's ``requires_grad`` flags and train/eval modes on exit, so a
+    constructor that freezes its components leaves a caller's shared modules as they were
+    (frozen parts run under ``torch.no_grad`` anyway)."""
+    saved = [
+        (m, [p.requires_grad for p in m.parameters()], [s.training for s in m.modules()])
+        for m in modules
+        if m is not None
+    ]
+    try:
+        yield
+    finally:
+        for module, grads, modes in saved:
+            for p, flag in zip(module.parameters(), grads, strict=True):
+                p.requires_grad_(flag)
+            for sub, mode in zip(module.modules(), modes, strict=True):
+                sub.training = mode

@@ -196,6 +196,8 @@ class SkyReelsI2VPolicy(HunyuanVideoPolicy):
         if not self.config.do_true_cfg:
             return self._transformer_forward(hidden, timestep, tensors)
         text = {key: torch.cat([_negative(tensors, key), tensors[key]]) for key in TEXT_KEYS}
+        if isinstance(timestep, torch.Tensor) and timestep.ndim == 1:  # per-row timesteps
+            timestep = torch.cat([timestep, timestep])
         out = self._transformer_forward(torch.cat([hidden, hidden]), timestep, text)
         uncond, cond_v = out.float().chunk(2)
         return uncond + self.config.true_cfg_scale * (cond_v - uncond)

@@ -8,6 +8,7 @@ the log-probability of the step (DDPO / DanceGRPO).
 
 from __future__ import annotations
 
+import copy as _copy
 import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,15 +18,18 @@ import torch
 from torch import nn
 
 from dancegrpo_trainer.core.ddim import ddim_step
+from dancegrpo_trainer.core.samplers import DDIM_SAMPLER
 from dancegrpo_trainer.core.step_output import StepOutput
-from dancegrpo_trainer.policies.base import Conditioning, Policy, Schedule
+from dancegrpo_trainer.policies.base import Conditioning, Policy, Schedule, StepIndex
 from dancegrpo_trainer.policies.runtime import (
     RuntimeConfig,
+    check_shared_placement,
     decode_to_uint8,
     freeze,
     module_dtype,
     parse_resolution,
     place,
+    preserved_module_state,
     transformers_dtype_kwargs,
     vae_decode,
 )
@@ -125,24 +129,34 @@ class StableDiffusionPolicy(Policy):
 
     @classmethod
     def from_pipeline(
-        cls, pipe: Any, config: StableDiffusionConfig | None = None
+        cls, pipe: Any, config: StableDiffusionConfig | None = None, *, copy: bool = False
     ) -> StableDiffusionPolicy:
-        """Wraps the components of a loaded diffusers ``StableDiffusionPipeline``; its
-        scheduler is rebuilt as a ``DDIMScheduler`` from the same config if it is another kind
-        (DDIM-η needs DDIM's posterior)."""
-        from diffusers import DDIMScheduler
+        """Wraps the components of a loaded diffusers ``StableDiffusionPipeline``.
 
-        scheduler = pipe.scheduler
-        if not isinstance(scheduler, DDIMScheduler):
-            scheduler = DDIMScheduler.from_config(scheduler.config)
-        return cls(
-            unet=pipe.unet,
-            vae=pipe.vae,
-            scheduler=scheduler,
-            config=config or StableDiffusionConfig(),
-            text_encoder=pipe.text_encoder,
-            tokenizer=pipe.tokenizer,
-        )
+        Shared (default): the UNet, VAE, text encoder and tokenizer are the pipeline's own
+        objects, and nothing about them is changed (not moved, cast or frozen; the
+        pipeline must already sit on ``config``'s devices in its ``dtype``, else this
+        raises naming the module). The scheduler is always a new ``DDIMScheduler`` built
+        from the pipeline's scheduler config (DDIM-η needs DDIM's posterior; the
+        pipeline's scheduler is not touched). ``copy=True``: deep copies of the modules
+        are placed, cast and frozen; the pipeline is left as it was. A trainer training the
+        shared UNet changes it (float32 master weights, LoRA, train/eval mode).
+        """
+        config = config or StableDiffusionConfig()
+        parts = {"unet": pipe.unet, "vae": pipe.vae, "text_encoder": pipe.text_encoder}
+        if copy:
+            parts = {k: _copy.deepcopy(v) if v is not None else None for k, v in parts.items()}
+        else:
+            devices = {
+                "unet": config.torch_device,
+                "vae": config.decode_device,
+                "text_encoder": config.text_device,
+            }
+            for name, module in parts.items():
+                if module is not None:
+                    check_shared_placement(name, module, devices[name], config.torch_dtype)
+        with preserved_module_state([] if copy else list(parts.values())):
+            return cls(**parts, scheduler=pipe.scheduler, config=config, tokenizer=pipe.tokenizer)
 
     @classmethod
     def from_pretrained(
@@ -273,6 +287,8 @@ class StableDiffusionPolicy(Policy):
             negative = cond.tensors["negative_prompt_embeds"].to(self.device, dtype)
             x = torch.cat([x, x])
             embeds = torch.cat([negative, embeds])
+            if t.ndim == 1:  # per-row timesteps: the negative rows come first
+                t = torch.cat([t, t])
         x = self.scheduler.scale_model_input(x, t)
         with self.config.autocast():
             out = self.unet(x, t, encoder_hidden_states=embeds, return_dict=False)[0]
@@ -284,17 +300,31 @@ class StableDiffusionPolicy(Policy):
     def denoise_step(
         self,
         latents: torch.Tensor,
-        step_index: int,
+        step_index: StepIndex,
         schedule: Schedule,
         cond: Conditioning,
         *,
         eta: float,
         prev_sample: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        noise: torch.Tensor | None = None,
+        sampler: str | None = None,
     ) -> StepOutput:
-        """Guided UNet prediction at ``schedule.timesteps[step_index]``, then one DDIM-η
-        step (``prev_sample`` given: its log-probability is evaluated instead of sampling)."""
-        timestep = schedule.timesteps[step_index]
+        """Guided UNet prediction at ``schedule.timesteps[step_index]`` (an int, or an int64
+        ``[B]`` tensor of per-row steps), then one DDIM-η step (``prev_sample`` given: its
+        log-probability is evaluated instead of sampling; ``noise`` given: used as the
+        step noise). ``sampler`` must be ``None`` or ``"ddim"``: the flow samplers
+        (``dancegrpo``, ``flow_grpo``, ``cps``) need a rectified-flow model."""
+        if sampler not in (None, DDIM_SAMPLER):
+            raise ValueError(
+                f"sampler {sampler!r}: Stable Diffusion samples with DDIM-eta only ('ddim'); "
+                "dancegrpo/flow_grpo/cps are rectified-flow samplers"
+            )
+        if isinstance(step_index, int):
+            timestep = schedule.timesteps[step_index]
+        else:
+            idx = torch.as_tensor(step_index, dtype=torch.long)
+            timestep = schedule.timesteps[idx.to(schedule.timesteps.device)]
         noise_pred = self.predict(latents, timestep, cond)
         return ddim_step(
             self._scheduler_for(schedule),
@@ -304,6 +334,7 @@ class StableDiffusionPolicy(Policy):
             eta=eta,
             prev_sample=prev_sample,
             generator=generator,
+            noise=noise,
         )
 
     # ----------------------------------------------------------------- decoding

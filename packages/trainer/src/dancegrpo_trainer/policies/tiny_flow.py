@@ -28,10 +28,9 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
-from dancegrpo_trainer.core.schedules import flow_sigmas, flow_timesteps
-from dancegrpo_trainer.core.sde import flow_sde_step
-from dancegrpo_trainer.core.step_output import StepOutput
-from dancegrpo_trainer.policies.base import Conditioning, Policy, Schedule
+from dancegrpo_trainer.core.schedules import flow_sigmas
+from dancegrpo_trainer.policies.base import Conditioning, Schedule
+from dancegrpo_trainer.policies.flow import FlowPolicy
 
 _WORD = re.compile(r"[a-z]+")
 
@@ -130,7 +129,7 @@ class TinyFlowNet(nn.Module):
         return self.conv_out(h) + self.prompt_rgb(text)[:, :, None, None]
 
 
-class TinyFlowPolicy(Policy):
+class TinyFlowPolicy(FlowPolicy):
     """The demo policy: :class:`TinyFlowNet` sampled with ``flow_sde_step``.
 
     Args:
@@ -180,8 +179,17 @@ class TinyFlowPolicy(Policy):
         return Conditioning({"bag": bag_of_words(prompts, self.vocab_size).to(self.device)})
 
     def schedule(self, num_steps: int) -> Schedule:
+        """Shifted sigmas ``[n + 1]``; the network is conditioned on σ, so its timesteps
+        are the sigmas themselves (``sigmas[:-1]``), not the 0..1000 scale."""
         sigmas = flow_sigmas(num_steps, self.shift).to(self.device)
-        return Schedule(timesteps=flow_timesteps(sigmas), sigmas=sigmas)
+        return Schedule(timesteps=sigmas[:-1].clone(), sigmas=sigmas)
+
+    @property
+    def schedule_shift(self) -> float:
+        return self.shift
+
+    def schedule_from_sigmas(self, sigmas: torch.Tensor) -> Schedule:
+        return Schedule(timesteps=sigmas[:-1].clone(), sigmas=sigmas)
 
     def initial_noise(
         self, batch_size: int, generator: torch.Generator | None = None
@@ -190,30 +198,12 @@ class TinyFlowPolicy(Policy):
         gen_device = generator.device if generator is not None else self.device
         return torch.randn(shape, generator=generator, device=gen_device).to(self.device)
 
-    def denoise_step(
-        self,
-        latents: torch.Tensor,
-        step_index: int,
-        schedule: Schedule,
-        cond: Conditioning,
-        *,
-        eta: float,
-        prev_sample: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
-    ) -> StepOutput:
-        assert schedule.sigmas is not None
-        sigma = schedule.sigmas[step_index]
-        sigma_next = schedule.sigmas[step_index + 1]
-        velocity = self.net(latents, sigma.expand(latents.shape[0]), cond.tensors["bag"])
-        return flow_sde_step(
-            velocity,
-            latents,
-            float(sigma),
-            float(sigma_next),
-            eta=eta,
-            prev_sample=prev_sample,
-            generator=generator,
-        )
+    def predict(
+        self, latents: torch.Tensor, timestep: torch.Tensor, cond: Conditioning
+    ) -> torch.Tensor:
+        """The network's velocity; this model's timestep is the noise level σ itself."""
+        sigma = torch.as_tensor(timestep, device=latents.device)
+        return self.net(latents, sigma.expand(latents.shape[0]), cond.tensors["bag"])
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         x = latents.detach().float()

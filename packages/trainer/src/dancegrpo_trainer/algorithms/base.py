@@ -1,0 +1,129 @@
+"""The interface a training algorithm implements (``train.algorithm``).
+
+An algorithm declares
+
+- which steps of a rollout are stochastic and recorded (:attr:`RolloutSpec.stochastic`:
+  ``"window"`` follows ``sampling.window`` — every step for ``full``; ``"none"`` samples
+  deterministic ODE rollouts, e.g. DiffusionNFT),
+- what the rollout keeps besides its latents (:attr:`RolloutSpec.keep`: ``log_probs``,
+  ``means``, ``stds``, ``noise``),
+- the loss on a stored trajectory: :meth:`Algorithm.terms` picks what one micro-batch
+  trains (GRPO: step indices; a forward-process method: noise-level draws) and
+  :meth:`Algorithm.loss` returns the loss of one term, which the update backpropagates at
+  once (scaled to a mean over samples and terms) and logs.
+
+State that must survive a resume (e.g. an EMA "old" policy) goes through
+:meth:`Algorithm.state_dict` / :meth:`Algorithm.load_state_dict` (tensors, saved with the
+checkpoint) and is advanced in :meth:`Algorithm.after_optimizer_step`.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import dataclasses
+from collections.abc import Callable
+from typing import Any, ClassVar, Literal
+
+import torch
+
+from dancegrpo_trainer.policies.base import Policy
+from dancegrpo_trainer.rollout import ROLLOUT_KEEP, Rollout
+
+Stochastic = Literal["window", "none"]
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutSpec:
+    """What an algorithm needs from a rollout.
+
+    Attributes:
+        stochastic: ``"window"``: the SDE steps ``sampling.window`` selects (all of them for
+            the default ``full`` window), sampled with ``sampling.sampler`` at
+            ``sampling.eta`` and recorded; ``"none"``: a deterministic ODE rollout.
+        keep: per-step tensors to store besides the latents (see ``ROLLOUT_KEEP``).
+    """
+
+    stochastic: Stochastic = "window"
+    keep: tuple[str, ...] = ("log_probs",)
+
+    def __post_init__(self) -> None:
+        if self.stochastic not in ("window", "none"):
+            raise ValueError(f"stochastic must be 'window' or 'none', got {self.stochastic!r}")
+        unknown = set(self.keep) - set(ROLLOUT_KEEP)
+        if unknown:
+            raise ValueError(f"keep: unknown {sorted(unknown)}; choose from {list(ROLLOUT_KEEP)}")
+
+
+@dataclasses.dataclass
+class LossTerm:
+    """The loss of one training term and what to log about it.
+
+    Attributes:
+        loss: scalar with gradient.
+        metrics: floats; averaged over terms (weighted like the loss) unless the
+            algorithm's ``metric_reductions`` says ``"min"`` or ``"max"``.
+    """
+
+    loss: torch.Tensor
+    metrics: dict[str, float]
+
+
+class Algorithm(abc.ABC):
+    """A training algorithm over stored trajectories.
+
+    Args:
+        train: the ``train`` config section (``train.algorithm_options`` holds the
+            algorithm's own options).
+        policy: the policy being trained.
+        reference: the frozen reference policy (``train.kl_coef > 0``), or ``None``.
+        autocast: mixed-precision context factory for model calls.
+    """
+
+    name: ClassVar[str]
+    #: metric name → ``"min"`` / ``"max"`` (how it combines over terms and ranks);
+    #: unlisted metrics are weighted means.
+    metric_reductions: ClassVar[dict[str, str]] = {}
+
+    def __init__(
+        self,
+        train: Any,
+        policy: Policy,
+        *,
+        reference: Any | None = None,
+        autocast: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
+    ) -> None:
+        self.train = train
+        self.policy = policy
+        self.reference = reference
+        self.autocast = autocast
+
+    @classmethod
+    def validate_config(cls, cfg: Any) -> None:
+        """Extra checks on the whole ``GRPOConfig`` (raise ``ConfigError`` naming the field)."""
+        return None
+
+    @abc.abstractmethod
+    def rollout_spec(self) -> RolloutSpec:
+        """What the rollout must provide."""
+
+    @abc.abstractmethod
+    def terms(self, rollout: Rollout, generator: torch.Generator | None) -> list[int]:
+        """The terms one micro-batch of ``rollout`` trains, drawn from ``generator`` (one
+        per global micro-batch, so the draw does not depend on the rank layout)."""
+
+    @abc.abstractmethod
+    def loss(self, batch: Rollout, advantages: torch.Tensor, term: int) -> LossTerm:
+        """The loss of ``term`` on the micro-batch ``batch`` (``advantages`` ``[len(batch)]``)."""
+
+    def after_optimizer_step(self, skipped: bool) -> None:
+        """Called after every optimiser step (``skipped``: the step was skipped)."""
+        return None
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Tensors to checkpoint (names must not collide with the model's)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restores :meth:`state_dict`."""
+        return None

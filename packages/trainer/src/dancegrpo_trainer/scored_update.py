@@ -1,0 +1,228 @@
+"""From scored rollout chunks to one optimisation step: rewards → advantages → update.
+
+:class:`RewardAdvantages` turns reward columns into advantages (group or per-prompt,
+multi-reward weighted) and logged statistics. The two ways of running the update:
+
+- :func:`update_as_scored` (``train.pipeline_update``, group advantages): each chunk's
+  whole prompt groups are trained as soon as that chunk is scored, overlapping the
+  remaining reward calls with backward passes;
+- :func:`update_after_scoring`: waits for every reward, computes advantages of the global
+  batch (the per-prompt tracker needs it), then updates.
+
+Both feed the algorithm-agnostic :class:`GradientAccumulator`; neither knows the algorithm.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from dancegrpo_trainer import distributed as dist_utils
+from dancegrpo_trainer.config import BestOfNConfig, RewardsConfig
+from dancegrpo_trainer.core import PerPromptStatTracker, best_of_n_indices, multi_reward_advantages
+from dancegrpo_trainer.rollout import Rollout
+from dancegrpo_trainer.scoring import PendingScores, Scores
+from dancegrpo_trainer.update import GradientAccumulator, UpdateResult
+
+#: ``(rollout, advantages, sample_offset) ↦`` one optimiser step over that batch.
+UpdateFn = Callable[[Rollout, torch.Tensor, int], UpdateResult]
+
+
+@dataclasses.dataclass
+class StepUpdate:
+    """What a train step's update produced, over the global batch where it says so.
+
+    Attributes:
+        terms, outputs: the reward columns of the global batch (rank-major order).
+        prompts: the global batch's prompts.
+        advantages: float32 ``[global N]``, before any Best-of-N selection.
+        keep: this rank's Best-of-N selection (local row indices), or ``None``.
+        result: the optimiser step's diagnostics (this rank's).
+        wait_s: seconds this rank was blocked waiting for rewards after the rollout.
+    """
+
+    terms: dict[str, np.ndarray]
+    outputs: dict[str, np.ndarray]
+    prompts: list[str]
+    advantages: torch.Tensor
+    keep: torch.Tensor | None
+    result: UpdateResult
+    wait_s: float
+
+
+def gather_columns(columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Each reward column concatenated over ranks (rank-major)."""
+    keys = sorted(columns)
+    local = torch.from_numpy(np.stack([columns[k] for k in keys], axis=1).astype(np.float32))
+    full = dist_utils.all_gather_tensor(local).numpy()
+    return {k: full[:, i] for i, k in enumerate(keys)}
+
+
+class RewardAdvantages:
+    """Rewards → advantages (``rewards.advantage``) and the logged reward statistics.
+
+    Args:
+        rewards: the ``rewards`` section (endpoint weights, advantage mode, tracker sizes).
+        group_size: samples per prompt group.
+    """
+
+    def __init__(self, rewards: RewardsConfig, group_size: int) -> None:
+        self.mode = rewards.advantage
+        self.group_size = group_size
+        self.weights = {ep.label: ep.weight for ep in rewards.endpoints}
+        self.trackers = {
+            ep.label: PerPromptStatTracker(
+                rewards.tracker_buffer_size,
+                min(rewards.tracker_min_count, rewards.tracker_buffer_size),
+            )
+            for ep in rewards.endpoints
+        }
+
+    def stats(self, terms: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> dict:
+        """``reward_mean``/``reward_std`` of the weighted terms, and per term and output."""
+        total = sum(self.weights.values())
+        combined = sum(self.weights[k] * terms[k] for k in terms) / total
+        stats: dict[str, float] = {
+            "reward_mean": float(np.mean(combined)),
+            "reward_std": float(np.std(combined)),
+        }
+        for k, v in terms.items():
+            stats[f"reward/{k}_mean"] = float(np.mean(v))
+            stats[f"reward/{k}_std"] = float(np.std(v))
+        for k, v in outputs.items():
+            stats[f"output/{k}_mean"] = float(np.mean(v))
+            stats[f"output/{k}_std"] = float(np.std(v))
+        return stats
+
+    def of_groups(self, terms: dict[str, np.ndarray]) -> torch.Tensor:
+        """Group advantages of whole prompt groups (each reward normalised, then weighted)."""
+        tensors = {k: torch.from_numpy(v) for k, v in terms.items()}
+        return multi_reward_advantages(tensors, self.weights, group_size=self.group_size)
+
+    def of_batch(self, terms: dict[str, np.ndarray], prompts: list[str]) -> torch.Tensor:
+        """Advantages of the global batch (terms already gathered, rank-major order)."""
+        if self.mode == "group":
+            return self.of_groups(terms)
+        total = torch.zeros(len(prompts))
+        for k, v in terms.items():
+            total += self.weights[k] * self.trackers[k].update(prompts, torch.from_numpy(v))
+        return total
+
+    def state_dict(self) -> dict[str, Any]:
+        return {k: t.state_dict() for k, t in self.trackers.items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for k, t in self.trackers.items():
+            t.load_state_dict(state[k])
+
+
+def update_after_scoring(
+    rollout: Rollout,
+    chunks: list[tuple[slice, PendingScores]],
+    prompts: list[str],
+    *,
+    advantages: RewardAdvantages,
+    best_of_n: BestOfNConfig,
+    rank: int,
+    update: UpdateFn,
+) -> StepUpdate:
+    """Waits for every reward, computes advantages of the global batch, then updates.
+
+    Needed by ``rewards.advantage=per_prompt`` (the tracker sees the whole global batch
+    at once), selected by ``train.pipeline_update=false``, and used when the last chunk
+    is the only one that completes groups (e.g. one group per rank): nothing to overlap.
+    """
+    t0 = time.perf_counter()
+    scores = Scores.concat([pending.result() for _, pending in chunks])
+    wait_s = time.perf_counter() - t0
+    all_terms = gather_columns(scores.terms)
+    all_outputs = gather_columns(scores.outputs)
+    all_prompts = dist_utils.flatten(dist_utils.all_gather_object(prompts))
+    adv_all = advantages.of_batch(all_terms, all_prompts)
+    n_local = len(prompts)
+    device = rollout.latents.device
+    local = adv_all[rank * n_local : (rank + 1) * n_local].to(device)
+    keep = None
+    if best_of_n.enabled:
+        keep = best_of_n_indices(
+            local.cpu(),
+            group_size=advantages.group_size,
+            top_k=best_of_n.top_k,
+            bottom_k=best_of_n.bottom_k,
+        )
+        rollout, local = rollout.select(keep), local[keep.to(device)]
+    # Every rank holds the same number of samples (also after Best-of-N), so this rank's
+    # slice of the global batch starts at rank * len(rollout).
+    result = update(rollout, local, rank * len(rollout))
+    return StepUpdate(all_terms, all_outputs, all_prompts, adv_all, keep, result, wait_s)
+
+
+def update_as_scored(
+    rollout: Rollout,
+    chunks: list[tuple[slice, PendingScores]],
+    parts: list[tuple[int, int]],
+    prompts: list[str],
+    *,
+    advantages: RewardAdvantages,
+    best_of_n: BestOfNConfig,
+    rank: int,
+    accumulator: Callable[[int], GradientAccumulator],
+    grad_monitor: Any,
+) -> StepUpdate:
+    """Accumulates each chunk's whole prompt groups as soon as that chunk is scored.
+
+    Group advantages (and Best-of-N's per-group selection) need only the group's own
+    rewards, and the parameters do not move before the single optimiser step, so the
+    gradient of a group is the same whenever it is computed: the remaining reward calls
+    overlap with the backward passes of the groups already scored. Chunks are taken in
+    order (a FIFO service answers in that order anyway), which keeps the step's
+    arithmetic independent of reply timing, so runs and resumes stay bit-reproducible.
+    Rewards are gathered across ranks afterwards, for logging only.
+
+    Args:
+        parts: the row range of the groups each chunk completes (``group_parts``).
+        accumulator: ``num_samples ↦`` a fresh :class:`GradientAccumulator`.
+        grad_monitor: the gradient-norm skip rule for the step.
+    """
+    g = advantages.group_size
+    kept_per_group = best_of_n.top_k + best_of_n.bottom_k if best_of_n.enabled else g
+    n_train = len(rollout) // g * kept_per_group
+    acc = accumulator(n_train)
+    scored: list[Scores] = []
+    all_adv = torch.zeros(len(rollout))
+    keeps: list[torch.Tensor] = []
+    wait_s = 0.0
+    for (_, pending), (start, stop) in zip(chunks, parts, strict=True):
+        t0 = time.perf_counter()
+        scored.append(pending.result())
+        wait_s += time.perf_counter() - t0
+        if start == stop:
+            continue
+        terms = Scores.concat(scored).terms
+        adv = advantages.of_groups({k: v[start:stop] for k, v in terms.items()})
+        all_adv[start:stop] = adv
+        part = rollout.rows(start, stop)
+        if best_of_n.enabled:
+            keep = best_of_n_indices(
+                adv, group_size=g, top_k=best_of_n.top_k, bottom_k=best_of_n.bottom_k
+            )
+            part, adv = part.select(keep), adv[keep]
+            keeps.append(keep + start)
+        offset = rank * n_train + start // g * kept_per_group
+        acc.accumulate(part, adv.to(rollout.latents.device), sample_offset=offset)
+    result = acc.step(grad_monitor)
+    scores = Scores.concat(scored)
+    return StepUpdate(
+        terms=gather_columns(scores.terms),
+        outputs=gather_columns(scores.outputs),
+        prompts=dist_utils.flatten(dist_utils.all_gather_object(prompts)),
+        advantages=dist_utils.all_gather_tensor(all_adv),
+        keep=torch.cat(keeps) if best_of_n.enabled else None,
+        result=result,
+        wait_s=wait_s,
+    )

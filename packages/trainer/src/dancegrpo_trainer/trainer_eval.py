@@ -1,0 +1,142 @@
+"""Held-out evaluation of a :class:`~dancegrpo_trainer.trainer.Trainer`'s policy: fixed
+prompts, fixed seeds, ``eval.eta`` (0: deterministic), scored remotely as chunks finish,
+gathered over ranks in prompt order, logged with ``split = eval``."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from dancegrpo_trainer import distributed as dist_utils
+from dancegrpo_trainer.data import load_condition_images, repeat_metadata
+from dancegrpo_trainer.rollout import RolloutPlan, sample_rollout, seeded_generators
+from dancegrpo_trainer.run_logging import save_samples
+from dancegrpo_trainer.scoring import RewardScorer, Scores
+
+if TYPE_CHECKING:
+    from dancegrpo_trainer.trainer import Trainer
+
+
+def score_rollout(
+    scorer: RewardScorer,
+    prompts: Sequence[str],
+    cond_images: torch.Tensor | None,
+    metadata: Sequence[dict[str, Any] | None] | None,
+    generate: Callable[[Callable[[slice, torch.Tensor], None]], Any],
+    num_scored: int,
+) -> tuple[Any, Scores | None, float, float]:
+    """Runs ``generate(on_chunk)``, scoring the first ``num_scored`` rows as chunks finish
+    (rows past them are padding, generated only to keep sharded forwards in lockstep).
+    ``prompts``, ``cond_images`` and ``metadata`` (``None``: none) are per row.
+
+    Returns ``(generate's result, scores or None if nothing was scored, sample_s,
+    reward_wait_s)``.
+    """
+    pending = []
+
+    def on_chunk(rows: slice, frames: torch.Tensor) -> None:
+        stop = min(rows.stop, num_scored)
+        if stop <= rows.start:
+            return
+        real = slice(rows.start, stop)
+        images = cond_images[real] if cond_images is not None else None
+        meta = metadata[real] if metadata is not None else None
+        pending.append(scorer.submit(frames[: stop - rows.start], prompts[real], images, meta))
+
+    t0 = time.perf_counter()
+    result = generate(on_chunk)
+    t1 = time.perf_counter()
+    scores = Scores.concat([p.result() for p in pending]) if pending else None
+    return result, scores, t1 - t0, time.perf_counter() - t1
+
+
+def evaluate(trainer: Trainer, save_as: Path | None = None) -> dict[str, Any]:
+    """Scores fixed held-out prompts with fixed seeds and ``eval.eta`` (0: deterministic).
+
+    Rank ``r`` samples rows ``r, r + world, ...``; the initial noise of every row comes
+    from one generator seeded with ``eval.seed`` and its SDE noise (``eval.eta > 0``)
+    from a generator per row, so results do not depend on the number of ranks. Logged with ``split = eval``; returns the record.
+
+    With ``train.fsdp`` every rank samples the same number of rows (each forward is a
+    collective): ranks short of a row sample a copy of one, which is neither scored
+    nor gathered.
+    """
+    cfg, e = trainer.cfg, trainer.cfg.eval
+    if not trainer.eval_records:
+        raise ValueError("data.eval_prompts is empty: nothing to evaluate")
+    k = e.samples_per_prompt
+    all_prompts = [r.prompt for r in trainer.eval_records for _ in range(k)]
+    all_metadata = repeat_metadata(trainer.eval_records, k)
+    all_images = load_condition_images(trainer.eval_records)
+    repeat_all = torch.arange(len(trainer.eval_records)).repeat_interleave(k)
+    noise_all = trainer.policy.initial_noise(
+        len(all_prompts), generator=torch.Generator().manual_seed(e.seed)
+    )
+    rows = list(range(trainer.rank, len(all_prompts), trainer.world))
+    sampled = list(rows)
+    if cfg.train.fsdp:
+        pad = -(-len(all_prompts) // trainer.world) - len(rows)
+        sampled += [rows[0] if rows else 0] * pad
+    prompts = [all_prompts[i] for i in sampled]
+    metadata = [all_metadata[i] for i in sampled] if all_metadata is not None else None
+    idx = repeat_all[sampled]
+    images = all_images[idx] if all_images is not None else None
+    frames = torch.empty(0)
+    scores = None
+    if sampled:
+        cond = trainer._encode([trainer.eval_records[i].prompt for i in idx.tolist()], images)
+        row_generators = seeded_generators(sampled, e.seed, "eval_sde_noise")
+        module = trainer.policy.trainable_module()
+        module.eval()
+        ema = trainer.ema.active() if trainer.ema is not None else contextlib.nullcontext()
+
+        def generate(on_chunk: Callable[[slice, torch.Tensor], None]) -> Any:
+            with ema:
+                return sample_rollout(
+                    trainer.policy,
+                    cond,
+                    noise_all[sampled],
+                    plan=RolloutPlan(
+                        trainer.policy.schedule(cfg.sampling.num_steps),
+                        sampler=cfg.sampling.sampler,
+                    ),
+                    eta=e.eta,
+                    row_generators=row_generators,
+                    chunk_size=cfg.sampling.rollout_batch_size,
+                    on_chunk=on_chunk,
+                    autocast=trainer._autocast(),
+                    progress=trainer._progress(),
+                    desc="eval",
+                )
+
+        rollout, scores, _, _ = score_rollout(
+            trainer.scorer, prompts, images, metadata, generate, len(rows)
+        )
+        frames = rollout.frames[: len(rows)]
+    parts = dist_utils.all_gather_object(
+        (rows, scores.terms if scores else {}, scores.outputs if scores else {}, frames)
+    )
+    order = np.argsort(np.concatenate([np.asarray(p[0], dtype=np.int64) for p in parts]))
+    terms = {
+        key: np.concatenate([p[1][key] for p in parts if p[0]])[order]
+        for key in trainer.advantages.weights
+    }
+    outputs_keys = next(p[2].keys() for p in parts if p[0])
+    outputs = {
+        key: np.concatenate([p[2][key] for p in parts if p[0]])[order] for key in outputs_keys
+    }
+    record: dict[str, Any] = {"step": trainer.step, "split": "eval"}
+    record.update(trainer.advantages.stats(terms, outputs))
+    record["samples"] = len(all_prompts)
+    trainer.metrics.log(record)
+    if trainer.rank == 0:
+        all_frames = torch.cat([p[3] for p in parts if p[0]])[torch.from_numpy(order)]
+        path = save_as or trainer.run_dir / "samples" / f"eval_{trainer.step:06d}.png"
+        save_samples(all_frames.numpy(), path, ncols=k * 2, scale=max(1, 128 // cfg.model.width))
+    return record

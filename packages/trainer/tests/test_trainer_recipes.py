@@ -120,6 +120,8 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from dancegrpo_testing import (
         clip_models,
         diffusion_models,
+        hpsv3_models,
+        imagereward_models,
         qwen_image_models,
         video_models,
         videoalign_models,
@@ -157,6 +159,10 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         ("ocr_eval", OCR_EVAL),
         ("pickscore_train", TRAIN_PROMPTS),
         ("pickscore_eval", EVAL_PROMPTS),
+        ("imagereward_train", TRAIN_PROMPTS),
+        ("imagereward_eval", EVAL_PROMPTS),
+        ("hpsv3_train", TRAIN_PROMPTS),
+        ("hpsv3_eval", EVAL_PROMPTS),
     ):
         (data / "prompts" / f"{name}.txt").write_text("\n".join(lines) + "\n")
     for name, rows in (("geneval_train", GENEVAL_TRAIN), ("geneval_eval", GENEVAL_EVAL)):
@@ -165,6 +171,8 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     files = clip_models.write_tiny_clip_files(root / "clip")
     videoalign = videoalign_models.write_hf_folder(root / "videoalign")
     pickscore = clip_models.write_pickscore_folders(root / "pickscore")
+    imagereward = imagereward_models.write_imagereward_files(root / "imagereward")
+    hpsv3 = hpsv3_models.write_hpsv3_files(root / "hpsv3")
     return {
         "root": root,
         "weights": weights,
@@ -174,6 +182,8 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "geneval": root / "geneval",
         "pickscore": pickscore.model,
         "pickscore_processor": pickscore.processor,
+        "imagereward": imagereward.checkpoint,
+        "hpsv3": hpsv3.checkpoint,
     }
 
 
@@ -234,6 +244,19 @@ def server(assets: dict[str, Path]) -> Iterator[str]:
                     "processor_path": str(assets["pickscore_processor"]),
                 },
             },
+            "imagereward": {
+                "kind": "imagereward",
+                "options": {"checkpoint": str(assets["imagereward"])},
+            },
+            # A small pixel budget: the tiny Qwen2-VL sees 4 merged patches per image.
+            "hpsv3": {
+                "kind": "hpsv3",
+                "options": {
+                    "checkpoint": str(assets["hpsv3"]),
+                    "min_pixels": 56 * 56,
+                    "max_pixels": 56 * 56,
+                },
+            },
         },
     }
     env = {"OMP_NUM_THREADS": "1"}
@@ -255,7 +278,14 @@ def recipe_env(assets: dict[str, Path], server: str) -> Iterator[dict[str, Path]
         mp.setenv("DANCEGRPO_WEIGHTS", str(assets["weights"]))
         mp.setenv("DANCEGRPO_DATA", str(assets["data"]))
         mp.setenv("DANCEGRPO_REWARDS", server)
-        recipes = ("flux_hps_clip", "flux_geneval", "flux_ocr", "flux_pickscore")
+        recipes = (
+            "flux_hps_clip",
+            "flux_geneval",
+            "flux_ocr",
+            "flux_pickscore",
+            "flux_imagereward",
+            "flux_hpsv3",
+        )
         for recipe in (
             *recipes,
             "hunyuan_video_videoalign",
@@ -1070,6 +1100,57 @@ def test_flux_pickscore_recipe_trains_lora_against_pickscore(
     assert moved > 0.4 * total  # every lora_B element (half of each pair's weights, or more)
     saved = load_file(str(tmp_path / "checkpoints" / "step_000001" / "model.safetensors"))
     assert saved.keys() >= {k for k in trainable_state(trainer)}
+
+
+def test_flux_imagereward_recipe_trains_against_imagereward(
+    recipe_env: dict[str, Path], tmp_path: Path, cli_trainer: type[RecordingTrainer]
+) -> None:
+    """MixGRPO's FLUX settings (G = 12, η 0.7, 25 steps on the GPU) against the real
+    ``imagereward`` kind on a tiny ImageReward in the official file layout: the group's
+    standardised scores differ, so the full fine-tune moves."""
+    trainer = run_recipe("flux_imagereward", tmp_path, "data.eval_prompts=[]")
+    rec = records(tmp_path)[0]
+    assert rec["samples"] == 12 and rec["advantage_abs_mean"] > 0
+    assert "reward/imagereward/score_mean" in rec
+    assert_trained_and_saved(trainer, tmp_path)
+
+
+def test_flux_imagereward_recipe_values() -> None:
+    """MixGRPO's finetune_flux_grpo_MixGRPO.sh (reward_model=image_reward)."""
+    cfg = load_config(CONFIGS / "flux_imagereward.yaml")
+    s, t, (ep,) = cfg.sampling, cfg.train, cfg.rewards.endpoints
+    assert (ep.reward, ep.output) == ("imagereward", "score")
+    assert (s.group_size, s.shared_noise, s.num_steps, s.eta) == (12, True, 25, 0.7)
+    assert cfg.model.height == cfg.model.width == 720 and cfg.model.options["shift"] == 3.0
+    assert (t.learning_rate, t.clip_range, t.adv_clip_max, t.max_grad_norm) == (
+        1e-5,
+        1e-4,
+        5.0,
+        1.0,
+    )
+    assert (t.timestep_fraction, t.weight_decay, t.kl_coef) == (0.6, 1e-4, 0.0)
+
+
+def test_flux_hpsv3_recipe_trains_against_hpsv3(
+    recipe_env: dict[str, Path], tmp_path: Path, cli_trainer: type[RecordingTrainer]
+) -> None:
+    """DanceGRPO's FLUX settings against the real ``hpsv3`` kind on a tiny Qwen2-VL HPSv3 in
+    the official layout: trains on μ (``score``)."""
+    trainer = run_recipe("flux_hpsv3", tmp_path, "data.eval_prompts=[]")
+    rec = records(tmp_path)[0]
+    assert rec["samples"] == 12 and rec["advantage_abs_mean"] > 0
+    assert "reward/hpsv3/score_mean" in rec
+    assert_trained_and_saved(trainer, tmp_path)
+
+
+def test_flux_hpsv3_recipe_values() -> None:
+    """DanceGRPO's FLUX values (as flux_hps_clip) with the hpsv3 reward's μ."""
+    cfg = load_config(CONFIGS / "flux_hpsv3.yaml")
+    ref = load_config(CONFIGS / "flux_hps_clip.yaml")
+    (ep,) = cfg.rewards.endpoints
+    assert (ep.reward, ep.output) == ("hpsv3", "score")
+    assert cfg.sampling == ref.sampling and cfg.train == ref.train
+    assert cfg.model.options == ref.model.options and cfg.model.height == 720
 
 
 def test_flux_ocr_recipe_sends_quoted_prompts_to_the_real_ocr_reward(

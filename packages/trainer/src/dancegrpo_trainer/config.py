@@ -237,6 +237,10 @@ class RewardsConfig:
             ``per_prompt`` (running per-prompt statistics across steps).
         best_of_n: optional top-k/bottom-k selection within each group.
         tracker_buffer_size, tracker_min_count: ``per_prompt`` tracker settings.
+        outage_budget_s: how long a reward call may keep failing with ``UNAVAILABLE``,
+            ``RESOURCE_EXHAUSTED`` or ``DEADLINE_EXCEEDED`` (a replica restarting or
+            rescheduled) while it is resent with backoff, before the run stops with an
+            error; ``0`` stops at the first such failure.
     """
 
     endpoints: list[RewardEndpoint] = dataclasses.field(default_factory=list)
@@ -244,6 +248,7 @@ class RewardsConfig:
     best_of_n: BestOfNConfig = dataclasses.field(default_factory=BestOfNConfig)
     tracker_buffer_size: int = 32
     tracker_min_count: int = 16
+    outage_budget_s: float = 300.0
 
     def validate(self) -> None:
         _check(len(self.endpoints) >= 1, "rewards.endpoints", "needs at least one endpoint")
@@ -264,6 +269,12 @@ class RewardsConfig:
         _check(self.best_of_n.bottom_k >= 0, "rewards.best_of_n.bottom_k", "must be >= 0")
         _check(self.tracker_buffer_size >= 1, "rewards.tracker_buffer_size", "must be >= 1")
         _check(self.tracker_min_count >= 1, "rewards.tracker_min_count", "must be >= 1")
+        _check(
+            0 <= self.outage_budget_s < float("inf"),  # NaN fails too
+            "rewards.outage_budget_s",
+            f"must be a finite number of seconds >= 0 (0 = stop at the first outage), "
+            f"got {self.outage_budget_s}",
+        )
 
 
 WindowKind = Literal["full", "fast", "mixgrpo"]

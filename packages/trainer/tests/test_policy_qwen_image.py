@@ -67,6 +67,15 @@ def _policy(pipe, **overrides: Any) -> QwenImagePolicy:
     return QwenImagePolicy.from_pipeline(pipe, _config(**overrides))
 
 
+def _owned_policy(**overrides: Any) -> QwenImagePolicy:
+    """A policy on a fresh pipeline's parts through the constructor, which places and
+    freezes the text encoder and VAE (``from_pipeline`` may leave shared modules as they
+    are)."""
+    pipe = tiny_qwen_image_pipeline()
+    parts = {k: getattr(pipe, k) for k in ("transformer", "vae", "text_encoder", "tokenizer")}
+    return QwenImagePolicy(**parts, config=_config(**overrides))
+
+
 def _pipeline_output(pipe, policy: QwenImagePolicy, output_type: str, steps: int = 4):
     c = policy.config
     return pipe(
@@ -320,7 +329,7 @@ def _grad_step(policy: QwenImagePolicy, seed: int) -> None:
 
 
 def test_gradients_reach_transformer_only():
-    policy = _policy(tiny_qwen_image_pipeline())
+    policy = _owned_policy()
     _grad_step(policy, seed=4)
     grads = {n: p.grad for n, p in policy.trainable_module().named_parameters()}
     for part in ("img_in", "txt_in", "time_text_embed", "transformer_blocks.0.txt_mlp"):
@@ -335,7 +344,7 @@ def test_gradients_reach_transformer_only():
 def test_lora_adapter_gets_gradients_and_base_weights_do_not():
     from peft import LoraConfig
 
-    policy = _policy(tiny_qwen_image_pipeline())
+    policy = _owned_policy()
     transformer = policy.trainable_module()
     transformer.requires_grad_(False)
     transformer.add_adapter(
@@ -352,7 +361,7 @@ def test_lora_adapter_gets_gradients_and_base_weights_do_not():
 def test_gradient_checkpointing_gives_the_same_gradients():
     grads = {}
     for checkpointing in (False, True):
-        policy = _policy(tiny_qwen_image_pipeline())
+        policy = _owned_policy()
         if checkpointing:
             policy.enable_gradient_checkpointing()
         policy.trainable_module().train()

@@ -298,7 +298,11 @@ def test_gradients_reach_the_transformer_or_its_lora_only():
     from peft import LoraConfig
 
     for lora in (False, True):
-        policy = _policy(tiny_qwen_image_edit_pipeline())
+        pipe = tiny_qwen_image_edit_pipeline()
+        # The constructor places and freezes the text encoder and VAE (from_pipeline may
+        # leave shared modules as they are).
+        parts = {k: getattr(pipe, k) for k in ("transformer", "vae", "text_encoder")}
+        policy = QwenImageEditPolicy(**parts, tokenizer=pipe.processor, config=_config(False))
         transformer = policy.trainable_module()
         if lora:
             transformer.requires_grad_(False)

@@ -431,6 +431,10 @@ class QwenImagePolicy(FlowTransformerPolicy):
     def from_pipeline(cls: type[P], pipe: Any, config: Any = None, **kwargs: Any) -> P:
         """Wraps the components of a loaded diffusers ``QwenImagePipeline`` (its
         ``transformer``, ``vae``, ``text_encoder`` and ``tokenizer``)."""
+        if config is not None and not isinstance(config, cls.config_class):
+            raise TypeError(
+                f"config must be a {cls.config_class.__name__}, got {type(config).__name__}"
+            )
         return super().from_pipeline(cls._pipeline_parts(pipe), config, **kwargs)
 
     @classmethod

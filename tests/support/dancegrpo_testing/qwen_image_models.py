@@ -21,9 +21,10 @@ it matters:
 
 The pipelines drop ``prompt_template_encode_start_idx`` template tokens from the front of
 the text encoder's hidden states: 34 (text-to-image) and 64 (Edit) for the real tokenizer.
-The tiny tokenizer splits the templates differently, so the builders set the attribute to
-the tiny tokenizer's count of the template's system part (what the adapters compute with
-``prompt_template_encode_start_idx: null``).
+The tiny tokenizer need not split the templates as Qwen's does (it happens to give the same
+34 and 64), so the builders set the attribute to the tiny tokenizer's count of the
+template's system part (what the adapters compute with ``prompt_template_encode_start_idx:
+null``).
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ Mask2Former and colour CLIP), ``videoalign`` (tiny Qwen2-VL VideoReward), ``ocr`
 PP-OCRv4 weights), ``pickscore`` (tiny PickScore) and ``unifiedreward`` (``vlm_judge`` over
 a local OpenAI-compatible judge) plus a video ``color_match``.
 
-Only what CPU and tiny models force is overridden (resolution, step count, run folder).
+Only what CPU and tiny models force is overridden (resolution, step count, run folder; the
+edit recipes' source-image area).
 Also here: ``dancegrpo-train preprocess``, the KL penalty, EMA, gradient checkpointing,
 and a video-shaped (``[N,T,H,W,3]``), image-conditioned (I2V) policy through the loop. The
 SkyReels I2V recipe reads ``.jsonl`` prompt files whose rows name a conditioning image;
@@ -81,6 +82,11 @@ WAN_RECIPES = [
     "wan22_i2v_a14b_videoalign",
     "wan22_ti2v_5b_videoalign",
 ]
+EDIT_TRAIN_PROMPTS = ["make it red", "add a hat", "turn the sky green", "remove the car"]
+EDIT_EVAL_PROMPTS = ["make it a painting"]
+#: The edit recipes' rewards are `pickscore` (issue 18's kind) and `image_similarity` (issue
+#: 16's); until both are served here, the test points them at the module's `hps` and `clip`.
+EDIT_REWARDS = ["rewards.endpoints.0.reward=hps", "rewards.endpoints.1.reward=clip"]
 #: GenEval rows (GenEval's ``evaluation_metadata.jsonl`` format) and the wire spec each
 #: must reach the reward with. The random tiny detector (thresholds 0) finds a bench in
 #: some images and not in others (7 and 11 of 24 rollouts when written); it has 8 queries,
@@ -147,6 +153,7 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         diffusion_models,
         hpsv3_models,
         imagereward_models,
+        qwen_image_models,
         video_models,
         videoalign_models,
     )
@@ -163,6 +170,12 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     diffusion_models.save_pipeline(
         video_models.tiny_skyreels_i2v_pipeline(), weights / "SkyReels-I2V"
     )
+    for folder, pipe in (
+        ("Qwen-Image", qwen_image_models.tiny_qwen_image_pipeline()),
+        ("Qwen-Image-Edit", qwen_image_models.tiny_qwen_image_edit_pipeline()),
+        ("Qwen-Image-Edit-2509", qwen_image_models.tiny_qwen_image_edit_pipeline(plus=True)),
+    ):
+        diffusion_models.save_pipeline(pipe, weights / folder)
     for folder, build in WAN_WEIGHTS.items():
         diffusion_models.save_pipeline(build(), weights / folder)
     data = root / "data"
@@ -172,6 +185,8 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         (data / "prompts" / f"{prefix}_eval.txt").write_text("\n".join(EVAL_PROMPTS) + "\n")
     write_i2v_prompts(data / "prompts", "i2v_train", TRAIN_PROMPTS)
     write_i2v_prompts(data / "prompts", "i2v_eval", EVAL_PROMPTS)
+    write_i2v_prompts(data / "prompts", "edit_train", EDIT_TRAIN_PROMPTS)
+    write_i2v_prompts(data / "prompts", "edit_eval", EDIT_EVAL_PROMPTS)
     for name, lines in (
         ("ocr_train", OCR_TRAIN),
         ("ocr_eval", OCR_EVAL),
@@ -312,7 +327,12 @@ def recipe_env(assets: dict[str, Path], server: str) -> Iterator[dict[str, Path]
             "flux_hpsv3",
             *wan,
         )
-        for recipe in (*recipes, "hunyuan_video_videoalign", "skyreels_i2v_videoalign"):
+        for recipe in (
+            *recipes,
+            "hunyuan_video_videoalign",
+            "skyreels_i2v_videoalign",
+            "qwen_image_clip_pickscore",
+        ):
             rc = train_main(["preprocess", "--config", str(CONFIGS / f"{recipe}.yaml")])
             assert rc == 0
         yield assets
@@ -578,6 +598,91 @@ def test_skyreels_i2v_videoalign_recipe_trains_on_mq_with_images_and_cached_text
     assert encoded == [(1, 20, 24, 3)] * 3
     assert [r["step"] for r in records(tmp_path, "eval")] == [0, 1]
     assert_trained_and_saved(trainer, tmp_path)
+
+
+def assert_qwen_lora_trained_and_saved(trainer: Trainer, out: Path) -> None:
+    """Only LoRA factors train; every ``lora_B`` (zero at injection) moved except those on
+    the last block's text-stream outputs (its text query, text output projection and text
+    MLP: the transformer reads only the image stream after the last block, so they get no
+    gradient), the base weights are frozen, and the checkpoint holds exactly the live
+    adapter."""
+    module = trainer.policy.trainable_module()
+    last = f"transformer_blocks.{len(module.transformer_blocks) - 1}."
+    dead = tuple(last + m for m in ("attn.add_q_proj.", "attn.to_add_out.", "txt_mlp."))
+    live = trainable_state(trainer)
+    assert live and all("lora_" in k for k in live)
+    for name, value in live.items():
+        if "lora_B" in name:
+            moved = not torch.equal(value, trainer.initial[name])
+            assert moved != name.startswith(dead), name
+    frozen = [p for n, p in module.named_parameters() if "lora_" not in n]
+    assert frozen and all(not p.requires_grad for p in frozen)
+    saved = load_file(str(out / "checkpoints" / "step_000001" / "model.safetensors"))
+    for k, v in live.items():
+        torch.testing.assert_close(saved[k], v, rtol=0, atol=0)
+    rec = records(out)[-1]
+    assert rec["grad_norm"] > 0 and rec["skipped"] == 0
+
+
+def test_qwen_image_recipe_trains_lora_on_clip_and_pickscore_from_the_cache(
+    recipe_env: dict[str, Path], tmp_path: Path, cli_trainer: type[RecordingTrainer]
+) -> None:
+    """Qwen-Image with Flow-Factory's settings: 3 prompts x G = 16, true CFG 4, LoRA r 64,
+    prompt and negative-prompt embeddings from the cache ``preprocess`` wrote (the text
+    encoder never loads), CLIP 1.0 + PickScore 0.5 (served here by the `hps` kind)."""
+    from dancegrpo_trainer.policies.qwen_image import QwenImagePolicy
+
+    span = "sampling.window.span=[1,3]"  # the recipe's [1, 4] with 3 CPU steps
+    trainer = run_recipe(
+        "qwen_image_clip_pickscore", tmp_path, "rewards.endpoints.1.reward=hps", span
+    )
+    rec = records(tmp_path)[0]
+    assert rec["samples"] == 48
+    clip, pick = rec["reward/clip/score_mean"], rec["reward/hps/score_mean"]
+    assert rec["reward_mean"] == pytest.approx((clip + 0.5 * pick) / 1.5, abs=1e-6)
+    policy = trainer.policy
+    assert isinstance(policy, QwenImagePolicy) and policy.text_encoder is None
+    assert policy.config.do_true_cfg and policy.config.noise_schedule == "flow_grpo"
+    assert [r["step"] for r in records(tmp_path, "eval")] == [0, 1]
+    assert_qwen_lora_trained_and_saved(trainer, tmp_path)
+
+
+@pytest.mark.parametrize("recipe", ["qwen_image_edit", "qwen_image_edit_plus"])
+def test_qwen_image_edit_recipes_send_each_source_image_with_its_edits(
+    recipe: str,
+    recipe_env: dict[str, Path],
+    tmp_path: Path,
+    cli_trainer: type[RecordingTrainer],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Qwen-Image-Edit / Edit-Plus with Flow-Factory's Edit-Plus settings: 3 instructions x
+    G = 16 edits of their source images (from the ``.jsonl`` rows, 20x24; encoded at 64²
+    pixels on CPU instead of the recipe's 384²), the text encoder loaded (it sees the source
+    image: no cache), LoRA r 64; every sample reaches the reward service with its own source
+    image."""
+    monkeypatch.setattr(trainer_module, "RewardScorer", RecordingScorer)
+    area = "model.options.condition_image_area=4096"
+    trainer = run_recipe(recipe, tmp_path, *EDIT_REWARDS, area, "sampling.window.span=[1,3]")
+    rec = records(tmp_path)[0]
+    assert rec["samples"] == 48
+    policy = trainer.policy
+    assert policy.text_encoder is not None and policy.config.true_cfg_scale == 4.0
+    scorer = RecordingScorer.last
+    assert scorer is not None
+    sources = {
+        p: np.asarray(Image.open(recipe_env["data"] / "prompts" / f"{split}/{i:04d}.png"))
+        for split, prompts in (("edit_train", EDIT_TRAIN_PROMPTS), ("edit_eval", EDIT_EVAL_PROMPTS))
+        for i, p in enumerate(prompts)
+    }
+    sent = 0
+    for frames, prompts, images, _ in scorer.sent:
+        assert frames.shape[1:] == (16, 16, 3) and images is not None
+        for prompt, image in zip(prompts, images, strict=True):
+            np.testing.assert_array_equal(image, sources[prompt])
+            sent += 1
+    assert sent == 48 + 2  # the train step's samples and one eval sample before and after
+    assert [r["step"] for r in records(tmp_path, "eval")] == [0, 1]
+    assert_qwen_lora_trained_and_saved(trainer, tmp_path)
 
 
 def test_two_group_recipe_trains_against_two_reward_services(

@@ -8,7 +8,9 @@
 - Every call has a deadline (``timeout`` overall, ``attempt_timeout`` per try).
 - Retries only ``UNAVAILABLE``, ``RESOURCE_EXHAUSTED`` and ``DEADLINE_EXCEEDED`` (the last
   only while the overall deadline leaves time), with capped, fully jittered exponential
-  backoff (``RetryPolicy``). The loop is ours, not gRPC's: gRPC's built-in retries stop
+  backoff (``RetryPolicy``), never shorter than the server's ``google.rpc.RetryInfo``
+  delay. ``RESOURCE_EXHAUSTED`` is retried only with ``RetryInfo`` (a full queue); without
+  it gRPC is saying the message is above the server's size limit, which no retry fixes. The loop is ours, not gRPC's: gRPC's built-in retries stop
   silently once a request exceeds the 256 KiB per-call retry buffer, and reward requests
   are megabytes. The channels therefore take only the load-balancing and health-checking
   parts of the published service config (``service_config()``), never its retry policy.
@@ -40,6 +42,7 @@ from typing import Any
 
 import grpc
 import numpy as np
+from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from dancegrpo_proto import allocator, codec
@@ -48,6 +51,7 @@ from dancegrpo_proto.v1 import rewards_pb2 as pb
 from dancegrpo_proto.v1 import rewards_pb2_grpc
 
 DEFAULT_MAX_MESSAGE_BYTES = 512 * 1024 * 1024
+_STATUS_DETAILS_KEY = "grpc-status-details-bin"
 RETRYABLE_CODES = frozenset(
     {
         grpc.StatusCode.UNAVAILABLE,
@@ -511,11 +515,16 @@ class RewardClient:
             except grpc.RpcError as exc:
                 code = exc.code()
                 details = exc.details() or ""
+                server_delay = retry_delay(exc)
             failed[index] = attempt
             attempt += 1
-            sleep = self.retry.backoff(attempt - 1, self._rng)
+            sleep = max(self.retry.backoff(attempt - 1, self._rng), server_delay or 0.0)
+            # A full queue says so with RetryInfo; gRPC's own RESOURCE_EXHAUSTED (a message
+            # above the server's size limit) has none, and no retry can fix it.
+            hopeless = code == grpc.StatusCode.RESOURCE_EXHAUSTED and server_delay is None
             if (
                 code not in RETRYABLE_CODES
+                or hopeless
                 or attempt >= self.retry.max_attempts
                 or time.monotonic() + sleep >= deadline
             ):
@@ -523,6 +532,26 @@ class RewardClient:
             if any(i not in failed and c.state == _READY for i, c in enumerate(self._channels)):
                 sleep = 0.0  # another replica is up: go there now
             time.sleep(sleep)
+
+
+def retry_delay(exc: grpc.RpcError) -> float | None:
+    """The server's ``google.rpc.RetryInfo`` delay in seconds, if the error carries one
+    (in the ``grpc-status-details-bin`` trailer), else ``None``."""
+    trailers = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None
+    raw = next((v for k, v in trailers or () if k == _STATUS_DETAILS_KEY), None)
+    if not isinstance(raw, bytes):
+        return None
+    status = status_pb2.Status()
+    try:
+        status.ParseFromString(raw)
+    except Exception:  # a malformed trailer is the same as none
+        return None
+    for detail in status.details:
+        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            info = error_details_pb2.RetryInfo()
+            detail.Unpack(info)
+            return info.retry_delay.seconds + info.retry_delay.nanos / 1e9
+    return None
 
 
 def _health(stub: Any, service: str, deadline: float) -> str:

@@ -39,6 +39,10 @@ IMAGE_16_KINDS = ("sd3", "flux_kontext")
 #: Adapters conditioned on one image per prompt (a ``.jsonl`` row's ``condition_image``);
 #: ``wan_ti2v`` takes one when the rows carry it, text alone otherwise.
 CONDITION_IMAGE_KINDS = ("skyreels_i2v", "flux_kontext", "wan_i2v")
+#: Qwen-Image adapters (one Qwen2.5-VL text encoder, VAE 8x then 2x2 packing, true CFG).
+QWEN_IMAGE_KINDS = ("qwen_image", "qwen_image_edit", "qwen_image_edit_plus")
+#: Qwen-Image editing adapters: a source image per prompt, which the text encoder sees too.
+QWEN_IMAGE_EDIT_KINDS = ("qwen_image_edit", "qwen_image_edit_plus")
 AdvantageMode = Literal["group", "per_prompt"]
 
 
@@ -51,10 +55,11 @@ class ModelConfig:
             ``hunyuan_video`` (text-to-video), ``skyreels_i2v`` (image-to-video: prompts
             come from a ``.jsonl`` file whose rows carry a ``condition_image``), ``sd3``
             (Stable Diffusion 3 / 3.5), ``flux_kontext`` (FLUX.1-Kontext image editing: each
-            ``.jsonl`` row's ``condition_image`` is the source image), ``wan_t2v`` (Wan2.1
-            T2V, Wan2.2 T2V-A14B), ``wan_i2v`` (Wan2.1 I2V, Wan2.2 I2V-A14B; ``.jsonl``
-            prompts with images), ``wan_ti2v`` (Wan2.2 TI2V-5B: text, or images when the
-            prompt rows carry them).
+            ``.jsonl`` row's ``condition_image`` is the source image), ``qwen_image``
+            (text-to-image), ``qwen_image_edit`` / ``qwen_image_edit_plus`` (image editing,
+            as ``flux_kontext``), ``wan_t2v`` (Wan2.1 T2V, Wan2.2 T2V-A14B), ``wan_i2v``
+            (Wan2.1 I2V, Wan2.2 I2V-A14B; ``.jsonl`` prompts with images), ``wan_ti2v``
+            (Wan2.2 TI2V-5B: text, or images when the prompt rows carry them).
         path: local diffusers-format folder; ``${ENV}`` references expand when the model
             is built (e.g. ``${DANCEGRPO_WEIGHTS}/flux-dev``). Unused by ``tiny_flow``.
         height, width: output resolution in pixels.
@@ -62,8 +67,9 @@ class ModelConfig:
             ``hunyuan_video``, ``skyreels_i2v`` and the Wan kinds: ``4k + 1`` (e.g. 53, 81).
         guidance_scale: classifier-free (SD, SD3, Wan: the high-noise expert's for Wan2.2
             A14B, ``options.guidance_scale_2`` the other's) or embedded (FLUX,
-            FLUX.1-Kontext, HunyuanVideo, SkyReels) guidance; SkyReels' true CFG weight is
-            ``options.true_cfg_scale``.
+            FLUX.1-Kontext, HunyuanVideo, SkyReels) guidance; SkyReels' and Qwen-Image's
+            true CFG weight is ``options.true_cfg_scale`` (Qwen-Image has no guidance
+            embedding: it stays 1).
         dtype: weight dtype of the frozen parts (``float32``, ``bfloat16``, ``float16``).
         options: adapter-specific keyword arguments, passed through verbatim.
         init_checkpoint: optional ``.safetensors`` of trainable-module weights loaded
@@ -82,12 +88,19 @@ class ModelConfig:
 
     def validate(self) -> None:
         known = ("tiny_flow", "stable_diffusion", "flux", *HUNYUAN_VIDEO_KINDS)
-        known += (*IMAGE_16_KINDS, *WAN_KINDS)
+        known += (*IMAGE_16_KINDS, *QWEN_IMAGE_KINDS, *WAN_KINDS)
         _check(self.kind in known, "model.kind", f"must be one of {known}, got {self.kind!r}")
         if self.kind in HUNYUAN_VIDEO_KINDS:
             self._validate_hunyuan_video()
-        if self.kind in IMAGE_16_KINDS:
+        if self.kind in IMAGE_16_KINDS + QWEN_IMAGE_KINDS:
             self._validate_image_16()
+        if self.kind in QWEN_IMAGE_KINDS:
+            _check(
+                self.guidance_scale == 1.0,
+                "model.guidance_scale",
+                f"must stay 1.0 for {self.kind} (Qwen-Image has no guidance embedding); set the "
+                f"true CFG weight with model.options.true_cfg_scale, got {self.guidance_scale}",
+            )
         if self.kind in WAN_KINDS:
             self._validate_wan()
         _check(
@@ -697,8 +710,16 @@ class GRPOConfig:
         self.data.validate()
         self.eval.validate()
         self.run.validate()
-        if self.model.kind in CONDITION_IMAGE_KINDS:
+        if self.model.kind in CONDITION_IMAGE_KINDS + QWEN_IMAGE_EDIT_KINDS:
             self._validate_i2v_prompts()
+        if self.model.kind in QWEN_IMAGE_EDIT_KINDS:
+            _check(
+                self.data.embedding_cache is None,
+                "data.embedding_cache",
+                f"must be unset for {self.model.kind}: its text encoder sees the source image, "
+                "so prompt embeddings cannot be cached by prompt text (keep the text encoder "
+                "loaded; model.options.text_encoder_device may place it elsewhere)",
+            )
         self._validate_sampling()
         self._validate_metadata_prompts()
         bon = self.rewards.best_of_n
@@ -778,7 +799,11 @@ class GRPOConfig:
     def _validate_i2v_prompts(self) -> None:
         """Image-to-video and editing prompts need a conditioning (source) image each, which
         only a ``.jsonl`` prompt file carries (``{"prompt": ..., "condition_image": ...}``)."""
-        what = "image editing" if self.model.kind == "flux_kontext" else "image-to-video"
+        what = (
+            "image editing"
+            if self.model.kind in ("flux_kontext", *QWEN_IMAGE_EDIT_KINDS)
+            else "image-to-video"
+        )
         for name, source, is_jsonl in self._prompt_sources():
             _check(
                 is_jsonl,

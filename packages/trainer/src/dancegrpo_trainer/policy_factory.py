@@ -9,6 +9,7 @@ import torch
 
 from dancegrpo_trainer.config import (
     HUNYUAN_VIDEO_KINDS,
+    QWEN_IMAGE_KINDS,
     WAN_KINDS,
     ConfigError,
     ModelConfig,
@@ -29,8 +30,8 @@ def build_policy(
     """Instantiates the adapter for ``cfg.kind`` on ``device``.
 
     ``cfg.options`` are passed to the adapter's config (SD/SD3/FLUX/FLUX.1-Kontext/HunyuanVideo/
-    SkyReels I2V/Wan; the video ones also get ``cfg.num_frames``) or constructor (tiny_flow);
-    ``load_text_encoders=False`` skips text encoders when an embedding cache is used.
+    SkyReels I2V/Qwen-Image/Wan; the video ones also get ``cfg.num_frames``) or constructor
+    (tiny_flow); ``load_text_encoders=False`` skips text encoders when an embedding cache is used.
     ``mixed_precision`` (``train.mixed_precision``: ``no``/``bf16``/``fp16``) sets the diffusers
     adapters' CUDA autocast so that ``no`` really runs the model in its weight dtype
     (an explicit ``options.autocast_dtype`` wins).
@@ -77,6 +78,9 @@ def build_policy(
         if "num_frames" in options:
             raise ConfigError("model.options.num_frames: set model.num_frames instead")
         return _build_video_policy(cfg.kind, path, {**common, "num_frames": cfg.num_frames})
+    if cfg.kind in QWEN_IMAGE_KINDS:
+        common.pop("guidance_scale")  # no guidance embedding (checked 1.0): true_cfg_scale
+        return _build_qwen_image_policy(cfg.kind, path, common)
     if cfg.kind in WAN_KINDS:
         if "num_frames" in options:
             raise ConfigError("model.options.num_frames: set model.num_frames instead")
@@ -94,6 +98,23 @@ def _build_video_policy(kind: str, path: str, options: dict) -> Policy:
     from dancegrpo_trainer.policies.hunyuan_video import HunyuanVideoConfig, HunyuanVideoPolicy
 
     return HunyuanVideoPolicy.from_pretrained(path, _make(HunyuanVideoConfig, options))
+
+
+def _build_qwen_image_policy(kind: str, path: str, options: dict) -> Policy:
+    """Qwen-Image (text-to-image), Qwen-Image-Edit or Qwen-Image-Edit-Plus."""
+    if kind == "qwen_image":
+        from dancegrpo_trainer.policies.qwen_image import QwenImageConfig, QwenImagePolicy
+
+        return QwenImagePolicy.from_pretrained(path, _make(QwenImageConfig, options))
+    from dancegrpo_trainer.policies import qwen_image_edit as edit
+
+    if kind == "qwen_image_edit":
+        return edit.QwenImageEditPolicy.from_pretrained(
+            path, _make(edit.QwenImageEditConfig, options)
+        )
+    return edit.QwenImageEditPlusPolicy.from_pretrained(
+        path, _make(edit.QwenImageEditPlusConfig, options)
+    )
 
 
 def _build_wan_policy(kind: str, path: str, options: dict) -> Policy:

@@ -31,10 +31,14 @@ class ConfigError(ValueError):
 MixedPrecision = Literal["no", "bf16", "fp16"]
 #: Adapters built on HunyuanVideo's VAE and transformer (same frame/pixel geometry).
 HUNYUAN_VIDEO_KINDS = ("hunyuan_video", "skyreels_i2v")
+#: Wan adapters: Wan2.1 / Wan2.2-A14B text-to-video, their image-to-video models, and
+#: Wan2.2 TI2V-5B (text or image); the pixel multiple of each (VAE factor × patch 2).
+WAN_KINDS = {"wan_t2v": 16, "wan_i2v": 16, "wan_ti2v": 32}
 #: Image adapters whose pixel sizes are multiples of 16 (VAE 8x, 2x2 patches or packing).
 IMAGE_16_KINDS = ("sd3", "flux_kontext")
-#: Adapters conditioned on one image per prompt (a ``.jsonl`` row's ``condition_image``).
-CONDITION_IMAGE_KINDS = ("skyreels_i2v", "flux_kontext")
+#: Adapters conditioned on one image per prompt (a ``.jsonl`` row's ``condition_image``);
+#: ``wan_ti2v`` takes one when the rows carry it, text alone otherwise.
+CONDITION_IMAGE_KINDS = ("skyreels_i2v", "flux_kontext", "wan_i2v")
 #: Qwen-Image adapters (one Qwen2.5-VL text encoder, VAE 8x then 2x2 packing, true CFG).
 QWEN_IMAGE_KINDS = ("qwen_image", "qwen_image_edit", "qwen_image_edit_plus")
 #: Qwen-Image editing adapters: a source image per prompt, which the text encoder sees too.
@@ -53,15 +57,19 @@ class ModelConfig:
             (Stable Diffusion 3 / 3.5), ``flux_kontext`` (FLUX.1-Kontext image editing: each
             ``.jsonl`` row's ``condition_image`` is the source image), ``qwen_image``
             (text-to-image), ``qwen_image_edit`` / ``qwen_image_edit_plus`` (image editing,
-            as ``flux_kontext``).
+            as ``flux_kontext``), ``wan_t2v`` (Wan2.1 T2V, Wan2.2 T2V-A14B), ``wan_i2v``
+            (Wan2.1 I2V, Wan2.2 I2V-A14B; ``.jsonl`` prompts with images), ``wan_ti2v``
+            (Wan2.2 TI2V-5B: text, or images when the prompt rows carry them).
         path: local diffusers-format folder; ``${ENV}`` references expand when the model
             is built (e.g. ``${DANCEGRPO_WEIGHTS}/flux-dev``). Unused by ``tiny_flow``.
         height, width: output resolution in pixels.
         num_frames: 1 for images; > 1 for video adapters (frames ``[N,T,H,W,3]``);
-            ``hunyuan_video`` and ``skyreels_i2v``: ``4k + 1`` (e.g. 53).
-        guidance_scale: classifier-free (SD, SD3) or embedded (FLUX, FLUX.1-Kontext,
-            HunyuanVideo, SkyReels) guidance; SkyReels' and Qwen-Image's true CFG weight is
-            ``options.true_cfg_scale`` (Qwen-Image has no guidance embedding: it stays 1).
+            ``hunyuan_video``, ``skyreels_i2v`` and the Wan kinds: ``4k + 1`` (e.g. 53, 81).
+        guidance_scale: classifier-free (SD, SD3, Wan: the high-noise expert's for Wan2.2
+            A14B, ``options.guidance_scale_2`` the other's) or embedded (FLUX,
+            FLUX.1-Kontext, HunyuanVideo, SkyReels) guidance; SkyReels' and Qwen-Image's
+            true CFG weight is ``options.true_cfg_scale`` (Qwen-Image has no guidance
+            embedding: it stays 1).
         dtype: weight dtype of the frozen parts (``float32``, ``bfloat16``, ``float16``).
         options: adapter-specific keyword arguments, passed through verbatim.
         init_checkpoint: optional ``.safetensors`` of trainable-module weights loaded
@@ -79,8 +87,8 @@ class ModelConfig:
     init_checkpoint: str | None = None
 
     def validate(self) -> None:
-        known = ("tiny_flow", "stable_diffusion", "flux", "hunyuan_video", "skyreels_i2v")
-        known += IMAGE_16_KINDS + QWEN_IMAGE_KINDS
+        known = ("tiny_flow", "stable_diffusion", "flux", *HUNYUAN_VIDEO_KINDS)
+        known += (*IMAGE_16_KINDS, *QWEN_IMAGE_KINDS, *WAN_KINDS)
         _check(self.kind in known, "model.kind", f"must be one of {known}, got {self.kind!r}")
         if self.kind in HUNYUAN_VIDEO_KINDS:
             self._validate_hunyuan_video()
@@ -93,6 +101,8 @@ class ModelConfig:
                 f"must stay 1.0 for {self.kind} (Qwen-Image has no guidance embedding); set the "
                 f"true CFG weight with model.options.true_cfg_scale, got {self.guidance_scale}",
             )
+        if self.kind in WAN_KINDS:
+            self._validate_wan()
         _check(
             self.kind == "tiny_flow" or bool(self.path),
             "model.path",
@@ -121,6 +131,26 @@ class ModelConfig:
                 f"model.{name}",
                 f"must be a multiple of 16 for {self.kind} (VAE 8x, patch 2), got {value}; "
                 f"try {max(16, round(value / 16) * 16)}",
+            )
+
+    def _validate_wan(self) -> None:
+        """Wan's geometry: the VAE keeps frame 0 and compresses time 4x (``4k + 1``
+        frames), space 8x (Wan2.1 VAE) or 16x (Wan2.2 TI2V-5B VAE), and the transformer
+        patches 2x2 latents (pixel sizes multiples of 16, or 32 for ``wan_ti2v``)."""
+        _check(
+            self.num_frames % 4 == 1,
+            "model.num_frames",
+            f"must be 4k + 1 for {self.kind} (e.g. 81 as Wan's default, 33, 121 for TI2V-5B), "
+            f"got {self.num_frames}",
+        )
+        multiple = WAN_KINDS[self.kind]
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            _check(
+                value % multiple == 0,
+                f"model.{name}",
+                f"must be a multiple of {multiple} for {self.kind} (VAE {multiple // 2}x, "
+                f"patch 2), got {value}; try {max(multiple, round(value / multiple) * multiple)}",
             )
 
     def _validate_image_16(self) -> None:
@@ -503,7 +533,8 @@ class TrainConfig:
         fsdp: shard the trainable module's parameters, gradients and optimiser state
             across ranks (FSDP2 ``fully_shard``, per block of ``Policy.fsdp_block_types``);
             needs a distributed launch with more than one process. Trains exactly like
-            the unsharded run (same gradient, same checkpoints).
+            the unsharded run (same gradient, same checkpoints), with LoRA (frozen base
+            sharded too), EMA and the KL penalty.
     """
 
     learning_rate: float = 1e-5
@@ -568,18 +599,6 @@ class TrainConfig:
         _check(0 <= self.ema_decay < 1, "train.ema_decay", "must be in [0, 1) (0 disables)")
         _check(self.lora.rank >= 0, "train.lora.rank", "must be >= 0 (0 = full fine-tune)")
         _check(0 <= self.lora.dropout < 1, "train.lora.dropout", "must be in [0, 1)")
-        if self.fsdp:
-            # EMA and the full-fine-tune KL reference swap weights by pointer (p.data = t),
-            # which is unsupported on sharded (DTensor) parameters.
-            why = "it swaps weights by pointer, which is unsupported on sharded parameters"
-            _check(self.ema_decay == 0, "train.ema_decay", f"must be 0 with train.fsdp: {why}")
-            _check(self.kl_coef == 0, "train.kl_coef", f"must be 0 with train.fsdp: {why}")
-            _check(
-                not self.lora.enabled,
-                "train.lora.rank",
-                "must be 0 with train.fsdp (LoRA under FSDP is untested); shard a full "
-                "fine-tune or use LoRA without FSDP",
-            )
 
 
 @dataclasses.dataclass
@@ -780,7 +799,11 @@ class GRPOConfig:
     def _validate_i2v_prompts(self) -> None:
         """Image-to-video and editing prompts need a conditioning (source) image each, which
         only a ``.jsonl`` prompt file carries (``{"prompt": ..., "condition_image": ...}``)."""
-        what = "image editing" if self.model.kind in ("flux_kontext", *QWEN_IMAGE_EDIT_KINDS) else "image-to-video"
+        what = (
+            "image editing"
+            if self.model.kind in ("flux_kontext", *QWEN_IMAGE_EDIT_KINDS)
+            else "image-to-video"
+        )
         for name, source, is_jsonl in self._prompt_sources():
             _check(
                 is_jsonl,

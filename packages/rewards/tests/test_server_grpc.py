@@ -9,6 +9,7 @@ import concurrent.futures
 import io
 import logging
 import re
+import time
 import urllib.request
 
 import grpc
@@ -489,8 +490,16 @@ def test_metrics_counters_move(server, stub):
         stub.Score(_request("nope", _image_sample()), timeout=10)
     with grpc.insecure_channel(server.target) as channel, pytest.raises(grpc.RpcError):
         _raw_unary(channel, f"/{SERVICE_NAME}/Score")(b"\x0f\x01", timeout=10)
-    after = scrape()
     bad = dict(method="Score", reward="_unknown", code="INVALID_ARGUMENT")  # undecodable
+    # grpc.aio's abort() sends the status before the interceptor records the call, so the
+    # client can see the error a moment before the counter moves: scrape until it has.
+    expected = _metric(before, "dancegrpo_reward_errors_total", **bad) + 1
+    stop = time.monotonic() + 10
+    after = scrape()
+    while _metric(after, "dancegrpo_reward_errors_total", **bad) < expected:
+        assert time.monotonic() < stop, "the undecodable request was never counted"
+        time.sleep(0.05)
+        after = scrape()
     assert (
         _metric(after, "dancegrpo_reward_errors_total", **bad)
         == _metric(before, "dancegrpo_reward_errors_total", **bad) + 1

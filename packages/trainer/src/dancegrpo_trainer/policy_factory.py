@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 
-from dancegrpo_trainer.config import HUNYUAN_VIDEO_KINDS, ConfigError, ModelConfig, expand_env
+from dancegrpo_trainer.config import (
+    HUNYUAN_VIDEO_KINDS,
+    QWEN_IMAGE_KINDS,
+    WAN_KINDS,
+    ConfigError,
+    ModelConfig,
+    expand_env,
+)
 from dancegrpo_trainer.policies.base import Policy
 
 _AUTOCAST_DTYPES = {"no": None, "bf16": "bfloat16", "fp16": "float16"}
@@ -20,8 +30,8 @@ def build_policy(
     """Instantiates the adapter for ``cfg.kind`` on ``device``.
 
     ``cfg.options`` are passed to the adapter's config (SD/SD3/FLUX/FLUX.1-Kontext/HunyuanVideo/
-    SkyReels I2V; the video ones also get ``cfg.num_frames``) or constructor (tiny_flow);
-    ``load_text_encoders=False`` skips text encoders when an embedding cache is used.
+    SkyReels I2V/Qwen-Image/Wan; the video ones also get ``cfg.num_frames``) or constructor
+    (tiny_flow); ``load_text_encoders=False`` skips text encoders when an embedding cache is used.
     ``mixed_precision`` (``train.mixed_precision``: ``no``/``bf16``/``fp16``) sets the diffusers
     adapters' CUDA autocast so that ``no`` really runs the model in its weight dtype
     (an explicit ``options.autocast_dtype`` wins).
@@ -68,6 +78,13 @@ def build_policy(
         if "num_frames" in options:
             raise ConfigError("model.options.num_frames: set model.num_frames instead")
         return _build_video_policy(cfg.kind, path, {**common, "num_frames": cfg.num_frames})
+    if cfg.kind in QWEN_IMAGE_KINDS:
+        common.pop("guidance_scale")  # no guidance embedding (checked 1.0): true_cfg_scale
+        return _build_qwen_image_policy(cfg.kind, path, common)
+    if cfg.kind in WAN_KINDS:
+        if "num_frames" in options:
+            raise ConfigError("model.options.num_frames: set model.num_frames instead")
+        return _build_wan_policy(cfg.kind, path, {**common, "num_frames": cfg.num_frames})
     raise ConfigError(f"model.kind: unknown adapter {cfg.kind!r}")
 
 
@@ -81,6 +98,43 @@ def _build_video_policy(kind: str, path: str, options: dict) -> Policy:
     from dancegrpo_trainer.policies.hunyuan_video import HunyuanVideoConfig, HunyuanVideoPolicy
 
     return HunyuanVideoPolicy.from_pretrained(path, _make(HunyuanVideoConfig, options))
+
+
+def _build_qwen_image_policy(kind: str, path: str, options: dict) -> Policy:
+    """Qwen-Image (text-to-image), Qwen-Image-Edit or Qwen-Image-Edit-Plus."""
+    if kind == "qwen_image":
+        from dancegrpo_trainer.policies.qwen_image import QwenImageConfig, QwenImagePolicy
+
+        return QwenImagePolicy.from_pretrained(path, _make(QwenImageConfig, options))
+    from dancegrpo_trainer.policies import qwen_image_edit as edit
+
+    if kind == "qwen_image_edit":
+        return edit.QwenImageEditPolicy.from_pretrained(
+            path, _make(edit.QwenImageEditConfig, options)
+        )
+    return edit.QwenImageEditPlusPolicy.from_pretrained(
+        path, _make(edit.QwenImageEditPlusConfig, options)
+    )
+
+
+def _build_wan_policy(kind: str, path: str, options: dict) -> Policy:
+    """Wan T2V (``wan_t2v``) or image-to-video (``wan_i2v``, and ``wan_ti2v``, which also
+    runs from text alone); the checkpoint decides one or two experts and TI2V's layout."""
+    from dancegrpo_trainer.policies.wan import WanConfig, WanPolicy
+    from dancegrpo_trainer.policies.wan_i2v import WanI2VPolicy
+
+    index_file = Path(path) / "model_index.json"
+    if index_file.is_file():  # (a missing folder fails in from_pretrained, naming it)
+        ti2v = bool(json.loads(index_file.read_text()).get("expand_timesteps", False))
+        if kind == "wan_ti2v" and not ti2v:
+            raise ConfigError(
+                f"model.kind: {path} is not a Wan2.2 TI2V-5B checkpoint (no expand_timesteps "
+                "in its model_index.json); use wan_t2v or wan_i2v"
+            )
+        if kind == "wan_i2v" and ti2v:
+            raise ConfigError(f"model.kind: {path} is Wan2.2 TI2V-5B; use wan_ti2v")
+    cls = WanPolicy if kind == "wan_t2v" else WanI2VPolicy
+    return cls.from_pretrained(path, _make(WanConfig, options))
 
 
 def _make(cls: type, kwargs: dict) -> object:

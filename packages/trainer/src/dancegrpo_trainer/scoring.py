@@ -4,10 +4,18 @@ The trainer talks to rewards only through ``dancegrpo_proto.RewardClient`` over 
 Each configured endpoint is one ``(target, reward, output)`` term; terms that share a
 ``(target, reward)`` are scored with one call, which carries the samples' metadata (e.g.
 GenEval specs) when any of its endpoints sets ``metadata: true``. Calls are asynchronous
-so scoring overlaps with the next rollout chunk. A failure (after the client's own
-retries) raises :class:`RewardScoringError` naming the endpoint; a missing output or a
-non-finite value is an error too. There is no fallback reward: a silent 0 or −1 would
-train on garbage.
+so scoring overlaps with the next rollout chunk.
+
+Outages: a call that fails with ``UNAVAILABLE``, ``RESOURCE_EXHAUSTED`` or
+``DEADLINE_EXCEEDED`` after the client's own retries (a replica restarting, rescheduled or
+overloaded) is sent again with capped exponential backoff, logging the wait (at most every
+``OUTAGE_LOG_EVERY_S``), until it has been failing for ``outage_budget_s``
+(``rewards.outage_budget_s``). Only the failed calls are resent, with the same samples, so
+training resumes where it stopped with the results of an uninterrupted run. The one
+``ListRewards`` per target (below) rides out an outage under the same budget. Any other
+failure, or an outage past the budget, raises :class:`RewardScoringError` naming the
+endpoint; a missing output or a non-finite value is an error too. There is no fallback
+reward: a silent 0 or −1 would train on garbage.
 
 Routing (``data.sources``): ``submit(..., routes=...)`` gives each sample the terms that
 score it; a call receives only the samples routed to one of its terms (none: no call),
@@ -22,7 +30,10 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
+import logging
 import os
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,6 +42,19 @@ import numpy as np
 import torch
 
 from dancegrpo_trainer.config import ConfigError, RewardEndpoint, expand_env
+
+log = logging.getLogger("dancegrpo_trainer.scoring")
+
+#: gRPC codes that mean "the service is down or overloaded": the codes ``RewardClient``
+#: retries, and the ones the outage budget rides out.
+OUTAGE_CODES = frozenset({"UNAVAILABLE", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED"})
+#: Waits between resends of a call during an outage: none before the first (the client
+#: has already retried for ~1.5 s), then 0.5 s doubling to at most 10 s, so a replica that
+#: comes back is used again within ~10 s plus the client's own retries.
+OUTAGE_INITIAL_WAIT_S = 0.5
+OUTAGE_MAX_WAIT_S = 10.0
+#: Seconds between two log lines about the same ongoing outage.
+OUTAGE_LOG_EVERY_S = 30.0
 
 
 class RewardScoringError(RuntimeError):
@@ -132,13 +156,21 @@ class RewardScorer:
         client_factory: ``(target, endpoint) -> client`` (default ``make_reward_client``;
             tests may inject another implementation of the ``RewardClient`` interface).
             Endpoints sharing a target must share its ``token_env``/``tls_*`` settings.
+        outage_budget_s: how long a call (``Score``, or the first use's ``ListRewards``) may
+            keep failing with an outage code before scoring gives up
+            (``rewards.outage_budget_s``; 0 = at the first failure).
     """
 
     def __init__(
         self,
         endpoints: Sequence[RewardEndpoint],
         client_factory: Callable[[str, RewardEndpoint], Any] = make_reward_client,
+        *,
+        outage_budget_s: float = 300.0,
     ) -> None:
+        if outage_budget_s < 0:
+            raise ValueError(f"outage_budget_s must be >= 0, got {outage_budget_s}")
+        self.outage_budget_s = outage_budget_s
         self.endpoints = list(endpoints)
         self._targets = {
             ep.label: expand_env(ep.target, f"rewards.endpoints[{i}].target")
@@ -187,13 +219,14 @@ class RewardScorer:
                     continue
                 calls = [(r, eps) for (tg, r), eps in self._calls.items() if tg == target]
                 timeout = max(ep.timeout_s for _, eps in calls for ep in eps)
-                try:
-                    infos = {info.name: info for info in list_rewards(timeout=timeout)}
-                except Exception as e:
-                    raise RewardScoringError(
-                        f"{_describe(target, calls[0][0], e)} (reading ListRewards, to learn "
-                        "whether the reward is group-wise)"
-                    ) from e
+                replies = _ride_out_outages(
+                    target,
+                    calls[0][0],
+                    functools.partial(list_rewards, timeout=timeout),
+                    self.outage_budget_s,
+                    during="reading ListRewards, to learn whether the reward is group-wise",
+                )
+                infos = {info.name: info for info in replies}
                 for (call_target, reward), eps in self._calls.items():
                     if call_target != target:
                         continue
@@ -270,7 +303,7 @@ class RewardScorer:
         cond = condition_images
         if isinstance(cond, torch.Tensor):
             cond = cond.cpu().numpy()
-        futures = {}
+        calls: dict[tuple[str, str], tuple[list[int] | None, _Call]] = {}
         for (target, reward), eps in self._calls.items():
             labels = {ep.label for ep in eps}
             if routes is None:
@@ -284,15 +317,14 @@ class RewardScorer:
             kwargs = self._call_kwargs(
                 (target, reward), rows, media, prompts, cond, metadata, groups
             )
-            timeout = max(ep.timeout_s for ep in eps)
+            kwargs["timeout"] = max(ep.timeout_s for ep in eps)
+            calls[(target, reward)] = (rows, _Call(self._clients[target], reward, kwargs))
+        for (target, reward), (_, call) in calls.items():
             try:
-                futures[(target, reward)] = (
-                    rows,
-                    self._clients[target].score_async(reward, timeout=timeout, **kwargs),
-                )
+                call.send()
             except Exception as e:
                 raise RewardScoringError(_describe(target, reward, e)) from e
-        return PendingScores(self, futures, n, routes)
+        return PendingScores(self, calls, n, routes)
 
     def _call_kwargs(
         self,
@@ -351,28 +383,26 @@ class RewardScorer:
 
 
 class PendingScores:
-    """The in-flight calls for one batch; :meth:`result` waits and validates."""
+    """The in-flight calls for one batch; :meth:`result` waits (riding out outages) and
+    validates."""
 
     def __init__(
         self,
         scorer: RewardScorer,
-        futures: dict[tuple[str, str], tuple[list[int] | None, concurrent.futures.Future]],
+        calls: dict[tuple[str, str], tuple[list[int] | None, _Call]],
         num_samples: int,
         routes: Sequence[Mapping[str, float]] | None = None,
     ) -> None:
         self._scorer = scorer
-        self._futures = futures
+        self._calls = calls
         self._n = num_samples
         self._routes = routes
 
     def result(self) -> Scores:
         terms: dict[str, np.ndarray] = {}
         outputs: dict[str, np.ndarray] = {}
-        for (target, reward), (rows, future) in self._futures.items():
-            try:
-                response = future.result()
-            except Exception as e:
-                raise RewardScoringError(_describe(target, reward, e)) from e
+        for (target, reward), (rows, call) in self._calls.items():
+            response = call.result_riding_out_outages(target, self._scorer.outage_budget_s)
             expected = self._n if rows is None else len(rows)
             values: dict[str, np.ndarray] = {}
             for name, column in response.items():
@@ -423,6 +453,92 @@ class PendingScores:
         full = np.full(self._n, np.nan, np.float32)
         full[rows] = values
         return full
+
+
+@dataclasses.dataclass
+class _Call:
+    """One ``score`` call of a batch, kept so that it can be sent again after an outage."""
+
+    client: Any
+    reward: str
+    kwargs: dict[str, Any]
+    future: concurrent.futures.Future | None = None
+
+    def send(self) -> None:
+        self.future = self.client.score_async(self.reward, **self.kwargs)
+
+    def result_riding_out_outages(self, target: str, budget_s: float) -> dict[str, Any]:
+        """The call's response, resending it while it fails with an outage code."""
+
+        def result() -> dict[str, Any]:
+            assert self.future is not None
+            return self.future.result()
+
+        return _ride_out_outages(target, self.reward, result, budget_s, resend=self.send)
+
+
+def _ride_out_outages(
+    target: str,
+    reward: str,
+    attempt: Callable[[], Any],
+    budget_s: float,
+    *,
+    resend: Callable[[], None] | None = None,
+    during: str = "",
+) -> Any:
+    """``attempt()``'s result; while it fails with an outage code, calls ``resend`` (if
+    any: ``attempt`` then reads the resent call) and tries again, with capped exponential
+    waits, until it has been failing for ``budget_s``. Raises ``RewardScoringError``
+    otherwise (``during`` says what the call was for)."""
+    suffix = f" ({during})" if during else ""
+    failing_since: float | None = None
+    next_log = 0.0
+    resends = 0
+    while True:
+        try:
+            response = attempt()
+        except Exception as e:
+            code = getattr(getattr(e, "code", None), "name", None)
+            now = time.monotonic()
+            failing_since = now if failing_since is None else failing_since
+            down_s = now - failing_since
+            if code not in OUTAGE_CODES:
+                raise RewardScoringError(_describe(target, reward, e) + suffix) from e
+            if down_s >= budget_s:
+                raise RewardScoringError(
+                    f"{_describe(target, reward, e)}{suffix}; still failing after "
+                    f"{down_s:.0f} s (rewards.outage_budget_s = {budget_s:g}; raise it to "
+                    "ride out longer outages)"
+                ) from e
+            if now >= next_log:
+                log.warning(
+                    "reward %r at %s: %s for %.0f s; resending (outage budget %g s, %.0f s left)",
+                    reward,
+                    target,
+                    code,
+                    down_s,
+                    budget_s,
+                    budget_s - down_s,
+                )
+                next_log = now + OUTAGE_LOG_EVERY_S
+            if resends:
+                wait = min(OUTAGE_INITIAL_WAIT_S * 2 ** (resends - 1), OUTAGE_MAX_WAIT_S)
+                time.sleep(min(wait, budget_s - down_s))
+            resends += 1
+            if resend is not None:
+                try:
+                    resend()
+                except Exception as send_error:
+                    raise RewardScoringError(_describe(target, reward, send_error)) from send_error
+            continue
+        if failing_since is not None:
+            log.warning(
+                "reward %r at %s: scoring again after %.0f s of outage",
+                reward,
+                target,
+                time.monotonic() - failing_since,
+            )
+        return response
 
 
 def _describe(target: str, reward: str, error: BaseException) -> str:

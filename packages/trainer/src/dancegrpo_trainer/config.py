@@ -36,6 +36,24 @@ IMAGE_16_KINDS = ("sd3", "flux_kontext")
 #: Adapters conditioned on one image per prompt (a ``.jsonl`` row's ``condition_image``).
 CONDITION_IMAGE_KINDS = ("skyreels_i2v", "flux_kontext")
 AdvantageMode = Literal["group", "per_prompt"]
+#: Adapters with classifier-free guidance (a second, unconditional forward per step) and
+#: the option holding its weight; ``train.cfg_free`` sets it to 1. FLUX, FLUX.1-Kontext
+#: and HunyuanVideo have a distilled guidance *embedding* instead (one forward per step).
+CFG_WEIGHT_OPTIONS = {
+    "stable_diffusion": "guidance_scale",
+    "sd3": "guidance_scale",
+    "skyreels_i2v": "true_cfg_scale",
+}
+#: Pixel sizes must be multiples of this per adapter (VAE downsampling × patching/packing).
+PIXEL_MULTIPLES = {
+    "stable_diffusion": 8,
+    "flux": 16,
+    "flux_kontext": 16,
+    "sd3": 16,
+    "hunyuan_video": 16,
+    "skyreels_i2v": 16,
+}
+KLType = Literal["mean", "velocity"]
 
 
 @dataclasses.dataclass
@@ -475,6 +493,16 @@ class TrainConfig:
         algorithm: the training algorithm, a module under ``dancegrpo_trainer.algorithms``
             (``grpo``: DanceGRPO's GRPO, the default).
         algorithm_options: the algorithm's own options (checked by the algorithm).
+        kl_type: what ``kl_coef`` penalises: ``mean`` (Flow-GRPO eq. 7: ``‖μθ − μref‖² /
+            (2σ²)`` of the step means) or ``velocity`` (``mean_d (vθ − v_ref)²`` of the model
+            outputs, Flow-Factory's ``v-based``; rectified-flow policies).
+        cfg_free: train without classifier-free guidance: guidance weight 1 in the rollout,
+            the update and eval (Flow-GRPO's ``*_nocfg`` configs), one forward per step.
+            Adapters with CFG only (``CFG_WEIGHT_OPTIONS``).
+        drop_constant_groups: leave out of the update every prompt group whose rewards are
+            all equal (every reward term constant in the group: zero advantage). The kept
+            samples train exactly the terms they would in GRPO; the loss is their mean
+            (``groups_dropped_frac`` is logged). Needs ``rewards.advantage: group``.
         fsdp: shard the trainable module's parameters, gradients and optimiser state
             across ranks (FSDP2 ``fully_shard``, per block of ``Policy.fsdp_block_types``);
             needs a distributed launch with more than one process. Trains exactly like
@@ -504,6 +532,9 @@ class TrainConfig:
     fsdp: bool = False
     algorithm: str = "grpo"
     algorithm_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    kl_type: KLType = "mean"
+    cfg_free: bool = False
+    drop_constant_groups: bool = False
 
     def validate(self) -> None:
         from dancegrpo_trainer.algorithms import ALGORITHMS
@@ -527,6 +558,11 @@ class TrainConfig:
         _check(self.clip_range > 0, "train.clip_range", "must be > 0")
         _check(self.adv_clip_max > 0, "train.adv_clip_max", "must be > 0")
         _check(self.kl_coef >= 0, "train.kl_coef", "must be >= 0")
+        _check(
+            self.kl_type in ("mean", "velocity"),
+            "train.kl_type",
+            f"must be 'mean' or 'velocity', got {self.kl_type!r}",
+        )
         _check(self.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1")
         _check(self.max_grad_norm > 0, "train.max_grad_norm", "must be > 0")
         _check(
@@ -554,6 +590,12 @@ class TrainConfig:
                 "train.lora.rank",
                 "must be 0 with train.fsdp (LoRA under FSDP is untested); shard a full "
                 "fine-tune or use LoRA without FSDP",
+            )
+            _check(
+                not self.drop_constant_groups,
+                "train.drop_constant_groups",
+                "must be false with train.fsdp: ranks would drop different numbers of "
+                "groups, and sharded forwards must run in lockstep on every rank",
             )
 
 
@@ -594,17 +636,25 @@ class EvalConfig:
         samples_per_prompt: samples per eval prompt.
         seed: seed of the eval noise (fixed, so evals are comparable across steps).
         eta: sampling noise for eval (0 = deterministic ODE sampling).
+        height, width: the eval resolution in pixels (``None``: ``model.height`` /
+            ``model.width``, the training resolution); checked against the adapter's
+            geometry like the model's.
     """
 
     every_steps: int = 10
     samples_per_prompt: int = 4
     seed: int = 1234
     eta: float = 0.0
+    height: int | None = None
+    width: int | None = None
 
     def validate(self) -> None:
         _check(self.every_steps >= 1, "eval.every_steps", "must be >= 1")
         _check(self.samples_per_prompt >= 1, "eval.samples_per_prompt", "must be >= 1")
         _check(self.eta >= 0, "eval.eta", "must be >= 0")
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            _check(value is None or value >= 1, f"eval.{name}", "must be >= 1 (or null)")
 
 
 @dataclasses.dataclass
@@ -670,6 +720,8 @@ class GRPOConfig:
             self._validate_i2v_prompts()
         self._validate_sampling()
         self._validate_metadata_prompts()
+        self._validate_train_options()
+        self._validate_eval_size()
         bon = self.rewards.best_of_n
         if bon.enabled:
             _check(
@@ -736,6 +788,54 @@ class GRPOConfig:
         from dancegrpo_trainer.algorithms import algorithm_class
 
         algorithm_class(t.algorithm).validate_config(self)
+
+    def _validate_train_options(self) -> None:
+        """``kl_type``, ``cfg_free`` and ``drop_constant_groups`` against the model and the
+        advantage mode."""
+        t, kind = self.train, self.model.kind
+        _check(
+            t.kl_type != "velocity" or kind != "stable_diffusion",
+            "train.kl_type",
+            "velocity compares rectified-flow velocities; model.kind stable_diffusion "
+            "predicts noise: use kl_type mean",
+        )
+        _check(
+            not t.cfg_free or kind in CFG_WEIGHT_OPTIONS,
+            "train.cfg_free",
+            f"model.kind {kind} has no classifier-free guidance to turn off (FLUX, "
+            "FLUX.1-Kontext and HunyuanVideo run one forward per step with a distilled "
+            "guidance embedding, model.guidance_scale, which is a conditioning input, not "
+            f"CFG); adapters with CFG: {sorted(CFG_WEIGHT_OPTIONS)}",
+        )
+        _check(
+            not t.drop_constant_groups or self.rewards.advantage == "group",
+            "train.drop_constant_groups",
+            "needs rewards.advantage: group (a per-prompt tracker gives a group of equal "
+            "rewards a non-zero advantage)",
+        )
+
+    def eval_size(self) -> tuple[int, int]:
+        """The eval resolution ``(height, width)``: ``eval.height/width`` or the model's."""
+        e, m = self.eval, self.model
+        return (e.height or m.height, e.width or m.width)
+
+    def _validate_eval_size(self) -> None:
+        """``eval.height`` / ``eval.width`` fit the adapter's geometry (pixel multiples)."""
+        kind = self.model.kind
+        multiple = PIXEL_MULTIPLES.get(kind)
+        if kind == "tiny_flow":
+            multiple = self.model.options.get("latent_size")
+        if not multiple:
+            return
+        for name, value in zip(("height", "width"), self.eval_size(), strict=True):
+            if getattr(self.eval, name) is None:
+                continue
+            _check(
+                value % multiple == 0,
+                f"eval.{name}",
+                f"must be a multiple of {multiple} for model.kind {kind}, got {value}; "
+                f"try {max(multiple, round(value / multiple) * multiple)}",
+            )
 
     def _prompt_sources(self) -> list[tuple[str, Any, bool]]:
         """``(field, source, is a .jsonl path)`` of the train prompts and, when set, the

@@ -226,6 +226,19 @@ def test_pipelined_and_wait_for_all_drop_alike(tmp_path):
         assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-4)
 
 
+def test_best_of_n_selection_drops_alike_in_both_update_paths(tmp_path):
+    best = {"best_of_n": {"top_k": 1, "bottom_k": 1}}
+    runs = {}
+    for pipelined in (True, False):
+        out = tmp_path / str(pipelined)
+        train = {"drop_constant_groups": True, "pipeline_update": pipelined}
+        runs[pipelined] = run(out, Scorer(("blue",)), steps=1, rewards=best, train=train)
+        (row,) = train_records(out)
+        assert row["groups_dropped_frac"] == pytest.approx(1 / 3) and row["grad_norm"] > 0
+    for k, v in weights(runs[True]).items():
+        torch.testing.assert_close(v, weights(runs[False])[k], rtol=0, atol=1e-5)
+
+
 def test_a_step_whose_every_group_is_constant_trains_nothing(tmp_path):
     scorer = Scorer(("square",))
     trainer = Trainer(

@@ -491,7 +491,8 @@ class TrainConfig:
             per_prompt`` always waits for every reward (the tracker normalises over the
             global batch). ``false``: wait for every reward, then update.
         algorithm: the training algorithm, a module under ``dancegrpo_trainer.algorithms``
-            (``grpo``: DanceGRPO's GRPO, the default).
+            (``grpo``: DanceGRPO's GRPO, the default; ``grpo_guard``: GRPO-Guard's
+            regulated ratio).
         algorithm_options: the algorithm's own options (checked by the algorithm).
         kl_type: what ``kl_coef`` penalises: ``mean`` (Flow-GRPO eq. 7: ``‖μθ − μref‖² /
             (2σ²)`` of the step means) or ``velocity`` (``mean_d (vθ − v_ref)²`` of the model

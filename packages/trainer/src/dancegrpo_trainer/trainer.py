@@ -177,10 +177,13 @@ class Trainer:
                 )
             if cfg.sampling.window.kind != "full":
                 raise ConfigError(f"sampling.window.kind: {name}; it has no SDE window")
-        try:  # eval.height/width: the same policy (shared modules) at the eval size
-            self.eval_policy = self.policy.at_resolution(*cfg.eval_size())
-        except ValueError as e:
-            raise ConfigError(f"eval.height/eval.width: {e}") from e
+        # eval.height/width: the same policy (shared modules) sampling at the eval size.
+        self.eval_policy = self.policy
+        if cfg.eval.height is not None or cfg.eval.width is not None:
+            try:
+                self.eval_policy = self.policy.at_resolution(*cfg.eval_size())
+            except ValueError as e:
+                raise ConfigError(f"eval.height/eval.width: {e}") from e
         self.grad_monitor = GradNormMonitor(t.grad_norm_window, t.skip_grad_norm_factor)
         self.advantages = RewardAdvantages(
             cfg.rewards, cfg.sampling.group_size, drop_constant_groups=t.drop_constant_groups

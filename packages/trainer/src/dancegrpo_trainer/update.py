@@ -205,11 +205,17 @@ class GradientAccumulator:
             if keep is not None:
                 rows = rows[keep[start:stop]]
             if len(rows) == stop - start:
-                batch, adv = rollout.rows(start, stop), advantages[start:stop]
-            elif len(rows):
-                batch, adv = rollout.select(rows), advantages[rows.to(advantages.device)]
-            if len(rows):
-                self._micro_batch(batch, adv, self._terms_of(batch_index, rollout))
+                self._micro_batch(
+                    rollout.rows(start, stop),
+                    advantages[start:stop],
+                    self._terms_of(batch_index, rollout),
+                )
+            elif len(rows):  # the kept rows of the micro-batch, with its terms
+                self._micro_batch(
+                    rollout.select(rows),
+                    advantages[rows.to(advantages.device)],
+                    self._terms_of(batch_index, rollout),
+                )
             self._kept += len(rows)
             self._bar.update(stop - start)
             start = stop

@@ -1,4 +1,4 @@
-"""p1, p1b, p2: the reward hub's serving overhead, as side-by-side throughput ratios.
+"""p1, p1b, p2, p1_cheap: the reward hub's serving overhead, as side-by-side throughput ratios.
 
 One randomly initialised CLIP ViT-B/32 at 224 px (the ``clip`` kind; its forward dominates)
 is scored three ways with batch 8:
@@ -19,12 +19,13 @@ import concurrent.futures
 import contextlib
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -283,6 +284,121 @@ def run_transport(repeats: int = 8) -> list[dict]:
     ]
 
 
+CHEAP_SIZE = 256
+
+
+def _interleaved3(
+    a: Callable[[], object], b: Callable[[], object], c: Callable[[], object], *, repeats: int
+) -> tuple[list[float], list[float], list[float]]:
+    """Seconds per call of three sides, timed in rotating order (ABC, BCA, CAB, ...) after
+    one untimed call of each, so that machine noise hits all three alike."""
+    sides = [a, b, c]
+    for fn in sides:
+        fn()
+    samples: list[list[float]] = [[], [], []]
+    for r in range(repeats):
+        for k in range(3):
+            i = (r + k) % 3
+            t0 = time.perf_counter()
+            sides[i]()
+            samples[i].append(time.perf_counter() - t0)
+    return samples[0], samples[1], samples[2]
+
+
+@contextlib.contextmanager
+def floor_server() -> Iterator[str]:
+    """Runs ``grpc_floor_server.py`` (receive the bytes, answer 2 bytes); yields its target."""
+    proc = subprocess.Popen(
+        [sys.executable, str(BENCH_DIR / "grpc_floor_server.py")],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        port = int(proc.stdout.readline())
+        yield f"127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(20)
+
+
+def run_cheap(repeats: int = 8) -> list[dict]:
+    """p1_cheap: p1's comparison (1 client, batch 8, one request at a time) with a cheap
+    reward, where the fixed cost of a request is what shows.
+
+    The reward is ``jpeg_compressibility`` (DDPO's compressibility, weight-free, a few ms
+    per batch) on 8 photo-like 256 px images (1.5 MB raw per request). In process:
+    ``score`` on one dedicated worker thread, as p1. Over gRPC: the real server and
+    ``RewardClient``. Timed in the same rotation, as information: the transport floor, the
+    same request bytes sent to ``grpc_floor_server.py`` (a grpc.aio server that answers
+    without reading them), which bounds what any gRPC server could reach here.
+    """
+    import grpc
+
+    from dancegrpo_proto import RewardClient, codec
+    from dancegrpo_rewards.base import RewardBatch
+    from dancegrpo_rewards.kinds.weight_free import JpegCompressibility
+    from dancegrpo_testing.servers import running_reward_server
+    from grpc_floor_server import METHOD
+
+    images = smooth_images(BATCH, CHEAP_SIZE)
+    prompts = ["a photo"] * BATCH
+    reward = JpegCompressibility("jpeg", {})
+    inproc_batch = RewardBatch(prompts, list(images), [None] * BATCH, [None] * BATCH)
+    model_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="inproc")
+    config = {
+        "server": {"host": "127.0.0.1", "grace_period_s": 5},
+        "rewards": {"jpeg": {"kind": "jpeg_compressibility", "max_batch_size": BATCH}},
+    }
+    with (
+        running_reward_server(config, metrics=False, startup_timeout_s=180) as server,
+        floor_server() as floor_target,
+        RewardClient(server.target, timeout=300) as client,
+        grpc.insecure_channel(
+            floor_target, options=[("grpc.max_send_message_length", 1 << 30)]
+        ) as floor_channel,
+    ):
+        expected = reward.score(inproc_batch)["score"]
+        got = client.score("jpeg", images=images, prompts=prompts)["score"]
+        np.testing.assert_array_equal(got, expected)
+        send_to_floor = floor_channel.unary_unary(METHOD)
+
+        def grpc_side() -> None:
+            client.score("jpeg", images=images, prompts=prompts)
+
+        def inproc_side() -> None:
+            model_thread.submit(reward.score, inproc_batch).result()
+
+        def floor_side() -> None:  # what RewardClient sends, to a server that does nothing
+            send_to_floor(codec.serialize_score_request("jpeg", images, prompts), timeout=300)
+
+        grpc_s, inproc_s, floor_s = _interleaved3(
+            grpc_side, inproc_side, floor_side, repeats=repeats * 8
+        )
+    model_thread.shutdown()
+    grpc_med, inproc_med, floor_med = (statistics.median(x) for x in (grpc_s, inproc_s, floor_s))
+    ratio = inproc_med / grpc_med
+    best = inproc_med / (inproc_med + floor_med)
+    return [
+        record(
+            "p1_cheap_grpc_over_inproc",
+            ratio,
+            ">= 0.85",
+            ratio >= 0.85,
+            {
+                "summary": f"jpeg_compressibility, {BATCH} x {CHEAP_SIZE}px photo-like, batch "
+                f"{BATCH}: gRPC {grpc_med * 1e3:.2f} ms vs in-process {inproc_med * 1e3:.2f} "
+                f"ms; bare gRPC round trip of the same bytes {floor_med * 1e3:.2f} ms "
+                f"(best reachable here {best:.2f})",
+                "grpc_s": grpc_s,
+                "inproc_s": inproc_s,
+                "floor_s": floor_s,
+                "best_reachable": round(best, 4),
+            },
+        )
+    ]
+
+
 if __name__ == "__main__":
     run()
     run_transport()
+    run_cheap()

@@ -1,6 +1,6 @@
 """``make bench``: every side-by-side ratio benchmark, then the table in RESULTS.md.
 
-    python benchmarks/run_all.py [--only serving|p3|p4|p5 ...]
+    python benchmarks/run_all.py [--only serving|p1_cheap|p3|p4|p5 ...]
 
 Appends each figure to ``benchmarks/results.json`` and rewrites the generated table in
 ``benchmarks/RESULTS.md`` (with ``--only``, the other rows keep their latest recorded
@@ -22,9 +22,13 @@ import bench_serving  # noqa: E402
 import bench_trainer  # noqa: E402
 from common import latest_entries, write_table  # noqa: E402
 
-# Benchmarks by name; "serving" measures p1, p1b and p2 against one set of servers.
+# Benchmarks by name; "serving" measures p1, p1b and p2 against one set of servers, then
+# the transport-dominated p1b companion and p1_cheap.
 BENCHMARKS = {
-    "serving": lambda: bench_serving.run() + bench_serving.run_transport(),
+    "serving": lambda: (
+        bench_serving.run() + bench_serving.run_transport() + bench_serving.run_cheap()
+    ),
+    "p1_cheap": lambda: bench_serving.run_cheap(),
     "p3": lambda: [bench_trainer.bench_p3(8)],
     "p4": lambda: [bench_trainer.bench_p4()],
     "p5": lambda: [bench_trainer.bench_p5(8)],

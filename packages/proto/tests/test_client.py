@@ -167,6 +167,9 @@ def test_round_robin_across_two_replicas():
     with running_reward_server(config) as a, running_reward_server(config) as b:
         image, prompt = _u8(1, 4, 4, 3), ["red"]
         with RewardClient([a.target, b.target]) as client:
+            # Both channels READY first: rotation prefers replicas known to be up, so a
+            # channel still connecting would be skipped.
+            client.wait_until_ready(timeout=60)
             for _ in range(10):
                 client.score("color", images=image, prompts=prompt)
         assert (_score_requests(a.metrics_url), _score_requests(b.metrics_url)) == (5.0, 5.0)
@@ -207,3 +210,56 @@ def test_column_lengths_are_checked_before_chunking():
         pytest.raises(ValueError, match="prompts has 4 entries but there are 3 samples"),
     ):
         client.score("r", images=np.zeros((3, 4, 4, 3), np.uint8), prompts=["a"] * 4)
+
+
+class _FakeRpcError(grpc.RpcError):
+    def __init__(self, trailers):
+        self._trailers = trailers
+
+    def trailing_metadata(self):
+        return self._trailers
+
+
+def test_retry_delay_reads_the_servers_retry_info():
+    from google.protobuf import any_pb2, duration_pb2
+    from google.rpc import error_details_pb2, status_pb2
+
+    from dancegrpo_proto.client import retry_delay
+
+    detail = any_pb2.Any()
+    detail.Pack(error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(nanos=250_000_000)))
+    status = status_pb2.Status(code=8, message="queue full", details=[detail])
+    trailer = [("grpc-status-details-bin", status.SerializeToString())]
+    assert retry_delay(_FakeRpcError(trailer)) == pytest.approx(0.25)
+    assert retry_delay(_FakeRpcError([])) is None
+    assert retry_delay(_FakeRpcError([("grpc-status-details-bin", b"\xff\x00")])) is None
+    without = status_pb2.Status(code=8, message="no details").SerializeToString()
+    assert retry_delay(_FakeRpcError([("grpc-status-details-bin", without)])) is None
+
+
+def test_a_message_above_the_servers_limit_is_not_retried(monkeypatch):
+    """gRPC answers RESOURCE_EXHAUSTED without RetryInfo for a message above the server's
+    ``max_message_bytes``; resending the same bytes cannot succeed, so the client fails at
+    once instead of retrying (a full queue, which carries RetryInfo, is retried)."""
+    import dancegrpo_proto.client as client_module
+
+    attempts: list[int] = []
+    pick = client_module.RewardClient._pick  # called once per attempt
+
+    def counting(self, *args, **kwargs):
+        attempts.append(1)
+        return pick(self, *args, **kwargs)
+
+    monkeypatch.setattr(client_module.RewardClient, "_pick", counting)
+    config = {
+        "server": {"max_message_bytes": 64 * 1024},
+        "rewards": {"color": CONFIG["rewards"]["color"]},
+    }
+    with (
+        running_reward_server(config) as running,
+        RewardClient(running.target, timeout=30) as client,
+        pytest.raises(RewardServiceError) as err,
+    ):
+        client.score("color", images=_u8(2, 128, 128, 3), prompts=["red", "blue"])
+    assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert len(attempts) == 1

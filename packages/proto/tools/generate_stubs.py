@@ -4,7 +4,9 @@
 
 Runs grpcio-tools' protoc on ``packages/proto/proto`` and writes ``rewards_pb2.py``,
 ``rewards_pb2.pyi`` and ``rewards_pb2_grpc.py`` into ``dancegrpo_proto/v1`` (or ``--out``),
-rewriting protoc's ``dancegrpo.rewards.v1`` import to the installed package name. The
+rewriting protoc's ``dancegrpo.rewards.v1`` import to the installed package name, and
+copies the published ``service_config.json`` (the recommended client policy, which sits
+beside the proto) into the package, where ``RewardClient`` reads it. The
 descriptor keeps its canonical file name ``dancegrpo/rewards/v1/rewards.proto`` so that
 server reflection and other languages see the buf-style path.
 """
@@ -20,7 +22,9 @@ from pathlib import Path
 PROTO_ROOT = Path(__file__).resolve().parents[1] / "proto"
 PROTO_FILE = "dancegrpo/rewards/v1/rewards.proto"
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "src" / "dancegrpo_proto" / "v1"
-GENERATED = ("rewards_pb2.py", "rewards_pb2.pyi", "rewards_pb2_grpc.py")
+SERVICE_CONFIG_FILE = "dancegrpo/rewards/v1/service_config.json"
+STUBS = ("rewards_pb2.py", "rewards_pb2.pyi", "rewards_pb2_grpc.py")
+GENERATED = (*STUBS, "service_config.json")
 
 
 def generate(out_dir: Path) -> list[Path]:
@@ -39,8 +43,10 @@ def generate(out_dir: Path) -> list[Path]:
         ]
         if protoc.main(args) != 0:
             raise RuntimeError(f"protoc failed on {PROTO_ROOT / PROTO_FILE}")
-        written = []
-        for name in GENERATED:
+        copied = out_dir / "service_config.json"
+        copied.write_text((PROTO_ROOT / SERVICE_CONFIG_FILE).read_text())
+        written = [copied]
+        for name in STUBS:
             text = (Path(tmp) / "dancegrpo/rewards/v1" / name).read_text()
             text = text.replace(
                 "from dancegrpo.rewards.v1 import rewards_pb2",

@@ -83,6 +83,7 @@ def test_rewards_config_validates_and_names_real_kinds():
         "videoalign",
         "geneval",
         "pickscore",
+        "imagereward",
     }
     assert kinds <= set(REWARD_KINDS)
     assert config.rewards["hps"].options["checkpoint"] == "/weights/hps/HPS_v2.1_compressed.pt"

@@ -1,7 +1,14 @@
-"""GenEval's rules (``geneval_rules``): spec validation, geometry, filtering, every tag."""
+"""GenEval's rules (``geneval_rules``): spec validation, geometry, filtering, every tag.
+
+The reference is GenEval's own ``evaluation/evaluate_images.py`` (github.com/djghosh13/geneval,
+read, not imported: it needs mmdetection and CUDA at import); cases on float boundaries
+state the line they follow and the arithmetic GenEval does there (mmdetection's boxes and
+scores are float32 arrays; GenEval's environment pins numpy 1.23.1).
+"""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from dancegrpo_rewards.kinds.geneval_rules import (
@@ -217,7 +224,65 @@ def test_relative_position_shrinks_offsets_by_the_threshold() -> None:
     assert relative_position((0, 0, 20, 20), (40, 0, 60, 20), 0.6) == set()
 
 
+@pytest.mark.parametrize(
+    ("box_a", "box_b", "threshold", "relations"),
+    [
+        # evaluate_images.py:140-157 runs on mmdetection's float32 box rows, all in float32.
+        # Centres 50.5 and 19 (offset 31.5, 0), widths 37 + 38: the shrunk offset is
+        # 31.5 - 0.21·75 = 15.75 = 31.5 / 2, dx exactly 0.5 in real numbers. float32(0.21)·75
+        # rounds to 15.7499995, so dx = 0.50000006 > 0.5: "right of" in GenEval (float64
+        # would give 15.75 and dx = 0.5: no relation).
+        ((32, 0, 69, 2), (0, 0, 38, 2), 0.21, {"right of"}),
+        ((0, 0, 38, 2), (32, 0, 69, 2), 0.21, {"left of"}),
+        ((0, 32, 2, 69), (0, 0, 2, 38), 0.21, {"below"}),
+        # the default 0.1 on an exact boundary: offset 2, sizes 5 + 5, 2 - 0.1·10 = 1 = 2 / 2;
+        # float32(0.1)·10 rounds to exactly 1, dx = 0.5: no relation
+        ((2, 0, 7, 2), (0, 0, 5, 2), 0.1, set()),
+        # offset (6, 8), |offset| 10: dx = (6 - 1) / 10 = 0.5 (no), dy = (8 - 0.4) / 10 (below)
+        ((6, 8, 11, 10), (0, 0, 5, 2), 0.1, {"below"}),
+    ],
+)
+def test_relative_position_rounds_like_geneval_on_the_half_boundary(
+    box_a: tuple, box_b: tuple, threshold: float, relations: set
+) -> None:
+    assert relative_position(box_a, box_b, threshold) == relations
+
+
 # ---------------------------------------------------------------------------- filtering
+
+#: evaluate_images.py:233 keeps ``bbox[index][ordering, 4] > confidence_threshold``: a
+#: float32 score array against a Python-float threshold, which numpy (1.x value-based
+#: casting and 2.x alike) compares in float32.
+F32 = np.float32
+
+
+def f32_up(value: float) -> float:
+    """The next float32 above ``float32(value)``."""
+    return float(np.nextafter(F32(value), F32(2)))
+
+
+@pytest.mark.parametrize(
+    ("score", "tag", "thresholds", "kept"),
+    [
+        # float32(0.3) = 0.30000001192... is above 0.3 in float64, not in float32
+        (float(F32(0.3)), "single_object", Thresholds(), False),
+        (0.3, "single_object", Thresholds(), False),  # mmdetection's score would be float32(0.3)
+        (f32_up(0.3), "single_object", Thresholds(), True),
+        (float(F32(0.9)), "counting", Thresholds(), False),
+        (f32_up(0.9), "counting", Thresholds(), True),
+        # float32(0.7) = 0.69999998... is below 0.7 in float64 too: not above either way
+        (float(F32(0.7)), "colors", Thresholds(threshold=0.7), False),
+        (f32_up(0.7), "colors", Thresholds(threshold=0.7), True),
+        (0.25, "position", Thresholds(threshold=0.25), False),  # exact in both
+        (0.2500001, "position", Thresholds(threshold=0.25), True),
+    ],
+)
+def test_scores_equal_to_the_threshold_in_float32_are_not_above_it(
+    score: float, tag: str, thresholds: Thresholds, kept: bool
+) -> None:
+    assert ("dog" in filter_detections({"dog": [det(score)]}, tag, thresholds)) is kept
+    s = spec(tag, [{"class_name": "dog", "count": 1}])
+    assert judge(s, {"dog": [det(score)]}, thresholds=thresholds).correct is kept
 
 
 def test_filter_keeps_scores_strictly_above_the_threshold_best_first() -> None:
@@ -244,8 +309,15 @@ def test_max_objects_is_applied_before_nms() -> None:
 
 
 def test_equal_scores_keep_their_input_order() -> None:
+    """Ours: stable. GenEval's ``np.argsort(scores)[::-1]`` (evaluate_images.py:232) gives
+    reverse input order for <= 16 detections under its numpy 1.23 and an order that depends
+    on the values around them beyond that or with numpy 2's SIMD sorts (docs/rewards.md)."""
     a, b = det(0.5, (0, 0, 1, 1)), det(0.5, (5, 5, 6, 6))
     assert filter_detections({"dog": [a, b]}, "colors", Thresholds())["dog"] == [a, b]
+    # equal in float32 is equal: 0.5 and the float64 just above it tie
+    c = det(float(np.nextafter(0.5, 1.0)), (9, 9, 10, 10))
+    assert float(F32(c.score)) == 0.5
+    assert filter_detections({"dog": [a, c]}, "colors", Thresholds())["dog"] == [a, c]
 
 
 # ---------------------------------------------------------------------------- tags
@@ -286,6 +358,9 @@ def test_include_count_is_at_least_without_an_exclude() -> None:
 
 
 def test_zero_count_means_one() -> None:
+    """0 is the proto's "unset" (a JSONL ``count: 0`` arrives as 0 too). GenEval itself would
+    take 0 literally: an include needs nothing (``[:0]`` then ``0 < 0`` is false) and an
+    exclude fails every image (``len(...) >= 0``); its prompts always write count >= 1."""
     s = spec("single_object", [{"class_name": "dog", "count": 0}], [{"class_name": "cat"}])
     assert judge(s, {"dog": [det()]}).correct
     assert not judge(s, {"dog": [det()], "cat": [det()]}).correct

@@ -1,6 +1,8 @@
-"""The ``videoalign`` kind: VideoAlign's preprocessing facts, hand-computed parity on a tiny
-Qwen2-VL, the VideoReward release layout against a live peft LoRA model, batch invariance,
-normalisation, option and checkpoint errors, and one real server."""
+"""The ``videoalign`` kind: VideoAlign's preprocessing facts, parity with VideoAlign's own
+forward (``Qwen2VLRewardModelBT.forward``, written out below) on a tiny Qwen2-VL in the
+Hugging Face layout and on tiny VideoReward releases (the published shape and a full-LoRA
+variant, against live peft LoRA models), the decoder's positions, dtypes, batch invariance,
+normalisation, option and checkpoint errors, and real servers."""
 
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from dancegrpo_rewards.kinds.videoalign import (
     DEFAULT_PROMPT_TEMPLATE,
     NORM_STATS,
     VideoAlignReward,
+    decoder_position_ids,
     head_outputs,
     render_text,
     resized_frame_size,
@@ -30,6 +33,7 @@ from dancegrpo_rewards.kinds.videoalign import (
 )
 from dancegrpo_rewards.kinds.videoalign_weights import (
     REWARD_TOKENS,
+    is_release_folder,
     lora_scaling,
     merge_lora_state_dict,
 )
@@ -69,8 +73,139 @@ def reward(hf_folder: Path) -> VideoAlignReward:
 
 @pytest.fixture(scope="module")
 def release(tmp_path_factory: pytest.TempPathFactory) -> videoalign_models.TinyRelease:
+    """Shaped like the published KwaiVGI/VideoReward (1-output head, LoRA r64 on the LLM's
+    linear layers, bf16 weights and torch_dtype, config.json beside model_config.json)."""
     pytest.importorskip("peft")
     return videoalign_models.write_release(tmp_path_factory.mktemp("videoreward"))
+
+
+@pytest.fixture(scope="module")
+def full_release(tmp_path_factory: pytest.TempPathFactory) -> videoalign_models.TinyRelease:
+    """3-output head, rsLoRA on every Linear/Embedding outside the vision tower, float32."""
+    pytest.importorskip("peft")
+    return videoalign_models.write_release(
+        tmp_path_factory.mktemp("videoreward-full"), variant=videoalign_models.FULL_LORA
+    )
+
+
+@pytest.fixture(params=[v.name for v in videoalign_models.RELEASE_VARIANTS])
+def any_release(request: pytest.FixtureRequest) -> videoalign_models.TinyRelease:
+    return request.getfixturevalue("release" if request.param == "published" else "full_release")
+
+
+def release_options(release: videoalign_models.TinyRelease, **extra) -> dict:
+    return {
+        "path": str(release.release),
+        "base_model_path": str(release.base_model),
+        **OPTIONS,
+        **extra,
+    }
+
+
+# --- VideoAlign's own forward, the reference ------------------------------------------------
+
+#: Frames a 9-frame video at 8 fps is scored on: qwen-vl-utils' smart_nframes clamps
+#: 9 / 8 · 2 = 2.25 to 4 frames, at round(linspace(0, 8, 4)) = 0, 3, 5, 8.
+PARITY_FRAMES = [0, 3, 5, 8]
+#: Frame sizes that smart_resize leaves as they are (multiples of 28 inside OPTIONS' bounds).
+PARITY_SIZES = [(28, 56), (56, 56), (28, 28), (56, 28), (28, 84), (84, 56)]
+
+
+def parity_videos() -> list[np.ndarray]:
+    rng = np.random.default_rng(11)
+    return [rng.integers(0, 256, (9, h, w, 3), dtype=np.uint8) for h, w in PARITY_SIZES]
+
+
+def official_inputs(processor, videos: list[np.ndarray], prompts: list[str]) -> dict:
+    """The batch VideoAlign's ``prepare_batch`` builds for these videos: the chat text, the
+    sampled frames (already at their smart_resize size), padded on the right."""
+    assert processor.tokenizer.padding_side == "right"  # create_model_and_processor sets it
+    frames = [torch.from_numpy(v[PARITY_FRAMES]).permute(0, 3, 1, 2) for v in videos]
+    return dict(
+        processor(
+            text=[render_text(DEFAULT_PROMPT_TEMPLATE, p) for p in prompts],
+            videos=frames,
+            padding=True,
+            return_tensors="pt",
+            do_resize=False,
+            do_sample_frames=False,
+            cap_pixels_per_frame=False,
+        )
+    )
+
+
+def videoalign_forward(model, inputs: dict, special_token_ids: list[int]) -> torch.Tensor:
+    """``[N, 3]`` (VQ, MQ, TA) as VideoAlign's ``Qwen2VLRewardModelBT.forward`` computes them
+    (KwaiVGI/VideoAlign ``trainer.py``), step by step in transformers-5 names, independent of
+    the kind's code. ``model`` is a ``Qwen2VLForConditionalGeneration`` with an ``rm_head``.
+
+    1. ``inputs_embeds = self.model.embed_tokens(input_ids)``;
+    2. ``self.visual(pixel_values_videos.type(self.visual.get_dtype()), grid_thw=...)``
+       scattered into the ``video_token_id`` positions (``masked_scatter``);
+    3. ``self.model(input_ids=None, position_ids=position_ids, attention_mask=...,
+       inputs_embeds=...)`` with ``position_ids`` None (the processor gives none): the text
+       decoder (transformers 4.45's ``Qwen2VLModel``, 5's ``Qwen2VLTextModel``) then takes
+       ``arange(L)`` on all three M-RoPE axes itself, in both versions;
+    4. ``logits = self.rm_head(hidden_states)``; the special-token mask's rows viewed as
+       ``[B, 3, N]``; ``diagonal`` when ``output_dim == 3``; viewed as ``[B, -1]``.
+    """
+    inner = model.model
+    input_ids = inputs["input_ids"]
+    inputs_embeds = inner.get_input_embeddings()(input_ids)
+    pixels = inputs["pixel_values_videos"].type(inner.visual.get_dtype())
+    video_embeds = inner.visual(pixels, grid_thw=inputs["video_grid_thw"]).pooler_output
+    video_mask = (input_ids == model.config.video_token_id).unsqueeze(-1).expand_as(inputs_embeds)
+    video_embeds = video_embeds.to(inputs_embeds.device, inputs_embeds.dtype)
+    inputs_embeds = inputs_embeds.masked_scatter(video_mask, video_embeds)
+    hidden = inner.language_model(
+        input_ids=None,
+        position_ids=None,
+        attention_mask=inputs["attention_mask"],
+        inputs_embeds=inputs_embeds,
+        use_cache=False,
+    ).last_hidden_state
+    logits = model.rm_head(hidden)
+    special = torch.zeros_like(input_ids, dtype=torch.bool)
+    for token_id in special_token_ids:
+        special = special | (input_ids == token_id)
+    pooled = logits[special, ...].view(input_ids.shape[0], 3, -1)
+    if model.rm_head.out_features == 3:
+        pooled = pooled.diagonal(dim1=1, dim2=2)
+    return pooled.reshape(input_ids.shape[0], -1)
+
+
+def videoalign_rewards(raw: torch.Tensor, stats: dict | None) -> dict[str, np.ndarray]:
+    """VideoAlign's ``reward()``: ``_norm`` with ``inference_config``, then Overall = sum."""
+    out = {}
+    for column, name in enumerate(("vq", "mq", "ta")):
+        values = raw[:, column].double().numpy()
+        if stats is not None:
+            mean, std = stats[name]
+            values = (values - mean) / std
+        out[name] = values
+    out["overall"] = out["vq"] + out["mq"] + out["ta"]
+    return out
+
+
+def release_processor(release: videoalign_models.TinyRelease):
+    """As ``create_model_and_processor``: the base processor, right padding, reward tokens."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(
+        str(release.base_model), padding_side="right", local_files_only=True
+    )
+    processor.tokenizer.add_special_tokens({"additional_special_tokens": list(REWARD_TOKENS)})
+    return processor
+
+
+def release_reference_raw(
+    release: videoalign_models.TinyRelease, videos: list[np.ndarray], prompts: list[str]
+) -> torch.Tensor:
+    processor = release_processor(release)
+    token_ids = processor.tokenizer.convert_tokens_to_ids(list(REWARD_TOKENS))
+    inputs = official_inputs(processor, videos, prompts)
+    with torch.inference_mode():
+        return videoalign_forward(release.reference.base_model.model, inputs, token_ids)
 
 
 @pytest.fixture(scope="module")
@@ -182,42 +317,67 @@ def test_each_reward_token_is_in_each_row_once_and_padding_is_on_the_right(
     assert torch.equal(mask.bool(), positions[None, :] < lengths[:, None])
 
 
-def test_scores_equal_the_hf_model_read_by_hand(
-    reward: VideoAlignReward, hf_folder: Path, videos: list[np.ndarray]
+def test_hf_folder_scores_equal_videoaligns_forward(
+    reward: VideoAlignReward, hf_folder: Path
 ) -> None:
-    """One sample at a time through transformers' own loading of the folder: last hidden
-    state at each reward token times that token's rm_head row, then standardised."""
+    """transformers' own loading of the folder, run through VideoAlign's forward (sequential
+    positions) as one right-padded batch; the model's own forward, which computes 3-D M-RoPE
+    positions for the video, gives clearly different rewards (so this test can fail)."""
     from safetensors import safe_open
     from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
 
     model = Qwen2VLForConditionalGeneration.from_pretrained(str(hf_folder), local_files_only=True)
-    processor = AutoProcessor.from_pretrained(str(hf_folder), local_files_only=True)
+    model.rm_head = torch.nn.Linear(videoalign_models.HIDDEN_SIZE, 3, bias=False)
     with safe_open(str(hf_folder / "model.safetensors"), framework="pt") as f:
-        rm_head = f.get_tensor("rm_head.weight")
+        model.rm_head.weight.data.copy_(f.get_tensor("rm_head.weight"))
+    processor = AutoProcessor.from_pretrained(str(hf_folder), local_files_only=True)
+    processor.tokenizer.padding_side = "right"
     token_ids = processor.tokenizer.convert_tokens_to_ids(list(REWARD_TOKENS))
-    expected = []
+    videos, prompts = parity_videos(), PROMPTS[: len(PARITY_SIZES)]
+    inputs = official_inputs(processor, videos, prompts)
+    assert not bool(inputs["attention_mask"].all())  # a padded batch
     with torch.inference_mode():
-        for video, prompt in zip(videos, PROMPTS, strict=True):
-            inputs = processor(
-                text=[render_text(DEFAULT_PROMPT_TEMPLATE, prompt)],
-                videos=[reward.prepare_frames(video)],
-                return_tensors="pt",
-                do_resize=False,
-                do_sample_frames=False,
-                cap_pixels_per_frame=False,
-            )
-            hidden = model.model(**inputs).last_hidden_state[0]
-            ids = inputs["input_ids"][0].tolist()
-            expected.append(
-                [float(hidden[ids.index(t)] @ rm_head[d]) for d, t in enumerate(token_ids)]
-            )
-    raw = np.asarray(expected)
-    ours = reward.score(batch_of(videos, PROMPTS))
-    for d, name in enumerate(("vq", "mq", "ta")):
-        mean, std = NORM_STATS[name]
-        np.testing.assert_allclose(ours[name], (raw[:, d] - mean) / std, atol=1e-5, rtol=0)
-        assert np.ptp(raw[:, d]) > 1e-2  # the rewards depend on the sample
-    np.testing.assert_allclose(ours["overall"], ours["vq"] + ours["mq"] + ours["ta"], atol=1e-5)
+        raw = videoalign_forward(model.eval(), inputs, token_ids)
+        hidden_3d = model.model(**inputs, use_cache=False).last_hidden_state
+    expected = videoalign_rewards(raw, NORM_STATS)
+    ours = reward.score(batch_of(videos, prompts))
+    for name in reward.output_names:
+        np.testing.assert_allclose(ours[name], expected[name], atol=1e-5, rtol=0, err_msg=name)
+    assert np.ptp(expected["vq"]) > 1e-2  # the rewards depend on the sample
+    ids = inputs["input_ids"]
+    rows = torch.arange(len(ids))[:, None]
+    at_tokens = torch.stack([(ids == t).int().argmax(dim=1) for t in token_ids], dim=1)
+    raw_3d = torch.diagonal(model.rm_head(hidden_3d[rows, at_tokens]), dim1=1, dim2=2)
+    assert (raw_3d - raw).abs().max() > 1e-2
+
+
+def test_decoder_gets_sequential_positions_on_all_three_axes(
+    reward: VideoAlignReward, release: videoalign_models.TinyRelease, videos: list[np.ndarray]
+) -> None:
+    """Fails if the decoder is handed 3-D M-RoPE positions (or none, which transformers 5
+    turns into 3-D ones): VideoAlign's decoder saw 0..L-1 on every axis, padding included."""
+    bf16 = VideoAlignReward("bf16", release_options(release))
+    for scorer in (reward, bf16):
+        seen: list[torch.Tensor] = []
+
+        def capture(module, args, kwargs, seen=seen) -> None:
+            seen.append(kwargs["position_ids"])
+
+        decoder = scorer.model.backbone.language_model
+        handle = decoder.register_forward_pre_hook(capture, with_kwargs=True)
+        try:
+            inputs = scorer.encode(batch_of(videos[:3], PROMPTS[:3]))
+            scorer.raw_scores(inputs)
+        finally:
+            handle.remove()
+        (positions,) = seen
+        batch, length = inputs["input_ids"].shape
+        assert positions is not None and tuple(positions.shape) == (3, batch, length)
+        assert torch.equal(positions.cpu(), torch.arange(length).expand(3, batch, length))
+    assert torch.equal(
+        decoder_position_ids(torch.zeros(2, 5, dtype=torch.long)),
+        torch.tensor([[[0, 1, 2, 3, 4]] * 2] * 3),
+    )
 
 
 def test_batch_of_8_equals_one_by_one(reward: VideoAlignReward, videos: list[np.ndarray]) -> None:
@@ -252,31 +412,180 @@ def test_head_reads_output_d_at_token_d_or_one_output_per_token() -> None:
     assert head_outputs(single).tolist() == [[1.0, 2.0, 3.0]]
 
 
-def test_release_scores_equal_the_live_lora_model(
-    release: videoalign_models.TinyRelease, videos: list[np.ndarray]
+def test_release_scores_equal_videoaligns_forward_in_fp32(
+    any_release: videoalign_models.TinyRelease,
 ) -> None:
-    """The release folder (model.pth with unmerged LoRA, transformers-4 key names) loaded
-    and merged by the kind equals peft's live adapters; checkpoint-10 (zero LoRA) equals
-    the same model with adapters disabled."""
-    options = {"path": str(release.release), "base_model_path": str(release.base_model), **OPTIONS}
-    latest = VideoAlignReward("latest", options)
-    older = VideoAlignReward("older", {**options, "checkpoint_step": release.older_step})
-    inputs = latest.encode(batch_of(videos, PROMPTS))
-    inner = release.reference.base_model.model
-
-    def live_scores() -> torch.Tensor:
-        hidden = inner.model(**inputs, use_cache=False).last_hidden_state
-        rows = []
-        for i, ids in enumerate(inputs["input_ids"].tolist()):
-            positions = [ids.index(t) for t in latest.model.token_ids]
-            rows.append(torch.diagonal(inner.rm_head(hidden[i, positions])))
-        return torch.stack(rows)
-
-    with torch.inference_mode():
-        np.testing.assert_allclose(latest.raw_scores(inputs), live_scores(), atol=1e-5, rtol=0)
-        with release.reference.disable_adapter():
-            np.testing.assert_allclose(older.raw_scores(inputs), live_scores(), atol=1e-5, rtol=0)
+    """Both release variants in fp32, loaded and merged by the kind, equal VideoAlign's
+    forward on the live peft LoRA model; checkpoint-10 (zero LoRA) equals it with adapters
+    disabled. The reward tokens were appended to the base vocabulary (as VideoAlign does:
+    151657-151659 on Qwen2-VL-2B's)."""
+    videos, prompts = parity_videos(), PROMPTS[: len(PARITY_SIZES)]
+    latest = VideoAlignReward("latest", release_options(any_release, dtype="fp32"))
+    older = VideoAlignReward(
+        "older", release_options(any_release, dtype="fp32", checkpoint_step=any_release.older_step)
+    )
+    base_vocabulary = len(videoalign_models.tiny_tokenizer())
+    assert latest.model.token_ids == tuple(range(base_vocabulary, base_vocabulary + 3))
+    batch = batch_of(videos, prompts)
+    stats = latest.norm_stats
+    expected = videoalign_rewards(release_reference_raw(any_release, videos, prompts), stats)
+    for name, values in latest.score(batch).items():
+        np.testing.assert_allclose(values, expected[name], atol=1e-5, rtol=0, err_msg=name)
+    with any_release.reference.disable_adapter():
+        raw = release_reference_raw(any_release, videos, prompts)
+    for name, values in older.score(batch).items():
+        expected_older = videoalign_rewards(raw, stats)[name]
+        np.testing.assert_allclose(values, expected_older, atol=1e-5, rtol=0, err_msg=name)
     assert latest.version != older.version
+
+
+def test_release_default_runs_bf16_head_included_like_videoalign(
+    release: videoalign_models.TinyRelease, full_release: videoalign_models.TinyRelease
+) -> None:
+    """The default dtype is the release's model_config.torch_dtype (published: bfloat16);
+    the head runs in it too, so raw outputs are bf16 values, as VideoAlign's. Against
+    VideoAlign's forward on the live LoRA model cast to bf16 (LoRA unmerged), agreement is
+    at bf16 rounding; the merged rm_head (a LoRA target in the full variant) is W + s·B·A
+    rounded to bf16."""
+    import copy
+
+    videos, prompts = parity_videos(), PROMPTS[: len(PARITY_SIZES)]
+    default = VideoAlignReward("default", release_options(release))
+    assert default.config.dtype == "bf16"
+    assert default.model.dtype == default.model.rm_head.dtype == torch.bfloat16
+    raw = default.raw_scores(default.encode(batch_of(videos, prompts)))
+    assert raw.dtype == torch.float32 and torch.equal(raw, raw.bfloat16().float())
+    processor = release_processor(release)
+    token_ids = processor.tokenizer.convert_tokens_to_ids(list(REWARD_TOKENS))
+    bf16_reference = copy.deepcopy(release.reference.base_model.model).to(torch.bfloat16)
+    with torch.inference_mode():
+        inputs = official_inputs(processor, videos, prompts)
+        expected = videoalign_forward(bf16_reference, inputs, token_ids).float()
+    scale = expected.abs().max()
+    assert (raw - expected).abs().max() <= 0.05 * scale
+    fp32 = VideoAlignReward("fp32", release_options(release, dtype="fp32"))
+    assert default.version != fp32.version
+
+    assert VideoAlignReward("full", release_options(full_release)).config.dtype == "fp32"
+    full_bf16 = VideoAlignReward("full-bf16", release_options(full_release, dtype="bf16"))
+    state = torch.load(full_release.release / "checkpoint-20" / "model.pth", weights_only=True)
+    prefix = "base_model.model.rm_head."
+    w, a, b = (
+        state[prefix + k]
+        for k in ("base_layer.weight", "lora_A.default.weight", "lora_B.default.weight")
+    )
+    merged = w.float() + full_release.variant.lora_scaling * (b.float() @ a.float())
+    assert torch.equal(full_bf16.model.rm_head, merged.bfloat16())
+
+
+@pytest.mark.parametrize(
+    ("torch_dtype", "expected"),
+    [
+        ("bfloat16", "bf16"),
+        ("float16", "fp16"),
+        ("float32", "fp32"),
+        (None, "bf16"),
+        ("auto", "bf16"),
+    ],
+)
+def test_release_dtype_comes_from_model_config(
+    tmp_path: Path, release: videoalign_models.TinyRelease, torch_dtype, expected: str
+) -> None:
+    """model_config.torch_dtype; unset or "auto" → bf16, what VideoVLMRewardInference casts
+    to by default. An HF folder runs in its config.json dtype (the tiny one: float32)."""
+
+    def set_dtype(config: dict) -> None:
+        config["model_config"]["torch_dtype"] = torch_dtype
+
+    _, options = _release_copy(tmp_path, release, set_dtype)
+    options.pop("dtype", None)
+    assert VideoAlignReward("va", options).config.dtype == expected
+    assert VideoAlignReward("va", {**options, "dtype": "fp32"}).config.dtype == "fp32"
+
+
+def test_unknown_release_dtype_is_a_checkpoint_error(
+    tmp_path: Path, release: videoalign_models.TinyRelease, hf_folder: Path
+) -> None:
+    def set_dtype(config: dict) -> None:
+        config["model_config"]["torch_dtype"] = "int8"
+
+    _, options = _release_copy(tmp_path, release, set_dtype)
+    with pytest.raises(CheckpointError, match="torch_dtype 'int8'"):
+        VideoAlignReward("va", options)
+    assert VideoAlignReward("hf", {"path": str(hf_folder)}).config.dtype == "fp32"
+
+
+def test_a_release_is_detected_whatever_else_its_folder_holds(
+    tmp_path: Path, release: videoalign_models.TinyRelease, full_release, hf_folder: Path
+) -> None:
+    """VideoAlign's train() writes config.json beside model_config.json: still a release."""
+    assert (release.release / "config.json").is_file()
+    assert not (full_release.release / "config.json").is_file()
+    assert is_release_folder(release.release) and is_release_folder(full_release.release)
+    assert not is_release_folder(hf_folder)
+    assert VideoAlignReward("va", release_options(release)).checkpoint.layout == "videoreward"
+    # model_config.json and config.json without any checkpoint-*/model.pth: an HF folder
+    stray = tmp_path / "stray"
+    shutil.copytree(hf_folder, stray)
+    shutil.copy(release.release / "model_config.json", stray)
+    assert not is_release_folder(stray)
+    assert VideoAlignReward("va", {"path": str(stray)}).checkpoint.layout == "hf"
+
+
+def test_sdpa_and_eager_attention_give_the_same_scores(
+    release: videoalign_models.TinyRelease,
+) -> None:
+    """Both compute exact softmax(QKᵀ/√d + mask)·V (as flash-attention 2, which VideoAlign
+    requests, does): they differ only in float summation order."""
+    batch = batch_of(parity_videos(), PROMPTS[: len(PARITY_SIZES)])
+    scores = [
+        VideoAlignReward(
+            attn, release_options(release, dtype="fp32", attn_implementation=attn)
+        ).score(batch)
+        for attn in ("sdpa", "eager")
+    ]
+    for name, values in scores[0].items():
+        np.testing.assert_allclose(values, scores[1][name], atol=1e-5, rtol=0, err_msg=name)
+
+
+def test_releases_score_like_videoalign_through_a_real_server(
+    release: videoalign_models.TinyRelease, full_release: videoalign_models.TinyRelease
+) -> None:
+    """Both head variants served in fp32 by one real server equal VideoAlign's forward on
+    the live LoRA models to 1e-3 relative: raw outputs (normalize off, purely relative) and
+    normalised ones as VideoAlign's reward() reports them."""
+    videos, prompts = parity_videos(), PROMPTS[: len(PARITY_SIZES)]
+    releases = {"published": release, "full_lora": full_release}
+    rewards = {}
+    for name, tiny in releases.items():
+        for normalize in (False, True):
+            options = release_options(tiny, dtype="fp32", normalize=normalize)
+            rewards[f"{name}-{'norm' if normalize else 'raw'}"] = {
+                "kind": "videoalign",
+                "max_batch_size": 8,
+                "options": options,
+            }
+    config = {"server": {"host": "127.0.0.1"}, "rewards": rewards}
+    server = running_reward_server(config, startup_timeout_s=180, metrics=False)
+    with server as (target, _, _), RewardClient(target) as client:
+        remote = {
+            name: client.score(name, videos=videos, prompts=prompts, timeout=120)
+            for name in rewards
+        }
+    for name, tiny in releases.items():
+        raw = release_reference_raw(tiny, videos, prompts)
+        stats = VideoAlignReward("stats", release_options(tiny)).norm_stats
+        for suffix, expected in (
+            ("raw", videoalign_rewards(raw, None)),
+            ("norm", videoalign_rewards(raw, stats)),
+        ):
+            got = remote[f"{name}-{suffix}"]
+            for output in ("vq", "mq", "ta", "overall"):
+                # raw: relative, nothing absolute; normalised values may sit near 0
+                atol = 0 if suffix == "raw" else 1e-5
+                np.testing.assert_allclose(
+                    got[output], expected[output], rtol=1e-3, atol=atol, err_msg=f"{name} {output}"
+                )
 
 
 def test_merge_lora_state_dict_is_w_plus_s_b_a() -> None:
@@ -520,27 +829,6 @@ def test_release_data_config_sets_the_sampling_defaults(
     _, options = _release_copy(tmp_path / "multi", release, multi_pts)
     with pytest.raises(CheckpointError, match="only 'uniform' frame sampling"):
         VideoAlignReward("va", options)
-
-
-def test_release_head_stays_float32_when_the_model_runs_bf16(
-    release: videoalign_models.TinyRelease, videos: list[np.ndarray]
-) -> None:
-    """rm_head is a LoRA target in VideoAlign's release (every Linear outside the vision
-    tower); its merged weight W + s·B·A must not be rounded to the backbone's bf16."""
-    options = {"path": str(release.release), "base_model_path": str(release.base_model), **OPTIONS}
-    bf16 = VideoAlignReward("bf16", {**options, "dtype": "bf16"})
-    state = torch.load(release.release / "checkpoint-20" / "model.pth", weights_only=True)
-    prefix = "base_model.model.rm_head."
-    w, a, b = (
-        state[prefix + k]
-        for k in ("base_layer.weight", "lora_A.default.weight", "lora_B.default.weight")
-    )
-    scaling = videoalign_models.LORA_ALPHA / videoalign_models.LORA_R
-    head = bf16.model.rm_head
-    assert head.dtype == torch.float32 and bf16.model.dtype == torch.bfloat16
-    assert torch.equal(head, w.float() + scaling * (b.float() @ a.float()))
-    scores = bf16.score(batch_of(videos[:2], PROMPTS[:2]))
-    assert all(np.isfinite(v).all() and v.dtype == np.float32 for v in scores.values())
 
 
 @pytest.mark.parametrize(

@@ -31,6 +31,19 @@ def test_recipe_loads_and_validates(path: Path) -> None:
         assert cfg.model.path.startswith("${DANCEGRPO_WEIGHTS}/")
 
 
+@pytest.mark.parametrize(
+    "path", [p for p in RECIPES if p.name.startswith("flux_")], ids=lambda p: p.name
+)
+def test_flux_recipes_never_train_the_last_step(path: Path) -> None:
+    """DanceGRPO's FLUX train step trains the stored steps ``[:, :-1]``, Flow-GRPO's
+    ``timestep_fraction`` 0.99 of 10 steps the first nine: no FLUX recipe trains the last
+    denoising step (Kontext's one-step window in steps 1-3 never reaches it)."""
+    cfg = load_config(path)
+    window = cfg.sampling.window
+    stops_early = window.kind == "fast" and window.span and window.span[1] < cfg.sampling.num_steps
+    assert cfg.train.skip_last_timestep or stops_early
+
+
 def test_recipes_encode_the_paper_settings() -> None:
     multi = load_config(ROOT / "configs/flux_hps_clip.yaml")
     assert [ep.reward for ep in multi.rewards.endpoints] == ["hps", "clip"]

@@ -734,3 +734,110 @@ def test_score_frames_sends_condition_images_and_metadata_per_sample(tmp_path):
         assert sent.shape == (4, 4, 6, 3)
         np.testing.assert_array_equal(sent, np.stack([images[0]] * 2 + [images[1]] * 2))
         assert kwargs["videos"] is frames
+
+
+@pytest.mark.parametrize("kind", ["wan_t2v", "wan_i2v"])
+def test_wan_eval_text_and_image_to_video(tmp_path, kind):
+    """``dancegrpo-eval`` for Wan: Wan2.2 T2V-A14B from a ``.txt`` prompt set, its ``--tuned``
+    weights (both experts, named ``transformer.*`` / ``transformer_2.*`` as training saves
+    them) loaded into the two-expert module; Wan2.1 I2V from JSONL rows with images, which
+    reach the policy (swapping them changes the videos). The table equals direct scoring of
+    the same ``[N, T, H, W, 3]`` videos."""
+    from PIL import Image
+
+    from dancegrpo_proto import RewardClient
+    from dancegrpo_testing.diffusion_models import save_pipeline
+    from dancegrpo_testing.servers import running_reward_server
+    from dancegrpo_testing.wan_models import (
+        TINY_WAN_MAX_LENGTH,
+        WAN21_I2V_TEXT_LENGTH,
+        tiny_wan22_t2v_pipeline,
+        tiny_wan_i2v_pipeline,
+    )
+    from dancegrpo_trainer.config import load_config
+    from dancegrpo_trainer.policies.wan import WanExperts
+    from dancegrpo_trainer.policy_factory import build_policy
+
+    i2v = kind == "wan_i2v"
+    pipe = tiny_wan_i2v_pipeline() if i2v else tiny_wan22_t2v_pipeline()
+    model_path = save_pipeline(pipe, tmp_path / "wan")
+    module = pipe.transformer if i2v else WanExperts(pipe.transformer, pipe.transformer_2)
+    generator = torch.Generator().manual_seed(0)
+    scale = 0.0 if i2v else 0.1  # I2V: the same weights, so the test is about the images
+    tuned = {
+        k: (v + scale * torch.randn(v.shape, generator=generator)).contiguous()
+        for k, v in module.state_dict().items()
+    }
+    save_file(tuned, str(tmp_path / "tuned.safetensors"))
+    if i2v:
+        rng = np.random.default_rng(0)
+        rows = []
+        for i, prompt in enumerate(["a cat turns its head", "a car drives away"]):
+            Image.fromarray(rng.integers(0, 256, (24, 40, 3), dtype=np.uint8)).save(
+                tmp_path / f"ref{i}.png"
+            )
+            rows.append({"prompt": prompt, "condition_image": f"ref{i}.png"})
+        prompts_path = tmp_path / "i2v.jsonl"
+        prompts_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    else:
+        prompts_path = tmp_path / "prompts.txt"
+        prompts_path.write_text("a cat jumping on a sofa\na red car\n")
+    text_length = WAN21_I2V_TEXT_LENGTH if i2v else TINY_WAN_MAX_LENGTH
+    server_config = {
+        "rewards": {"bright": {"kind": "brightness", "options": {"modality": "video"}}}
+    }
+    steps, seed = 2, 3
+    with running_reward_server(server_config, metrics=False) as server:
+        config = _write_yaml(
+            tmp_path / "train.yaml",
+            {
+                "model": {
+                    "kind": kind,
+                    "path": str(model_path),
+                    "height": 16,
+                    "width": 16,
+                    "num_frames": 5,
+                    "guidance_scale": 4.0,
+                    "options": {"max_sequence_length": text_length, "shift": 3.0},
+                },
+                "rewards": {"endpoints": [{"target": server.target, "reward": "bright"}]},
+                "data": {"train_prompts": str(prompts_path)},
+            },
+        )
+        out = tmp_path / "eval"
+        argv = ["--config", str(config), "--prompts", str(prompts_path), "--out", str(out)]
+        argv += ["--tuned", str(tmp_path / "tuned.safetensors")]
+        argv += ["--reward", f"brightness={server.target}/bright"]
+        assert ev.main([*argv, "--num-steps", str(steps), "--seed", str(seed)]) == 0
+
+        cfg = load_config(config)
+        prompts = ev.load_prompt_set(prompts_path)
+        direct = {}
+        with RewardClient(server.target) as client:
+            for label in ("base", "tuned"):
+                policy = build_policy(cfg.model, torch.device("cpu"))
+                if label == "tuned":
+                    ev.load_weights(policy, tmp_path / "tuned.safetensors")
+                frames = ev.generate(
+                    policy, prompts, samples_per_prompt=1, num_steps=steps, seed=seed
+                )
+                assert frames.shape == (2, 5, 16, 16, 3)
+                images = ev.condition_images(prompts, 1)
+                kwargs = {"condition_images": images} if images is not None else {}
+                direct[label] = client.score(
+                    "bright", videos=frames, prompts=[p.prompt for p in prompts], **kwargs
+                )["score"]
+            if i2v:
+                swapped = [
+                    dataclasses.replace(p, condition_image=q.condition_image)
+                    for p, q in zip(prompts, prompts[::-1], strict=True)
+                ]
+                other = ev.generate(
+                    policy, swapped, samples_per_prompt=1, num_steps=steps, seed=seed
+                )
+                assert not np.array_equal(frames, other)
+    result = json.loads((out / "results.json").read_text())
+    for label in ("base", "tuned"):
+        np.testing.assert_allclose(result["scores"][label]["brightness"], direct[label], rtol=1e-6)
+    if not i2v:  # the tuned experts loaded: other videos
+        assert not np.allclose(direct["base"], direct["tuned"])

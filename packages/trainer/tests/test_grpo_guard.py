@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 
+from dancegrpo_testing.flow_policies import FLOW_KINDS
 from dancegrpo_trainer.algorithms import algorithm_class
 from dancegrpo_trainer.algorithms.grpo import GRPO
 from dancegrpo_trainer.algorithms.grpo_guard import GRPOGuard
@@ -218,9 +219,7 @@ def flow_policies():
 
 
 @pytest.mark.parametrize("sampler", ["dancegrpo", "flow_grpo", "cps"])
-@pytest.mark.parametrize(
-    "kind", ["tiny_flow", "flux", "hunyuan_video", "skyreels_i2v", "sd3", "flux_kontext"]
-)
+@pytest.mark.parametrize("kind", FLOW_KINDS)
 def test_every_flow_policy_recomputes_ratio_one_and_trains_through_its_mean(
     flow_policies, kind, sampler
 ):
@@ -252,6 +251,45 @@ def test_every_flow_policy_recomputes_ratio_one_and_trains_through_its_mean(
         rollout.stds[:, 1], torch.full((3,), std_dev_t * sqrt_dt), rtol=1e-5, atol=0
     )
     assert res.metrics["policy_loss"] == pytest.approx(-adv.mean().item() / sqrt_dt**2, rel=1e-4)
+
+
+@pytest.mark.parametrize("window", [None, (1, 3)], ids=["every_step", "sde_window"])
+def test_terms_stay_on_one_side_of_wan22s_expert_boundary_as_grpos(window):
+    """Wan2.2 A14B (two experts, ``Policy.step_groups``): GRPO-Guard trains GRPO's terms,
+    drawn per expert (``GRPO.terms``), so every micro-batch runs the experts in the same
+    order; with an SDE window, the recorded steps of each expert in turn."""
+    from dancegrpo_testing.flow_policies import TWO_EXPERT_WAN, tiny_flow_policy
+
+    policy = tiny_flow_policy(TWO_EXPERT_WAN, guidance_scale=1.0)
+    steps = 5  # shift 3: t = 1000, 923, 818, 667, 429 → experts 0, 0, 1, 1, 1
+    cond = policy.encode_prompts(PROMPTS[:1]).select([0, 0])
+    stochastic = None if window is None else [window[0] <= i < window[1] for i in range(steps)]
+    rollout = sample_rollout(
+        policy,
+        cond,
+        policy.initial_noise(2, generator=torch.Generator().manual_seed(0)),
+        plan=RolloutPlan(policy.schedule(steps), stochastic=stochastic),
+        eta=0.7,
+        row_generators=seeded_generators(range(2), 0, "guard"),
+        chunk_size=2,
+        keep=("log_probs", "means", "stds"),
+        decode=False,
+    )
+    groups = policy.step_groups(rollout.schedule)
+    assert groups == [[0, 1], [2, 3, 4]]
+    cfg = _train_cfg(timestep_fraction=0.5)
+    guard, grpo = GRPOGuard(cfg, policy), GRPO(cfg, policy)
+    for seed in range(5):
+        terms = guard.terms(rollout, torch.Generator().manual_seed(seed))
+        assert terms == grpo.terms(rollout, torch.Generator().manual_seed(seed))
+        experts = [0 if t in groups[0] else 1 for t in terms]
+        assert experts == sorted(experts)  # the high-noise expert's steps first
+        if window is None:
+            assert experts == [0, 1]  # timestep_fraction 0.5: one of 2, one of 3
+        else:
+            assert terms == [1, 2]
+    res = guard.loss(rollout, torch.tensor([1.0, -1.0]), terms[-1])
+    assert res.metrics["ratio_max"] == pytest.approx(1.0, abs=2e-6)
 
 
 def test_official_formula_off_policy_equals_ours():

@@ -48,7 +48,8 @@ CPU = [
     "sampling.prompts_per_step=1",
     "run.progress=false",
 ]
-KONTEXT_CPU = [*CPU, "model.options.condition_resolution=16"]
+# 3 steps instead of 10: the recipe's one-step window within [1, 4) shrinks to [1, 3).
+KONTEXT_CPU = [*CPU, "model.options.condition_resolution=16", "sampling.window.span=[1,3]"]
 SD3_RECIPES = ("sd3_geneval", "sd3_pickscore", "sd3_ocr")
 TEXT_PROMPTS = {
     "pickscore": (["a photo of a cat", "a red car"], ["a dog on a chair"]),
@@ -250,7 +251,7 @@ def test_sd3_recipe_trains_one_step_from_the_cache(
     assert [r["step"] for r in records(tmp_path, "eval")] == [0, 1]
     policy = trainer.policy
     assert policy.text_encoder is None and policy.text_encoder_3 is None
-    assert policy.config.do_cfg and policy.config.noise_schedule == "flow_grpo"
+    assert policy.config.do_cfg and trainer.cfg.sampling.sampler == "flow_grpo"
     assert trainer.reference is not None and trainer.reference.lora  # KL beta > 0
     assert "kl" in rec
     assert_lora_trained_and_saved(trainer, tmp_path)
@@ -292,7 +293,8 @@ def test_preprocess_caches_equal_direct_encoding(recipe_env: dict[str, Any]) -> 
         ("sd3_pickscore", TEXT_PROMPTS["pickscore"][0], 4),
         ("flux_kontext_edit", EDITS[0], 2),
     ):
-        cfg = load_config(CONFIGS / f"{recipe}.yaml", CPU)
+        overrides = KONTEXT_CPU if recipe.startswith("flux_kontext") else CPU
+        cfg = load_config(CONFIGS / f"{recipe}.yaml", overrides)
         cache = EmbeddingCache(recipe_env["data"] / "embeddings" / recipe)
         direct = build_policy(cfg.model, torch.device("cpu")).encode_prompts(prompts)
         cached = cache.lookup(prompts)
@@ -387,10 +389,10 @@ def test_sd3_recipe_values_follow_flow_grpo() -> None:
         assert m.options == {
             "negative_prompt": "",
             "shift": 3.0,
-            "noise_schedule": "flow_grpo",
             "max_sequence_length": 128,
         }
         assert (s.num_steps, s.eta, s.group_size, s.shared_noise) == (10, 0.7, 24, False)
+        assert s.sampler == "flow_grpo" and s.window.kind == "full"
         assert s.prompts_per_step * 8 == 48  # 48 prompts per round on 8 ranks
         assert (t.learning_rate, t.weight_decay, t.clip_range, t.adv_clip_max) == (
             3e-4,
@@ -412,7 +414,10 @@ def test_flux_kontext_recipe_values_follow_flow_factory() -> None:
         cfg = load_config(CONFIGS / "flux_kontext_edit.yaml")
     m, s, t = cfg.model, cfg.sampling, cfg.train
     assert (m.kind, m.height, m.width, m.guidance_scale) == ("flux_kontext", 384, 384, 2.5)
-    assert m.options["condition_resolution"] == 384 and m.options["noise_schedule"] == "flow_grpo"
+    assert m.options == {"condition_resolution": 384, "dynamic_shift": True}
+    assert s.sampler == "flow_grpo"
+    # num_sde_steps 1 drawn from sde_steps [1, 2, 3]: a one-step Fast window within [1, 4).
+    assert (s.window.kind, s.window.size, s.window.span) == ("fast", 1, [1, 4])
     assert (s.num_steps, s.eta, s.group_size, s.shared_noise) == (10, 0.9, 16, False)
     assert s.prompts_per_step * 8 == 48
     assert (t.learning_rate, t.weight_decay, t.clip_range, t.adv_clip_max, t.kl_coef) == (

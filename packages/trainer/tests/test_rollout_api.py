@@ -233,3 +233,77 @@ def test_sd3_from_pipeline_shares_all_three_text_encoders_untouched():
     copied = StableDiffusion3Policy.from_pipeline(pipe, config, copy=True)
     assert copied.text_encoder_3 is not pipe.text_encoder_3
     assert not any(p.requires_grad for p in copied.text_encoder_3.parameters())
+
+
+def test_wan_from_pipeline_shares_both_experts_untouched_and_reads_the_pipeline():
+    """Wan2.2 A14B through the same ``pipeline_modules`` rules: both experts, the VAE and
+    UMT5 shared untouched (even the expert that does not train stays as the caller had it,
+    and runs without gradients), ``boundary_ratio`` and the scheduler's shift read from the
+    pipeline; ``copy=True`` copies and freezes, leaving the pipeline as it was."""
+    from dancegrpo_testing.wan_models import TINY_WAN_MAX_LENGTH, tiny_wan22_t2v_pipeline
+    from dancegrpo_trainer.policies.wan import WanConfig, WanPolicy
+
+    pipe = tiny_wan22_t2v_pipeline()
+    pipe.vae.eval()
+    pipe.text_encoder.requires_grad_(True)
+    names = ("transformer", "transformer_2", "vae", "text_encoder")
+    before = {name: _state(getattr(pipe, name)) for name in names}
+    config = WanConfig(
+        resolution=32,
+        num_frames=5,
+        device="cpu",
+        max_sequence_length=TINY_WAN_MAX_LENGTH,
+        shift=None,
+        train_experts="high_noise",
+    )
+    policy = WanPolicy.from_pipeline(pipe, config)
+    assert policy.transformer is pipe.transformer and policy.transformer_2 is pipe.transformer_2
+    assert policy.vae is pipe.vae and policy.text_encoder is pipe.text_encoder
+    assert policy.tokenizer is pipe.tokenizer
+    assert policy.boundary_ratio == pipe.config.boundary_ratio == 0.875
+    assert policy.shift == pipe.scheduler.config.flow_shift == 12.0
+    for name, state in before.items():
+        assert _state(getattr(pipe, name)) == state, name
+    assert all(p.requires_grad for p in pipe.transformer_2.parameters())
+    cond = policy.encode_prompts(PROMPTS[:1])
+    low_noise = policy.denoise_step(policy.initial_noise(1), 3, policy.schedule(4), cond, eta=0.5)
+    assert policy.expert_indices(policy.schedule(4).timesteps)[3] == 1
+    assert not low_noise.log_prob.requires_grad  # the frozen expert builds no graph
+
+    copied = WanPolicy.from_pipeline(pipe, config, copy=True)
+    assert copied.transformer_2 is not pipe.transformer_2 and copied.vae is not pipe.vae
+    assert not any(p.requires_grad for p in copied.transformer_2.parameters())
+    assert all(p.requires_grad for p in copied.transformer.parameters())
+    for name, state in before.items():
+        assert _state(getattr(pipe, name)) == state, name
+
+
+def test_wan_i2v_from_pipeline_shares_the_image_encoder_and_refuses_a_silent_cast():
+    from dancegrpo_testing.wan_models import tiny_wan22_i2v_pipeline, tiny_wan_i2v_pipeline
+    from dancegrpo_trainer.policies.wan import WanConfig
+    from dancegrpo_trainer.policies.wan_i2v import WAN21_I2V_TEXT_LENGTH, WanI2VPolicy
+
+    pipe = tiny_wan_i2v_pipeline()
+    before = _state(pipe.image_encoder)
+    config = WanConfig(
+        resolution=32, num_frames=5, device="cpu", max_sequence_length=WAN21_I2V_TEXT_LENGTH
+    )
+    policy = WanI2VPolicy.from_pipeline(pipe, config)
+    assert policy.image_encoder is pipe.image_encoder
+    assert policy.image_processor is pipe.image_processor
+    assert _state(pipe.image_encoder) == before
+    copied = WanI2VPolicy.from_pipeline(pipe, config, copy=True)
+    assert copied.image_encoder is not pipe.image_encoder
+    assert not any(p.requires_grad for p in copied.image_encoder.parameters())
+    assert copied.image_processor is pipe.image_processor
+    assert _state(pipe.image_encoder) == before
+
+    two = tiny_wan22_i2v_pipeline()
+    two.transformer_2.to(torch.bfloat16)
+    config = WanConfig(resolution=32, num_frames=5, device="cpu", max_sequence_length=16)
+    with pytest.raises(ValueError, match="transformer_2 is torch.bfloat16.*copy=True"):
+        WanI2VPolicy.from_pipeline(two, config)
+    copied = WanI2VPolicy.from_pipeline(two, config, copy=True)
+    assert copied.image_encoder is None and copied.boundary_ratio == 0.9
+    assert copied.transformer_2.patch_embedding.weight.dtype == torch.float32
+    assert two.transformer_2.patch_embedding.weight.dtype == torch.bfloat16

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from dancegrpo_testing.flow_policies import FLOW_KINDS
 from dancegrpo_trainer.algorithms.grpo import GRPO
 from dancegrpo_trainer.config import ConfigError, ModelConfig, TrainConfig, config_from_dict
 from dancegrpo_trainer.core import gaussian_mean_kl, group_advantages, velocity_kl
@@ -138,9 +139,9 @@ def _rollout_and_policy():
     return policy, rollout
 
 
-def _gradient(policy, rollout, advantages, keep, pairs: list | None = None):
+def _gradient(policy, rollout, advantages, keep, pairs: list | None = None, fsdp: bool = False):
     """The update's gradient (lr 0, no clipping), recording (sample, step) pairs trained."""
-    cfg = TrainConfig(micro_batch_size=3, timestep_fraction=0.5, max_grad_norm=1e9)
+    cfg = TrainConfig(micro_batch_size=3, timestep_fraction=0.5, max_grad_norm=1e9, fsdp=fsdp)
     module = policy.trainable_module()
     algorithm = GRPO(cfg, policy)
     finals = rollout.latents[:, -1]
@@ -187,6 +188,25 @@ def test_dropped_groups_never_train_and_kept_samples_get_grpos_gradient_and_step
     for a, b in zip(dropped, full, strict=True):
         torch.testing.assert_close(a, b * 12 / 8, rtol=1e-5, atol=1e-9)
     assert max(float(g.abs().max()) for g in full) > 0
+    assert result.metrics["skipped"] == 0.0
+
+
+def test_under_fsdp_a_micro_batch_left_out_whole_still_runs_with_zero_weight():
+    # Sharded passes are collectives: a rank must run every global micro-batch, even one
+    # whose rows it all drops, or it would desynchronise from a rank that keeps some.
+    policy, rollout = _rollout_and_policy()
+    rewards = torch.tensor([0.1, 0.5, 0.3, 0.9, 0.4, 0.4, 0.4, 0.4, 0.2, 0.7, 0.1, 0.0])
+    advantages = group_advantages(rewards, group_size=4)
+    keep = torch.tensor([True] * 3 + [False] * 3 + [True] * 6)  # micro-batch 1: rows 3-5
+    plain_pairs: list = []
+    fsdp_pairs: list = []
+    plain, _ = _gradient(policy, rollout, advantages, keep, plain_pairs)
+    sharded, result = _gradient(policy, rollout, advantages, keep, fsdp_pairs, fsdp=True)
+    assert all(torch.equal(a, b) for a, b in zip(sharded, plain, strict=True))
+    assert {i for i, _ in plain_pairs} == {0, 1, 2, 6, 7, 8, 9, 10, 11}
+    extra = [p for p in fsdp_pairs if p not in plain_pairs]
+    assert extra and {i for i, _ in extra} == {3}  # one row of micro-batch 1, each term
+    assert sorted(t for _, t in extra) == sorted({t for i, t in fsdp_pairs if i in (3, 4, 5)})
     assert result.metrics["skipped"] == 0.0
 
 
@@ -253,12 +273,12 @@ def test_a_step_whose_every_group_is_constant_trains_nothing(tmp_path):
     assert list(trainer.grad_monitor.history) == []  # no norm recorded for it
 
 
-def test_drop_needs_group_advantages_and_no_fsdp(tmp_path):
+def test_drop_needs_group_advantages_and_works_with_fsdp(tmp_path):
     drop = {"drop_constant_groups": True}
     with pytest.raises(ConfigError, match="train.drop_constant_groups: needs rewards.advantage"):
         config_from_dict(sections(tmp_path, train=drop, rewards={"advantage": "per_prompt"}))
-    with pytest.raises(ConfigError, match="train.drop_constant_groups: must be false with"):
-        config_from_dict(sections(tmp_path, train={**drop, "fsdp": True, "micro_batch_size": 4}))
+    cfg = config_from_dict(sections(tmp_path, train={**drop, "fsdp": True, "micro_batch_size": 4}))
+    assert cfg.train.fsdp and cfg.train.drop_constant_groups
 
 
 # ------------------------------------------------------------------------- KL penalty
@@ -338,27 +358,45 @@ def test_velocity_kl_trains_and_stable_diffusion_refuses_it(tmp_path):
 # --------------------------------------------------------------------------- CFG-free
 
 
-def _forward_batches(module: torch.nn.Module, seen: list[int]) -> None:
-    def hook(mod, args, kwargs):  # noqa: ANN001, ANN202
-        states = kwargs.get("hidden_states", args[0] if args else None)
-        seen.append(int(states.shape[0]))
+def _forward_batches(policy: Any, seen: list[tuple[str, int]]) -> None:
+    """Records ``(denoiser name, batch rows)`` of every denoiser forward (Wan2.2 A14B: both
+    experts)."""
+    for name in ("unet", "transformer", "transformer_2"):
+        module = getattr(policy, name, None)
+        if module is None:
+            continue
 
-    module.register_forward_pre_hook(hook, with_kwargs=True)
+        def hook(mod, args, kwargs, name=name):  # noqa: ANN001, ANN202
+            states = kwargs.get("hidden_states", args[0] if args else None)
+            seen.append((name, int(states.shape[0])))
+
+        module.register_forward_pre_hook(hook, with_kwargs=True)
 
 
 @pytest.fixture(scope="module")
 def cfg_folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from dancegrpo_testing import diffusion_models as dm
+    from dancegrpo_testing import qwen_image_models as qm
     from dancegrpo_testing import video_models as vm
+    from dancegrpo_testing import wan_models as wm
 
     root = tmp_path_factory.mktemp("cfg")
-    return {
-        "sd3": dm.save_pipeline(dm.tiny_sd3_pipeline(), root / "sd3"),
-        "stable_diffusion": dm.save_pipeline(dm.tiny_stable_diffusion_pipeline(), root / "sd"),
-        "skyreels_i2v": dm.save_pipeline(vm.tiny_skyreels_i2v_pipeline(), root / "skyreels"),
+    builds = {
+        "sd3": dm.tiny_sd3_pipeline,
+        "stable_diffusion": dm.tiny_stable_diffusion_pipeline,
+        "skyreels_i2v": vm.tiny_skyreels_i2v_pipeline,
+        "qwen_image": qm.tiny_qwen_image_pipeline,
+        "qwen_image_edit": qm.tiny_qwen_image_edit_pipeline,
+        "qwen_image_edit_plus": lambda: qm.tiny_qwen_image_edit_pipeline(plus=True),
+        "wan_t2v": wm.tiny_wan22_t2v_pipeline,  # A14B: two experts, two guidance scales
+        "wan_i2v": wm.tiny_wan_i2v_pipeline,
+        "wan_ti2v": wm.tiny_wan22_ti2v_pipeline,
     }
+    return {kind: dm.save_pipeline(build(), root / kind) for kind, build in builds.items()}
 
 
+_QWEN = {"prompt_template_encode_start_idx": None, "true_cfg_scale": 4.0}
+_WAN = {"num_frames": 5, "guidance_scale": 4.0}
 CFG_MODELS = {
     "sd3": {
         "height": 16,
@@ -373,30 +411,57 @@ CFG_MODELS = {
         "num_frames": 5,
         "options": {"max_sequence_length": 16, "crop_start": None, "true_cfg_scale": 4.0},
     },
+    "qwen_image": {"height": 16, "width": 16, "options": {**_QWEN, "max_sequence_length": 48}},
+    "qwen_image_edit": {
+        "height": 16,
+        "width": 16,
+        "options": {**_QWEN, "condition_image_area": 1024},
+    },
+    "qwen_image_edit_plus": {
+        "height": 16,
+        "width": 16,
+        "options": {**_QWEN, "condition_image_area": 1024, "vl_image_area": 56 * 56},
+    },
+    # shift 3 on 2 steps: t = 1000 (high-noise expert), 750 (low-noise expert, scale 3).
+    "wan_t2v": {
+        "height": 16,
+        "width": 16,
+        **_WAN,
+        "options": {"max_sequence_length": 16, "shift": 3.0, "guidance_scale_2": 3.0},
+    },
+    "wan_i2v": {"height": 16, "width": 16, **_WAN, "options": {"max_sequence_length": 512}},
+    "wan_ti2v": {"height": 32, "width": 32, **_WAN, "options": {"max_sequence_length": 16}},
 }
 
 
-@pytest.mark.parametrize("kind", ["sd3", "stable_diffusion", "skyreels_i2v"])
+@pytest.mark.parametrize("kind", sorted(CFG_MODELS))
 def test_cfg_free_runs_one_conditional_forward_per_step(cfg_folders, kind):
-    from dancegrpo_testing.flow_policies import condition_images
+    from dancegrpo_testing.flow_policies import IMAGE_KINDS, condition_images
+    from dancegrpo_trainer.config import CFG_WEIGHT_OPTIONS
     from dancegrpo_trainer.policy_factory import build_policy
 
     model = ModelConfig(kind=kind, path=str(cfg_folders[kind]), **CFG_MODELS[kind])
     model.validate()
-    images = condition_images("skyreels_i2v", 2) if kind == "skyreels_i2v" else None
+    images = condition_images(kind, 2) if kind in IMAGE_KINDS else None
     rows = {}
     for cfg_free in (False, True):
         torch.manual_seed(0)
         policy = build_policy(model, torch.device("cpu"), cfg_free=cfg_free)
-        seen: list[int] = []
-        _forward_batches(policy.trainable_module(), seen)
+        weights = [getattr(policy.config, name) for name in CFG_WEIGHT_OPTIONS[kind]]
+        weights = [w for w in weights if w is not None]  # Wan's guidance_scale_2 may be unset
+        assert all(w == 1.0 for w in weights) if cfg_free else all(w > 1 for w in weights)
+        seen: list[tuple[str, int]] = []
+        _forward_batches(policy, seen)
         cond = policy.encode_prompts(["a cat", "a dog"], images)
         noise = policy.initial_noise(2, generator=torch.Generator().manual_seed(0))
         sample_rollout(policy, cond, noise, num_steps=2, eta=0.5, chunk_size=2, decode=False)
         rows[cfg_free] = seen
         has_negative = any(k.startswith("negative_") for k in cond.tensors)
         assert has_negative != cfg_free  # no unconditional embeddings are even encoded
-    assert rows[False] == [4, 4] and rows[True] == [2, 2]  # 2 steps, negatives batched first
+    # 2 steps, negatives batched with the prompts, one forward per step without CFG.
+    assert [b for _, b in rows[False]] == [4, 4] and [b for _, b in rows[True]] == [2, 2]
+    if kind == "wan_t2v":  # both experts' guidance is off
+        assert [n for n, _ in rows[True]] == ["transformer", "transformer_2"]
 
 
 def test_cfg_free_trains_and_adapters_without_cfg_refuse_it(cfg_folders, tmp_path):
@@ -410,13 +475,13 @@ def test_cfg_free_trains_and_adapters_without_cfg_refuse_it(cfg_folders, tmp_pat
         )
     )
     trainer = Trainer(cfg, scorer=Scorer())
-    seen: list[int] = []
-    _forward_batches(trainer.policy.trainable_module(), seen)
+    seen: list[tuple[str, int]] = []
+    _forward_batches(trainer.policy, seen)
     record = trainer.train_step()
     trainer.close()
     assert trainer.policy.config.guidance_scale == 1.0 and not trainer.policy.config.do_cfg
     # A rollout of 4 rows and micro-batches of 3 + 1: never the doubled CFG batch.
-    assert record["grad_norm"] > 0 and max(seen) == 4
+    assert record["grad_norm"] > 0 and max(b for _, b in seen) == 4
     for kind in ("flux", "hunyuan_video", "flux_kontext", "tiny_flow"):
         model = {"kind": kind, "path": "x", "options": {}, "num_frames": 5}
         if kind != "hunyuan_video":
@@ -436,26 +501,29 @@ def flow_policies():
     return {kind: tiny_flow_policy(kind) for kind in FLOW_KINDS}
 
 
-@pytest.mark.parametrize(
-    "kind", ["tiny_flow", "flux", "hunyuan_video", "skyreels_i2v", "sd3", "flux_kontext"]
-)
+@pytest.mark.parametrize("kind", FLOW_KINDS)
 def test_every_flow_policy_samples_at_another_resolution_with_the_same_modules(flow_policies, kind):
     from dancegrpo_testing.flow_policies import condition_images
+    from dancegrpo_trainer.config import PIXEL_MULTIPLES
 
     policy = flow_policies[kind]
-    size = (policy.height, policy.width)
-    other = policy.at_resolution(32, 16)
-    assert policy.at_resolution(*size) is policy
+    h, w = policy.height, policy.width
+    other = policy.at_resolution(2 * h, w)
+    assert policy.at_resolution(h, w) is policy
     assert other.trainable_module() is policy.trainable_module()
-    assert (policy.height, policy.width) == size  # the original is untouched
+    assert (policy.height, policy.width) == (h, w)  # the original is untouched
     cond = other.encode_prompts(["a cat"], condition_images(kind, 1))
     noise = other.initial_noise(1, generator=torch.Generator().manual_seed(0))
     r = sample_rollout(other, cond, noise, num_steps=2, eta=0.5, chunk_size=1)
-    assert r.frames.shape[-3:] == (32, 16, 3)
+    assert r.frames.shape[-3:] == (2 * h, w, 3)
     if kind != "tiny_flow":  # its latent grid is fixed (latent_size 4), decoded larger
         assert policy.initial_noise(1).shape != noise.shape
+    # The eval-size check of the config (PIXEL_MULTIPLES) is the adapter's own geometry:
+    # one multiple more fits, half of one does not (Wan2.2 TI2V-5B: 32, its VAE is 16x).
+    multiple = PIXEL_MULTIPLES.get(kind, 4)  # tiny_flow: latent_size 4
+    assert policy.at_resolution(h + multiple, w).height == h + multiple
     with pytest.raises(ValueError, match="multiple|divide"):
-        policy.at_resolution(30, 16)
+        policy.at_resolution(h + multiple // 2, w)
 
 
 def test_stable_diffusion_samples_at_another_resolution(cfg_folders):
@@ -499,6 +567,17 @@ def test_trainer_evaluates_at_the_eval_resolution(tmp_path):
         ({"kind": "flux", "path": "x"}, {"height": 40}, "eval.height: must be a multiple of 16"),
         ({"kind": "sd3", "path": "x"}, {"width": 24}, "eval.width: must be a multiple of 16"),
         ({"kind": "stable_diffusion", "path": "x"}, {"width": 20}, "eval.width: .* of 8"),
+        ({"kind": "qwen_image", "path": "x"}, {"height": 24}, "eval.height: .* of 16"),
+        (
+            {"kind": "wan_t2v", "path": "x", "num_frames": 5},
+            {"width": 40},
+            "eval.width: must be a multiple of 16",
+        ),
+        (
+            {"kind": "wan_ti2v", "path": "x", "num_frames": 5, "height": 32, "width": 32},
+            {"height": 48},
+            "eval.height: must be a multiple of 32 for model.kind wan_ti2v",
+        ),
         (
             {"kind": "tiny_flow", "options": {"latent_size": 4}},
             {"height": 18},
@@ -537,7 +616,7 @@ def test_sample_cli_samples_with_the_configured_sampler(tmp_path, monkeypatch):
     from dancegrpo_trainer.cli import sample_main
 
     class FakeScorer(Scorer):
-        def __init__(self, endpoints) -> None:  # noqa: ANN001
+        def __init__(self, endpoints, **kwargs) -> None:  # noqa: ANN001, ANN003
             super().__init__(label=endpoints[0].label)
 
     monkeypatch.setattr(scoring, "RewardScorer", FakeScorer)

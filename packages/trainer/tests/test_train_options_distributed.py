@@ -5,7 +5,9 @@ reward (redness; prompts with "blue" score a constant 0.5) instead of a server. 
 are taken in file order, so step 1 drops one group on rank 0 and none on rank 1, and step
 2 drops both of rank 0's groups and none of rank 1's: the ranks keep different numbers of
 samples (rank 0 none at all), which the gradient normalisation and the metric reduction
-must get right.
+must get right. The ``guard_drop_fsdp`` case shards the two ranks (``train.fsdp``) and
+compares them with the same unsharded process: rank 0 runs the micro-batches it drops whole
+with a zero weight, since every sharded pass is a collective that both ranks must join.
 """
 
 from __future__ import annotations
@@ -46,10 +48,19 @@ CASES = {
             "kl_type": "velocity",
         }
     },
+    "guard_drop_fsdp": {
+        "train": {
+            "algorithm": "grpo_guard",
+            "drop_constant_groups": True,
+            "micro_batch_size": 2,  # train.fsdp: must divide the group size
+            "kl_coef": 0.01,
+        },
+        "fsdp": True,  # in the two-rank run (train.fsdp needs more than one process)
+    },
 }
 
 
-def _sections(out: Path, case: str, prompts_per_step: int) -> dict:
+def _sections(out: Path, case: str, prompts_per_step: int, fsdp: bool = False) -> dict:
     train = {
         "learning_rate": 1e-3,
         "micro_batch_size": 3,
@@ -57,6 +68,7 @@ def _sections(out: Path, case: str, prompts_per_step: int) -> dict:
         "skip_grad_norm_factor": 0,
         "clip_range": 1e-3,
         **CASES[case]["train"],
+        "fsdp": fsdp,
     }
     return {
         "model": {
@@ -148,19 +160,29 @@ def test_two_ranks_match_one_process(tmp_path: Path, case: str) -> None:
 
 
 def _worker(out: Path, case: str, prompts_per_step: int) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
     from dancegrpo_trainer import distributed as dist_utils
     from dancegrpo_trainer.config import config_from_dict
     from dancegrpo_trainer.trainer import Trainer
 
-    trainer = Trainer(config_from_dict(_sections(out, case, prompts_per_step)), scorer=_Scorer())
+    fsdp = bool(CASES[case].get("fsdp")) and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    cfg = config_from_dict(_sections(out, case, prompts_per_step, fsdp))
+    trainer = Trainer(cfg, scorer=_Scorer())
     rank = dist_utils.rank()
 
     def state() -> dict[str, torch.Tensor]:
         module = trainer.policy.trainable_module()
+        if fsdp:  # the full tensors on every rank (a collective)
+            opts = StateDictOptions(full_state_dict=True)
+            return {
+                k: v.detach().clone() for k, v in get_model_state_dict(module, options=opts).items()
+            }
         return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
+    initial = state()  # every rank: a collective under FSDP
     if rank == 0:
-        torch.save(state(), out / "params_initial.pt")
+        torch.save(initial, out / "params_initial.pt")
     try:
         trainer.train()
     finally:

@@ -1,5 +1,6 @@
 """The GRPO loop against a real reward-service process: resume exactness, LoRA vs full
-fine-tuning, Best-of-N, and a reward outage that fails loudly naming the endpoint."""
+fine-tuning, Best-of-N, and a reward outage past its budget that fails loudly naming the
+endpoint (test_scoring_outage.py: outages within it)."""
 
 from __future__ import annotations
 
@@ -132,9 +133,13 @@ def _closed_port() -> int:
 
 def test_reward_outage_raises_naming_the_endpoint(tmp_path: Path):
     target = f"127.0.0.1:{_closed_port()}"
-    cfg = small_config(target, tmp_path, "rewards.endpoints.0.timeout_s=2")
+    cfg = small_config(
+        target, tmp_path, "rewards.endpoints.0.timeout_s=2", "rewards.outage_budget_s=1"
+    )
     trainer = Trainer(cfg)
-    with pytest.raises(RewardScoringError, match=f"'color_match' at {target}"):
+    with pytest.raises(
+        RewardScoringError, match=f"'color_match' at {target}.*rewards.outage_budget_s = 1"
+    ):
         trainer.train_step()
     trainer.close()
 

@@ -6,11 +6,16 @@ Mask2Former and colour CLIP), ``videoalign`` (tiny Qwen2-VL VideoReward), ``ocr`
 PP-OCRv4 weights), ``pickscore`` (tiny PickScore) and ``unifiedreward`` (``vlm_judge`` over
 a local OpenAI-compatible judge) plus a video ``color_match``.
 
-Only what CPU and tiny models force is overridden (resolution, step count, run folder).
+Only what CPU and tiny models force is overridden (resolution, step count, run folder; the
+edit recipes' source-image area).
 Also here: ``dancegrpo-train preprocess``, the KL penalty, EMA, gradient checkpointing,
 and a video-shaped (``[N,T,H,W,3]``), image-conditioned (I2V) policy through the loop. The
 SkyReels I2V recipe reads ``.jsonl`` prompt files whose rows name a conditioning image;
 the GenEval recipe reads GenEval's own rows, whose specs travel to the reward as metadata.
+The Wan recipes (Wan2.1 T2V/I2V, Wan2.2 A14B T2V/I2V with two experts, TI2V-5B from an
+image and from text) train against ``videoalign`` and the frame-averaged ``video_hps``
+(kind ``video_frames`` over the tiny HPS); recipes that shard with ``train.fsdp`` run here
+as one process (``train.fsdp=false``: FSDP needs several ranks, see test_trainer_wan_fsdp).
 """
 
 from __future__ import annotations
@@ -42,6 +47,25 @@ from dancegrpo_trainer.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[3]
 CONFIGS = ROOT / "configs"
+
+
+def _wan_builder(name: str, **kwargs: Any) -> Any:
+    def build() -> Any:
+        from dancegrpo_testing import wan_models
+
+        return getattr(wan_models, name)(**kwargs)
+
+    return build
+
+
+#: Tiny Wan diffusers folders under $DANCEGRPO_WEIGHTS, named as the recipes expect.
+WAN_WEIGHTS = {
+    "Wan2.1-T2V-1.3B-Diffusers": _wan_builder("tiny_wan_t2v_pipeline"),
+    "Wan2.1-I2V-14B-480P-Diffusers": _wan_builder("tiny_wan_i2v_pipeline"),
+    "Wan2.2-T2V-A14B-Diffusers": _wan_builder("tiny_wan22_t2v_pipeline"),
+    "Wan2.2-I2V-A14B-Diffusers": _wan_builder("tiny_wan22_i2v_pipeline"),
+    "Wan2.2-TI2V-5B-Diffusers": _wan_builder("tiny_wan22_ti2v_pipeline"),
+}
 TRAIN_PROMPTS = ["a photo of a cat", "a red car", "a small house", "a blue bird"]
 EVAL_PROMPTS = ["a dog on a chair"]
 #: Text-rendering prompts: the ``ocr`` reward reads the quoted text.
@@ -50,6 +74,19 @@ OCR_EVAL = ['a street sign reading "MAIN ST"']
 #: What CPU and the tiny models force; everything else comes from the recipe.
 CPU = ["model.height=16", "model.width=16", "sampling.num_steps=3", "run.progress=false"]
 FLUX_RECIPES = ["flux_hps_clip", "flux_binary_hps", "flux_best_of_n"]
+WAN_RECIPES = [
+    "wan21_t2v_videoalign",
+    "wan21_t2v_video_hps",
+    "wan21_i2v_videoalign",
+    "wan22_t2v_a14b_videoalign",
+    "wan22_i2v_a14b_videoalign",
+    "wan22_ti2v_5b_videoalign",
+]
+EDIT_TRAIN_PROMPTS = ["make it red", "add a hat", "turn the sky green", "remove the car"]
+EDIT_EVAL_PROMPTS = ["make it a painting"]
+#: The edit recipes' rewards are `pickscore` (issue 18's kind) and `image_similarity` (issue
+#: 16's); until both are served here, the test points them at the module's `hps` and `clip`.
+EDIT_REWARDS = ["rewards.endpoints.0.reward=hps", "rewards.endpoints.1.reward=clip"]
 #: GenEval rows (GenEval's ``evaluation_metadata.jsonl`` format) and the wire spec each
 #: must reach the reward with. The random tiny detector (thresholds 0) finds a bench in
 #: some images and not in others (7 and 11 of 24 rollouts when written); it has 8 queries,
@@ -111,7 +148,15 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """``weights/`` (tiny SD, FLUX, HunyuanVideo and SkyReels I2V folders named as the
     recipes expect), ``data/prompts`` (with I2V prompt + image rows), and the tiny CLIP
     reward files."""
-    from dancegrpo_testing import clip_models, diffusion_models, video_models, videoalign_models
+    from dancegrpo_testing import (
+        clip_models,
+        diffusion_models,
+        hpsv3_models,
+        imagereward_models,
+        qwen_image_models,
+        video_models,
+        videoalign_models,
+    )
 
     root = tmp_path_factory.mktemp("recipes")
     weights = root / "weights"
@@ -125,6 +170,14 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     diffusion_models.save_pipeline(
         video_models.tiny_skyreels_i2v_pipeline(), weights / "SkyReels-I2V"
     )
+    for folder, pipe in (
+        ("Qwen-Image", qwen_image_models.tiny_qwen_image_pipeline()),
+        ("Qwen-Image-Edit", qwen_image_models.tiny_qwen_image_edit_pipeline()),
+        ("Qwen-Image-Edit-2509", qwen_image_models.tiny_qwen_image_edit_pipeline(plus=True)),
+    ):
+        diffusion_models.save_pipeline(pipe, weights / folder)
+    for folder, build in WAN_WEIGHTS.items():
+        diffusion_models.save_pipeline(build(), weights / folder)
     data = root / "data"
     (data / "prompts").mkdir(parents=True)
     for prefix in ("hps", "video"):
@@ -132,11 +185,17 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         (data / "prompts" / f"{prefix}_eval.txt").write_text("\n".join(EVAL_PROMPTS) + "\n")
     write_i2v_prompts(data / "prompts", "i2v_train", TRAIN_PROMPTS)
     write_i2v_prompts(data / "prompts", "i2v_eval", EVAL_PROMPTS)
+    write_i2v_prompts(data / "prompts", "edit_train", EDIT_TRAIN_PROMPTS)
+    write_i2v_prompts(data / "prompts", "edit_eval", EDIT_EVAL_PROMPTS)
     for name, lines in (
         ("ocr_train", OCR_TRAIN),
         ("ocr_eval", OCR_EVAL),
         ("pickscore_train", TRAIN_PROMPTS),
         ("pickscore_eval", EVAL_PROMPTS),
+        ("imagereward_train", TRAIN_PROMPTS),
+        ("imagereward_eval", EVAL_PROMPTS),
+        ("hpsv3_train", TRAIN_PROMPTS),
+        ("hpsv3_eval", EVAL_PROMPTS),
     ):
         (data / "prompts" / f"{name}.txt").write_text("\n".join(lines) + "\n")
     for name, rows in (("geneval_train", GENEVAL_TRAIN), ("geneval_eval", GENEVAL_EVAL)):
@@ -145,6 +204,8 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     files = clip_models.write_tiny_clip_files(root / "clip")
     videoalign = videoalign_models.write_hf_folder(root / "videoalign")
     pickscore = clip_models.write_pickscore_folders(root / "pickscore")
+    imagereward = imagereward_models.write_imagereward_files(root / "imagereward")
+    hpsv3 = hpsv3_models.write_hpsv3_files(root / "hpsv3")
     return {
         "root": root,
         "weights": weights,
@@ -154,6 +215,8 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "geneval": root / "geneval",
         "pickscore": pickscore.model,
         "pickscore_processor": pickscore.processor,
+        "imagereward": imagereward.checkpoint,
+        "hpsv3": hpsv3.checkpoint,
     }
 
 
@@ -181,6 +244,11 @@ def server(assets: dict[str, Path]) -> Iterator[str]:
                 "options": {"reward": {"kind": "hps", **hps}, "threshold": 0.0},
             },
             "color_video": {"kind": "color_match", "options": {"modality": "video"}},
+            # services/rewards.yaml's video_hps: HPS averaged over sampled frames.
+            "video_hps": {
+                "kind": "video_frames",
+                "options": {"num_frames": 3, "reward": {"kind": "hps", **hps}},
+            },
             # The random detector scores every (query, class) pair ~0.008: thresholds of 0
             # let its top-k through, so whether a class is found varies from image to image.
             "geneval": {
@@ -214,6 +282,19 @@ def server(assets: dict[str, Path]) -> Iterator[str]:
                     "processor_path": str(assets["pickscore_processor"]),
                 },
             },
+            "imagereward": {
+                "kind": "imagereward",
+                "options": {"checkpoint": str(assets["imagereward"])},
+            },
+            # A small pixel budget: the tiny Qwen2-VL sees 4 merged patches per image.
+            "hpsv3": {
+                "kind": "hpsv3",
+                "options": {
+                    "checkpoint": str(assets["hpsv3"]),
+                    "min_pixels": 56 * 56,
+                    "max_pixels": 56 * 56,
+                },
+            },
         },
     }
     env = {"OMP_NUM_THREADS": "1"}
@@ -235,8 +316,23 @@ def recipe_env(assets: dict[str, Path], server: str) -> Iterator[dict[str, Path]
         mp.setenv("DANCEGRPO_WEIGHTS", str(assets["weights"]))
         mp.setenv("DANCEGRPO_DATA", str(assets["data"]))
         mp.setenv("DANCEGRPO_REWARDS", server)
-        recipes = ("flux_hps_clip", "flux_geneval", "flux_ocr", "flux_pickscore")
-        for recipe in (*recipes, "hunyuan_video_videoalign", "skyreels_i2v_videoalign"):
+        # wan21_t2v_video_hps shares wan21_t2v_videoalign's cache (same model and text).
+        wan = [r for r in WAN_RECIPES if r != "wan21_t2v_video_hps"]
+        recipes = (
+            "flux_hps_clip",
+            "flux_geneval",
+            "flux_ocr",
+            "flux_pickscore",
+            "flux_imagereward",
+            "flux_hpsv3",
+            *wan,
+        )
+        for recipe in (
+            *recipes,
+            "hunyuan_video_videoalign",
+            "skyreels_i2v_videoalign",
+            "qwen_image_clip_pickscore",
+        ):
             rc = train_main(["preprocess", "--config", str(CONFIGS / f"{recipe}.yaml")])
             assert rc == 0
         yield assets
@@ -301,9 +397,13 @@ def run_recipe(name: str, out: Path, *overrides: str) -> RecordingTrainer:
 
 def assert_trained_and_saved(trainer: Trainer, out: Path) -> None:
     """Nearly every trained element moved (float32 master weights) and the checkpoint holds
-    exactly the live weights."""
+    exactly the live weights. LoRA's first step moves ``lora_B`` only: ``lora_A`` gets a
+    zero gradient while ``B`` is still zero (peft's initialisation), so it is left out."""
     live = trainable_state(trainer)
-    moved = sum(int((live[k] != v).sum()) for k, v in trainer.initial.items())
+    if trainer.lora:
+        assert any("lora_A" in k for k in live)
+        live = {k: v for k, v in live.items() if "lora_B" in k}
+    moved = sum(int((live[k] != trainer.initial[k]).sum()) for k in live)
     total = sum(v.numel() for v in live.values())
     assert all(v.dtype == torch.float32 for v in live.values())
     assert moved > 0.9 * total, f"only {moved} of {total} trained weights changed"
@@ -500,6 +600,91 @@ def test_skyreels_i2v_videoalign_recipe_trains_on_mq_with_images_and_cached_text
     assert_trained_and_saved(trainer, tmp_path)
 
 
+def assert_qwen_lora_trained_and_saved(trainer: Trainer, out: Path) -> None:
+    """Only LoRA factors train; every ``lora_B`` (zero at injection) moved except those on
+    the last block's text-stream outputs (its text query, text output projection and text
+    MLP: the transformer reads only the image stream after the last block, so they get no
+    gradient), the base weights are frozen, and the checkpoint holds exactly the live
+    adapter."""
+    module = trainer.policy.trainable_module()
+    last = f"transformer_blocks.{len(module.transformer_blocks) - 1}."
+    dead = tuple(last + m for m in ("attn.add_q_proj.", "attn.to_add_out.", "txt_mlp."))
+    live = trainable_state(trainer)
+    assert live and all("lora_" in k for k in live)
+    for name, value in live.items():
+        if "lora_B" in name:
+            moved = not torch.equal(value, trainer.initial[name])
+            assert moved != name.startswith(dead), name
+    frozen = [p for n, p in module.named_parameters() if "lora_" not in n]
+    assert frozen and all(not p.requires_grad for p in frozen)
+    saved = load_file(str(out / "checkpoints" / "step_000001" / "model.safetensors"))
+    for k, v in live.items():
+        torch.testing.assert_close(saved[k], v, rtol=0, atol=0)
+    rec = records(out)[-1]
+    assert rec["grad_norm"] > 0 and rec["skipped"] == 0
+
+
+def test_qwen_image_recipe_trains_lora_on_clip_and_pickscore_from_the_cache(
+    recipe_env: dict[str, Path], tmp_path: Path, cli_trainer: type[RecordingTrainer]
+) -> None:
+    """Qwen-Image with Flow-Factory's settings: 3 prompts x G = 16, true CFG 4, LoRA r 64,
+    prompt and negative-prompt embeddings from the cache ``preprocess`` wrote (the text
+    encoder never loads), CLIP 1.0 + PickScore 0.5 (served here by the `hps` kind)."""
+    from dancegrpo_trainer.policies.qwen_image import QwenImagePolicy
+
+    span = "sampling.window.span=[1,3]"  # the recipe's [1, 4] with 3 CPU steps
+    trainer = run_recipe(
+        "qwen_image_clip_pickscore", tmp_path, "rewards.endpoints.1.reward=hps", span
+    )
+    rec = records(tmp_path)[0]
+    assert rec["samples"] == 48
+    clip, pick = rec["reward/clip/score_mean"], rec["reward/hps/score_mean"]
+    assert rec["reward_mean"] == pytest.approx((clip + 0.5 * pick) / 1.5, abs=1e-6)
+    policy = trainer.policy
+    assert isinstance(policy, QwenImagePolicy) and policy.text_encoder is None
+    assert policy.config.do_true_cfg and policy.config.noise_schedule == "flow_grpo"
+    assert [r["step"] for r in records(tmp_path, "eval")] == [0, 1]
+    assert_qwen_lora_trained_and_saved(trainer, tmp_path)
+
+
+@pytest.mark.parametrize("recipe", ["qwen_image_edit", "qwen_image_edit_plus"])
+def test_qwen_image_edit_recipes_send_each_source_image_with_its_edits(
+    recipe: str,
+    recipe_env: dict[str, Path],
+    tmp_path: Path,
+    cli_trainer: type[RecordingTrainer],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Qwen-Image-Edit / Edit-Plus with Flow-Factory's Edit-Plus settings: 3 instructions x
+    G = 16 edits of their source images (from the ``.jsonl`` rows, 20x24; encoded at 64²
+    pixels on CPU instead of the recipe's 384²), the text encoder loaded (it sees the source
+    image: no cache), LoRA r 64; every sample reaches the reward service with its own source
+    image."""
+    monkeypatch.setattr(trainer_module, "RewardScorer", RecordingScorer)
+    area = "model.options.condition_image_area=4096"
+    trainer = run_recipe(recipe, tmp_path, *EDIT_REWARDS, area, "sampling.window.span=[1,3]")
+    rec = records(tmp_path)[0]
+    assert rec["samples"] == 48
+    policy = trainer.policy
+    assert policy.text_encoder is not None and policy.config.true_cfg_scale == 4.0
+    scorer = RecordingScorer.last
+    assert scorer is not None
+    sources = {
+        p: np.asarray(Image.open(recipe_env["data"] / "prompts" / f"{split}/{i:04d}.png"))
+        for split, prompts in (("edit_train", EDIT_TRAIN_PROMPTS), ("edit_eval", EDIT_EVAL_PROMPTS))
+        for i, p in enumerate(prompts)
+    }
+    sent = 0
+    for frames, prompts, images, _ in scorer.sent:
+        assert frames.shape[1:] == (16, 16, 3) and images is not None
+        for prompt, image in zip(prompts, images, strict=True):
+            np.testing.assert_array_equal(image, sources[prompt])
+            sent += 1
+    assert sent == 48 + 2  # the train step's samples and one eval sample before and after
+    assert [r["step"] for r in records(tmp_path, "eval")] == [0, 1]
+    assert_qwen_lora_trained_and_saved(trainer, tmp_path)
+
+
 def test_two_group_recipe_trains_against_two_reward_services(
     recipe_env: dict[str, Path],
     server: str,
@@ -600,6 +785,180 @@ def test_window_recipe_values_follow_their_sources() -> None:
         )
         assert w.flash == flash and (not flash or w.flash_compress_ratio == 0.4)
         assert cfg.train.skip_last_timestep and cfg.train.max_grad_norm == 1.0
+
+
+# ------------------------------------------------------------------------------ Wan
+
+#: What the tiny Wan models force besides CPU: 5 frames; TI2V's 16x VAE needs 32 px.
+WAN_CPU = ["model.num_frames=5"]
+
+
+def lora_weights(trainer: Trainer, prefix: str) -> dict[str, torch.Tensor]:
+    module = trainer.policy.trainable_module()
+    return {n: p.detach().clone() for n, p in module.named_parameters() if n.startswith(prefix)}
+
+
+def test_wan21_t2v_videoalign_recipe_trains_on_vq_and_mq(
+    recipe_env: dict[str, Path], tmp_path: Path, cli_trainer: type[RecordingTrainer]
+) -> None:
+    """Wan2.1 T2V (full fine-tune, CFG from the cached negative prompt) against the real
+    ``videoalign`` kind: G = 12 videos, VQ + MQ advantages."""
+    from dancegrpo_trainer.policies.wan import WanPolicy
+
+    trainer = run_recipe("wan21_t2v_videoalign", tmp_path, *WAN_CPU)
+    rec = records(tmp_path)[0]
+    assert rec["samples"] == 12
+    vq, mq = rec["reward/videoalign/vq_mean"], rec["reward/videoalign/mq_mean"]
+    assert rec["reward_mean"] == pytest.approx((vq + mq) / 2, abs=1e-6)
+    policy = trainer.policy
+    assert type(policy) is WanPolicy and policy.text_encoder is None and policy.config.do_cfg
+    assert [r["step"] for r in records(tmp_path, "eval")] == [0, 1]
+    assert_trained_and_saved(trainer, tmp_path)
+
+
+def test_wan21_t2v_video_hps_recipe_scores_frame_averaged_hps(
+    recipe_env: dict[str, Path],
+    tmp_path: Path,
+    cli_trainer: type[RecordingTrainer],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The frame-averaged image reward: whole videos go to ``video_hps`` (kind
+    ``video_frames``), which scores what direct scoring of the same videos scores."""
+    from dancegrpo_proto import RewardClient
+
+    monkeypatch.setattr(trainer_module, "RewardScorer", RecordingScorer)
+    trainer = run_recipe("wan21_t2v_video_hps", tmp_path, *WAN_CPU, "data.eval_prompts=[]")
+    scorer = RecordingScorer.last
+    assert scorer is not None
+    rec = records(tmp_path)[0]
+    frames = np.concatenate([chunk[0] for chunk in scorer.sent])
+    prompts = [p for chunk in scorer.sent for p in chunk[1]]
+    assert frames.shape == (12, 5, 16, 16, 3)
+    with RewardClient(os.environ["DANCEGRPO_REWARDS"]) as client:
+        direct = client.score("video_hps", videos=frames, prompts=prompts)["score"]
+    assert rec["reward/video_hps/score_mean"] == pytest.approx(float(direct.mean()), rel=1e-5)
+    assert_trained_and_saved(trainer, tmp_path)
+
+
+def test_wan21_i2v_videoalign_recipe_trains_lora_with_images_and_cached_text(
+    recipe_env: dict[str, Path],
+    tmp_path: Path,
+    cli_trainer: type[RecordingTrainer],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Wan2.1 I2V with LoRA: text from the cache, each prompt's image encoded once (VAE
+    latents of image + black frames, CLIP tokens) at rollout, MQ as the reward."""
+    from dancegrpo_trainer.policies.wan_i2v import WanI2VPolicy
+
+    encoded: list[tuple[int, ...]] = []
+    original = WanI2VPolicy.encode_condition_images
+
+    def recording(policy: WanI2VPolicy, images: torch.Tensor) -> Conditioning:
+        encoded.append(tuple(images.shape))
+        return original(policy, images)
+
+    monkeypatch.setattr(WanI2VPolicy, "encode_condition_images", recording)
+    trainer = run_recipe("wan21_i2v_videoalign", tmp_path, *WAN_CPU)
+    rec = records(tmp_path)[0]
+    assert rec["samples"] == 8
+    assert rec["reward_mean"] == pytest.approx(rec["reward/videoalign/mq_mean"], abs=1e-6)
+    policy = trainer.policy
+    assert isinstance(policy, WanI2VPolicy) and policy.image_encoder is not None
+    assert encoded == [(1, 20, 24, 3)] * 3  # eval before, the training prompt, eval after
+    trained = [n for n, p in policy.trainable_module().named_parameters() if p.requires_grad]
+    assert trained and all("lora_" in n for n in trained)
+    assert any("attn2.add_k_proj.lora_A" in n for n in trained)  # image cross-attention
+    assert_trained_and_saved(trainer, tmp_path)
+
+
+def test_wan22_t2v_a14b_recipe_trains_lora_on_both_experts(
+    recipe_env: dict[str, Path], tmp_path: Path, cli_trainer: type[RecordingTrainer]
+) -> None:
+    """Wan2.2 T2V-A14B: LoRA on both experts, each step's log-prob from its own expert.
+    Shift 12 gives the low-noise expert only the last steps, so 6 steps here (experts
+    0,0,0,0,1,1; the last is not trained) let both train."""
+    from dancegrpo_trainer.policies.wan import WanExperts
+
+    trainer = run_recipe(
+        "wan22_t2v_a14b_videoalign", tmp_path, *WAN_CPU, "sampling.num_steps=6", "train.fsdp=false"
+    )
+    policy = trainer.policy
+    assert isinstance(policy.trainable_module(), WanExperts) and policy.boundary_ratio == 0.875
+    schedule = policy.schedule(6)
+    assert policy.expert_indices(schedule.timesteps).tolist() == [0, 0, 0, 0, 1, 1]
+    assert policy.config.guidance_scales == (4.0, 3.0)
+    for expert in ("transformer.", "transformer_2."):
+        before = {k: v for k, v in trainer.initial.items() if k.startswith(expert)}
+        after = lora_weights(trainer, expert)
+        assert before and all("lora_" in k for k in before)
+        assert any(not torch.equal(after[k], v) for k, v in before.items()), expert
+    assert_trained_and_saved(trainer, tmp_path)
+
+
+def test_wan22_i2v_a14b_recipe_trains_the_high_noise_expert_alone(
+    recipe_env: dict[str, Path], tmp_path: Path, cli_trainer: type[RecordingTrainer]
+) -> None:
+    trainer = run_recipe("wan22_i2v_a14b_videoalign", tmp_path, *WAN_CPU, "train.fsdp=false")
+    policy = trainer.policy
+    assert policy.trainable_module() is policy.transformer and policy.boundary_ratio == 0.9
+    assert policy.step_groups(policy.schedule(3)) == [[0, 1]]
+    assert all(not p.requires_grad for p in policy.transformer_2.parameters())
+    assert not any("lora_" in n for n, _ in policy.transformer_2.named_parameters())
+    assert records(tmp_path)[0]["samples"] == 8
+    assert_trained_and_saved(trainer, tmp_path)
+
+
+@pytest.mark.parametrize("prompts", ["image", "text"])
+def test_wan22_ti2v_5b_recipe_trains_from_images_or_from_text(
+    recipe_env: dict[str, Path], tmp_path: Path, cli_trainer: type[RecordingTrainer], prompts: str
+) -> None:
+    """TI2V-5B: one checkpoint, image prompts (.jsonl) or text prompts (.txt)."""
+    extra = ["model.height=32", "model.width=32", "train.fsdp=false"]
+    if prompts == "text":
+        data = recipe_env["data"] / "prompts"
+        extra += [f"data.train_prompts={data / 'video_train.txt'}", "data.eval_prompts=[]"]
+    trainer = run_recipe("wan22_ti2v_5b_videoalign", tmp_path, *WAN_CPU, *extra)
+    assert trainer.policy.expand_timesteps
+    assert records(tmp_path)[0]["samples"] == 12
+    assert_trained_and_saved(trainer, tmp_path)
+
+
+@pytest.mark.parametrize("recipe", WAN_RECIPES)
+def test_wan_recipe_values(recipe: str) -> None:
+    """DanceGRPO's Wan2.1 script (20 steps, eta 0.3, CFG 5 at shift 3, lr 1e-5, ...), Wan2.2's
+    own guidance and shifts for the A14B and TI2V-5B checkpoints, Wan's 480p video."""
+    cfg = load_config(
+        CONFIGS / f"{recipe}.yaml",
+        ["model.path=x", "data.train_prompts=p.jsonl", "data.eval_prompts=[]"],
+    )
+    m, s, t, o = cfg.model, cfg.sampling, cfg.train, cfg.model.options
+    assert (m.height, m.width, m.num_frames, m.dtype) == (480, 832, 81, "bfloat16")
+    assert (s.num_steps, s.eta, s.shared_noise, o["eta"], o["max_sequence_length"]) == (
+        20,
+        0.3,
+        True,
+        0.3,
+        512,
+    )
+    assert s.sampler == "dancegrpo" and "noise_schedule" not in o
+    assert (t.learning_rate, t.weight_decay, t.timestep_fraction, t.max_grad_norm) == (
+        1e-5,
+        1e-4,
+        0.6,
+        1.0,
+    )
+    assert (t.clip_range, t.adv_clip_max, t.skip_last_timestep) == (1e-4, 5.0, True)
+    expected = {
+        "wan21_t2v_videoalign": ("wan_t2v", 5.0, None, 3.0, 12, ["vq", "mq"]),
+        "wan21_t2v_video_hps": ("wan_t2v", 5.0, None, 3.0, 12, ["score"]),
+        "wan21_i2v_videoalign": ("wan_i2v", 5.0, None, 3.0, 8, ["mq"]),
+        "wan22_t2v_a14b_videoalign": ("wan_t2v", 4.0, 3.0, 12.0, 12, ["vq", "mq"]),
+        "wan22_i2v_a14b_videoalign": ("wan_i2v", 3.5, 3.5, 5.0, 8, ["mq"]),
+        "wan22_ti2v_5b_videoalign": ("wan_ti2v", 5.0, None, 5.0, 12, ["vq", "mq"]),
+    }[recipe]
+    outputs = [ep.output for ep in cfg.rewards.endpoints]
+    got = (m.kind, m.guidance_scale, o.get("guidance_scale_2"), o["shift"], s.group_size, outputs)
+    assert got == expected
 
 
 @pytest.mark.parametrize("recipe", ["sd15_hps", *FLUX_RECIPES])
@@ -960,6 +1319,57 @@ def test_flux_pickscore_recipe_trains_lora_against_pickscore(
     assert moved > 0.4 * total  # every lora_B element (half of each pair's weights, or more)
     saved = load_file(str(tmp_path / "checkpoints" / "step_000001" / "model.safetensors"))
     assert saved.keys() >= {k for k in trainable_state(trainer)}
+
+
+def test_flux_imagereward_recipe_trains_against_imagereward(
+    recipe_env: dict[str, Path], tmp_path: Path, cli_trainer: type[RecordingTrainer]
+) -> None:
+    """MixGRPO's FLUX settings (G = 12, η 0.7, 25 steps on the GPU) against the real
+    ``imagereward`` kind on a tiny ImageReward in the official file layout: the group's
+    standardised scores differ, so the full fine-tune moves."""
+    trainer = run_recipe("flux_imagereward", tmp_path, "data.eval_prompts=[]")
+    rec = records(tmp_path)[0]
+    assert rec["samples"] == 12 and rec["advantage_abs_mean"] > 0
+    assert "reward/imagereward/score_mean" in rec
+    assert_trained_and_saved(trainer, tmp_path)
+
+
+def test_flux_imagereward_recipe_values() -> None:
+    """MixGRPO's finetune_flux_grpo_MixGRPO.sh (reward_model=image_reward)."""
+    cfg = load_config(CONFIGS / "flux_imagereward.yaml")
+    s, t, (ep,) = cfg.sampling, cfg.train, cfg.rewards.endpoints
+    assert (ep.reward, ep.output) == ("imagereward", "score")
+    assert (s.group_size, s.shared_noise, s.num_steps, s.eta) == (12, True, 25, 0.7)
+    assert cfg.model.height == cfg.model.width == 720 and cfg.model.options["shift"] == 3.0
+    assert (t.learning_rate, t.clip_range, t.adv_clip_max, t.max_grad_norm) == (
+        1e-5,
+        1e-4,
+        5.0,
+        1.0,
+    )
+    assert (t.timestep_fraction, t.weight_decay, t.kl_coef) == (0.6, 1e-4, 0.0)
+
+
+def test_flux_hpsv3_recipe_trains_against_hpsv3(
+    recipe_env: dict[str, Path], tmp_path: Path, cli_trainer: type[RecordingTrainer]
+) -> None:
+    """DanceGRPO's FLUX settings against the real ``hpsv3`` kind on a tiny Qwen2-VL HPSv3 in
+    the official layout: trains on μ (``score``)."""
+    trainer = run_recipe("flux_hpsv3", tmp_path, "data.eval_prompts=[]")
+    rec = records(tmp_path)[0]
+    assert rec["samples"] == 12 and rec["advantage_abs_mean"] > 0
+    assert "reward/hpsv3/score_mean" in rec
+    assert_trained_and_saved(trainer, tmp_path)
+
+
+def test_flux_hpsv3_recipe_values() -> None:
+    """DanceGRPO's FLUX values (as flux_hps_clip) with the hpsv3 reward's μ."""
+    cfg = load_config(CONFIGS / "flux_hpsv3.yaml")
+    ref = load_config(CONFIGS / "flux_hps_clip.yaml")
+    (ep,) = cfg.rewards.endpoints
+    assert (ep.reward, ep.output) == ("hpsv3", "score")
+    assert cfg.sampling == ref.sampling and cfg.train == ref.train
+    assert cfg.model.options == ref.model.options and cfg.model.height == 720
 
 
 def test_flux_ocr_recipe_sends_quoted_prompts_to_the_real_ocr_reward(

@@ -229,7 +229,33 @@ def _policies():
         ),
         copy=True,
     )
-    return {"tiny_flow": _tiny(), "flux": flux, "hunyuan_video": hunyuan, "skyreels_i2v": skyreels}
+    return {
+        "tiny_flow": _tiny(),
+        "flux": flux,
+        "hunyuan_video": hunyuan,
+        "skyreels_i2v": skyreels,
+        **_wan_policies(),
+    }
+
+
+def _wan_policies() -> dict:
+    """Wan2.2 A14B T2V and I2V: two experts, the shift read from the checkpoint (12 and 5;
+    with 5, the window of the flash test below crosses the expert boundary)."""
+    from dancegrpo_testing.wan_models import (
+        TINY_WAN_MAX_LENGTH,
+        tiny_wan22_i2v_pipeline,
+        tiny_wan22_t2v_pipeline,
+    )
+    from dancegrpo_trainer.policies.wan import WanConfig, WanPolicy
+    from dancegrpo_trainer.policies.wan_i2v import WanI2VPolicy
+
+    config = WanConfig(
+        resolution=32, num_frames=5, device="cpu", max_sequence_length=TINY_WAN_MAX_LENGTH
+    )
+    return {
+        "wan22_t2v": WanPolicy.from_pipeline(tiny_wan22_t2v_pipeline(), config, copy=True),
+        "wan22_i2v": WanI2VPolicy.from_pipeline(tiny_wan22_i2v_pipeline(), config, copy=True),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -238,14 +264,16 @@ def policies():
 
 
 @pytest.mark.parametrize("sampler", ["dancegrpo", "flow_grpo", "cps"])
-@pytest.mark.parametrize("which", ["tiny_flow", "flux", "hunyuan_video", "skyreels_i2v"])
+@pytest.mark.parametrize(
+    "which", ["tiny_flow", "flux", "hunyuan_video", "skyreels_i2v", "wan22_t2v", "wan22_i2v"]
+)
 def test_every_flow_policy_samples_every_sampler_in_a_flash_window_with_ratio_one(
     policies, which, sampler
 ):
     policy = policies[which]
     images = (
         torch.randint(0, 255, (1, 20, 24, 3), dtype=torch.uint8)
-        if which == "skyreels_i2v"
+        if which in ("skyreels_i2v", "wan22_i2v")
         else None
     )
     cond = policy.encode_prompts(PROMPTS[:1], images).select([0, 0])
@@ -272,6 +300,8 @@ def test_every_flow_policy_samples_every_sampler_in_a_flash_window_with_ratio_on
         decode=False,
     )
     assert r.recorded_steps == [1, 2] and torch.isfinite(r.latents).all()
+    if which == "wan22_i2v":  # one window step per expert
+        assert policy.expert_indices(r.schedule.timesteps[[1, 2]]).tolist() == [0, 1]
     with torch.no_grad():
         for i in r.recorded_steps:
             out = policy.denoise_step(

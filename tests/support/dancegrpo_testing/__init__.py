@@ -13,6 +13,8 @@ Submodules, each importing its heavy dependencies only when used:
 - ``dinov2_models``: a tiny DINOv2 folder (hub layout) for ``image_similarity``.
 - ``video_models``: a tiny HunyuanVideo pipeline (3-D transformer, video VAE, Llama + offline
   byte-level BPE tokenizer, CLIP); save it with ``diffusion_models.save_pipeline``.
+- ``wan_models``: tiny Wan2.1 T2V/I2V, Wan2.2 T2V/I2V-A14B (two experts) and TI2V-5B
+  pipelines (UMT5 + offline T5 tokenizer, Wan VAEs, CLIP vision for Wan2.1 I2V).
 - ``geneval_models``: a tiny Mask2Former COCO folder (hub layout) + colour CLIP for ``geneval``.
 - ``videoalign_models``: a tiny Qwen2-VL VideoAlign model (offline BPE tokenizer with the
   reward tokens, ``rm_head``) as an HF folder, and a VideoReward release (peft LoRA).

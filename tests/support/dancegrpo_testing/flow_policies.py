@@ -1,6 +1,7 @@
 """Every rectified-flow adapter of the trainer as a tiny random-weight policy on CPU (16 px,
-5 frames for video), built from the tiny diffusers pipelines of ``diffusion_models`` and
-``video_models``: for tests that must hold on every flow policy kind."""
+5 frames for video; 32 px for Wan2.2 TI2V-5B, whose VAE is 16x), built from the tiny diffusers
+pipelines of ``diffusion_models``, ``video_models``, ``qwen_image_models`` and ``wan_models``:
+for tests that must hold on every flow policy kind."""
 
 from __future__ import annotations
 
@@ -8,10 +9,34 @@ from typing import Any
 
 import torch
 
-#: The flow adapters (``model.kind``) :func:`tiny_flow_policy` builds.
-FLOW_KINDS = ("tiny_flow", "flux", "hunyuan_video", "skyreels_i2v", "sd3", "flux_kontext")
+#: The flow adapters (``model.kind``) :func:`tiny_flow_policy` builds (``wan_t2v``: Wan2.1,
+#: one transformer; ``wan_i2v``: Wan2.1 I2V; ``wan_ti2v``: Wan2.2 TI2V-5B from an image).
+FLOW_KINDS = (
+    "tiny_flow",
+    "flux",
+    "hunyuan_video",
+    "skyreels_i2v",
+    "sd3",
+    "flux_kontext",
+    "qwen_image",
+    "qwen_image_edit",
+    "qwen_image_edit_plus",
+    "wan_t2v",
+    "wan_i2v",
+    "wan_ti2v",
+)
+#: A builder name beside the kinds: Wan2.2 T2V-A14B (``model.kind`` ``wan_t2v``), two experts
+#: with :meth:`Policy.step_groups`.
+TWO_EXPERT_WAN = "wan22_t2v_a14b"
 #: Kinds conditioned on one image per prompt (I2V, editing).
-IMAGE_KINDS = ("skyreels_i2v", "flux_kontext")
+IMAGE_KINDS = (
+    "skyreels_i2v",
+    "flux_kontext",
+    "qwen_image_edit",
+    "qwen_image_edit_plus",
+    "wan_i2v",
+    "wan_ti2v",
+)
 
 
 def tiny_flow_policy(kind: str, **options: Any) -> Any:
@@ -71,7 +96,73 @@ def tiny_flow_policy(kind: str, **options: Any) -> Any:
             **{**video, "max_sequence_length": 16, "true_cfg_scale": 3.0, **options}
         )
         return SkyReelsI2VPolicy.from_pipeline(vm.tiny_skyreels_i2v_pipeline(), config, copy=True)
-    raise ValueError(f"unknown flow kind {kind!r}: choose from {FLOW_KINDS}")
+    if kind.startswith("qwen_image"):
+        return _qwen_image_policy(kind, options)
+    if kind.startswith("wan") or kind == TWO_EXPERT_WAN:
+        return _wan_policy(kind, options)
+    raise ValueError(f"unknown flow kind {kind!r}: choose from {FLOW_KINDS + (TWO_EXPERT_WAN,)}")
+
+
+def _qwen_image_policy(kind: str, options: dict[str, Any]) -> Any:
+    """Qwen-Image (true CFG 3), Edit or Edit-Plus at 16 px (small source-image areas)."""
+    from dancegrpo_testing import qwen_image_models as qm
+    from dancegrpo_trainer.policies import qwen_image as qi
+    from dancegrpo_trainer.policies import qwen_image_edit as edit
+
+    common = {
+        "resolution": 16,
+        "device": "cpu",
+        "prompt_template_encode_start_idx": None,  # count with the tiny tokenizer
+        "true_cfg_scale": 3.0,
+        "negative_prompt": "blurry",
+    }
+    if kind == "qwen_image":
+        config = qi.QwenImageConfig(**{**common, "max_sequence_length": 48, **options})
+        return qi.QwenImagePolicy.from_pipeline(qm.tiny_qwen_image_pipeline(), config, copy=True)
+    if kind not in ("qwen_image_edit", "qwen_image_edit_plus"):
+        raise ValueError(f"unknown flow kind {kind!r}: choose from {FLOW_KINDS}")
+    plus = kind == "qwen_image_edit_plus"
+    common["condition_image_area"] = 32 * 32
+    if plus:
+        common["vl_image_area"] = 56 * 56
+    cls = edit.QwenImageEditPlusPolicy if plus else edit.QwenImageEditPolicy
+    config_cls = edit.QwenImageEditPlusConfig if plus else edit.QwenImageEditConfig
+    pipe = qm.tiny_qwen_image_edit_pipeline(plus=plus)
+    return cls.from_pipeline(pipe, config_cls(**{**common, **options}), copy=True)
+
+
+def _wan_policy(kind: str, options: dict[str, Any]) -> Any:
+    """Wan2.1 T2V / I2V, Wan2.2 T2V-A14B (two experts) or TI2V-5B (image mode), CFG 5."""
+    from dancegrpo_testing import wan_models as wm
+    from dancegrpo_trainer.policies.wan import WanConfig, WanPolicy
+    from dancegrpo_trainer.policies.wan_i2v import WanI2VPolicy
+
+    builds = {
+        "wan_t2v": (wm.tiny_wan_t2v_pipeline, WanPolicy, 16, wm.TINY_WAN_MAX_LENGTH),
+        TWO_EXPERT_WAN: (wm.tiny_wan22_t2v_pipeline, WanPolicy, 16, wm.TINY_WAN_MAX_LENGTH),
+        "wan_i2v": (wm.tiny_wan_i2v_pipeline, WanI2VPolicy, 16, wm.WAN21_I2V_TEXT_LENGTH),
+        "wan_ti2v": (
+            lambda: wm.tiny_wan22_ti2v_pipeline(image=True),
+            WanI2VPolicy,
+            32,  # VAE 16x, patch 2
+            wm.TINY_WAN_MAX_LENGTH,
+        ),
+    }
+    if kind not in builds:
+        raise ValueError(f"unknown flow kind {kind!r}: choose from {FLOW_KINDS}")
+    build, cls, size, text_length = builds[kind]
+    config = WanConfig(
+        **{
+            "resolution": size,
+            "num_frames": 5,
+            "device": "cpu",
+            "max_sequence_length": text_length,
+            "shift": 3.0,
+            "guidance_scale": 5.0,
+            **options,
+        }
+    )
+    return cls.from_pipeline(build(), config, copy=True)
 
 
 def condition_images(kind: str, n: int, seed: int = 0) -> torch.Tensor | None:

@@ -14,6 +14,12 @@ Everything is written in the layouts the ``videoalign`` kind loads in production
   VideoAlign's trainer writes it (``model_config.json``, ``checkpoint-<step>/model.pth``
   holding the PEFT-wrapped state dict with unmerged LoRA factors and transformers-4 key
   names). Needs ``peft``; the live LoRA model comes back as the reference to compare with.
+  Two variants (``RELEASE_VARIANTS``): ``PUBLISHED``, shaped like KwaiVGI/VideoReward as the
+  published ``train.sh`` trains it (1-output head read at the three reward tokens, LoRA
+  r64/alpha128 on the language model's linear layers only, bf16 weights and
+  ``torch_dtype: bfloat16``, ``config.json`` beside ``model_config.json``), and
+  ``FULL_LORA`` (3-output head, rsLoRA r4/alpha8 on every Linear and Embedding outside the
+  vision tower, ``rm_head``, ``lm_head`` and ``embed_tokens`` included, float32).
 """
 
 from __future__ import annotations
@@ -40,8 +46,55 @@ QWEN2_VL_TOKENS = (
 HIDDEN_SIZE = 32
 #: Rows the tiny base config has beyond its tokenizer, as Qwen2-VL-2B's 151936 > 151657.
 BASE_VOCAB_SLACK = 8
-#: LoRA rank and alpha of the tiny release (VideoAlign's defaults are 16 and 32: same s = 2).
-LORA_R, LORA_ALPHA = 4, 8
+
+
+@dataclasses.dataclass(frozen=True)
+class ReleaseVariant:
+    """How a tiny release was "trained" (the VideoAlign settings that shape its files).
+
+    Attributes:
+        name: a label for test ids.
+        output_dim: ``rm_head`` outputs (``model_config.output_dim``).
+        lora_r, lora_alpha, use_rslora: ``peft_lora_config``.
+        lora_namespan_exclude: module-name substrings without LoRA, as ``train()`` leaves
+            them (``"visual"`` appended when ``vision_lora`` is false).
+        torch_dtype: ``model_config.torch_dtype``; ``"bfloat16"`` also stores ``model.pth``
+            in bf16, as a bf16 training run saves it.
+        write_config_json: write ``config.json`` into the release folder, as ``train()``'s
+            final ``model.config.save_pretrained(output_dir)`` does.
+    """
+
+    name: str
+    output_dim: int
+    lora_r: int
+    lora_alpha: int
+    use_rslora: bool
+    lora_namespan_exclude: tuple[str, ...]
+    torch_dtype: str
+    write_config_json: bool
+
+    @property
+    def lora_scaling(self) -> float:
+        """peft's ``s``: ``alpha / r``, or ``alpha / √r`` with rsLoRA."""
+        return self.lora_alpha / (self.lora_r**0.5 if self.use_rslora else self.lora_r)
+
+
+#: KwaiVGI/VideoReward as the published train.sh trains it: ``--lora_r 64 --lora_alpha 128
+#: --lora_namespan_exclude "['lm_head', 'rm_head', 'embed_tokens']" --vision_lora False
+#: --torch_dtype bfloat16 --bf16 True``; its head has one output (read at each token).
+PUBLISHED = ReleaseVariant(
+    "published",
+    1,
+    64,
+    128,
+    False,
+    ("lm_head", "rm_head", "embed_tokens", "visual"),
+    "bfloat16",
+    True,
+)
+#: Every other path of the loader: 3 outputs, rsLoRA, LoRA on embeddings, lm_head and rm_head.
+FULL_LORA = ReleaseVariant("full_lora", 3, 4, 8, True, ("visual",), "float32", False)
+RELEASE_VARIANTS = (PUBLISHED, FULL_LORA)
 
 
 def tiny_tokenizer(*, reward_tokens: bool = False, vocab_size: int = 1500):
@@ -159,13 +212,17 @@ def write_hf_folder(directory: str | Path, *, seed: int = 0, output_dim: int = 3
 # --- VideoReward release ---------------------------------------------------------------
 
 
-def _lora_target_names(model: Any) -> list[str]:
-    """VideoAlign's ``find_target_linear_names``: every Linear and Embedding, vision tower
-    excluded (``vision_lora`` false)."""
+def _lora_target_names(model: Any, exclude: tuple[str, ...]) -> list[str]:
+    """VideoAlign's ``find_target_linear_names``: every Linear and Embedding whose name
+    contains none of ``exclude``."""
     import torch
 
     kinds = (torch.nn.Linear, torch.nn.Embedding)
-    return [n for n, m in model.named_modules() if isinstance(m, kinds) and "visual" not in n]
+    return [
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, kinds) and not any(word in n for word in exclude)
+    ]
 
 
 def _legacy_key(key: str) -> str:
@@ -174,34 +231,47 @@ def _legacy_key(key: str) -> str:
     return re.sub(r"^base_model\.model\.model\.visual\.", "base_model.model.visual.", key)
 
 
-def _lora_model(base: Any, tokenizer: Any, seed: int):
-    """The trained VideoReward stand-in: reward tokens, resized embeddings, rm_head, LoRA."""
+def _lora_model(base: Any, tokenizer: Any, variant: ReleaseVariant, seed: int):
+    """The trained VideoReward stand-in: reward tokens, resized embeddings, rm_head, LoRA.
+
+    LoRA factors are drawn so that ``s·B·A`` has entries of std ~0.1 beside the base
+    weights' 0.2 (visible, not dominant) whatever the rank and scaling.
+    """
     import peft
     import torch
 
     base.resize_token_embeddings(len(tokenizer))
     generator = torch.Generator().manual_seed(seed + 2)
-    base.rm_head = torch.nn.Linear(HIDDEN_SIZE, 3, bias=False)
+    base.rm_head = torch.nn.Linear(HIDDEN_SIZE, variant.output_dim, bias=False)
     config = peft.LoraConfig(
-        target_modules=_lora_target_names(base),
-        r=LORA_R,
-        lora_alpha=LORA_ALPHA,
+        target_modules=_lora_target_names(base, variant.lora_namespan_exclude),
+        r=variant.lora_r,
+        lora_alpha=variant.lora_alpha,
         lora_dropout=0.05,
         task_type="CAUSAL_LM",
+        use_rslora=variant.use_rslora,
         bias="none",
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # peft warns about LoRA on tied embeddings
         model = peft.get_peft_model(base, config)
+    lora_std = (0.1 / (variant.lora_scaling * variant.lora_r**0.5)) ** 0.5
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if "lora_" in name or "rm_head" in name:
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * lora_std)
+            elif "rm_head" in name:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
+        if variant.torch_dtype == "bfloat16":
+            # A bf16 run saves bf16 tensors: the live model keeps exactly those values.
+            for param in model.parameters():
+                param.copy_(param.bfloat16().float())
     return model.eval()
 
 
-def _model_config() -> dict[str, Any]:
-    """A ``model_config.json`` as VideoAlign's trainer writes it (the fields inference reads)."""
+def _model_config(variant: ReleaseVariant) -> dict[str, Any]:
+    """A ``model_config.json`` as VideoAlign's ``save_configs_to_json`` writes it (the
+    blocks inference reads; ``training_args`` trimmed) plus the published ``inference_config``."""
     return {
         "data_config": {
             "meta_data": "/train/meta.csv",
@@ -213,19 +283,24 @@ def _model_config() -> dict[str, Any]:
             "prompt_template_type": "detailed_special",
             "sample_type": "uniform",
         },
+        "training_args": {"output_dir": "rm_output", "bf16": variant.torch_dtype == "bfloat16"},
         "model_config": {
             "model_name_or_path": "/train/Qwen2-VL-2B-Instruct",
-            "output_dim": 3,
+            "output_dim": variant.output_dim,
             "use_special_tokens": True,
+            "torch_dtype": variant.torch_dtype,
             "reward_token": "special",
         },
         "peft_lora_config": {
             "lora_enable": True,
             "vision_lora": False,
-            "lora_r": LORA_R,
-            "lora_alpha": LORA_ALPHA,
+            "lora_r": variant.lora_r,
+            "lora_alpha": variant.lora_alpha,
             "lora_dropout": 0.05,
-            "use_rslora": False,
+            "lora_namespan_exclude": list(variant.lora_namespan_exclude),
+            "lora_task_type": "CAUSAL_LM",
+            "use_rslora": variant.use_rslora,
+            "num_lora_modules": -1,
         },
         "inference_config": {
             "VQ_mean": 3.6757,
@@ -242,8 +317,8 @@ def _model_config() -> dict[str, Any]:
 class TinyRelease:
     """What ``write_release`` wrote, and the live LoRA model checkpoint ``step`` holds.
 
-    ``reference`` is the ``peft`` model (eval): ``reference.base_model.model.model`` is its
-    ``Qwen2VLModel`` with LoRA layers active, ``reference.base_model.model.rm_head`` its head.
+    ``reference`` is the ``peft`` model (eval, float32): ``reference.base_model.model`` is
+    the ``Qwen2VLForConditionalGeneration`` with LoRA layers active and the ``rm_head``.
     """
 
     base_model: Path
@@ -251,9 +326,12 @@ class TinyRelease:
     step: int
     older_step: int
     reference: Any
+    variant: ReleaseVariant
 
 
-def write_release(directory: str | Path, *, seed: int = 0) -> TinyRelease:
+def write_release(
+    directory: str | Path, *, seed: int = 0, variant: ReleaseVariant = PUBLISHED
+) -> TinyRelease:
     """A Qwen2-VL base folder (``<dir>/Qwen2-VL-tiny``) and a VideoReward release
     (``<dir>/VideoReward``) with ``checkpoint-20`` (the reference) and an older
     ``checkpoint-10`` whose LoRA factors are zero."""
@@ -265,13 +343,16 @@ def write_release(directory: str | Path, *, seed: int = 0) -> TinyRelease:
     base = _random_model(tiny_config(tokenizer, len(tokenizer) + BASE_VOCAB_SLACK), seed)
     base.save_pretrained(base_dir)
     tiny_processor(tokenizer).save_pretrained(base_dir)
-    model = _lora_model(base, tiny_tokenizer(reward_tokens=True), seed)
-    state = {_legacy_key(k): v.detach().clone() for k, v in model.state_dict().items()}
+    model = _lora_model(base, tiny_tokenizer(reward_tokens=True), variant, seed)
+    dtype = torch.bfloat16 if variant.torch_dtype == "bfloat16" else torch.float32
+    state = {_legacy_key(k): v.detach().to(dtype).clone() for k, v in model.state_dict().items()}
     for step, tensors in ((20, state), (10, _zero_lora(state))):
         (release / f"checkpoint-{step}").mkdir(parents=True)
         torch.save(tensors, release / f"checkpoint-{step}" / "model.pth")
-    (release / "model_config.json").write_text(json.dumps(_model_config(), indent=2))
-    return TinyRelease(base_dir, release, 20, 10, model)
+    (release / "model_config.json").write_text(json.dumps(_model_config(variant), indent=2))
+    if variant.write_config_json:
+        model.base_model.model.config.save_pretrained(release)
+    return TinyRelease(base_dir, release, 20, 10, model, variant)
 
 
 def _zero_lora(state: dict[str, Any]) -> dict[str, Any]:

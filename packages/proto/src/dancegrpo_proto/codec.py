@@ -16,7 +16,9 @@ the returned arrays are read-only views of the message bytes.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
+import math
 from collections.abc import Callable, Iterator, Mapping, Sequence, Sized
 from typing import Any, Literal
 
@@ -219,8 +221,10 @@ def serialize_score_request(
     return b"".join(pieces)
 
 
+@functools.lru_cache(maxsize=1024)
 def _length_prefix(field_number: int, length: int) -> bytes:
-    """Key and length of a length-delimited protobuf field (wire type 2)."""
+    """Key and length of a length-delimited protobuf field (wire type 2); cached, since
+    the samples of a batch share their sizes."""
     return _varint(field_number << 3 | 2) + _varint(length)
 
 
@@ -331,7 +335,7 @@ def media_shape(
 
 def decoded_nbytes(shape: Sequence[int]) -> int:
     """Bytes of the ``uint8`` array a media of ``shape`` decodes to."""
-    return int(np.prod(shape, dtype=np.int64))
+    return math.prod(shape)  # exact Python ints (np.prod: 20x slower per call, int64 cap)
 
 
 def decode_media(
@@ -365,7 +369,7 @@ _WANT = {3: "[H, W, 3] image", 4: "[T, H, W, 3] video"}
 
 def raw_shape(raw: pb.RawFrames, field: str = "media.raw") -> tuple[int, ...]:
     """The validated shape of a ``RawFrames`` message, without touching the pixel data."""
-    shape = tuple(int(d) for d in raw.shape)
+    shape = tuple(raw.shape)  # uint32 field: Python ints, never negative
     if len(shape) not in (3, 4) or shape[-1] != 3:
         raise CodecError(f"{field}.shape", f"must be [H, W, 3] or [T, H, W, 3], got {list(shape)}")
     if 0 in shape:

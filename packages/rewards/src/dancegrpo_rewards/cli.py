@@ -24,6 +24,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from dancegrpo_proto.allocator import tune_malloc
 from dancegrpo_rewards.base import RewardConfigError
 from dancegrpo_rewards.config import ServiceConfig, load_config
 from dancegrpo_rewards.logs import configure_logging
@@ -163,6 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 config, server=dataclasses.replace(config.server, host=args.host)
             )
         configure_logging(config.server.log_format, config.server.log_level)
+        tune_malloc()  # reuse request-sized buffers instead of re-faulting them per call
         return asyncio.run(_serve(config, args))
     except RewardConfigError as exc:
         print(f"dancegrpo-rewards: config error: {exc}", file=sys.stderr)

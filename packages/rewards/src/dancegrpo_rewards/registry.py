@@ -31,6 +31,8 @@ REWARD_KINDS: dict[str, str] = {
     "videoalign": "dancegrpo_rewards.kinds.videoalign:VideoAlignReward",
     "ocr": "dancegrpo_rewards.kinds.ocr:OcrReward",
     "pickscore": "dancegrpo_rewards.kinds.pickscore:PickScoreReward",
+    "imagereward": "dancegrpo_rewards.kinds.imagereward:ImageRewardReward",
+    "hpsv3": "dancegrpo_rewards.kinds.hpsv3:HPSv3Reward",
     "vlm_judge": "dancegrpo_rewards.kinds.vlm_judge:VLMJudgeReward",
     "image_similarity": "dancegrpo_rewards.kinds.image_similarity:ImageSimilarityReward",
     # composite rewards
@@ -47,6 +49,8 @@ KIND_EXTRAS: dict[str, str] = {
     "geneval": "geneval",
     "videoalign": "videoalign",
     "pickscore": "pickscore",
+    "imagereward": "imagereward",
+    "hpsv3": "hpsv3",
     "image_similarity": "image-similarity",
     "ocr": "ocr",
     "vlm_judge": "vlm-judge",
@@ -61,6 +65,8 @@ EXTRA_MODULES: dict[str, tuple[str, ...]] = {
     "geneval": (*_CLIP_BACKBONE, "scipy"),
     "videoalign": (*_TORCH, "transformers"),
     "pickscore": (*_TORCH, "transformers"),
+    "imagereward": (*_TORCH, "transformers"),
+    "hpsv3": (*_TORCH, "transformers"),
     "image-similarity": _CLIP_BACKBONE,
     "ocr": ("rapidocr_onnxruntime",),  # brings onnxruntime and OpenCV as its dependencies
     "vlm-judge": (),  # the standard library's urllib

@@ -134,8 +134,11 @@ def save_checkpoint(
     save_rng_state(rng_file)
     fsync_path(rng_file)
     if isinstance(module, FSDPModule):  # collectives: every rank gathers, rank 0 receives
-        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        # LoRA: only the trained (adapter) weights are gathered, not the frozen base.
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=lora)
         tensors = get_model_state_dict(module, options=opts)
+        if lora:
+            tensors = {k: v for k, v in tensors.items() if "lora_" in k}
         optimizer_state = _full_optimizer_state(module, optimizer)
     elif rank == 0:
         tensors, optimizer_state = module_state(module, lora), optimizer.state_dict()
@@ -209,7 +212,9 @@ def load_checkpoint(
     verify_files(path, reads + [rng_file] * rng_saved)
     tensors = load_file(str(path / "model.safetensors"))
     sharded = isinstance(module, FSDPModule)
-    own = module.state_dict().keys() if sharded else module_state(module, lora)
+    own = module.state_dict().keys() if sharded else module_state(module, lora).keys()
+    if lora:
+        own = [k for k in own if "lora_" in k]
     missing = sorted(set(own) - set(tensors))
     if missing:
         raise ValueError(
@@ -219,7 +224,7 @@ def load_checkpoint(
     extra = {k: v for k, v in tensors.items() if k not in own}
     optimizer_state = load_optimizer_state(path / OPTIMIZER_FILE)
     if sharded:
-        opts = StateDictOptions(full_state_dict=True)
+        opts = StateDictOptions(full_state_dict=True, strict=not lora)
         set_model_state_dict(module, {k: tensors[k] for k in own}, options=opts)
         _load_full_optimizer_state(module, optimizer, optimizer_state)
     else:

@@ -163,7 +163,7 @@ def best_of_n(cfg, args: argparse.Namespace) -> list[dict]:
         )
     module.eval()
     endpoint = cfg.rewards.endpoints[args.endpoint]
-    scorer = RewardScorer([endpoint])
+    scorer = RewardScorer([endpoint], outage_budget_s=cfg.rewards.outage_budget_s)
     records = load_prompts(args.prompts, "--prompts")
     if endpoint.metadata:
         require_metadata(records, "--prompts", f"rewards.endpoints[{args.endpoint}].metadata")

@@ -31,27 +31,40 @@ class ConfigError(ValueError):
 MixedPrecision = Literal["no", "bf16", "fp16"]
 #: Adapters built on HunyuanVideo's VAE and transformer (same frame/pixel geometry).
 HUNYUAN_VIDEO_KINDS = ("hunyuan_video", "skyreels_i2v")
+#: Wan adapters: Wan2.1 / Wan2.2-A14B text-to-video, their image-to-video models, and
+#: Wan2.2 TI2V-5B (text or image); the pixel multiple of each (VAE factor × patch 2).
+WAN_KINDS = {"wan_t2v": 16, "wan_i2v": 16, "wan_ti2v": 32}
 #: Image adapters whose pixel sizes are multiples of 16 (VAE 8x, 2x2 patches or packing).
 IMAGE_16_KINDS = ("sd3", "flux_kontext")
-#: Adapters conditioned on one image per prompt (a ``.jsonl`` row's ``condition_image``).
-CONDITION_IMAGE_KINDS = ("skyreels_i2v", "flux_kontext")
+#: Adapters conditioned on one image per prompt (a ``.jsonl`` row's ``condition_image``);
+#: ``wan_ti2v`` takes one when the rows carry it, text alone otherwise.
+CONDITION_IMAGE_KINDS = ("skyreels_i2v", "flux_kontext", "wan_i2v")
+#: Qwen-Image adapters (one Qwen2.5-VL text encoder, VAE 8x then 2x2 packing, true CFG).
+QWEN_IMAGE_KINDS = ("qwen_image", "qwen_image_edit", "qwen_image_edit_plus")
+#: Qwen-Image editing adapters: a source image per prompt, which the text encoder sees too.
+QWEN_IMAGE_EDIT_KINDS = ("qwen_image_edit", "qwen_image_edit_plus")
 AdvantageMode = Literal["group", "per_prompt"]
 #: Adapters with classifier-free guidance (a second, unconditional forward per step) and
-#: the option holding its weight; ``train.cfg_free`` sets it to 1. FLUX, FLUX.1-Kontext
-#: and HunyuanVideo have a distilled guidance *embedding* instead (one forward per step).
-CFG_WEIGHT_OPTIONS = {
-    "stable_diffusion": "guidance_scale",
-    "sd3": "guidance_scale",
-    "skyreels_i2v": "true_cfg_scale",
+#: the options holding its weights; ``train.cfg_free`` sets them to 1. Wan2.2 A14B has one
+#: weight per expert (``guidance_scale`` high-noise, ``guidance_scale_2`` low-noise; Wan2.1
+#: and TI2V-5B use the first). Qwen-Image's and SkyReels' true CFG is ``true_cfg_scale``.
+#: FLUX, FLUX.1-Kontext and HunyuanVideo have a distilled guidance *embedding* instead (one
+#: forward per step).
+CFG_WEIGHT_OPTIONS: dict[str, tuple[str, ...]] = {
+    "stable_diffusion": ("guidance_scale",),
+    "sd3": ("guidance_scale",),
+    "skyreels_i2v": ("true_cfg_scale",),
+    **{kind: ("true_cfg_scale",) for kind in QWEN_IMAGE_KINDS},
+    **{kind: ("guidance_scale", "guidance_scale_2") for kind in WAN_KINDS},
 }
-#: Pixel sizes must be multiples of this per adapter (VAE downsampling × patching/packing).
+#: Pixel sizes must be multiples of this per adapter (VAE downsampling × patching/packing):
+#: SD's VAE 8x; FLUX, Kontext, SD3, Qwen-Image: VAE 8x then 2x2 packing or patches;
+#: HunyuanVideo/SkyReels: VAE 8x, patch 2; Wan: see ``WAN_KINDS`` (8x or 16x VAE, patch 2).
 PIXEL_MULTIPLES = {
     "stable_diffusion": 8,
     "flux": 16,
-    "flux_kontext": 16,
-    "sd3": 16,
-    "hunyuan_video": 16,
-    "skyreels_i2v": 16,
+    **{kind: 16 for kind in IMAGE_16_KINDS + QWEN_IMAGE_KINDS + HUNYUAN_VIDEO_KINDS},
+    **WAN_KINDS,
 }
 KLType = Literal["mean", "velocity"]
 
@@ -65,14 +78,21 @@ class ModelConfig:
             ``hunyuan_video`` (text-to-video), ``skyreels_i2v`` (image-to-video: prompts
             come from a ``.jsonl`` file whose rows carry a ``condition_image``), ``sd3``
             (Stable Diffusion 3 / 3.5), ``flux_kontext`` (FLUX.1-Kontext image editing: each
-            ``.jsonl`` row's ``condition_image`` is the source image).
+            ``.jsonl`` row's ``condition_image`` is the source image), ``qwen_image``
+            (text-to-image), ``qwen_image_edit`` / ``qwen_image_edit_plus`` (image editing,
+            as ``flux_kontext``), ``wan_t2v`` (Wan2.1 T2V, Wan2.2 T2V-A14B), ``wan_i2v``
+            (Wan2.1 I2V, Wan2.2 I2V-A14B; ``.jsonl`` prompts with images), ``wan_ti2v``
+            (Wan2.2 TI2V-5B: text, or images when the prompt rows carry them).
         path: local diffusers-format folder; ``${ENV}`` references expand when the model
             is built (e.g. ``${DANCEGRPO_WEIGHTS}/flux-dev``). Unused by ``tiny_flow``.
         height, width: output resolution in pixels.
         num_frames: 1 for images; > 1 for video adapters (frames ``[N,T,H,W,3]``);
-            ``hunyuan_video`` and ``skyreels_i2v``: ``4k + 1`` (e.g. 53).
-        guidance_scale: classifier-free (SD, SD3) or embedded (FLUX, FLUX.1-Kontext,
-            HunyuanVideo, SkyReels) guidance; SkyReels' true CFG weight is ``options.true_cfg_scale``.
+            ``hunyuan_video``, ``skyreels_i2v`` and the Wan kinds: ``4k + 1`` (e.g. 53, 81).
+        guidance_scale: classifier-free (SD, SD3, Wan: the high-noise expert's for Wan2.2
+            A14B, ``options.guidance_scale_2`` the other's) or embedded (FLUX,
+            FLUX.1-Kontext, HunyuanVideo, SkyReels) guidance; SkyReels' and Qwen-Image's
+            true CFG weight is ``options.true_cfg_scale`` (Qwen-Image has no guidance
+            embedding: it stays 1).
         dtype: weight dtype of the frozen parts (``float32``, ``bfloat16``, ``float16``).
         options: adapter-specific keyword arguments, passed through verbatim.
         init_checkpoint: optional ``.safetensors`` of trainable-module weights loaded
@@ -90,13 +110,22 @@ class ModelConfig:
     init_checkpoint: str | None = None
 
     def validate(self) -> None:
-        known = ("tiny_flow", "stable_diffusion", "flux", "hunyuan_video", "skyreels_i2v")
-        known += IMAGE_16_KINDS
+        known = ("tiny_flow", "stable_diffusion", "flux", *HUNYUAN_VIDEO_KINDS)
+        known += (*IMAGE_16_KINDS, *QWEN_IMAGE_KINDS, *WAN_KINDS)
         _check(self.kind in known, "model.kind", f"must be one of {known}, got {self.kind!r}")
         if self.kind in HUNYUAN_VIDEO_KINDS:
             self._validate_hunyuan_video()
-        if self.kind in IMAGE_16_KINDS:
+        if self.kind in IMAGE_16_KINDS + QWEN_IMAGE_KINDS:
             self._validate_image_16()
+        if self.kind in QWEN_IMAGE_KINDS:
+            _check(
+                self.guidance_scale == 1.0,
+                "model.guidance_scale",
+                f"must stay 1.0 for {self.kind} (Qwen-Image has no guidance embedding); set the "
+                f"true CFG weight with model.options.true_cfg_scale, got {self.guidance_scale}",
+            )
+        if self.kind in WAN_KINDS:
+            self._validate_wan()
         _check(
             self.kind == "tiny_flow" or bool(self.path),
             "model.path",
@@ -125,6 +154,26 @@ class ModelConfig:
                 f"model.{name}",
                 f"must be a multiple of 16 for {self.kind} (VAE 8x, patch 2), got {value}; "
                 f"try {max(16, round(value / 16) * 16)}",
+            )
+
+    def _validate_wan(self) -> None:
+        """Wan's geometry: the VAE keeps frame 0 and compresses time 4x (``4k + 1``
+        frames), space 8x (Wan2.1 VAE) or 16x (Wan2.2 TI2V-5B VAE), and the transformer
+        patches 2x2 latents (pixel sizes multiples of 16, or 32 for ``wan_ti2v``)."""
+        _check(
+            self.num_frames % 4 == 1,
+            "model.num_frames",
+            f"must be 4k + 1 for {self.kind} (e.g. 81 as Wan's default, 33, 121 for TI2V-5B), "
+            f"got {self.num_frames}",
+        )
+        multiple = WAN_KINDS[self.kind]
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            _check(
+                value % multiple == 0,
+                f"model.{name}",
+                f"must be a multiple of {multiple} for {self.kind} (VAE {multiple // 2}x, "
+                f"patch 2), got {value}; try {max(multiple, round(value / multiple) * multiple)}",
             )
 
     def _validate_image_16(self) -> None:
@@ -241,6 +290,10 @@ class RewardsConfig:
             ``per_prompt`` (running per-prompt statistics across steps).
         best_of_n: optional top-k/bottom-k selection within each group.
         tracker_buffer_size, tracker_min_count: ``per_prompt`` tracker settings.
+        outage_budget_s: how long a reward call may keep failing with ``UNAVAILABLE``,
+            ``RESOURCE_EXHAUSTED`` or ``DEADLINE_EXCEEDED`` (a replica restarting or
+            rescheduled) while it is resent with backoff, before the run stops with an
+            error; ``0`` stops at the first such failure.
     """
 
     endpoints: list[RewardEndpoint] = dataclasses.field(default_factory=list)
@@ -248,6 +301,7 @@ class RewardsConfig:
     best_of_n: BestOfNConfig = dataclasses.field(default_factory=BestOfNConfig)
     tracker_buffer_size: int = 32
     tracker_min_count: int = 16
+    outage_budget_s: float = 300.0
 
     def validate(self) -> None:
         _check(len(self.endpoints) >= 1, "rewards.endpoints", "needs at least one endpoint")
@@ -268,6 +322,12 @@ class RewardsConfig:
         _check(self.best_of_n.bottom_k >= 0, "rewards.best_of_n.bottom_k", "must be >= 0")
         _check(self.tracker_buffer_size >= 1, "rewards.tracker_buffer_size", "must be >= 1")
         _check(self.tracker_min_count >= 1, "rewards.tracker_min_count", "must be >= 1")
+        _check(
+            0 <= self.outage_budget_s < float("inf"),  # NaN fails too
+            "rewards.outage_budget_s",
+            f"must be a finite number of seconds >= 0 (0 = stop at the first outage), "
+            f"got {self.outage_budget_s}",
+        )
 
 
 WindowKind = Literal["full", "fast", "mixgrpo"]
@@ -503,11 +563,14 @@ class TrainConfig:
         drop_constant_groups: leave out of the update every prompt group whose rewards are
             all equal (every reward term constant in the group: zero advantage). The kept
             samples train exactly the terms they would in GRPO; the loss is their mean
-            (``groups_dropped_frac`` is logged). Needs ``rewards.advantage: group``.
+            (``groups_dropped_frac`` is logged). Needs ``rewards.advantage: group``. Works
+            with ``fsdp``: a rank whose micro-batch keeps no row still runs it with a zero
+            weight, as the sharded passes are collectives.
         fsdp: shard the trainable module's parameters, gradients and optimiser state
             across ranks (FSDP2 ``fully_shard``, per block of ``Policy.fsdp_block_types``);
             needs a distributed launch with more than one process. Trains exactly like
-            the unsharded run (same gradient, same checkpoints).
+            the unsharded run (same gradient, same checkpoints), with LoRA (frozen base
+            sharded too), EMA and the KL penalty.
     """
 
     learning_rate: float = 1e-5
@@ -580,24 +643,6 @@ class TrainConfig:
         _check(0 <= self.ema_decay < 1, "train.ema_decay", "must be in [0, 1) (0 disables)")
         _check(self.lora.rank >= 0, "train.lora.rank", "must be >= 0 (0 = full fine-tune)")
         _check(0 <= self.lora.dropout < 1, "train.lora.dropout", "must be in [0, 1)")
-        if self.fsdp:
-            # EMA and the full-fine-tune KL reference swap weights by pointer (p.data = t),
-            # which is unsupported on sharded (DTensor) parameters.
-            why = "it swaps weights by pointer, which is unsupported on sharded parameters"
-            _check(self.ema_decay == 0, "train.ema_decay", f"must be 0 with train.fsdp: {why}")
-            _check(self.kl_coef == 0, "train.kl_coef", f"must be 0 with train.fsdp: {why}")
-            _check(
-                not self.lora.enabled,
-                "train.lora.rank",
-                "must be 0 with train.fsdp (LoRA under FSDP is untested); shard a full "
-                "fine-tune or use LoRA without FSDP",
-            )
-            _check(
-                not self.drop_constant_groups,
-                "train.drop_constant_groups",
-                "must be false with train.fsdp: ranks would drop different numbers of "
-                "groups, and sharded forwards must run in lockstep on every rank",
-            )
 
 
 @dataclasses.dataclass
@@ -717,8 +762,16 @@ class GRPOConfig:
         self.data.validate()
         self.eval.validate()
         self.run.validate()
-        if self.model.kind in CONDITION_IMAGE_KINDS:
+        if self.model.kind in CONDITION_IMAGE_KINDS + QWEN_IMAGE_EDIT_KINDS:
             self._validate_i2v_prompts()
+        if self.model.kind in QWEN_IMAGE_EDIT_KINDS:
+            _check(
+                self.data.embedding_cache is None,
+                "data.embedding_cache",
+                f"must be unset for {self.model.kind}: its text encoder sees the source image, "
+                "so prompt embeddings cannot be cached by prompt text (keep the text encoder "
+                "loaded; model.options.text_encoder_device may place it elsewhere)",
+            )
         self._validate_sampling()
         self._validate_metadata_prompts()
         self._validate_train_options()
@@ -848,7 +901,11 @@ class GRPOConfig:
     def _validate_i2v_prompts(self) -> None:
         """Image-to-video and editing prompts need a conditioning (source) image each, which
         only a ``.jsonl`` prompt file carries (``{"prompt": ..., "condition_image": ...}``)."""
-        what = "image editing" if self.model.kind == "flux_kontext" else "image-to-video"
+        what = (
+            "image editing"
+            if self.model.kind in ("flux_kontext", *QWEN_IMAGE_EDIT_KINDS)
+            else "image-to-video"
+        )
         for name, source, is_jsonl in self._prompt_sources():
             _check(
                 is_jsonl,

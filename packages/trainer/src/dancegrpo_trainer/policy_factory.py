@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 
 from dancegrpo_trainer.config import (
     CFG_WEIGHT_OPTIONS,
     HUNYUAN_VIDEO_KINDS,
+    QWEN_IMAGE_KINDS,
+    WAN_KINDS,
     ConfigError,
     ModelConfig,
     expand_env,
@@ -27,12 +32,12 @@ def build_policy(
     """Instantiates the adapter for ``cfg.kind`` on ``device``.
 
     ``cfg.options`` are passed to the adapter's config (SD/SD3/FLUX/FLUX.1-Kontext/HunyuanVideo/
-    SkyReels I2V; the video ones also get ``cfg.num_frames``) or constructor (tiny_flow);
-    ``load_text_encoders=False`` skips text encoders when an embedding cache is used.
+    SkyReels I2V/Qwen-Image/Wan; the video ones also get ``cfg.num_frames``) or constructor
+    (tiny_flow); ``load_text_encoders=False`` skips text encoders when an embedding cache is used.
     ``mixed_precision`` (``train.mixed_precision``: ``no``/``bf16``/``fp16``) sets the diffusers
     adapters' CUDA autocast so that ``no`` really runs the model in its weight dtype
     (an explicit ``options.autocast_dtype`` wins). ``cfg_free`` (``train.cfg_free``) sets
-    the classifier-free guidance weight of an adapter with CFG to 1 (``CFG_WEIGHT_OPTIONS``:
+    the classifier-free guidance weights of an adapter with CFG to 1 (``CFG_WEIGHT_OPTIONS``:
     one conditional forward per step), over ``model.guidance_scale`` and ``options``.
     """
     if cfg_free and cfg.kind not in CFG_WEIGHT_OPTIONS:
@@ -57,7 +62,7 @@ def build_policy(
         common["autocast_dtype"] = _AUTOCAST_DTYPES[mixed_precision]
     common.update(options)
     if cfg_free:
-        common[CFG_WEIGHT_OPTIONS[cfg.kind]] = 1.0
+        common.update(dict.fromkeys(CFG_WEIGHT_OPTIONS[cfg.kind], 1.0))
     if cfg.kind == "stable_diffusion":
         from dancegrpo_trainer.policies.stable_diffusion import (
             StableDiffusionConfig,
@@ -81,6 +86,13 @@ def build_policy(
         if "num_frames" in options:
             raise ConfigError("model.options.num_frames: set model.num_frames instead")
         return _build_video_policy(cfg.kind, path, {**common, "num_frames": cfg.num_frames})
+    if cfg.kind in QWEN_IMAGE_KINDS:
+        common.pop("guidance_scale")  # no guidance embedding (checked 1.0): true_cfg_scale
+        return _build_qwen_image_policy(cfg.kind, path, common)
+    if cfg.kind in WAN_KINDS:
+        if "num_frames" in options:
+            raise ConfigError("model.options.num_frames: set model.num_frames instead")
+        return _build_wan_policy(cfg.kind, path, {**common, "num_frames": cfg.num_frames})
     raise ConfigError(f"model.kind: unknown adapter {cfg.kind!r}")
 
 
@@ -94,6 +106,43 @@ def _build_video_policy(kind: str, path: str, options: dict) -> Policy:
     from dancegrpo_trainer.policies.hunyuan_video import HunyuanVideoConfig, HunyuanVideoPolicy
 
     return HunyuanVideoPolicy.from_pretrained(path, _make(HunyuanVideoConfig, options))
+
+
+def _build_qwen_image_policy(kind: str, path: str, options: dict) -> Policy:
+    """Qwen-Image (text-to-image), Qwen-Image-Edit or Qwen-Image-Edit-Plus."""
+    if kind == "qwen_image":
+        from dancegrpo_trainer.policies.qwen_image import QwenImageConfig, QwenImagePolicy
+
+        return QwenImagePolicy.from_pretrained(path, _make(QwenImageConfig, options))
+    from dancegrpo_trainer.policies import qwen_image_edit as edit
+
+    if kind == "qwen_image_edit":
+        return edit.QwenImageEditPolicy.from_pretrained(
+            path, _make(edit.QwenImageEditConfig, options)
+        )
+    return edit.QwenImageEditPlusPolicy.from_pretrained(
+        path, _make(edit.QwenImageEditPlusConfig, options)
+    )
+
+
+def _build_wan_policy(kind: str, path: str, options: dict) -> Policy:
+    """Wan T2V (``wan_t2v``) or image-to-video (``wan_i2v``, and ``wan_ti2v``, which also
+    runs from text alone); the checkpoint decides one or two experts and TI2V's layout."""
+    from dancegrpo_trainer.policies.wan import WanConfig, WanPolicy
+    from dancegrpo_trainer.policies.wan_i2v import WanI2VPolicy
+
+    index_file = Path(path) / "model_index.json"
+    if index_file.is_file():  # (a missing folder fails in from_pretrained, naming it)
+        ti2v = bool(json.loads(index_file.read_text()).get("expand_timesteps", False))
+        if kind == "wan_ti2v" and not ti2v:
+            raise ConfigError(
+                f"model.kind: {path} is not a Wan2.2 TI2V-5B checkpoint (no expand_timesteps "
+                "in its model_index.json); use wan_t2v or wan_i2v"
+            )
+        if kind == "wan_i2v" and ti2v:
+            raise ConfigError(f"model.kind: {path} is Wan2.2 TI2V-5B; use wan_ti2v")
+    cls = WanPolicy if kind == "wan_t2v" else WanI2VPolicy
+    return cls.from_pretrained(path, _make(WanConfig, options))
 
 
 def _make(cls: type, kwargs: dict) -> object:

@@ -4,17 +4,26 @@ The trainer talks to rewards only through ``dancegrpo_proto.RewardClient`` over 
 Each configured endpoint is one ``(target, reward, output)`` term; terms that share a
 ``(target, reward)`` are scored with one call, which carries the samples' metadata (e.g.
 GenEval specs) when any of its endpoints sets ``metadata: true``. Calls are asynchronous
-so scoring overlaps with the next rollout chunk. A failure (after the client's own
-retries) raises :class:`RewardScoringError` naming the endpoint; a missing output or a
-non-finite value is an error too. There is no fallback reward: a silent 0 or −1 would
-train on garbage.
+so scoring overlaps with the next rollout chunk.
+
+Outages: a call that fails with ``UNAVAILABLE``, ``RESOURCE_EXHAUSTED`` or
+``DEADLINE_EXCEEDED`` after the client's own retries (a replica restarting, rescheduled or
+overloaded) is sent again with capped exponential backoff, logging the wait (at most every
+``OUTAGE_LOG_EVERY_S``), until it has been failing for ``outage_budget_s``
+(``rewards.outage_budget_s``). Only the failed calls are resent, with the same samples, so
+training resumes where it stopped with the results of an uninterrupted run. Any other
+failure, or an outage past the budget, raises :class:`RewardScoringError` naming the
+endpoint; a missing output or a non-finite value is an error too. There is no fallback
+reward: a silent 0 or −1 would train on garbage.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import logging
 import os
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +32,19 @@ import numpy as np
 import torch
 
 from dancegrpo_trainer.config import ConfigError, RewardEndpoint, expand_env
+
+log = logging.getLogger("dancegrpo_trainer.scoring")
+
+#: gRPC codes that mean "the service is down or overloaded": the codes ``RewardClient``
+#: retries, and the ones the outage budget rides out.
+OUTAGE_CODES = frozenset({"UNAVAILABLE", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED"})
+#: Waits between resends of a call during an outage: none before the first (the client
+#: has already retried for ~1.5 s), then 0.5 s doubling to at most 10 s, so a replica that
+#: comes back is used again within ~10 s plus the client's own retries.
+OUTAGE_INITIAL_WAIT_S = 0.5
+OUTAGE_MAX_WAIT_S = 10.0
+#: Seconds between two log lines about the same ongoing outage.
+OUTAGE_LOG_EVERY_S = 30.0
 
 
 class RewardScoringError(RuntimeError):
@@ -89,13 +111,20 @@ class RewardScorer:
         client_factory: ``(target, endpoint) -> client`` (default ``make_reward_client``;
             tests may inject another implementation of the ``RewardClient`` interface).
             Endpoints sharing a target must share its ``token_env``/``tls_*`` settings.
+        outage_budget_s: how long a call may keep failing with an outage code before
+            scoring gives up (``rewards.outage_budget_s``; 0 = at the first failure).
     """
 
     def __init__(
         self,
         endpoints: Sequence[RewardEndpoint],
         client_factory: Callable[[str, RewardEndpoint], Any] = make_reward_client,
+        *,
+        outage_budget_s: float = 300.0,
     ) -> None:
+        if outage_budget_s < 0:
+            raise ValueError(f"outage_budget_s must be >= 0, got {outage_budget_s}")
+        self.outage_budget_s = outage_budget_s
         self.endpoints = list(endpoints)
         self._targets = {
             ep.label: expand_env(ep.target, f"rewards.endpoints[{i}].target")
@@ -160,17 +189,20 @@ class RewardScorer:
             kwargs["condition_images"] = (
                 cond.cpu().numpy() if isinstance(cond, torch.Tensor) else cond
             )
-        futures = {}
+        calls = {}
         for (target, reward), eps in self._calls.items():
-            timeout = max(ep.timeout_s for ep in eps)
-            extra = self._metadata_kwargs((target, reward), metadata)
+            call_kwargs = {
+                "timeout": max(ep.timeout_s for ep in eps),
+                **kwargs,
+                **self._metadata_kwargs((target, reward), metadata),
+            }
+            calls[(target, reward)] = _Call(self._clients[target], reward, call_kwargs)
+        for (target, reward), call in calls.items():
             try:
-                futures[(target, reward)] = self._clients[target].score_async(
-                    reward, timeout=timeout, **kwargs, **extra
-                )
+                call.send()
             except Exception as e:
                 raise RewardScoringError(_describe(target, reward, e)) from e
-        return PendingScores(self, futures, media.shape[0])
+        return PendingScores(self, calls, media.shape[0])
 
     def _metadata_kwargs(
         self, call: tuple[str, str], metadata: Sequence[Mapping[str, Any] | None] | None
@@ -193,27 +225,38 @@ class RewardScorer:
                 close()
 
 
+@dataclasses.dataclass
+class _Call:
+    """One ``score`` call of a batch, kept so that it can be sent again after an outage."""
+
+    client: Any
+    reward: str
+    kwargs: dict[str, Any]
+    future: concurrent.futures.Future | None = None
+
+    def send(self) -> None:
+        self.future = self.client.score_async(self.reward, **self.kwargs)
+
+
 class PendingScores:
-    """The in-flight calls for one batch; :meth:`result` waits and validates."""
+    """The in-flight calls for one batch; :meth:`result` waits (riding out outages) and
+    validates."""
 
     def __init__(
         self,
         scorer: RewardScorer,
-        futures: dict[tuple[str, str], concurrent.futures.Future],
+        calls: dict[tuple[str, str], _Call],
         num_samples: int,
     ) -> None:
         self._scorer = scorer
-        self._futures = futures
+        self._calls = calls
         self._n = num_samples
 
     def result(self) -> Scores:
         terms: dict[str, np.ndarray] = {}
         outputs: dict[str, np.ndarray] = {}
-        for (target, reward), future in self._futures.items():
-            try:
-                response = future.result()
-            except Exception as e:
-                raise RewardScoringError(_describe(target, reward, e)) from e
+        for (target, reward), call in self._calls.items():
+            response = _await_riding_out_outages(target, call, self._scorer.outage_budget_s)
             for name, values in response.items():
                 arr = np.asarray(values, dtype=np.float32).reshape(-1)
                 if arr.shape[0] != self._n:
@@ -238,6 +281,60 @@ class PendingScores:
                     value = (value >= ep.threshold).astype(np.float32)
                 terms[ep.label] = value
         return Scores(terms=terms, outputs=outputs)
+
+
+def _await_riding_out_outages(target: str, call: _Call, budget_s: float) -> dict[str, Any]:
+    """``call``'s response; resends it while it fails with an outage code, until it has been
+    failing for ``budget_s``. Raises ``RewardScoringError`` otherwise."""
+    reward = call.reward
+    failing_since: float | None = None
+    next_log = 0.0
+    resends = 0
+    while True:
+        assert call.future is not None
+        try:
+            response = call.future.result()
+        except Exception as e:
+            code = getattr(getattr(e, "code", None), "name", None)
+            now = time.monotonic()
+            failing_since = now if failing_since is None else failing_since
+            down_s = now - failing_since
+            if code not in OUTAGE_CODES:
+                raise RewardScoringError(_describe(target, reward, e)) from e
+            if down_s >= budget_s:
+                raise RewardScoringError(
+                    f"{_describe(target, reward, e)}; still failing after {down_s:.0f} s "
+                    f"(rewards.outage_budget_s = {budget_s:g}; raise it to ride out longer "
+                    "outages)"
+                ) from e
+            if now >= next_log:
+                log.warning(
+                    "reward %r at %s: %s for %.0f s; resending (outage budget %g s, %.0f s left)",
+                    reward,
+                    target,
+                    code,
+                    down_s,
+                    budget_s,
+                    budget_s - down_s,
+                )
+                next_log = now + OUTAGE_LOG_EVERY_S
+            if resends:
+                wait = min(OUTAGE_INITIAL_WAIT_S * 2 ** (resends - 1), OUTAGE_MAX_WAIT_S)
+                time.sleep(min(wait, budget_s - down_s))
+            resends += 1
+            try:
+                call.send()
+            except Exception as send_error:
+                raise RewardScoringError(_describe(target, reward, send_error)) from send_error
+            continue
+        if failing_since is not None:
+            log.warning(
+                "reward %r at %s: scoring again after %.0f s of outage",
+                reward,
+                target,
+                time.monotonic() - failing_since,
+            )
+        return response
 
 
 def _describe(target: str, reward: str, error: BaseException) -> str:

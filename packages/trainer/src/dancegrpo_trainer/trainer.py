@@ -217,7 +217,9 @@ class Trainer:
                     "preprocess --config ... --overwrite` (it caches train and eval prompts)"
                 )
 
-        self.scorer = scorer or RewardScorer(cfg.rewards.endpoints)
+        self.scorer = scorer or RewardScorer(
+            cfg.rewards.endpoints, outage_budget_s=cfg.rewards.outage_budget_s
+        )
         # The per-prompt tracker normalises over the whole global batch (a prompt may
         # recur in it), so its advantages exist only once every reward is in.
         self.pipelined = t.pipeline_update and cfg.rewards.advantage == "group"

@@ -24,7 +24,9 @@ otherwise; its micro-batch just runs without the dropped rows. The gradient is t
 mean over the kept samples of every rank: the accumulated gradient (normalised over the
 full batch) is multiplied by ``N_all / N_kept`` once, after the all-reduce (a factor of
 exactly 1 when nothing is dropped), and a step where every sample is left out trains
-nothing (logged as skipped).
+nothing (logged as skipped). Under ``train.fsdp`` a micro-batch whose rows are all left out
+on this rank still runs its passes with a zero weight: sharded forwards and backwards are
+collectives that every rank must join (:meth:`GradientAccumulator._lockstep_pass`).
 """
 
 from __future__ import annotations
@@ -204,17 +206,17 @@ class GradientAccumulator:
             rows = torch.arange(start, stop)
             if keep is not None:
                 rows = rows[keep[start:stop]]
+            # Drawn even when every row is left out, so that later micro-batches get the
+            # same terms from a shared generator stream as without dropping.
+            terms = self._terms_of(batch_index, rollout)
             if len(rows) == stop - start:
-                self._micro_batch(
-                    rollout.rows(start, stop),
-                    advantages[start:stop],
-                    self._terms_of(batch_index, rollout),
-                )
+                self._micro_batch(rollout.rows(start, stop), advantages[start:stop], terms)
             elif len(rows):  # the kept rows of the micro-batch, with its terms
-                self._micro_batch(
-                    rollout.select(rows),
-                    advantages[rows.to(advantages.device)],
-                    self._terms_of(batch_index, rollout),
+                batch = rollout.select(rows)
+                self._micro_batch(batch, advantages[rows.to(advantages.device)], terms)
+            elif self.cfg.fsdp:
+                self._lockstep_pass(
+                    rollout.rows(start, start + 1), advantages[start : start + 1], terms
                 )
             self._kept += len(rows)
             self._bar.update(stop - start)
@@ -234,6 +236,20 @@ class GradientAccumulator:
                 else:
                     pick = min if how == "min" else max
                     self._extrema[key] = pick(self._extrema.get(key, value), value)
+
+    def _lockstep_pass(self, batch: Rollout, advantages: torch.Tensor, terms: list[int]) -> None:
+        """The forward and backward passes of a micro-batch whose rows were all left out,
+        on one of its rows with a zero weight (``train.fsdp`` only).
+
+        Under FSDP every forward and backward of the sharded module is a collective
+        (parameter all-gathers, gradient reduce-scatters) that every rank must join in the
+        same order, and another rank may keep rows of the same global micro-batch. The
+        gradient contribution is exactly zero and nothing is logged; a non-finite loss
+        would make the gradient norm non-finite and the step skipped, as any other would.
+        """
+        for term in terms:
+            res = self.algorithm.loss(batch, advantages, term)
+            (res.loss * 0.0).backward()
 
     def step(self, grad_monitor: GradNormMonitor) -> UpdateResult:
         """Averages gradients over ranks, clips, and steps (or skips) the optimiser.

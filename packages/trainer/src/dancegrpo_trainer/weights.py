@@ -1,5 +1,13 @@
 """Weight bookkeeping around the trainable module: LoRA injection, EMA, and a frozen
-reference copy for the KL penalty."""
+reference copy for the KL penalty.
+
+EMA and the full-fine-tune KL reference swap other weights into the live parameters for a
+while. Plain parameters swap by pointer (``p.data = t``, no copy). Parameters sharded by
+FSDP (``train.fsdp``, ``DTensor``) cannot: FSDP keeps views of their storage, and a pointer
+swap crashed. They are swapped by copying into the local shards in place, after which every
+FSDP unit of the module is resharded so that its next forward all-gathers the swapped
+values (the root unit otherwise keeps its gathered parameters from the last forward).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +16,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from dancegrpo_trainer.config import LoraConfig
 
@@ -48,17 +57,43 @@ def trainable_parameters(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
 
 @contextlib.contextmanager
 def swapped_weights(
-    params: Sequence[nn.Parameter], tensors: Sequence[torch.Tensor]
+    params: Sequence[nn.Parameter],
+    tensors: Sequence[torch.Tensor],
+    module: nn.Module | None = None,
 ) -> Iterator[None]:
-    """Temporarily points ``params`` at ``tensors`` (a pointer swap, no copy)."""
-    saved = [p.data for p in params]
+    """Temporarily gives ``params`` the values of ``tensors``: a pointer swap for plain
+    parameters; for FSDP-sharded ones an in-place copy into the local shards (restored on
+    exit), resharding ``module``'s FSDP units after each copy."""
+    if not any(isinstance(p, DTensor) for p in params):
+        saved = [p.data for p in params]
+        try:
+            for p, t in zip(params, tensors, strict=True):
+                p.data = t
+            yield
+        finally:
+            for p, t in zip(params, saved, strict=True):
+                p.data = t
+        return
+    saved = [p.detach().clone() for p in params]
     try:
-        for p, t in zip(params, tensors, strict=True):
-            p.data = t
+        _copy_sharded(params, tensors, module)
         yield
     finally:
-        for p, t in zip(params, saved, strict=True):
-            p.data = t
+        _copy_sharded(params, saved, module)
+
+
+@torch.no_grad()
+def _copy_sharded(
+    params: Sequence[nn.Parameter], tensors: Sequence[torch.Tensor], module: nn.Module | None
+) -> None:
+    for p, t in zip(params, tensors, strict=True):
+        p.copy_(t)
+    if module is not None:
+        from torch.distributed.fsdp import FSDPModule
+
+        for sub in module.modules():
+            if isinstance(sub, FSDPModule):
+                sub.reshard()
 
 
 @contextlib.contextmanager
@@ -87,9 +122,9 @@ class ReferencePolicy:
         self.frozen = [] if lora else [p.detach().clone() for p in self.params]
 
     def active(self) -> contextlib.AbstractContextManager[None]:
-        return (
-            lora_disabled(self.module) if self.lora else swapped_weights(self.params, self.frozen)
-        )
+        if self.lora:
+            return lora_disabled(self.module)
+        return swapped_weights(self.params, self.frozen, self.module)
 
 
 class EMA:
@@ -97,6 +132,7 @@ class EMA:
 
     def __init__(self, module: nn.Module, decay: float) -> None:
         self.decay = decay
+        self.module = module
         self.names = [n for n, _ in trainable_parameters(module)]
         self.params = [p for _, p in trainable_parameters(module)]
         self.shadow = [p.detach().float().clone() for p in self.params]
@@ -109,11 +145,22 @@ class EMA:
     def active(self) -> contextlib.AbstractContextManager[None]:
         """Swaps the EMA weights in (eval, export)."""
         cast = [s.to(p.dtype) for s, p in zip(self.shadow, self.params, strict=True)]
-        return swapped_weights(self.params, cast)
+        return swapped_weights(self.params, cast, self.module)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {f"ema.{n}": s for n, s in zip(self.names, self.shadow, strict=True)}
+        """The shadow weights, full (unsharded) tensors: with FSDP a collective that every
+        rank calls (as checkpoint saving is)."""
+        return {f"ema.{n}": _full(s) for n, s in zip(self.names, self.shadow, strict=True)}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         for i, n in enumerate(self.names):
-            self.shadow[i].copy_(state[f"ema.{n}"])
+            shadow, full = self.shadow[i], state[f"ema.{n}"]
+            if isinstance(shadow, DTensor):  # every rank holds the full tensor: keep its shard
+                full = distribute_tensor(
+                    full.to(shadow.device, shadow.dtype), shadow.device_mesh, shadow.placements
+                )
+            shadow.copy_(full)
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if isinstance(t, DTensor) else t

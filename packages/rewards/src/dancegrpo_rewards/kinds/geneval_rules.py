@@ -1,6 +1,6 @@
 """GenEval's correctness rules (Ghosh et al. 2023), as pure functions of detections.
 
-No I/O, no torch: detections in, ``Verdict(correct, reason)`` out. The ``geneval`` kind
+No I/O, no torch (numpy for float32 arithmetic): detections in, ``Verdict(correct, reason)`` out. The ``geneval`` kind
 (``geneval.py``) supplies the detections (Mask2Former) and the colour classifier (CLIP).
 
 Facts below come from the reference implementation, github.com/djghosh13/geneval:
@@ -14,6 +14,9 @@ Semantics, per image:
    ``score > threshold`` are kept — ``counting_threshold`` (0.9) instead of ``threshold``
    (0.3) when the tag is ``counting`` — then at most ``max_objects`` (16) per class, then
    greedy non-maximum suppression at IoU ``max_overlap`` (1.0 disables it, the default).
+   The score test is float32 against float32, as GenEval's: mmdetection's scores are a
+   float32 array and numpy compares it with a Python-float threshold in float32, so a
+   score equal to ``float32(0.3)`` is *not* above 0.3 (in float64 it would be).
 2. Every include object needs ``count`` detections of its class ("at least"; only the
    ``count`` best are looked at). If it names a colour, all of those ``count`` best must be
    classified as that colour. If it names a position relative to an earlier include
@@ -23,6 +26,13 @@ Semantics, per image:
    prompts say "exactly N" as include ``count = N`` plus exclude ``count = N + 1``.
 4. ``count = 0`` (the proto's "unset") means 1, i.e. "at least one" / "any at all".
 
+Arithmetic follows GenEval's dtypes under the numpy its environment pins (1.23.1):
+``relative_position`` in float32 (mmdetection's boxes are float32 arrays and every step
+there is an array operation), ``box_iou`` with float64 areas (GenEval adds the Python
+int ``1`` to float32 *scalars*, which numpy 1.x promotes to float64). Equal scores keep
+their input order here; GenEval's order among them is that of ``np.argsort(...)[::-1]``
+(docs/rewards.md lists what that gives).
+
 The image is correct when no rule fails. GenEval's overall score is the mean over tags of
 the per-tag fraction of correct images (``evaluation/summary_scores.py``); as a reward
 each image's 0/1 is used directly.
@@ -31,9 +41,10 @@ each image's 0/1 is used directly.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
+
+import numpy as np
 
 #: The 80 detector classes of GenEval, in the COCO / mmdetection class order of
 #: ``evaluation/object_names.txt``. COCO's ``mouse``, ``remote`` and ``keyboard`` are
@@ -259,7 +270,13 @@ def _check_reference(obj: ObjectSpec, index: int, field: str) -> None:
 
 
 def box_iou(box_a: Box, box_b: Box) -> float:
-    """IoU with GenEval's inclusive-pixel areas (``(x2 - x1 + 1) * (y2 - y1 + 1)``)."""
+    """IoU with GenEval's inclusive-pixel areas (``(x2 - x1 + 1) * (y2 - y1 + 1)``).
+
+    In float64: GenEval's ``compute_iou`` (evaluate_images.py:130-137) adds the int ``1`` to
+    float32 scalars, which numpy 1.23 promotes to float64 (numpy 2's NEP 50 would keep
+    float32; this follows GenEval's pinned environment). Box differences are exact either
+    way for integer pixel boxes below 2^24.
+    """
 
     def area(x1: float, y1: float, x2: float, y2: float) -> float:
         return max(x2 - x1 + 1, 0) * max(y2 - y1 + 1, 0)
@@ -282,16 +299,26 @@ def relative_position(box_a: Box, box_b: Box, position_threshold: float = 0.1) -
     *unshrunk* offset; a relation holds when its axis component exceeds 0.5 in magnitude
     (y grows downwards, so negative dy is "above"). No relation when both shrunk
     components are below 1e-3.
+
+    Every step in float32, as GenEval computes it on mmdetection's float32 boxes
+    (evaluate_images.py:140-157: array means, differences, the threshold scaled as
+    ``float32(position_threshold)``, float32 norm and division), so decisions exactly on
+    the 0.5 boundary round as there (e.g. threshold 0.21, dx = 0.5 exactly in real
+    numbers: 0.50000006 in float32, a relation; 0.5 in float64, none). The norm is
+    ``sqrt(ox² + oy²)`` summed in float32; GenEval's BLAS dot could round it differently
+    only where the squares are not exact in float32 (offsets beyond ~2048 px for integer
+    boxes).
     """
-    offset = [(box_a[k] + box_a[k + 2]) / 2 - (box_b[k] + box_b[k + 2]) / 2 for k in (0, 1)]
-    sizes = [abs(box_a[k + 2] - box_a[k]) + abs(box_b[k + 2] - box_b[k]) for k in (0, 1)]
-    revised = [
-        math.copysign(max(abs(o) - position_threshold * s, 0.0), o) if o else 0.0
-        for o, s in zip(offset, sizes, strict=True)
+    f32 = np.float32
+    a, b = [f32(v) for v in box_a], [f32(v) for v in box_b]
+    offset = [(a[k] + a[k + 2]) / f32(2) - (b[k] + b[k + 2]) / f32(2) for k in (0, 1)]
+    shrink = [
+        f32(position_threshold) * (abs(a[k + 2] - a[k]) + abs(b[k + 2] - b[k])) for k in (0, 1)
     ]
-    if all(abs(r) < 1e-3 for r in revised):
+    revised = [max(abs(o) - t, f32(0)) * np.sign(o) for o, t in zip(offset, shrink, strict=True)]
+    if all(abs(r) < f32(1e-3) for r in revised):
         return frozenset()
-    norm = math.hypot(*offset)
+    norm = np.sqrt(offset[0] * offset[0] + offset[1] * offset[1])
     dx, dy = revised[0] / norm, revised[1] / norm
     relations = set()
     if dx < -0.5:
@@ -313,13 +340,16 @@ def filter_detections(
 ) -> dict[str, list[Detection]]:
     """Step 1: per class, best first, ``score > threshold``, ``max_objects``, then NMS.
 
-    Ties in score keep their input order. Classes left without detections are dropped.
+    Scores are compared as float32 with the threshold as float32 (GenEval,
+    evaluate_images.py:233: mmdetection's float32 score array ``> confidence_threshold``).
+    Ties in (float32) score keep their input order. Classes left without detections are
+    dropped.
     """
-    threshold = thresholds.for_tag(tag)
+    threshold = np.float32(thresholds.for_tag(tag))
     kept: dict[str, list[Detection]] = {}
     for class_name, dets in detections.items():
-        ordered = sorted(dets, key=lambda d: -d.score)
-        candidates = [d for d in ordered if d.score > threshold][: thresholds.max_objects]
+        scored = sorted(((np.float32(d.score), d) for d in dets), key=lambda pair: -pair[0])
+        candidates = [d for score, d in scored if score > threshold][: thresholds.max_objects]
         chosen: list[Detection] = []
         while candidates:
             best = candidates.pop(0)

@@ -18,18 +18,28 @@ from VideoAlign's ``inference.py``, ``prompt_template.py``, ``trainer.py`` and
    ``detailed_special`` instruction with the prompt and three added tokens
    ``<|VQ_reward|>``, ``<|MQ_reward|>``, ``<|TA_reward|>``; generation prompt appended;
    padded on the right.
-5. **Head** — ``rm_head`` (``Linear(hidden, 3 or 1, bias=False)``) on the last hidden state
+5. **Positions** — ``Qwen2VLRewardModelBT.forward`` (``trainer.py``) embeds the tokens,
+   scatters the vision tower's output into the video tokens and calls the text decoder
+   with ``position_ids=None``; in transformers 4.45.2 (VideoAlign's ``environment.yaml``)
+   ``Qwen2VLModel.forward`` then uses ``cache_position.view(1, 1, -1).expand(3, N, -1)``:
+   positions ``0..L-1`` on all three M-RoPE axes, padding included (batches are padded on
+   the right, so each sample's tokens sit at ``0..len-1`` alone or in a batch), and
+   ``get_rope_index`` (3-D video positions) is never called, in training nor in inference.
+   ``decoder_position_ids`` builds exactly these and passes them explicitly, since
+   transformers 5's ``Qwen2VLModel`` computes 3-D positions when given none.
+6. **Head** — ``rm_head`` (``Linear(hidden, 3 or 1, bias=False)``) on the last hidden state
    (after the final norm) at the three tokens; output ``d`` is read at the ``d``-th token
-   (``diagonal`` of ``[3 tokens × 3 outputs]``; a 1-output head gives one value per token):
-   ``vq`` visual quality, ``mq`` motion quality, ``ta`` text alignment. VideoAlign runs the
-   head in the model's dtype (bf16); here it runs in float32 on the (bf16) hidden states.
-6. **Normalisation** — ``reward(..., use_norm=True)`` (the default, and what DanceGRPO calls)
+   (``diagonal`` of ``[3 tokens × 3 outputs]``; a 1-output head, the published one, gives
+   one value per token): ``vq`` visual quality, ``mq`` motion quality, ``ta`` text
+   alignment. The head runs in the model's dtype, as VideoAlign's (its inference casts
+   the whole model, head included).
+7. **Normalisation** — ``reward(..., use_norm=True)`` (the default, and what DanceGRPO calls)
    standardises each output with the release's ``inference_config`` statistics
    ``(x - mean) / std`` (raw outputs when the release has none); the ``Overall`` it reports
    is ``VQ + MQ + TA`` after that. Option ``normalize`` (default true) does the same; an HF
    folder carries no statistics and uses the published ones (``NORM_STATS``); false gives
    raw outputs.
-7. **Sampling options** — VideoAlign samples with the release's ``data_config`` (``fps``,
+8. **Sampling options** — VideoAlign samples with the release's ``data_config`` (``fps``,
    ``num_frames``, ``max_frame_pixels``); the same-named options default to those values.
 
 Frames arrive decoded (``[T, H, W, 3]`` uint8) without a frame rate, so ``source_fps``
@@ -291,8 +301,12 @@ class VideoAlignOptions:
             (``model_config.json`` + ``checkpoint-<step>/model.pth``); see ``videoalign_weights``.
         base_model_path: for a release folder (required there): a local Qwen2-VL-2B-Instruct folder.
         checkpoint_step: for a release folder: which ``checkpoint-<step>`` (default: highest).
-        device, dtype: as for every model-backed kind (the reference runs bf16).
-        attn_implementation: ``sdpa``, ``eager`` or ``flash_attention_2``.
+        device: as for every model-backed kind.
+        dtype: ``fp32``, ``bf16`` or ``fp16`` for every weight and activation, head included;
+            default: the checkpoint's own (a release's ``model_config.torch_dtype``, bf16 in
+            the published one; see ``videoalign_weights``).
+        attn_implementation: ``sdpa``, ``eager`` or ``flash_attention_2`` (VideoAlign always
+            requests flash-attention 2; all three compute the same exact attention).
         fps: frames per second of video that are scored (2).
         source_fps: frame rate of the frames the trainer sends (24).
         num_frames: score this many frames (rounded to even) instead of sampling by ``fps``.
@@ -310,7 +324,7 @@ class VideoAlignOptions:
     base_model_path: str | None = None
     checkpoint_step: int | None = None
     device: str = "cpu"
-    dtype: str = "fp32"
+    dtype: str | None = None
     attn_implementation: str = "sdpa"
     fps: float = 2.0
     source_fps: float = 24.0
@@ -328,7 +342,8 @@ class VideoAlignOptions:
         if self.checkpoint_step is not None:
             check_non_negative("checkpoint_step", self.checkpoint_step)
         check_device("device", self.device)
-        check_dtype("dtype", self.dtype)
+        if self.dtype is not None:
+            check_dtype("dtype", self.dtype)
         if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
             raise OptionError(
                 "attn_implementation",
@@ -397,6 +412,19 @@ def reward_token_positions(input_ids: torch.Tensor, token_ids: Sequence[int]) ->
     return torch.stack(columns, dim=1)
 
 
+def decoder_position_ids(input_ids: torch.Tensor) -> torch.Tensor:
+    """``[3, N, L]`` positions of the text decoder: ``0..L-1`` on each M-RoPE axis, each row.
+
+    What transformers 4.45.2's ``Qwen2VLModel.forward`` uses for ``position_ids=None``
+    (``cache_position.view(1, 1, -1).expand(3, batch, -1)``, no cache), the call
+    VideoAlign's ``Qwen2VLRewardModelBT.forward`` makes: sequential, padding included,
+    the same on the temporal, height and width axes (no 3-D video positions).
+    """
+    batch, length = input_ids.shape
+    positions = torch.arange(length, device=input_ids.device)
+    return positions.view(1, 1, length).expand(3, batch, length)
+
+
 def head_outputs(logits: torch.Tensor) -> torch.Tensor:
     """``[N, 3]`` rewards from head outputs ``[N, 3 tokens, out_dim]``: output ``d`` at token
     ``d`` for a 3-output head (VideoAlign's ``diagonal``), the single output for a 1-output head."""
@@ -439,6 +467,8 @@ class VideoAlignReward(Reward):
                 raise RewardConfigError(
                     f"{err} (from data_config of {source}; set the option to override it)"
                 ) from err
+        if self.config.dtype is None:
+            self.config = dataclasses.replace(self.config, dtype=self.checkpoint.dtype)
         #: ``{output: (mean, std)}`` that ``score`` standardises with; ``None``: raw outputs.
         self.norm_stats: Mapping[str, tuple[float, float]] | None = None
         if self.config.normalize:
@@ -469,6 +499,7 @@ class VideoAlignReward(Reward):
 
     def load(self) -> None:
         """Loads the checkpoint on the configured device/dtype."""
+        assert self.config.dtype is not None  # resolved in __init__
         self._model = load_videoalign(
             self.checkpoint,
             device=torch_device(self.config.device, reward_name=self.name),
@@ -544,16 +575,23 @@ class VideoAlignReward(Reward):
         return dict(inputs)
 
     def raw_scores(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """``[N, 3]`` float32 raw (VQ, MQ, TA): the head at the reward tokens' hidden states."""
+        """``[N, 3]`` float32 raw (VQ, MQ, TA): the head at the reward tokens' hidden states.
+
+        The decoder gets VideoAlign's sequential positions (``decoder_position_ids``), not
+        the 3-D M-RoPE positions transformers would compute; the head runs in the model's
+        dtype (VideoAlign's bf16 outputs are bf16 values) and the result is cast to float32.
+        """
         model = self.model
         tensors = {key: value.to(model.device) for key, value in inputs.items()}
         tensors["pixel_values_videos"] = tensors["pixel_values_videos"].to(model.dtype)
-        # Hidden states in the model's dtype; the head (float32 weights) runs in float32.
-        hidden = model.backbone(**tensors, use_cache=False).last_hidden_state  # [N, L, D]
+        position_ids = decoder_position_ids(tensors["input_ids"])
+        hidden = model.backbone(
+            **tensors, position_ids=position_ids, use_cache=False
+        ).last_hidden_state  # [N, L, D]
         positions = reward_token_positions(tensors["input_ids"], model.token_ids)  # [N, 3]
         rows = torch.arange(hidden.shape[0], device=hidden.device)[:, None]
-        logits = hidden[rows, positions].float() @ model.rm_head.T  # [N, 3, out_dim]
-        return head_outputs(logits)
+        logits = hidden[rows, positions] @ model.rm_head.T  # [N, 3, out_dim]
+        return head_outputs(logits).float()
 
     @torch.inference_mode()
     def score(self, batch: RewardBatch) -> dict[str, np.ndarray]:

@@ -24,6 +24,17 @@
    VideoAlign's ``inference.py`` reads them: ``inference_config`` (the ``VQ/MQ/TA`` mean and
    std that ``use_norm`` standardises with) and ``data_config`` (``fps``, ``num_frames``,
    ``max_frame_pixels``: how videos are sampled; only ``sample_type: uniform`` exists here).
+   VideoAlign's ``train()`` also ends with ``model.config.save_pretrained(output_dir)``, so a
+   release may hold a ``config.json`` beside ``model_config.json``: a folder with
+   ``model_config.json`` and a ``checkpoint-<step>/model.pth`` is a release whatever else it
+   holds.
+
+**dtype.** VideoAlign's ``create_model_and_processor`` loads the model in
+``model_config.torch_dtype`` (``"bfloat16"`` in the published ``train.sh``) and its
+``VideoVLMRewardInference`` casts the whole model, ``rm_head`` included, to bf16 by default;
+``checkpoint_dtype`` is the dtype a checkpoint runs in unless the ``dtype`` option says
+otherwise: a release's ``torch_dtype`` (bf16 when it is unset or ``"auto"``: the inference
+default), an HF folder's ``config.json`` dtype (fp32 when unset).
 
 The adapter-only form VideoAlign can also write (``adapter_model.safetensors`` +
 ``non_lora_state_dict.pth``, base weights taken from the base model) is not supported.
@@ -35,7 +46,7 @@ import dataclasses
 import json
 import math
 import re
-from collections.abc import Collection, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +87,10 @@ _CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
 DATA_CONFIG_OPTIONS = ("fps", "num_frames", "max_frame_pixels")
 #: Output names and their ``inference_config`` key prefixes.
 _STAT_PREFIXES = {"vq": "VQ", "mq": "MQ", "ta": "TA"}
+#: torch dtype names in ``model_config.torch_dtype`` / ``config.json`` → ``dtype`` option values.
+_DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+#: The dtype ``VideoVLMRewardInference`` casts a release to by default (its ``dtype`` argument).
+RELEASE_DEFAULT_DTYPE = "bf16"
 
 # peft's key layout of a wrapped model's state dict (peft.tuners.lora): the wrapper prefix,
 # the frozen weight moved under ``base_layer``, LoRA factors per adapter name, full copies
@@ -101,6 +116,7 @@ class VideoAlignCheckpoint:
             ``None`` for an HF folder or a release without that block.
         data_options: the release's ``data_config`` values of ``DATA_CONFIG_OPTIONS`` (those
             it sets to a value); empty for an HF folder.
+        dtype: the ``dtype`` option value the checkpoint runs in by default (module docstring).
     """
 
     layout: str
@@ -111,6 +127,7 @@ class VideoAlignCheckpoint:
     digests: dict[str, str]
     norm_stats: dict[str, tuple[float, float]] | None = None
     data_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    dtype: str = "fp32"
 
 
 @dataclasses.dataclass
@@ -119,7 +136,7 @@ class LoadedVideoAlign:
 
     Attributes:
         backbone: the transformers ``Qwen2VLModel`` (eval mode) giving ``[N, L, D]`` hidden states.
-        rm_head: ``[out_dim, D]`` float32 weight of the reward head (``out_dim`` 3 or 1).
+        rm_head: ``[out_dim, D]`` weight of the reward head (``out_dim`` 3 or 1) in ``dtype``.
         processor: the ``Qwen2VLProcessor`` (tokenizer pads on the right).
         token_ids: ids of ``REWARD_TOKENS``.
         patch_factor: ``patch_size * merge_size`` of the video processor (28 for Qwen2-VL).
@@ -224,6 +241,34 @@ def _data_options(reward_name: str, file: Path, config: Mapping[str, Any]) -> di
     return options
 
 
+def _release_dtype(reward_name: str, file: Path, model: Mapping[str, Any]) -> str:
+    """``model_config.torch_dtype`` as a ``dtype`` option value (unset/``auto``: bf16)."""
+    value = model.get("torch_dtype")
+    if value in (None, "auto"):
+        return RELEASE_DEFAULT_DTYPE
+    if value not in _DTYPE_NAMES:
+        raise _release_error(
+            reward_name,
+            file,
+            f"has model_config.torch_dtype {value!r}; expected one of "
+            f"{', '.join(_DTYPE_NAMES)}, 'auto' or null",
+        )
+    return _DTYPE_NAMES[value]
+
+
+def _hf_dtype(folder: Path) -> str:
+    """The dtype an HF folder's ``config.json`` records (``dtype``, or transformers-4's
+    ``torch_dtype``); fp32 when it records none or one the kind does not run."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return "fp32"  # unreadable files fail at load() with the full message
+    if not isinstance(config, dict):
+        return "fp32"
+    value = config.get("dtype", config.get("torch_dtype"))
+    return _DTYPE_NAMES.get(value, "fp32") if isinstance(value, str) else "fp32"
+
+
 def lora_scaling(peft_config: Mapping[str, Any]) -> float | None:
     """``s`` of a VideoAlign ``peft_lora_config``: ``lora_alpha / r`` (``/ √r`` with rsLoRA).
 
@@ -298,6 +343,21 @@ def _resolve_release(
         digests,
         norm_stats=_norm_stats(reward_name, file, config),
         data_options=_data_options(reward_name, file, config),
+        dtype=_release_dtype(reward_name, file, config["model_config"]),
+    )
+
+
+def is_release_folder(path: Path) -> bool:
+    """A VideoReward release: ``model_config.json`` and a ``checkpoint-<step>/model.pth``
+    (whatever else it holds: VideoAlign's trainer also writes ``config.json`` there), or
+    ``model_config.json`` without ``config.json`` (an incomplete release, reported as one)."""
+    if not (path / "model_config.json").is_file():
+        return False
+    if not (path / "config.json").is_file():
+        return True
+    return any(
+        child.is_dir() and _CHECKPOINT_DIR.match(child.name) and (child / "model.pth").is_file()
+        for child in path.iterdir()
     )
 
 
@@ -315,7 +375,7 @@ def resolve_checkpoint(
     what = f"reward {reward_name!r}: VideoAlign checkpoint (option 'path')"
     if not path.is_dir():
         raise checkpoint_error(path, what, EXPECTED_HF, DOCS_SECTION, "folder not found")
-    if (path / "model_config.json").is_file() and not (path / "config.json").is_file():
+    if is_release_folder(path):
         return _resolve_release(reward_name, path, base_model_path, step)
     if not (path / "config.json").is_file():
         problem = "holds neither config.json (Hugging Face folder) nor model_config.json (release)"
@@ -329,7 +389,8 @@ def resolve_checkpoint(
     groups = {"weights": _WEIGHT_FILES, "tokenizer files": _TOKENIZER_FILES}
     groups["a processor config"] = _PROCESSOR_FILES
     _require_files(path, groups, what, EXPECTED_HF)
-    return VideoAlignCheckpoint("hf", path, None, None, None, {"path": folder_digest(path)})
+    digests = {"path": folder_digest(path)}
+    return VideoAlignCheckpoint("hf", path, None, None, None, digests, dtype=_hf_dtype(path))
 
 
 # --- LoRA merge ------------------------------------------------------------------------
@@ -370,18 +431,13 @@ def _split_peft_state_dict(
 
 
 def merge_lora_state_dict(
-    state_dict: Mapping[str, torch.Tensor],
-    scaling: float | None,
-    dtype: torch.dtype,
-    *,
-    keep_float32: Collection[str] = (),
+    state_dict: Mapping[str, torch.Tensor], scaling: float | None, dtype: torch.dtype
 ) -> dict[str, torch.Tensor]:
     """Plain weights of a peft-wrapped model's state dict, LoRA merged: ``W + s·B·A``.
 
     peft's LoRA forward is ``base(x) + s·B(A(x))`` (dropout is the identity in eval mode),
     which equals ``x`` through the merged weight ``W + s·B·A``. Merged weights are computed
-    in float32 and stored in ``dtype`` (in float32 for the keys in ``keep_float32``);
-    other tensors keep their dtype.
+    in float32 and stored in ``dtype``; other tensors keep their dtype.
 
     Raises:
         ValueError: LoRA factors without ``scaling``, incomplete factor pairs, a factor
@@ -398,8 +454,7 @@ def merge_lora_state_dict(
             raise ValueError(f"LoRA module {module!r} has no base weight {key!r}")
         delta = _lora_delta(module, parts)
         assert scaling is not None
-        merged = plain[key].float() + scaling * delta
-        plain[key] = merged if key in keep_float32 else merged.to(dtype)
+        plain[key] = (plain[key].float() + scaling * delta).to(dtype)
     return plain
 
 
@@ -444,11 +499,7 @@ def _release_parts(
     raw = torch.load(str(checkpoint.weights), map_location="cpu", weights_only=True, mmap=True)
     # The language-model head is never evaluated: its (LoRA) weights are not merged at all.
     raw = {k: v for k, v in raw.items() if not k.removeprefix(_PEFT_PREFIX).startswith("lm_head.")}
-    # The head runs in float32 (see raw_scores): its merged weight is not rounded to dtype.
-    merged = merge_lora_state_dict(
-        raw, checkpoint.lora_scaling, dtype, keep_float32=("rm_head.weight",)
-    )
-    return config, processor, merged
+    return config, processor, merge_lora_state_dict(raw, checkpoint.lora_scaling, dtype)
 
 
 def _embedding_rows(state_dict: Mapping[str, torch.Tensor]) -> int:
@@ -550,7 +601,7 @@ def load_videoalign(
     videos = processor.video_processor
     return LoadedVideoAlign(
         backbone=backbone.to(device),
-        rm_head=rm_head.float().to(device),
+        rm_head=rm_head.to(device=device, dtype=dtype),
         processor=processor,
         token_ids=token_ids,
         patch_factor=int(videos.patch_size * videos.merge_size),

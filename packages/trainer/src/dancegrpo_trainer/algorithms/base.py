@@ -12,6 +12,26 @@ An algorithm declares
   :meth:`Algorithm.loss` returns the loss of one term, which the update backpropagates at
   once (scaled to a mean over samples and terms) and logs.
 
+Terms and sub-networks (a constraint on every algorithm): a policy may route steps to
+different sub-networks, and then lists each one's steps in
+:meth:`~dancegrpo_trainer.policies.base.Policy.step_groups` (Wan2.2 A14B: the high-noise and
+the low-noise expert, split at ``boundary_ratio``; ``None`` for every other adapter). Under
+``train.fsdp`` every forward of a sharded sub-network is a collective, so every rank must run
+the same sequence of sub-networks, micro-batch after micro-batch:
+
+- one term runs one group: all rows of a micro-batch at steps of the same group. An
+  algorithm that gives rows their own step indices (an int64 ``[B]`` ``step_index``, e.g.
+  per-row noise levels) must draw them within one group per term: rows on both sides of
+  Wan's boundary make ``WanPolicy.predict`` run both experts, while a rank whose rows all
+  fall on one side runs one, and the ranks' collectives no longer match (both experts'
+  blocks have the same shapes, so the mismatch may hang or silently mix weights rather than
+  fail);
+- every micro-batch visits the groups in the same order with the same number of terms each
+  (GRPO: ``timestep_fraction`` of each group, group after group, see ``GRPO.terms``);
+- steps outside the groups (a frozen expert's) are never terms: they carry no gradient.
+
+Single-group policies (``step_groups`` is ``None``) have no such constraint.
+
 State that must survive a resume (e.g. an EMA "old" policy) goes through
 :meth:`Algorithm.state_dict` / :meth:`Algorithm.load_state_dict` (tensors, saved with the
 checkpoint) and is advanced in :meth:`Algorithm.after_optimizer_step`.
@@ -110,7 +130,9 @@ class Algorithm(abc.ABC):
     @abc.abstractmethod
     def terms(self, rollout: Rollout, generator: torch.Generator | None) -> list[int]:
         """The terms one micro-batch of ``rollout`` trains, drawn from ``generator`` (one
-        per global micro-batch, so the draw does not depend on the rank layout)."""
+        per global micro-batch, so the draw does not depend on the rank layout). With
+        ``policy.step_groups``, each term stays within one group and every micro-batch
+        visits the groups alike (see the module docstring)."""
 
     @abc.abstractmethod
     def loss(self, batch: Rollout, advantages: torch.Tensor, term: int) -> LossTerm:

@@ -6,9 +6,11 @@ Per micro-batch it trains a random subset of the recorded steps
 (``train.timestep_fraction``, DanceGRPO's shuffled ``perms``; ``skip_last_timestep``
 never trains the final one) when every step is recorded, and every recorded step when an
 SDE window (Flow-GRPO-Fast, MixGRPO) records only some: both official codes train the
-whole window. The loss of step ``i`` recomputes ``log p(x_{i+1} | x_i)`` with gradients
-(:func:`grpo_loss`, ratio against the rollout's log-prob); the KL penalty is on the step
-means or on the velocities (``train.kl_type``).
+whole window. A policy with step groups (Wan2.2's experts) gets both per group (see
+:meth:`GRPO.terms`; subclasses such as GRPO-Guard inherit it). The loss of step ``i``
+recomputes ``log p(x_{i+1} | x_i)`` with gradients (:func:`grpo_loss`, ratio against the
+rollout's log-prob); the KL penalty is on the step means or on the velocities
+(``train.kl_type``).
 """
 
 from __future__ import annotations
@@ -48,17 +50,59 @@ class GRPO(Algorithm):
         return RolloutSpec(stochastic="window", keep=("log_probs",))
 
     def terms(self, rollout: Rollout, generator: torch.Generator | None) -> list[int]:
+        """Step indices, shared by the micro-batch.
+
+        A policy with :meth:`~dancegrpo_trainer.policies.base.Policy.step_groups` (Wan2.2's
+        two experts) gets them group by group: with every step recorded,
+        ``timestep_fraction`` of each group (at least one step; the last step left out with
+        ``skip_last_timestep``), drawn group after group; under an SDE window, the recorded
+        steps that fall in the groups, in group order. Every micro-batch then runs the same
+        sequence of sub-networks, which sharded (FSDP) ranks must. Without groups this is
+        DanceGRPO's one draw over every step (bit-identical to the single-group case).
+        """
         n = rollout.schedule.num_steps
         recorded = rollout.recorded_steps
+        groups = self.policy.step_groups(rollout.schedule)
         if len(recorded) == n:
-            return select_timesteps(
-                1,
-                n,
-                timestep_fraction=self.train.timestep_fraction,
-                generator=generator,
-                skip_last=self.train.skip_last_timestep,
-            )[0].tolist()
-        return recorded
+            if groups is None:
+                return select_timesteps(
+                    1,
+                    n,
+                    timestep_fraction=self.train.timestep_fraction,
+                    generator=generator,
+                    skip_last=self.train.skip_last_timestep,
+                )[0].tolist()
+            return self._draw_per_group(groups, n, generator)
+        if groups is None:
+            return recorded
+        kept = set(recorded)
+        steps = [s for group in groups for s in group if s in kept]
+        if not steps:
+            raise ValueError(
+                f"the SDE window records steps {recorded}, none of which the policy trains "
+                f"(its step groups: {groups}); move sampling.window or change which "
+                "sub-networks train (Wan: model.options.train_experts)"
+            )
+        return steps
+
+    def _draw_per_group(
+        self, groups: list[list[int]], num_steps: int, generator: torch.Generator | None
+    ) -> list[int]:
+        last = num_steps - 1
+        skip = self.train.skip_last_timestep
+        groups = [[s for s in g if not (skip and s == last)] for g in groups]
+        groups = [g for g in groups if g]
+        if not groups:
+            raise ValueError(
+                "no trainable step is left once train.skip_last_timestep drops the last"
+            )
+        steps: list[int] = []
+        for group in groups:
+            picks = select_timesteps(
+                1, len(group), timestep_fraction=self.train.timestep_fraction, generator=generator
+            )[0]
+            steps += [group[j] for j in picks.tolist()]
+        return steps
 
     def step_kwargs(self, batch: Rollout, i: int) -> dict[str, Any]:
         """``denoise_step`` keywords that re-evaluate the stored step ``i`` of ``batch``."""

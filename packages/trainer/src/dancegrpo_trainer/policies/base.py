@@ -177,6 +177,20 @@ class Policy(abc.ABC):
             return self
         raise ValueError(f"{type(self).__name__} samples at its configured resolution only")
 
+    def step_groups(self, schedule: Schedule) -> list[list[int]] | None:
+        """Groups of step indices the training algorithm samples separately, where the
+        steps are not all alike: GRPO trains ``timestep_fraction`` of every group in each
+        micro-batch (at least one step each), group after group, and never a step outside
+        the groups. A model that routes steps to different sub-networks (Wan2.2's two
+        experts) lists each one's steps, so that every micro-batch on every rank runs the
+        same sequence of sub-networks (sharded ranks must; the rules every algorithm
+        follows are in :mod:`dancegrpo_trainer.algorithms.base`), and leaves out the steps
+        of a frozen one (their log-probabilities carry no gradient).
+
+        Default: ``None``, one draw over every step.
+        """
+        return None
+
     @property
     def lora_target_modules(self) -> list[str]:
         """Module-name patterns for ``peft.LoraConfig(target_modules=...)``."""

@@ -61,7 +61,8 @@ class FlowTransformerConfig(RuntimeConfig):
             raise ValueError(
                 f"noise_schedule must be 'dance' or 'flow_grpo', got {self.noise_schedule!r}"
             )
-        if self.shift <= 0:
+        # None: an adapter that reads the shift from its checkpoint (Wan).
+        if self.shift is not None and self.shift <= 0:
             raise ValueError(f"shift must be > 0, got {self.shift}")
 
 
@@ -123,6 +124,13 @@ class FlowTransformerPolicy(FlowPolicy):
     pipeline_extras: ClassVar[tuple[str, ...]] = ("tokenizer", "tokenizer_2")
 
     @classmethod
+    def pipeline_options(cls, pipe: Any) -> dict[str, Any]:
+        """Constructor keywords ``from_pipeline`` reads from the pipeline itself rather than
+        from its modules (Wan: ``boundary_ratio``, ``expand_timesteps``, the scheduler's
+        shift). Default: none."""
+        return {}
+
+    @classmethod
     def from_pipeline(
         cls: type[P],
         pipe: Any,
@@ -131,7 +139,8 @@ class FlowTransformerPolicy(FlowPolicy):
         copy: bool = False,
     ) -> P:
         """Wraps the components of a loaded diffusers pipeline of this model (the modules
-        named in ``pipeline_modules`` and the tokenizers/processors in ``pipeline_extras``).
+        named in ``pipeline_modules``, the tokenizers/processors in ``pipeline_extras`` and
+        the settings :meth:`pipeline_options` reads).
 
         Shared (default): the policy holds the pipeline's own modules, no copy, and
         changes nothing about them: nothing is moved, cast or frozen (``requires_grad``
@@ -164,7 +173,7 @@ class FlowTransformerPolicy(FlowPolicy):
         extras = {name: getattr(pipe, name, None) for name in cls.pipeline_extras}
         modules = [] if copy else list(parts.values())
         with preserved_module_state(modules):
-            return cls(**parts, **extras, config=config)
+            return cls(**parts, **extras, **cls.pipeline_options(pipe), config=config)
 
     @property
     def schedule_shift(self) -> float:

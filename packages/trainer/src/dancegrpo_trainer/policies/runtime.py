@@ -131,11 +131,18 @@ def freeze(module: nn.Module | None) -> None:
 
 
 def module_dtype(module: nn.Module) -> torch.dtype:
-    """The dtype of a module's first floating-point parameter (float32 if it has none)."""
-    for p in module.parameters():
-        if p.is_floating_point():
+    """The dtype of a module's first floating-point parameter (float32 if it has none),
+    skipping the layers a diffusers model keeps in float32 (``_keep_in_fp32_modules``, e.g.
+    Wan's norms and time embedder), as diffusers' own ``ModelMixin.dtype`` does."""
+    keep = _fp32_modules(module)
+    for name, p in module.named_parameters():
+        if p.is_floating_point() and not any(k in name for k in keep):
             return p.dtype
     return torch.float32
+
+
+def _fp32_modules(module: nn.Module) -> list[str]:
+    return list(getattr(module, "_keep_in_fp32_modules", None) or [])
 
 
 def images_to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -190,11 +197,16 @@ def transformers_dtype_kwargs(dtype: torch.dtype) -> dict[str, torch.dtype]:
 
 
 def place(module: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    """Moves ``module`` to ``device`` and casts it to ``dtype`` only where it differs (a
-    checkpoint loaded with ``torch_dtype`` keeps the layers diffusers holds in float32)."""
+    """Moves ``module`` to ``device`` and casts it to ``dtype`` only where it differs. The
+    layers a diffusers model keeps in float32 (``_keep_in_fp32_modules``) stay float32, as
+    ``from_pretrained(torch_dtype=...)`` leaves them."""
     module = module.to(device)
     if module_dtype(module) != dtype:
-        module = module.to(dtype)
+        nn.Module.to(module, dtype)  # (diffusers' own .to warns about the kept layers)
+        keep = _fp32_modules(module)
+        for name, p in module.named_parameters():
+            if keep and any(k in name for k in keep) and p.is_floating_point():
+                p.data = p.data.float()
     return module
 
 

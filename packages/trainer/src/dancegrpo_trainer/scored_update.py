@@ -29,8 +29,9 @@ from dancegrpo_trainer.rollout import Rollout
 from dancegrpo_trainer.scoring import PendingScores, Scores
 from dancegrpo_trainer.update import GradientAccumulator, UpdateResult
 
-#: ``(rollout, advantages, sample_offset) ↦`` one optimiser step over that batch.
-UpdateFn = Callable[[Rollout, torch.Tensor, int], UpdateResult]
+#: ``(rollout, advantages, sample_offset, keep) ↦`` one optimiser step over that batch
+#: (``keep``: bool per sample, ``None`` when no group is ever left out).
+UpdateFn = Callable[[Rollout, torch.Tensor, int, torch.Tensor | None], UpdateResult]
 
 
 @dataclasses.dataclass
@@ -69,11 +70,16 @@ class RewardAdvantages:
     Args:
         rewards: the ``rewards`` section (endpoint weights, advantage mode, tracker sizes).
         group_size: samples per prompt group.
+        drop_constant_groups: leave groups whose rewards are all equal out of the update
+            (``train.drop_constant_groups``; :meth:`kept_rows`).
     """
 
-    def __init__(self, rewards: RewardsConfig, group_size: int) -> None:
+    def __init__(
+        self, rewards: RewardsConfig, group_size: int, drop_constant_groups: bool = False
+    ) -> None:
         self.mode = rewards.advantage
         self.group_size = group_size
+        self.drop_constant_groups = drop_constant_groups
         self.weights = {ep.label: ep.weight for ep in rewards.endpoints}
         self.trackers = {
             ep.label: PerPromptStatTracker(
@@ -98,6 +104,27 @@ class RewardAdvantages:
             stats[f"output/{k}_mean"] = float(np.mean(v))
             stats[f"output/{k}_std"] = float(np.std(v))
         return stats
+
+    def constant_groups(self, terms: dict[str, np.ndarray]) -> np.ndarray:
+        """bool ``[groups]``: the whole prompt groups of ``terms`` whose every reward term
+        is constant (exactly equal within the group: group advantage exactly 0)."""
+        g = self.group_size
+        constant = None
+        for v in terms.values():
+            rows = np.asarray(v).reshape(-1, g)
+            same = (rows == rows[:, :1]).all(axis=1)
+            constant = same if constant is None else constant & same
+        assert constant is not None
+        return constant
+
+    def kept_rows(self, terms: dict[str, np.ndarray], rows_per_group: int) -> torch.Tensor | None:
+        """bool ``[groups · rows_per_group]``: the rows trained when constant groups are
+        dropped (``rows_per_group``: ``group_size``, or the Best-of-N selection size);
+        ``None`` when nothing is ever dropped."""
+        if not self.drop_constant_groups:
+            return None
+        keep = torch.from_numpy(~self.constant_groups(terms))
+        return keep.repeat_interleave(rows_per_group)
 
     def of_groups(self, terms: dict[str, np.ndarray]) -> torch.Tensor:
         """Group advantages of whole prompt groups (each reward normalised, then weighted)."""
@@ -148,6 +175,7 @@ def update_after_scoring(
     device = rollout.latents.device
     local = adv_all[rank * n_local : (rank + 1) * n_local].to(device)
     keep = None
+    rows_per_group = advantages.group_size
     if best_of_n.enabled:
         keep = best_of_n_indices(
             local.cpu(),
@@ -156,9 +184,11 @@ def update_after_scoring(
             bottom_k=best_of_n.bottom_k,
         )
         rollout, local = rollout.select(keep), local[keep.to(device)]
+        rows_per_group = best_of_n.top_k + best_of_n.bottom_k
+    trained = advantages.kept_rows(scores.terms, rows_per_group)
     # Every rank holds the same number of samples (also after Best-of-N), so this rank's
     # slice of the global batch starts at rank * len(rollout).
-    result = update(rollout, local, rank * len(rollout))
+    result = update(rollout, local, rank * len(rollout), trained)
     return StepUpdate(all_terms, all_outputs, all_prompts, adv_all, keep, result, wait_s)
 
 
@@ -203,8 +233,8 @@ def update_as_scored(
         wait_s += time.perf_counter() - t0
         if start == stop:
             continue
-        terms = Scores.concat(scored).terms
-        adv = advantages.of_groups({k: v[start:stop] for k, v in terms.items()})
+        terms = {k: v[start:stop] for k, v in Scores.concat(scored).terms.items()}
+        adv = advantages.of_groups(terms)
         all_adv[start:stop] = adv
         part = rollout.rows(start, stop)
         if best_of_n.enabled:
@@ -214,7 +244,8 @@ def update_as_scored(
             part, adv = part.select(keep), adv[keep]
             keeps.append(keep + start)
         offset = rank * n_train + start // g * kept_per_group
-        acc.accumulate(part, adv.to(rollout.latents.device), sample_offset=offset)
+        trained = advantages.kept_rows(terms, kept_per_group)
+        acc.accumulate(part, adv.to(rollout.latents.device), sample_offset=offset, keep=trained)
     result = acc.step(grad_monitor)
     scores = Scores.concat(scored)
     return StepUpdate(

@@ -194,6 +194,29 @@ def test_routed_stats_average_each_sample_over_its_own_terms() -> None:
     assert stats["source/ocr/samples"] == 2
 
 
+def test_dropping_constant_groups_counts_only_the_terms_routed_to_each_group() -> None:
+    cfg = routed_config()
+    adv = RewardAdvantages(cfg.rewards, group_size=2, drop_constant_groups=True)
+    nan = np.nan
+    # Group 0 (geneval source): geneval constant, pick varies -> kept. Group 1 (ocr
+    # source): ocr and pick constant, geneval NaN (not routed) -> dropped. Group 2 (ocr):
+    # ocr varies -> kept.
+    terms = {
+        "geneval": np.array([1, 1, nan, nan, nan, nan], np.float32),
+        "ocr": np.array([nan, nan, 0.5, 0.5, 0.2, 0.7], np.float32),
+        "pick": np.array([20, 22, 18, 18, 19, 19], np.float32),
+    }
+    routed = {"geneval": [1, 0, 0], "ocr": [0, 1, 1], "pick": [0.5, 3, 3]}
+    weights = {k: np.repeat(np.asarray(w, np.float32), 2) for k, w in routed.items()}
+    np.testing.assert_array_equal(adv.constant_groups(terms, weights), [False, True, False])
+    keep = adv.kept_rows(terms, 2, weights)
+    assert keep is not None and keep.tolist() == [True, True, False, False, True, True]
+    # The dropped group's advantage is exactly 0: dropping it changes no other sample's.
+    assert adv.of_groups(terms, weights)[2:4].abs().max() == 0
+    # Without the weights a NaN column never counts as constant: nothing would be dropped.
+    assert not adv.constant_groups(terms).any()
+
+
 # ------------------------------------------------------------------ scoring
 
 

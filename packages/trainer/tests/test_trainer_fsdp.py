@@ -187,7 +187,7 @@ def test_fsdp_with_ema_and_kl_trains_like_unsharded_ranks(tmp_path: Path) -> Non
     assert a.keys() == b.keys() and any(k.startswith("ema.") for k in a)
     for key, value in b.items():
         torch.testing.assert_close(a[key], value, rtol=0, atol=ATOL, msg=key)
-    initial = torch.load(plain / "params_initial.pt")
+    initial = torch.load(plain / "params_initial.pt", weights_only=True)
     ema_moved = max(float((b[f"ema.{k}"] - v).abs().max()) for k, v in initial.items())
     assert ema_moved > 10 * ATOL  # observed 2.9e-4: the shadow moved 10% of the weights' way
     records_plain, records_fsdp = _records(plain), _records(fsdp)

@@ -1410,3 +1410,58 @@ def test_flux_unifiedreward_recipe_trains_on_a_vlm_judge(
     assert rec["samples"] == 12 and rec["advantage_abs_mean"] > 0
     assert 0.2 <= rec["reward/unifiedreward/score_mean"] <= 1.0  # (1..5) / 5
     assert_trained_and_saved(trainer, tmp_path)
+
+
+def test_flux_grpo_guard_recipe_trains_the_regulated_ratio_against_pickscore(
+    recipe_env: dict[str, Path],
+    tmp_path: Path,
+    cli_trainer: type[RecordingTrainer],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """GRPO-Guard with its authors' PickScore settings on FLUX: the rollout keeps each
+    step's mean and std, every step but the last trains (Flow-GRPO's first 9 of 10; 2 of
+    3 here), with Flow-GRPO's SDE; the LoRA factors move; a mixed group is kept."""
+    from dancegrpo_trainer.algorithms.grpo_guard import GRPOGuard
+
+    trained: list[tuple[list[int], bool]] = []
+    original = GRPOGuard.terms
+
+    def recording(self: GRPOGuard, rollout: Any, generator: Any) -> list[int]:
+        terms = original(self, rollout, generator)
+        trained.append((terms, rollout.means is not None and rollout.stds is not None))
+        return terms
+
+    monkeypatch.setattr(GRPOGuard, "terms", recording)
+    trainer = run_recipe("flux_grpo_guard", tmp_path, "data.eval_prompts=[]")
+    assert isinstance(trainer.algorithm, GRPOGuard)
+    assert trained and all(sorted(t) == [0, 1] and kept for t, kept in trained)
+    rec = records(tmp_path)[0]
+    assert rec["samples"] == 24 and rec["advantage_abs_mean"] > 0
+    assert rec["groups_dropped_frac"] == 0.0 and "mean_shift" in rec
+    assert rec["ratio_mean"] == pytest.approx(1.0, abs=1e-3) and rec["grad_norm"] > 0
+    moved, total = lora_moved(trainer)
+    assert moved > 0.4 * total
+    saved = load_file(str(tmp_path / "checkpoints" / "step_000001" / "model.safetensors"))
+    assert saved.keys() >= {k for k in trainable_state(trainer)}
+
+
+def test_flux_grpo_guard_recipe_values_follow_the_official_config() -> None:
+    """Flow-GRPO's config/grpo_guard.py (pickscore_hps_sd3_ratio_norm) + config/base.py."""
+    cfg = load_config(
+        CONFIGS / "flux_grpo_guard.yaml",
+        ["model.path=x", "data.train_prompts=[p]", "data.eval_prompts=[]"],
+    )
+    s, t = cfg.sampling, cfg.train
+    assert (t.algorithm, t.clip_range, t.kl_coef, t.learning_rate) == ("grpo_guard", 4e-6, 0, 1e-4)
+    assert (s.group_size, s.num_steps, s.sampler, s.eta, s.shared_noise) == (
+        24,
+        10,
+        "flow_grpo",
+        0.7,
+        False,
+    )
+    assert (cfg.model.height, cfg.model.width, cfg.model.guidance_scale) == (512, 512, 3.5)
+    assert t.skip_last_timestep and t.timestep_fraction == 1.0  # steps 0..8 of 10
+    assert t.drop_constant_groups and t.adv_clip_max == 5 and t.max_grad_norm == 1.0
+    assert (t.lora.rank, t.lora.alpha, t.weight_decay) == (32, 64, 1e-4)
+    assert t.algorithm_options == {}  # 1/Δ reweighting on, as train_sd3_GRPO_Guard.py

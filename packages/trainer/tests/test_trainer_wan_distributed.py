@@ -107,8 +107,11 @@ def _checkpoint(run_dir: Path, step: int) -> Path:
 def _assert_same_training(a: Path, b: Path) -> None:
     """Final parameters of run ``a`` within ``ATOL`` of run ``b``'s, both far from the start,
     and the same logged metrics."""
-    initial = torch.load(b / "params_initial.pt")
-    final_a, final_b = torch.load(a / "params_final.pt"), torch.load(b / "params_final.pt")
+    initial = torch.load(b / "params_initial.pt", weights_only=True)
+    final_a, final_b = (
+        torch.load(a / "params_final.pt", weights_only=True),
+        torch.load(b / "params_final.pt", weights_only=True),
+    )
     assert final_a.keys() == final_b.keys() == initial.keys()
     for key, value in final_b.items():
         torch.testing.assert_close(final_a[key], value, rtol=0, atol=ATOL, msg=key)
@@ -156,8 +159,8 @@ def test_wan_two_ranks_train_like_one_with_and_without_fsdp(tmp_path: Path) -> N
     assert [r["kl"] > 0 for r in train] == [False, True]  # step 2: moved from the reference
 
     # Both experts trained, each on its own steps; LoRA only in the sharded checkpoint.
-    final = torch.load(runs["lora_fsdp"] / "params_final.pt")
-    initial = torch.load(runs["lora_one"] / "params_initial.pt")
+    final = torch.load(runs["lora_fsdp"] / "params_final.pt", weights_only=True)
+    initial = torch.load(runs["lora_one"] / "params_initial.pt", weights_only=True)
     for expert in ("transformer.", "transformer_2."):
         assert any(
             not torch.equal(v, initial[k]) for k, v in final.items() if k.startswith(expert)
@@ -175,7 +178,7 @@ def test_wan_two_ranks_train_like_one_with_and_without_fsdp(tmp_path: Path) -> N
     for i, state in opt_plain["state"].items():
         for name in ("exp_avg", "exp_avg_sq", "step"):
             torch.testing.assert_close(opt_fsdp["state"][i][name], state[name], atol=ATOL, rtol=0)
-    again = torch.load(runs["lora_resumed"] / "params_final.pt")
+    again = torch.load(runs["lora_resumed"] / "params_final.pt", weights_only=True)
     for key, value in final.items():
         torch.testing.assert_close(again[key], value, rtol=0, atol=0, msg=key)
 

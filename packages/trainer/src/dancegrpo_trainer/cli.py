@@ -6,8 +6,10 @@
                      [--checkpoint DIR] [key=value ...]
 
 ``dancegrpo-sample`` is Best-of-N inference: N samples per prompt (deterministic given
-``--seed``), scored by one reward endpoint of the config, the best kept and written as
-PNGs plus ``results.json`` (prompt, file, best score, all N scores).
+``--seed``) with the config's ``sampling.sampler`` at ``sampling.eta`` (``--eta``), every
+step stochastic (a training SDE window says which steps train, not how to sample), scored
+by one reward endpoint of the config, the best kept and written as PNGs plus
+``results.json`` (prompt, file, best score, all N scores).
 """
 
 from __future__ import annotations
@@ -100,7 +102,7 @@ def _preprocess(args: argparse.Namespace) -> int:
         train, evals = load_prompt_sets(cfg.data)
         prompts = [r.prompt for r in train + evals]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    policy = build_policy(cfg.model, device)
+    policy = build_policy(cfg.model, device, cfg_free=cfg.train.cfg_free)
     precompute_embeddings(policy, prompts, out, args.batch_size, overwrite=args.overwrite)
     print(f"cached embeddings of {len(set(prompts))} prompts in {out}")
     return 0
@@ -141,12 +143,12 @@ def best_of_n(cfg, args: argparse.Namespace) -> list[dict]:
         require_metadata,
     )
     from dancegrpo_trainer.policy_factory import build_policy
-    from dancegrpo_trainer.rollout import sample_rollout
+    from dancegrpo_trainer.rollout import RolloutPlan, sample_rollout
     from dancegrpo_trainer.scoring import ChunkSubmitter, RewardScorer
     from dancegrpo_trainer.weights import apply_lora
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    policy = build_policy(cfg.model, device)
+    policy = build_policy(cfg.model, device, cfg_free=cfg.train.cfg_free)
     module = policy.trainable_module()
     if cfg.model.init_checkpoint:
         module.load_state_dict(load_file(cfg.model.init_checkpoint))
@@ -186,7 +188,9 @@ def best_of_n(cfg, args: argparse.Namespace) -> list[dict]:
                 policy,
                 cond,
                 noise,
-                num_steps=cfg.sampling.num_steps,
+                plan=RolloutPlan(
+                    policy.schedule(cfg.sampling.num_steps), sampler=cfg.sampling.sampler
+                ),
                 eta=eta,
                 generator=gen,
                 chunk_size=cfg.sampling.rollout_batch_size,

@@ -44,6 +44,29 @@ QWEN_IMAGE_KINDS = ("qwen_image", "qwen_image_edit", "qwen_image_edit_plus")
 #: Qwen-Image editing adapters: a source image per prompt, which the text encoder sees too.
 QWEN_IMAGE_EDIT_KINDS = ("qwen_image_edit", "qwen_image_edit_plus")
 AdvantageMode = Literal["group", "per_prompt"]
+#: Adapters with classifier-free guidance (a second, unconditional forward per step) and
+#: the options holding its weights; ``train.cfg_free`` sets them to 1. Wan2.2 A14B has one
+#: weight per expert (``guidance_scale`` high-noise, ``guidance_scale_2`` low-noise; Wan2.1
+#: and TI2V-5B use the first). Qwen-Image's and SkyReels' true CFG is ``true_cfg_scale``.
+#: FLUX, FLUX.1-Kontext and HunyuanVideo have a distilled guidance *embedding* instead (one
+#: forward per step).
+CFG_WEIGHT_OPTIONS: dict[str, tuple[str, ...]] = {
+    "stable_diffusion": ("guidance_scale",),
+    "sd3": ("guidance_scale",),
+    "skyreels_i2v": ("true_cfg_scale",),
+    **{kind: ("true_cfg_scale",) for kind in QWEN_IMAGE_KINDS},
+    **{kind: ("guidance_scale", "guidance_scale_2") for kind in WAN_KINDS},
+}
+#: Pixel sizes must be multiples of this per adapter (VAE downsampling × patching/packing):
+#: SD's VAE 8x; FLUX, Kontext, SD3, Qwen-Image: VAE 8x then 2x2 packing or patches;
+#: HunyuanVideo/SkyReels: VAE 8x, patch 2; Wan: see ``WAN_KINDS`` (8x or 16x VAE, patch 2).
+PIXEL_MULTIPLES = {
+    "stable_diffusion": 8,
+    "flux": 16,
+    **{kind: 16 for kind in IMAGE_16_KINDS + QWEN_IMAGE_KINDS + HUNYUAN_VIDEO_KINDS},
+    **WAN_KINDS,
+}
+KLType = Literal["mean", "velocity"]
 
 
 @dataclasses.dataclass
@@ -528,8 +551,21 @@ class TrainConfig:
             per_prompt`` always waits for every reward (the tracker normalises over the
             global batch). ``false``: wait for every reward, then update.
         algorithm: the training algorithm, a module under ``dancegrpo_trainer.algorithms``
-            (``grpo``: DanceGRPO's GRPO, the default).
+            (``grpo``: DanceGRPO's GRPO, the default; ``grpo_guard``: GRPO-Guard's
+            regulated ratio).
         algorithm_options: the algorithm's own options (checked by the algorithm).
+        kl_type: what ``kl_coef`` penalises: ``mean`` (Flow-GRPO eq. 7: ``‖μθ − μref‖² /
+            (2σ²)`` of the step means) or ``velocity`` (``mean_d (vθ − v_ref)²`` of the model
+            outputs, Flow-Factory's ``v-based``; rectified-flow policies).
+        cfg_free: train without classifier-free guidance: guidance weight 1 in the rollout,
+            the update and eval (Flow-GRPO's ``*_nocfg`` configs), one forward per step.
+            Adapters with CFG only (``CFG_WEIGHT_OPTIONS``).
+        drop_constant_groups: leave out of the update every prompt group whose rewards are
+            all equal (every reward term constant in the group: zero advantage). The kept
+            samples train exactly the terms they would in GRPO; the loss is their mean
+            (``groups_dropped_frac`` is logged). Needs ``rewards.advantage: group``. Works
+            with ``fsdp``: a rank whose micro-batch keeps no row still runs it with a zero
+            weight, as the sharded passes are collectives.
         fsdp: shard the trainable module's parameters, gradients and optimiser state
             across ranks (FSDP2 ``fully_shard``, per block of ``Policy.fsdp_block_types``);
             needs a distributed launch with more than one process. Trains exactly like
@@ -560,6 +596,9 @@ class TrainConfig:
     fsdp: bool = False
     algorithm: str = "grpo"
     algorithm_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    kl_type: KLType = "mean"
+    cfg_free: bool = False
+    drop_constant_groups: bool = False
 
     def validate(self) -> None:
         from dancegrpo_trainer.algorithms import ALGORITHMS
@@ -583,6 +622,11 @@ class TrainConfig:
         _check(self.clip_range > 0, "train.clip_range", "must be > 0")
         _check(self.adv_clip_max > 0, "train.adv_clip_max", "must be > 0")
         _check(self.kl_coef >= 0, "train.kl_coef", "must be >= 0")
+        _check(
+            self.kl_type in ("mean", "velocity"),
+            "train.kl_type",
+            f"must be 'mean' or 'velocity', got {self.kl_type!r}",
+        )
         _check(self.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1")
         _check(self.max_grad_norm > 0, "train.max_grad_norm", "must be > 0")
         _check(
@@ -744,17 +788,25 @@ class EvalConfig:
         samples_per_prompt: samples per eval prompt.
         seed: seed of the eval noise (fixed, so evals are comparable across steps).
         eta: sampling noise for eval (0 = deterministic ODE sampling).
+        height, width: the eval resolution in pixels (``None``: ``model.height`` /
+            ``model.width``, the training resolution); checked against the adapter's
+            geometry like the model's.
     """
 
     every_steps: int = 10
     samples_per_prompt: int = 4
     seed: int = 1234
     eta: float = 0.0
+    height: int | None = None
+    width: int | None = None
 
     def validate(self) -> None:
         _check(self.every_steps >= 1, "eval.every_steps", "must be >= 1")
         _check(self.samples_per_prompt >= 1, "eval.samples_per_prompt", "must be >= 1")
         _check(self.eta >= 0, "eval.eta", "must be >= 0")
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            _check(value is None or value >= 1, f"eval.{name}", "must be >= 1 (or null)")
 
 
 @dataclasses.dataclass
@@ -828,6 +880,8 @@ class GRPOConfig:
             )
         self._validate_sampling()
         self._validate_metadata_prompts()
+        self._validate_train_options()
+        self._validate_eval_size()
         bon = self.rewards.best_of_n
         if bon.enabled:
             _check(
@@ -894,6 +948,54 @@ class GRPOConfig:
         from dancegrpo_trainer.algorithms import algorithm_class
 
         algorithm_class(t.algorithm).validate_config(self)
+
+    def _validate_train_options(self) -> None:
+        """``kl_type``, ``cfg_free`` and ``drop_constant_groups`` against the model and the
+        advantage mode."""
+        t, kind = self.train, self.model.kind
+        _check(
+            t.kl_type != "velocity" or kind != "stable_diffusion",
+            "train.kl_type",
+            "velocity compares rectified-flow velocities; model.kind stable_diffusion "
+            "predicts noise: use kl_type mean",
+        )
+        _check(
+            not t.cfg_free or kind in CFG_WEIGHT_OPTIONS,
+            "train.cfg_free",
+            f"model.kind {kind} has no classifier-free guidance to turn off (FLUX, "
+            "FLUX.1-Kontext and HunyuanVideo run one forward per step with a distilled "
+            "guidance embedding, model.guidance_scale, which is a conditioning input, not "
+            f"CFG); adapters with CFG: {sorted(CFG_WEIGHT_OPTIONS)}",
+        )
+        _check(
+            not t.drop_constant_groups or self.rewards.advantage == "group",
+            "train.drop_constant_groups",
+            "needs rewards.advantage: group (a per-prompt tracker gives a group of equal "
+            "rewards a non-zero advantage)",
+        )
+
+    def eval_size(self) -> tuple[int, int]:
+        """The eval resolution ``(height, width)``: ``eval.height/width`` or the model's."""
+        e, m = self.eval, self.model
+        return (e.height or m.height, e.width or m.width)
+
+    def _validate_eval_size(self) -> None:
+        """``eval.height`` / ``eval.width`` fit the adapter's geometry (pixel multiples)."""
+        kind = self.model.kind
+        multiple = PIXEL_MULTIPLES.get(kind)
+        if kind == "tiny_flow":
+            multiple = self.model.options.get("latent_size")
+        if not multiple:
+            return
+        for name, value in zip(("height", "width"), self.eval_size(), strict=True):
+            if getattr(self.eval, name) is None:
+                continue
+            _check(
+                value % multiple == 0,
+                f"eval.{name}",
+                f"must be a multiple of {multiple} for model.kind {kind}, got {value}; "
+                f"try {max(multiple, round(value / multiple) * multiple)}",
+            )
 
     def _prompt_sources(self, label: str | None = None) -> list[tuple[str, Any, bool]]:
         """``(field, source, is a .jsonl path)`` of the train prompts and, when set, the

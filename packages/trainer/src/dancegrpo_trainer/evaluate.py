@@ -5,9 +5,10 @@
         --rewards eval_rewards.yaml --out runs/flux/eval
 
 Both policies are built from the same trainer config (``policy_factory.build_policy``,
-``model.init_checkpoint`` as the base weights unless ``--base`` names others) and sample
-deterministically: η = 0 and the same seeded initial noise for every (prompt, sample)
-pair. Frames are scored through ``RewardClient`` by every reward in the list (HPS-v2.1,
+``model.init_checkpoint`` as the base weights unless ``--base`` names others, at the eval
+resolution ``eval.height/width`` when set, without CFG under ``train.cfg_free``) and sample
+with the config's ``sampling.sampler`` at ``eval.eta`` (``--eta``; 0, the default, is the
+deterministic ODE) from the same seeded noise for every (prompt, sample) pair. Frames are scored through ``RewardClient`` by every reward in the list (HPS-v2.1,
 CLIP score, VideoAlign VQ/MQ, GenEval, ... — whatever the services host). Writes
 ``results.json``, ``results.md`` (the paper's table: base, tuned, relative change %) and
 ``samples_base.png`` / ``samples_tuned.png`` grids (for video, animated ``.gif``).
@@ -220,13 +221,17 @@ def generate(
     num_steps: int,
     seed: int,
     chunk_size: int = 16,
+    eta: float = 0.0,
+    sampler: str | None = None,
 ) -> np.ndarray:
-    """Deterministic samples (η = 0) of every prompt, prompt-major: ``uint8 [P·K, H, W, 3]``.
+    """Samples of every prompt, prompt-major: ``uint8 [P·K, H, W, 3]``, with ``sampler``
+    (``None``: the policy's default) at ``eta`` (0: deterministic).
 
-    The initial noise of row ``j`` depends only on ``seed`` and ``j``, so two policies of
-    the same architecture start every sample from the same noise.
+    The initial noise of row ``j`` depends only on ``seed`` and ``j`` (and with ``eta > 0``
+    the step noise of each chunk only on ``seed``), so two policies of the same
+    architecture start every sample from the same noise.
     """
-    from dancegrpo_trainer.rollout import sample_rollout
+    from dancegrpo_trainer.rollout import RolloutPlan, sample_rollout
 
     texts = [p.prompt for p in prompts for _ in range(samples_per_prompt)]
     images = condition_images(prompts, samples_per_prompt)
@@ -243,8 +248,8 @@ def generate(
             policy,
             cond,
             noise[start : start + chunk_size],
-            num_steps=num_steps,
-            eta=0.0,
+            plan=RolloutPlan(policy.schedule(num_steps), sampler=sampler),
+            eta=eta,
             generator=torch.Generator().manual_seed(seed + 1),
             chunk_size=chunk_size,
         )
@@ -468,6 +473,8 @@ def evaluate_policies(
     seed: int = 0,
     chunk_size: int = 16,
     client_for: Callable[[RewardSpec], Any] | None = None,
+    eta: float = 0.0,
+    sampler: str | None = None,
 ) -> dict[str, Any]:
     """Samples and scores ``policies`` (keys ``base`` and ``tuned``); writes the outputs.
 
@@ -503,6 +510,8 @@ def evaluate_policies(
                 num_steps=num_steps,
                 seed=seed,
                 chunk_size=chunk_size,
+                eta=eta,
+                sampler=sampler,
             )
             scores[label] = score_frames(
                 frames, prompts, samples_per_prompt, per_sample, get_client
@@ -537,7 +546,8 @@ def evaluate_policies(
             "samples_per_prompt": samples_per_prompt,
             "num_steps": num_steps,
             "seed": seed,
-            "eta": 0.0,
+            "eta": eta,
+            "sampler": sampler,
             "rewards": [dataclasses.asdict(s) for s in specs],
             "group_wise": group_wise,
         },
@@ -602,6 +612,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--samples-per-prompt", type=int, default=1)
     parser.add_argument("--num-steps", type=int, help="default: sampling.num_steps")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eta", type=float, help="sampling noise (default: eval.eta)")
     parser.add_argument("--max-per-tag", type=int)
     parser.add_argument("--chunk-size", type=int, default=16)
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
@@ -614,10 +625,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("name at least one reward (--rewards FILE or --reward ...)")
     prompts = load_prompt_set(args.prompts, args.max_per_tag)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    height, width = cfg.eval_size()
+    model = dataclasses.replace(cfg.model, height=height, width=width)
     policies = {}
     for label, weights in (("base", args.base), ("tuned", args.tuned)):
         torch.manual_seed(cfg.run.seed)
-        policy = build_policy(cfg.model, device)
+        policy = build_policy(model, device, cfg_free=cfg.train.cfg_free)
         if cfg.model.init_checkpoint:
             load_weights(policy, cfg.model.init_checkpoint)
         if weights:
@@ -632,6 +645,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         num_steps=args.num_steps or cfg.sampling.num_steps,
         seed=args.seed,
         chunk_size=args.chunk_size,
+        eta=cfg.eval.eta if args.eta is None else args.eta,
+        sampler=cfg.sampling.sampler,
     )
     print(markdown_table(result["rows"], result["settings"]["group_wise"]), end="")
     return 0

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from dancegrpo_trainer.config import (
+    CFG_WEIGHT_OPTIONS,
     HUNYUAN_VIDEO_KINDS,
     QWEN_IMAGE_KINDS,
     WAN_KINDS,
@@ -26,6 +27,7 @@ def build_policy(
     *,
     load_text_encoders: bool = True,
     mixed_precision: str | None = None,
+    cfg_free: bool = False,
 ) -> Policy:
     """Instantiates the adapter for ``cfg.kind`` on ``device``.
 
@@ -34,8 +36,12 @@ def build_policy(
     (tiny_flow); ``load_text_encoders=False`` skips text encoders when an embedding cache is used.
     ``mixed_precision`` (``train.mixed_precision``: ``no``/``bf16``/``fp16``) sets the diffusers
     adapters' CUDA autocast so that ``no`` really runs the model in its weight dtype
-    (an explicit ``options.autocast_dtype`` wins).
+    (an explicit ``options.autocast_dtype`` wins). ``cfg_free`` (``train.cfg_free``) sets
+    the classifier-free guidance weights of an adapter with CFG to 1 (``CFG_WEIGHT_OPTIONS``:
+    one conditional forward per step), over ``model.guidance_scale`` and ``options``.
     """
+    if cfg_free and cfg.kind not in CFG_WEIGHT_OPTIONS:
+        raise ConfigError(f"train.cfg_free: model.kind {cfg.kind} has no classifier-free guidance")
     options = dict(cfg.options)
     if cfg.kind == "tiny_flow":
         from dancegrpo_trainer.policies.tiny_flow import TinyFlowPolicy
@@ -55,6 +61,8 @@ def build_policy(
     if mixed_precision is not None:
         common["autocast_dtype"] = _AUTOCAST_DTYPES[mixed_precision]
     common.update(options)
+    if cfg_free:
+        common.update(dict.fromkeys(CFG_WEIGHT_OPTIONS[cfg.kind], 1.0))
     if cfg.kind == "stable_diffusion":
         from dancegrpo_trainer.policies.stable_diffusion import (
             StableDiffusionConfig,

@@ -34,8 +34,9 @@ from dancegrpo_trainer.rollout import Rollout
 from dancegrpo_trainer.scoring import PendingScores, Scores
 from dancegrpo_trainer.update import GradientAccumulator, UpdateResult
 
-#: ``(rollout, advantages, sample_offset) ↦`` one optimiser step over that batch.
-UpdateFn = Callable[[Rollout, torch.Tensor, int], UpdateResult]
+#: ``(rollout, advantages, sample_offset, keep) ↦`` one optimiser step over that batch
+#: (``keep``: bool per sample, ``None`` when no group is ever left out).
+UpdateFn = Callable[[Rollout, torch.Tensor, int, torch.Tensor | None], UpdateResult]
 
 
 @dataclasses.dataclass
@@ -76,11 +77,16 @@ class RewardAdvantages:
     Args:
         rewards: the ``rewards`` section (endpoint weights, advantage mode, tracker sizes).
         group_size: samples per prompt group.
+        drop_constant_groups: leave groups whose rewards are all equal out of the update
+            (``train.drop_constant_groups``; :meth:`kept_rows`).
     """
 
-    def __init__(self, rewards: RewardsConfig, group_size: int) -> None:
+    def __init__(
+        self, rewards: RewardsConfig, group_size: int, drop_constant_groups: bool = False
+    ) -> None:
         self.mode = rewards.advantage
         self.group_size = group_size
+        self.drop_constant_groups = drop_constant_groups
         self.weights = {ep.label: ep.weight for ep in rewards.endpoints}
         self.trackers = {
             ep.label: PerPromptStatTracker(
@@ -155,6 +161,38 @@ class RewardAdvantages:
                 stats[f"source/{name}/samples"] = int(rows.sum())
         return stats
 
+    def constant_groups(
+        self, terms: dict[str, np.ndarray], weights: dict[str, np.ndarray] | None = None
+    ) -> np.ndarray:
+        """bool ``[groups]``: the whole prompt groups of ``terms`` whose every reward term
+        is constant (exactly equal within the group: group advantage exactly 0). With
+        per-sample ``weights`` (routed runs) only the terms routed to a group count: the
+        others are NaN there and weigh nothing in its advantage."""
+        g = self.group_size
+        constant = None
+        for k, v in terms.items():
+            rows = np.asarray(v).reshape(-1, g)
+            same = (rows == rows[:, :1]).all(axis=1)
+            if weights is not None:
+                same |= ~(np.asarray(weights[k]).reshape(-1, g) > 0).any(axis=1)
+            constant = same if constant is None else constant & same
+        assert constant is not None
+        return constant
+
+    def kept_rows(
+        self,
+        terms: dict[str, np.ndarray],
+        rows_per_group: int,
+        weights: dict[str, np.ndarray] | None = None,
+    ) -> torch.Tensor | None:
+        """bool ``[groups · rows_per_group]``: the rows trained when constant groups are
+        dropped (``rows_per_group``: ``group_size``, or the Best-of-N selection size;
+        ``weights`` as in :meth:`constant_groups`); ``None`` when nothing is ever dropped."""
+        if not self.drop_constant_groups:
+            return None
+        keep = torch.from_numpy(~self.constant_groups(terms, weights))
+        return keep.repeat_interleave(rows_per_group)
+
     def of_groups(
         self, terms: dict[str, np.ndarray], weights: dict[str, np.ndarray] | None = None
     ) -> torch.Tensor:
@@ -222,6 +260,7 @@ def update_after_scoring(
     device = rollout.latents.device
     local = adv_all[rank * n_local : (rank + 1) * n_local].to(device)
     keep = None
+    rows_per_group = advantages.group_size
     if best_of_n.enabled:
         keep = best_of_n_indices(
             local.cpu(),
@@ -230,9 +269,11 @@ def update_after_scoring(
             bottom_k=best_of_n.bottom_k,
         )
         rollout, local = rollout.select(keep), local[keep.to(device)]
+        rows_per_group = best_of_n.top_k + best_of_n.bottom_k
+    trained = advantages.kept_rows(scores.terms, rows_per_group, scores.weights)
     # Every rank holds the same number of samples (also after Best-of-N), so this rank's
     # slice of the global batch starts at rank * len(rollout).
-    result = update(rollout, local, rank * len(rollout))
+    result = update(rollout, local, rank * len(rollout), trained)
     return StepUpdate(
         all_terms, all_outputs, all_prompts, adv_all, keep, result, wait_s, all_weights
     )
@@ -280,11 +321,11 @@ def update_as_scored(
         if start == stop:
             continue
         done = Scores.concat(scored)
-        weights = done.weights
-        adv = advantages.of_groups(
-            {k: v[start:stop] for k, v in done.terms.items()},
-            None if weights is None else {k: v[start:stop] for k, v in weights.items()},
-        )
+        terms = {k: v[start:stop] for k, v in done.terms.items()}
+        weights = None
+        if done.weights is not None:
+            weights = {k: v[start:stop] for k, v in done.weights.items()}
+        adv = advantages.of_groups(terms, weights)
         all_adv[start:stop] = adv
         part = rollout.rows(start, stop)
         if best_of_n.enabled:
@@ -294,7 +335,8 @@ def update_as_scored(
             part, adv = part.select(keep), adv[keep]
             keeps.append(keep + start)
         offset = rank * n_train + start // g * kept_per_group
-        acc.accumulate(part, adv.to(rollout.latents.device), sample_offset=offset)
+        trained = advantages.kept_rows(terms, kept_per_group, weights)
+        acc.accumulate(part, adv.to(rollout.latents.device), sample_offset=offset, keep=trained)
     result = acc.step(grad_monitor)
     scores = Scores.concat(scored)
     return StepUpdate(

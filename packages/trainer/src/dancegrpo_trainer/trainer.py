@@ -130,6 +130,7 @@ class Trainer:
             self.device,
             load_text_encoders=not use_cache,
             mixed_precision=cfg.train.mixed_precision,
+            cfg_free=cfg.train.cfg_free,
         )
         module = self.policy.trainable_module()
         if cfg.model.init_checkpoint:
@@ -177,8 +178,17 @@ class Trainer:
                 )
             if cfg.sampling.window.kind != "full":
                 raise ConfigError(f"sampling.window.kind: {name}; it has no SDE window")
+        # eval.height/width: the same policy (shared modules) sampling at the eval size.
+        self.eval_policy = self.policy
+        if cfg.eval.height is not None or cfg.eval.width is not None:
+            try:
+                self.eval_policy = self.policy.at_resolution(*cfg.eval_size())
+            except ValueError as e:
+                raise ConfigError(f"eval.height/eval.width: {e}") from e
         self.grad_monitor = GradNormMonitor(t.grad_norm_window, t.skip_grad_norm_factor)
-        self.advantages = RewardAdvantages(cfg.rewards, cfg.sampling.group_size)
+        self.advantages = RewardAdvantages(
+            cfg.rewards, cfg.sampling.group_size, drop_constant_groups=t.drop_constant_groups
+        )
 
         self.train_records, self.eval_records = load_prompt_sets(cfg.data)
         self.routing = RewardRouting(cfg.rewards.endpoints, cfg.data.sources)
@@ -234,20 +244,25 @@ class Trainer:
         dtype = torch.bfloat16 if mp == "bf16" else torch.float16
         return lambda: torch.autocast("cuda", dtype=dtype)
 
-    def _encode(self, prompts: Sequence[str], images: torch.Tensor | None) -> Conditioning:
-        """Conditioning of ``prompts`` (and their ``uint8 [N,H,W,3]`` conditioning images).
+    def _encode(
+        self, prompts: Sequence[str], images: torch.Tensor | None, policy: Policy | None = None
+    ) -> Conditioning:
+        """Conditioning of ``prompts`` (and their ``uint8 [N,H,W,3]`` conditioning images)
+        for ``policy`` (default: the trained one; eval passes ``eval_policy``, whose
+        conditioning images are encoded at the eval size).
 
         With an embedding cache the text part is looked up (the cache is keyed by prompt and
         holds text embeddings only) and the images are encoded now by the policy
         (``encode_condition_images``), then merged into the same rows.
         """
+        policy = policy or self.policy
         with torch.no_grad():
             if self._cache is None:
-                return self.policy.encode_prompts(list(prompts), images)
+                return policy.encode_prompts(list(prompts), images)
             cond = self._cache.lookup(list(prompts)).to(self.device)
             if images is None:
                 return cond
-            image_cond = self.policy.encode_condition_images(images)
+            image_cond = policy.encode_condition_images(images)
         return Conditioning({**cond.tensors, **image_cond.tensors})
 
     def _progress(self) -> bool:
@@ -352,7 +367,11 @@ class Trainer:
                 prompts,
                 **common,
                 accumulator=lambda n: GradientAccumulator(
-                    self.policy, self.optimizer, num_samples=n, **self._update_kwargs()
+                    self.policy,
+                    self.optimizer,
+                    num_samples=n,
+                    partial=cfg.train.drop_constant_groups,
+                    **self._update_kwargs(),
                 ),
                 grad_monitor=self.grad_monitor,
             )
@@ -362,13 +381,14 @@ class Trainer:
                 chunks,
                 prompts,
                 **common,
-                update=lambda batch, adv, offset: policy_update(
+                update=lambda batch, adv, offset, keep: policy_update(
                     self.policy,
                     self.optimizer,
                     batch,
                     adv,
                     **self._update_kwargs(),
                     sample_offset=offset,
+                    keep=keep,
                     grad_monitor=self.grad_monitor,
                 ),
             )
@@ -393,6 +413,9 @@ class Trainer:
             train_s=train_s,
             samples=len(out.prompts),
         )
+        if cfg.train.drop_constant_groups:
+            dropped = self.advantages.constant_groups(out.terms, out.weights)
+            record["groups_dropped_frac"] = float(dropped.mean())
         self.metrics.log(record)
         every = cfg.run.sample_grid_every
         if self.rank == 0 and every and self.step % every == 0:
@@ -423,10 +446,13 @@ class Trainer:
         if self.world == 1:
             return metrics
         gathered = dist_utils.all_gather_object(metrics)
-        out = {k: float(np.mean([g[k] for g in gathered])) for k in metrics}
+        # A rank may lack a metric (every one of its groups dropped): its weighted share
+        # of a mean is then 0, and it takes no part in a min/max.
+        keys = list(dict.fromkeys(k for g in gathered for k in g))
+        out = {k: float(np.mean([g.get(k, 0.0) for g in gathered])) for k in keys}
         for key, how in result.reductions.items():
             if key in out:
-                out[key] = (min if how == "min" else max)(g[key] for g in gathered)
+                out[key] = (min if how == "min" else max)(g[key] for g in gathered if key in g)
         return out
 
     # ------------------------------------------------------------------ eval

@@ -1,6 +1,7 @@
 """Held-out evaluation of a :class:`~dancegrpo_trainer.trainer.Trainer`'s policy: fixed
-prompts, fixed seeds, ``eval.eta`` (0: deterministic), scored remotely as chunks finish,
-gathered over ranks in prompt order, logged with ``split = eval``.
+prompts, fixed seeds, ``eval.eta`` (0: deterministic) with ``sampling.sampler``, at the
+eval resolution (``eval.height/width``, default the training one), scored remotely as
+chunks finish, gathered over ranks in prompt order, logged with ``split = eval``.
 
 Routed runs (``data.sources``) score each eval prompt with its source's rewards and log
 ``source/<name>/...`` too. Group-wise rewards are not called in eval: a win rate within a
@@ -78,7 +79,7 @@ def evaluate(trainer: Trainer, save_as: Path | None = None) -> dict[str, Any]:
     collective): ranks short of a row sample a copy of one, which is neither scored
     nor gathered.
     """
-    cfg, e = trainer.cfg, trainer.cfg.eval
+    cfg, e, policy = trainer.cfg, trainer.cfg.eval, trainer.eval_policy
     if not trainer.eval_records:
         raise ValueError("data.eval_prompts is empty: nothing to evaluate")
     k = e.samples_per_prompt
@@ -86,7 +87,7 @@ def evaluate(trainer: Trainer, save_as: Path | None = None) -> dict[str, Any]:
     all_metadata = repeat_metadata(trainer.eval_records, k)
     all_images = load_condition_images(trainer.eval_records)
     repeat_all = torch.arange(len(trainer.eval_records)).repeat_interleave(k)
-    noise_all = trainer.policy.initial_noise(
+    noise_all = policy.initial_noise(
         len(all_prompts), generator=torch.Generator().manual_seed(e.seed)
     )
     rows = list(range(trainer.rank, len(all_prompts), trainer.world))
@@ -104,7 +105,9 @@ def evaluate(trainer: Trainer, save_as: Path | None = None) -> dict[str, Any]:
     frames = torch.empty(0)
     scores = None
     if sampled:
-        cond = trainer._encode([trainer.eval_records[i].prompt for i in idx.tolist()], images)
+        cond = trainer._encode(
+            [trainer.eval_records[i].prompt for i in idx.tolist()], images, policy
+        )
         row_generators = seeded_generators(sampled, e.seed, "eval_sde_noise")
         module = trainer.policy.trainable_module()
         module.eval()
@@ -113,11 +116,11 @@ def evaluate(trainer: Trainer, save_as: Path | None = None) -> dict[str, Any]:
         def generate(on_chunk: Callable[[slice, torch.Tensor], None]) -> Any:
             with ema:
                 return sample_rollout(
-                    trainer.policy,
+                    policy,
                     cond,
                     noise_all[sampled],
                     plan=RolloutPlan(
-                        trainer.policy.schedule(cfg.sampling.num_steps),
+                        policy.schedule(cfg.sampling.num_steps),
                         sampler=cfg.sampling.sampler,
                     ),
                     eta=e.eta,
@@ -160,7 +163,8 @@ def evaluate(trainer: Trainer, save_as: Path | None = None) -> dict[str, Any]:
     if trainer.rank == 0:
         all_frames = torch.cat([p[3] for p in parts if p[0]])[torch.from_numpy(order)]
         path = save_as or trainer.run_dir / "samples" / f"eval_{trainer.step:06d}.png"
-        save_samples(all_frames.numpy(), path, ncols=k * 2, scale=max(1, 128 // cfg.model.width))
+        scale = max(1, 128 // cfg.eval_size()[1])
+        save_samples(all_frames.numpy(), path, ncols=k * 2, scale=scale)
     return record
 
 

@@ -16,6 +16,17 @@ ranks; only the floating-point summation order differs.
 :class:`GradientAccumulator` takes the batch in parts (the trainer feeds it prompt groups
 as their rewards arrive, overlapping the remaining reward calls with backward passes);
 :func:`grpo_update` is the one-part case.
+
+Samples may be left out (``train.drop_constant_groups``: groups whose rewards are all
+equal): they keep their place in the global sample index, so micro-batches and their terms
+are exactly those of the full batch and a kept sample trains exactly the terms it would
+otherwise; its micro-batch just runs without the dropped rows. The gradient is then the
+mean over the kept samples of every rank: the accumulated gradient (normalised over the
+full batch) is multiplied by ``N_all / N_kept`` once, after the all-reduce (a factor of
+exactly 1 when nothing is dropped), and a step where every sample is left out trains
+nothing (logged as skipped). Under ``train.fsdp`` a micro-batch whose rows are all left out
+on this rank still runs its passes with a zero weight: sharded forwards and backwards are
+collectives that every rank must join (:meth:`GradientAccumulator._lockstep_pass`).
 """
 
 from __future__ import annotations
@@ -34,7 +45,7 @@ from tqdm.auto import tqdm
 
 from dancegrpo_trainer.algorithms.base import Algorithm
 from dancegrpo_trainer.config import TrainConfig
-from dancegrpo_trainer.distributed import average_gradients
+from dancegrpo_trainer.distributed import all_gather_tensor, average_gradients
 from dancegrpo_trainer.policies.base import Policy
 from dancegrpo_trainer.rollout import Rollout
 from dancegrpo_trainer.weights import ReferencePolicy
@@ -101,6 +112,8 @@ class GradientAccumulator:
         reference: the reference policy for the KL penalty (``cfg.kl_coef > 0``).
         autocast: mixed-precision context factory.
         progress: show a tqdm bar over samples.
+        partial: parts may leave samples out (``accumulate(..., keep=...)``); the step then
+            counts the kept samples over ranks (a collective: every rank must agree).
     """
 
     def __init__(
@@ -117,6 +130,7 @@ class GradientAccumulator:
         reference: ReferencePolicy | None = None,
         autocast: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
         progress: bool = False,
+        partial: bool = False,
     ) -> None:
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
@@ -133,6 +147,8 @@ class GradientAccumulator:
         self._timestep_generator = timestep_generator
         self._terms: dict[int, list[int]] = {}
         self._seen = 0
+        self._kept = 0
+        self.partial = partial
         self._totals: dict[str, float] = collections.defaultdict(float)
         self._extrema: dict[str, float] = {}
         self._bar = tqdm(
@@ -154,7 +170,12 @@ class GradientAccumulator:
         return self._terms[batch_index]
 
     def accumulate(
-        self, rollout: Rollout, advantages: torch.Tensor, *, sample_offset: int = 0
+        self,
+        rollout: Rollout,
+        advantages: torch.Tensor,
+        *,
+        sample_offset: int = 0,
+        keep: torch.Tensor | None = None,
     ) -> None:
         """Backpropagates the loss of ``rollout``'s samples (one part of the batch).
 
@@ -163,19 +184,41 @@ class GradientAccumulator:
             advantages: float32 ``[len(rollout)]``.
             sample_offset: global index of ``rollout``'s first sample (this rank's offset
                 in the global batch plus the part's offset within this rank).
+            keep: bool ``[len(rollout)]``: the samples to train (``None``: all); needs
+                ``partial``. Left-out samples still count towards ``num_samples``.
         """
         n = len(rollout)
         if advantages.shape != (n,):
             raise ValueError(f"advantages must be [{n}], got {tuple(advantages.shape)}")
         if self._seen + n > self.num_samples:
             raise ValueError(f"{self._seen + n} samples accumulated, expected {self.num_samples}")
+        if keep is not None:
+            if not self.partial:
+                raise ValueError("accumulate(keep=...) needs GradientAccumulator(partial=True)")
+            if keep.shape != (n,):
+                raise ValueError(f"keep must be [{n}], got {tuple(keep.shape)}")
+            keep = keep.to(device="cpu", dtype=torch.bool)
         mb = self.cfg.micro_batch_size
         start = 0
         while start < n:
             batch_index, within = divmod(sample_offset + start, mb)
             stop = min(start + mb - within, n)
+            rows = torch.arange(start, stop)
+            if keep is not None:
+                rows = rows[keep[start:stop]]
+            # Drawn even when every row is left out, so that later micro-batches get the
+            # same terms from a shared generator stream as without dropping.
             terms = self._terms_of(batch_index, rollout)
-            self._micro_batch(rollout.rows(start, stop), advantages[start:stop], terms)
+            if len(rows) == stop - start:
+                self._micro_batch(rollout.rows(start, stop), advantages[start:stop], terms)
+            elif len(rows):  # the kept rows of the micro-batch, with its terms
+                batch = rollout.select(rows)
+                self._micro_batch(batch, advantages[rows.to(advantages.device)], terms)
+            elif self.cfg.fsdp:
+                self._lockstep_pass(
+                    rollout.rows(start, start + 1), advantages[start : start + 1], terms
+                )
+            self._kept += len(rows)
             self._bar.update(stop - start)
             start = stop
         self._seen += n
@@ -194,6 +237,20 @@ class GradientAccumulator:
                     pick = min if how == "min" else max
                     self._extrema[key] = pick(self._extrema.get(key, value), value)
 
+    def _lockstep_pass(self, batch: Rollout, advantages: torch.Tensor, terms: list[int]) -> None:
+        """The forward and backward passes of a micro-batch whose rows were all left out,
+        on one of its rows with a zero weight (``train.fsdp`` only).
+
+        Under FSDP every forward and backward of the sharded module is a collective
+        (parameter all-gathers, gradient reduce-scatters) that every rank must join in the
+        same order, and another rank may keep rows of the same global micro-batch. The
+        gradient contribution is exactly zero and nothing is logged; a non-finite loss
+        would make the gradient norm non-finite and the step skipped, as any other would.
+        """
+        for term in terms:
+            res = self.algorithm.loss(batch, advantages, term)
+            (res.loss * 0.0).backward()
+
     def step(self, grad_monitor: GradNormMonitor) -> UpdateResult:
         """Averages gradients over ranks, clips, and steps (or skips) the optimiser.
 
@@ -203,7 +260,18 @@ class GradientAccumulator:
         if self._seen != self.num_samples:
             raise ValueError(f"{self._seen} samples accumulated, expected {self.num_samples}")
         params = [p for p in self.module.parameters() if p.requires_grad]
+        scale = 1.0
+        if self.partial:
+            counts = all_gather_tensor(torch.tensor([[self._kept, self._seen]]))
+            kept, seen = (int(c) for c in counts.sum(dim=0))
+            if kept == 0:  # every sample left out: nothing to train this step
+                return self._nothing_to_train()
+            scale = seen / kept
         average_gradients(params)
+        if scale != 1.0:
+            for p in params:
+                if p.grad is not None:
+                    p.grad.mul_(scale)
         norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
         # With FSDP the norm of the sharded gradients is a partial DTensor: full_tensor()
         # sums the shards' contributions over ranks (a collective; every rank calls it).
@@ -215,11 +283,21 @@ class GradientAccumulator:
         else:
             self.optimizer.step()
         self.algorithm.after_optimizer_step(skipped)
-        metrics = dict(self._totals)
+        metrics = {k: v * scale for k, v in self._totals.items()}
         metrics.update(self._extrema)
         metrics.update(grad_norm=grad_norm, skipped=float(skipped))
         return UpdateResult(
             metrics=metrics, skipped=skipped, reductions=dict(self.algorithm.metric_reductions)
+        )
+
+    def _nothing_to_train(self) -> UpdateResult:
+        """No optimiser step (nor a recorded gradient norm) when every sample was left out."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.algorithm.after_optimizer_step(True)
+        return UpdateResult(
+            metrics={"grad_norm": 0.0, "skipped": 1.0},
+            skipped=True,
+            reductions=dict(self.algorithm.metric_reductions),
         )
 
 
@@ -232,6 +310,7 @@ def policy_update(
     cfg: TrainConfig,
     grad_monitor: GradNormMonitor,
     sample_offset: int = 0,
+    keep: torch.Tensor | None = None,
     **accumulator: Any,
 ) -> UpdateResult:
     """Accumulates the algorithm's gradient over ``rollout`` and takes (or skips) one step.
@@ -250,6 +329,8 @@ def policy_update(
         accumulator: :class:`GradientAccumulator`'s other keywords (``algorithm``, ``eta``,
             ``generator`` / ``timestep_generator``, ``reference``, ``autocast``,
             ``progress``).
+        keep: bool ``[N]``: the samples to train (``None``: all); the gradient is then the
+            mean over the kept samples of every rank (see the module docstring).
 
     Returns:
         :class:`UpdateResult` (GRPO's ``metrics``: loss, policy_loss, kl, clip_fraction,
@@ -258,8 +339,9 @@ def policy_update(
     n = len(rollout)
     if advantages.shape != (n,):
         raise ValueError(f"advantages must be [{n}], got {tuple(advantages.shape)}")
+    accumulator.setdefault("partial", keep is not None)
     acc = GradientAccumulator(policy, optimizer, num_samples=n, cfg=cfg, **accumulator)
-    acc.accumulate(rollout, advantages, sample_offset=sample_offset)
+    acc.accumulate(rollout, advantages, sample_offset=sample_offset, keep=keep)
     return acc.step(grad_monitor)
 
 

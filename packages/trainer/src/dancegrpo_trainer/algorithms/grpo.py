@@ -7,16 +7,26 @@ Per micro-batch it trains a random subset of the recorded steps
 never trains the final one) when every step is recorded, and every recorded step when an
 SDE window (Flow-GRPO-Fast, MixGRPO) records only some: both official codes train the
 whole window. A policy with step groups (Wan2.2's experts) gets both per group (see
-:meth:`GRPO.terms`). The loss of step ``i`` recomputes ``log p(x_{i+1} | x_i)`` with gradients
-(:func:`grpo_loss`, ratio against the rollout's log-prob).
+:meth:`GRPO.terms`; subclasses such as GRPO-Guard inherit it). The loss of step ``i``
+recomputes ``log p(x_{i+1} | x_i)`` with gradients (:func:`grpo_loss`, ratio against the
+rollout's log-prob); the KL penalty is on the step means or on the velocities
+(``train.kl_type``).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from dancegrpo_trainer.algorithms.base import Algorithm, LossTerm, RolloutSpec
-from dancegrpo_trainer.core import gaussian_mean_kl, grpo_loss, select_timesteps
+from dancegrpo_trainer.core import (
+    StepOutput,
+    gaussian_mean_kl,
+    grpo_loss,
+    select_timesteps,
+    velocity_kl,
+)
 from dancegrpo_trainer.rollout import Rollout
 
 #: What GRPO logs per term (means over samples × trained steps, ratio extremes).
@@ -94,22 +104,41 @@ class GRPO(Algorithm):
             steps += [group[j] for j in picks.tolist()]
         return steps
 
-    def loss(self, batch: Rollout, advantages: torch.Tensor, term: int) -> LossTerm:
-        cfg, policy, i = self.train, self.policy, term
+    def step_kwargs(self, batch: Rollout, i: int) -> dict[str, Any]:
+        """``denoise_step`` keywords that re-evaluate the stored step ``i`` of ``batch``."""
         eta = batch.eta if batch.eta is not None else self.eta
         if eta is None:
             raise ValueError("the rollout does not record its eta: build GRPO(..., eta=...)")
-        x, x_next = batch.latents[:, i], batch.latents[:, i + 1]
-        step = dict(eta=eta, prev_sample=x_next, sampler=batch.sampler)
+        return dict(eta=eta, prev_sample=batch.latents[:, i + 1], sampler=batch.sampler)
+
+    def kl(
+        self, out: StepOutput, batch: Rollout, i: int, step: dict[str, Any]
+    ) -> torch.Tensor | None:
+        """The ``[B]`` KL penalty of step ``i`` to the reference policy (``None`` without
+        ``train.kl_coef``): ``train.kl_type`` ``mean`` (:func:`gaussian_mean_kl`) or
+        ``velocity`` (:func:`velocity_kl`)."""
+        if self.train.kl_coef <= 0:
+            return None
+        if self.reference is None:
+            raise ValueError("train.kl_coef > 0 needs a reference policy")
+        x = batch.latents[:, i]
+        with torch.no_grad(), self.reference.active(), self.autocast():
+            ref = self.policy.denoise_step(x, i, batch.schedule, batch.cond, **step)
+        if self.train.kl_type == "velocity":
+            if out.model_output is None or ref.model_output is None:
+                raise ValueError(
+                    "train.kl_type velocity: the policy's denoise_step reports no model_output"
+                )
+            return velocity_kl(out.model_output, ref.model_output)
+        return gaussian_mean_kl(out.mean, ref.mean, out.std)
+
+    def loss(self, batch: Rollout, advantages: torch.Tensor, term: int) -> LossTerm:
+        cfg, policy, i = self.train, self.policy, term
+        x = batch.latents[:, i]
+        step = self.step_kwargs(batch, i)
         with self.autocast():
             out = policy.denoise_step(x, i, batch.schedule, batch.cond, **step)
-        kl = None
-        if cfg.kl_coef > 0:
-            if self.reference is None:
-                raise ValueError("train.kl_coef > 0 needs a reference policy")
-            with torch.no_grad(), self.reference.active(), self.autocast():
-                ref = policy.denoise_step(x, i, batch.schedule, batch.cond, **step)
-            kl = gaussian_mean_kl(out.mean, ref.mean, out.std)
+        kl = self.kl(out, batch, i, step)
         res = grpo_loss(
             out.log_prob,
             batch.log_probs[:, i],

@@ -59,6 +59,24 @@ def gaussian_mean_kl(mean: torch.Tensor, ref_mean: torch.Tensor, std: torch.Tens
     return reduce_non_batch(kl, "mean")
 
 
+def velocity_kl(velocity: torch.Tensor, ref_velocity: torch.Tensor) -> torch.Tensor:
+    """``mean_d (vθ − v_ref)²`` per sample: the KL penalty on the velocity (``train.kl_type:
+    velocity``), Flow-Factory's ``kl_type: v-based`` (``trainers/grpo.py``).
+
+    Unlike :func:`gaussian_mean_kl` it does not depend on the step's noise: every step,
+    deterministic or not, contributes, weighted alike.
+
+    Args:
+        velocity: the trained policy's model output ``[B, ...]`` (carries the gradient).
+        ref_velocity: the reference policy's ``[B, ...]`` (detached by the caller).
+
+    Returns:
+        float32 ``[B]``.
+    """
+    diff = velocity.to(torch.float32) - ref_velocity.to(torch.float32)
+    return reduce_non_batch(diff**2, "mean")
+
+
 def grpo_loss(
     log_prob: torch.Tensor,
     old_log_prob: torch.Tensor,

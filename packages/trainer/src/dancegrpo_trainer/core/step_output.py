@@ -18,6 +18,8 @@ class StepOutput:
         mean: the policy mean ``μθ(x_t)``, ``[B, ...]``; carries the gradient.
         std: the policy standard deviation, broadcastable to ``mean`` (``[B, 1, ...]``).
         pred_original_sample: the model's prediction of the clean sample ``x0``.
+        model_output: the model's raw prediction the step was taken from (the guided
+            velocity of flow policies), or ``None`` where the policy does not report it.
     """
 
     prev_sample: torch.Tensor
@@ -25,3 +27,4 @@ class StepOutput:
     mean: torch.Tensor
     std: torch.Tensor
     pred_original_sample: torch.Tensor
+    model_output: torch.Tensor | None = None

@@ -166,6 +166,17 @@ class Policy(abc.ABC):
     def trainable_module(self) -> nn.Module:
         """The module GRPO updates (UNet / transformer / the demo network)."""
 
+    def at_resolution(self, height: int, width: int) -> Policy:
+        """This policy sampling ``height × width`` pixel outputs (``eval.height/width``): a
+        shallow copy sharing every module, so training, LoRA and EMA swaps act on both.
+
+        Raises ``ValueError`` naming the constraint when the size does not fit the
+        adapter's geometry, or when the adapter samples at one size only (the default).
+        """
+        if (height, width) == (getattr(self, "height", None), getattr(self, "width", None)):
+            return self
+        raise ValueError(f"{type(self).__name__} samples at its configured resolution only")
+
     def step_groups(self, schedule: Schedule) -> list[list[int]] | None:
         """Groups of step indices the training algorithm samples separately, where the
         steps are not all alike: GRPO trains ``timestep_fraction`` of every group in each

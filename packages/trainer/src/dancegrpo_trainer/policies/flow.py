@@ -71,7 +71,7 @@ class FlowPolicy(Policy):
         ``step_index[b]``). ``prev_sample`` given: its log-probability instead of a draw;
         ``noise`` given: ``x' = mean + std·noise`` (replay); otherwise drawn from
         ``generator``. ``sampler``: one of ``dancegrpo``/``flow_grpo``/``cps``
-        (``None``: :attr:`default_sampler`).
+        (``None``: :attr:`default_sampler`). The output's ``model_output`` is the velocity.
         """
         if schedule.sigmas is None:
             raise ValueError(
@@ -98,7 +98,7 @@ class FlowPolicy(Policy):
             sigma_next = schedule.sigmas[(idx + 1).to(schedule.sigmas.device)].to(latents.device)
             timestep = schedule.timesteps[idx.to(schedule.timesteps.device)]
         velocity = self.predict(latents, timestep, cond)
-        return flow_step(
+        out = flow_step(
             name,
             velocity,
             latents,
@@ -109,3 +109,5 @@ class FlowPolicy(Policy):
             generator=generator,
             noise=noise,
         )
+        out.model_output = velocity
+        return out

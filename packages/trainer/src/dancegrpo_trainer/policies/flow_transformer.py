@@ -194,6 +194,20 @@ class FlowTransformerPolicy(FlowPolicy):
     def trainable_module(self) -> nn.Module:
         return self.transformer
 
+    def _init_geometry(self) -> None:
+        """Pixel and latent sizes from ``config.resolution`` (each adapter's own)."""
+        raise NotImplementedError(f"{type(self).__name__} does not derive its geometry")
+
+    def at_resolution(self, height: int, width: int) -> FlowTransformerPolicy:
+        """A shallow copy (same modules) whose ``config.resolution`` is ``[height, width]``,
+        its geometry re-derived (the adapter's config checks the size)."""
+        if (height, width) == (self.height, self.width):
+            return self
+        other = _copy.copy(self)
+        other.config = dataclasses.replace(self.config, resolution=[height, width])
+        other._init_geometry()
+        return other
+
     def release_text_encoders(self) -> None:
         """Drops both tokenizers and text encoders (after caching embeddings)."""
         self.text_encoder = self.text_encoder_2 = None

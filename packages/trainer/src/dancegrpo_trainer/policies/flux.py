@@ -152,8 +152,13 @@ class FluxPolicy(FlowTransformerPolicy):
             text_encoder_2=text_encoder_2,
             tokenizer_2=tokenizer_2,
         )
+        self._init_geometry()
+
+    def _init_geometry(self) -> None:
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        self.height, self.width = parse_resolution(config.resolution, self.vae_scale_factor * 2)
+        self.height, self.width = parse_resolution(
+            self.config.resolution, self.vae_scale_factor * 2
+        )
         self.latent_height = self.height // self.vae_scale_factor
         self.latent_width = self.width // self.vae_scale_factor
         # Read model config now: the trainer may later swap in a DDP/FSDP-wrapped module.

@@ -104,7 +104,12 @@ class FluxKontextPolicy(FluxPolicy):
                 f"the transformer's in_channels/4 ({self.latent_channels}) must equal the VAE's "
                 f"latent_channels ({vae_channels}): the source image is packed like the latents"
             )
-        size = config.condition_resolution or config.resolution
+
+    def _init_geometry(self) -> None:
+        """FLUX's geometry, plus the source image's size (``condition_resolution``, or the
+        output size, so a policy at another resolution resizes its sources to it)."""
+        super()._init_geometry()
+        size = self.config.condition_resolution or self.config.resolution
         self.condition_height, self.condition_width = parse_resolution(
             size, self.vae_scale_factor * 2
         )

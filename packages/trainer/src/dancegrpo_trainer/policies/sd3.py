@@ -185,11 +185,16 @@ class StableDiffusion3Policy(FlowTransformerPolicy):
         if text_encoder_3 is not None:
             self.text_encoder_3 = place(text_encoder_3, config.text_device, config.torch_dtype)
             freeze(self.text_encoder_3)
+        self._init_geometry()
+
+    def _init_geometry(self) -> None:
         # Read model configs now: the trainer may later swap in a DDP/FSDP-wrapped module.
         tr_cfg = self.transformer.config
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         patch = int(tr_cfg.patch_size)
-        self.height, self.width = parse_resolution(config.resolution, self.vae_scale_factor * patch)
+        self.height, self.width = parse_resolution(
+            self.config.resolution, self.vae_scale_factor * patch
+        )
         self.latent_height = self.height // self.vae_scale_factor
         self.latent_width = self.width // self.vae_scale_factor
         self.latent_channels = int(tr_cfg.in_channels)

@@ -127,6 +127,16 @@ class StableDiffusionPolicy(Policy):
         self.latent_channels = int(self.unet.config.in_channels)
         self.height, self.width = parse_resolution(config.resolution, self.vae_scale_factor)
 
+    def at_resolution(self, height: int, width: int) -> StableDiffusionPolicy:
+        """A shallow copy (same modules) sampling ``height × width`` pixels (multiples of
+        the VAE's 8)."""
+        if (height, width) == (self.height, self.width):
+            return self
+        other = _copy.copy(self)
+        other.config = dataclasses.replace(self.config, resolution=[height, width])
+        other.height, other.width = parse_resolution(other.config.resolution, self.vae_scale_factor)
+        return other
+
     @classmethod
     def from_pipeline(
         cls, pipe: Any, config: StableDiffusionConfig | None = None, *, copy: bool = False

@@ -18,6 +18,7 @@ then has to learn the prompt → colour mapping from reward alone.
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 import zlib
@@ -166,10 +167,26 @@ class TinyFlowPolicy(FlowPolicy):
             raise ValueError(
                 f"latent_size {latent_size} must divide the image size {height}x{width}"
             )
+        self.latent_size = latent_size
         self.shift = shift
         self.vocab_size = vocab_size
         self.device = torch.device(device)
         self.net = TinyFlowNet(vocab_size, channels, embed_dim, num_blocks).to(self.device)
+
+    def at_resolution(self, height: int, width: int) -> TinyFlowPolicy:
+        """A shallow copy (same network) decoding ``height × width`` images: the latent
+        grid stays ``latent_size`` (which must divide the size) or follows the pixels."""
+        if (height, width) == (self.height, self.width):
+            return self
+        latent_h, latent_w = (self.latent_size or height), (self.latent_size or width)
+        if height % latent_h or width % latent_w:
+            raise ValueError(
+                f"latent_size {self.latent_size} must divide the image size {height}x{width}"
+            )
+        other = copy.copy(self)
+        other.height, other.width = height, width
+        other.latent_height, other.latent_width = latent_h, latent_w
+        return other
 
     def encode_prompts(
         self, prompts: Sequence[str], condition_images: torch.Tensor | None = None

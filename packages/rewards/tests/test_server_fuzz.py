@@ -1,12 +1,14 @@
 """10,000 malformed requests against a real server: byte mutations of valid ScoreRequests
-(most of which protobuf cannot parse) and well-formed messages with bad values. None may
-get UNKNOWN or INTERNAL, every one is counted in the metrics, and a well-behaved client
+(most of which protobuf cannot parse) and well-formed messages with bad values, group
+sizes included (a group-wise reward is hosted beside per-sample ones). None may get
+UNKNOWN or INTERNAL, every one is counted in the metrics, and a well-behaved client
 sharing the server gets its exact score throughout."""
 
 from __future__ import annotations
 
 import collections
 import io
+import re
 import threading
 import time
 import urllib.request
@@ -14,6 +16,8 @@ import urllib.request
 import grpc
 import numpy as np
 import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 from PIL import Image
 
 from dancegrpo_proto import SERVICE_NAME
@@ -36,6 +40,15 @@ CONFIG = {
             "max_height": 32,
             "max_width": 32,
             "options": {"modality": "video"},
+            **QUEUE,
+        },
+        # Group-wise: requires group_sizes, each group in [2, max_batch_size].
+        "pref": {
+            "kind": "pairwise_preference",
+            "max_height": 64,
+            "max_width": 64,
+            "max_batch_size": 8,
+            "options": {"judge": {"type": "score", "reward": {"kind": "brightness"}}},
             **QUEUE,
         },
     },
@@ -89,6 +102,14 @@ def _seeds(rng: np.random.Generator) -> list[bytes]:
                     prompt="blue", media=_raw(image), condition_image=_raw(image), metadata=meta
                 )
             ],
+        ),
+        pb.ScoreRequest(
+            reward="pref",
+            samples=[pb.Sample(prompt="a cat", media=_raw(image))] * 5,
+            group_sizes=[2, 3],
+        ),
+        pb.ScoreRequest(
+            reward="color", samples=[pb.Sample(media=_raw(image))] * 3, group_sizes=[1, 2]
         ),
     ]
     return [r.SerializeToString() for r in requests]
@@ -179,9 +200,32 @@ def _media(rng: np.random.Generator) -> pb.Media:
     return pb.Media()  # no representation set
 
 
+_GROUP_SIZES = [0, 1, 2, 3, 5, 8, 9, 64, 2**31 - 1, 2**32 - 1]
+
+
+def _group_sizes(rng: np.random.Generator, n: int) -> list[int]:
+    """Group sizes for ``n`` samples: valid splits, splits that miss the count, sizes of 0,
+    1 (below a pairwise reward's minimum), above max_batch_size, near the uint32 limit
+    (their sum overflows 32 bits), or very many of them."""
+    choice = int(rng.integers(5))
+    if choice == 0 and n:  # a valid split of the samples
+        cuts = sorted(rng.choice(np.arange(1, n), int(rng.integers(0, n)), replace=False))
+        return [int(b - a) for a, b in zip([0, *cuts], [*cuts, n], strict=True)]
+    if choice == 1:  # one group of all of them
+        return [n]
+    if choice == 2:  # sums to 2**32 + n - 1 (n - 1 modulo 2**32)
+        return [2**32 - 1, n]
+    if choice == 3:
+        return [1] * int(rng.integers(0, 20_000))
+    return [_GROUP_SIZES[int(rng.integers(len(_GROUP_SIZES)))] for _ in range(rng.integers(1, 5))]
+
+
 def _semantic(rng: np.random.Generator) -> bytes:
     """A well-formed ScoreRequest with random, mostly bad, values."""
-    rewards = ["color", "bright", "jpeg", "video", "", "nope", "x" * 20_000, "c\u00f6lor"]
+    rewards = [
+        *("color", "bright", "jpeg", "video", "pref", "pref"),
+        *("", "nope", "x" * 20_000, "c\u00f6lor"),
+    ]
     request = pb.ScoreRequest(reward=rewards[int(rng.integers(len(rewards)))])
     if rng.random() < 0.3:
         request.request_id = _text(rng)
@@ -199,6 +243,8 @@ def _semantic(rng: np.random.Generator) -> bytes:
             sample.metadata.geneval.include.add(
                 class_name=_text(rng), count=int(rng.integers(2**32))
             )
+    if request.reward == "pref" or rng.random() < 0.2:
+        request.group_sizes.extend(_group_sizes(rng, n))
     return request.SerializeToString()
 
 
@@ -233,6 +279,19 @@ def _good_client(target: str, stop: threading.Event, results: list) -> None:
             time.sleep(0.01)
 
 
+def _violation_field(error: grpc.RpcError) -> str:
+    """The field of the error's ``google.rpc.BadRequest`` violation (``"?"``: none)."""
+    status = rpc_status.from_call(error)
+    for packed in status.details if status is not None else ():
+        if packed.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            packed.Unpack(bad)
+            (violation,) = bad.field_violations
+            assert error.details() == f"{violation.field}: {violation.description}"
+            return violation.field
+    return "?"
+
+
 def _score_calls_counted(metrics_url: str) -> float:
     text = urllib.request.urlopen(metrics_url, timeout=5).read().decode()
     prefix = 'dancegrpo_reward_requests_total{code="'
@@ -248,6 +307,7 @@ def test_ten_thousand_malformed_requests_get_no_unknown_or_internal_and_a_good_c
     codes: collections.Counter[str] = collections.Counter()
     examples: dict[str, str] = {}
     undecodable = 0
+    group_fields: collections.Counter[str] = collections.Counter()  # BadRequest fields
     good: list = []
     stop = threading.Event()
     with running_reward_server(CONFIG) as (target, metrics_url, process):
@@ -265,6 +325,8 @@ def test_ten_thousand_malformed_requests_get_no_unknown_or_internal_and_a_good_c
                         code, details = "OK", ""
                     except grpc.RpcError as exc:
                         code, details = exc.code().name, exc.details() or ""
+                        if details.startswith("group_sizes"):
+                            group_fields[_violation_field(exc)] += 1
                     codes[code] += 1
                     examples.setdefault(code, details)
                     undecodable += details.startswith("not a valid dancegrpo.rewards.v1.")
@@ -279,5 +341,8 @@ def test_ten_thousand_malformed_requests_get_no_unknown_or_internal_and_a_good_c
     assert set(codes) <= ALLOWED, {c: examples[c] for c in set(codes) - ALLOWED}
     assert codes["INVALID_ARGUMENT"] > N_REQUESTS // 2 and undecodable > N_REQUESTS // 10
     assert codes["OK"] > 0 and codes["NOT_FOUND"] > 0  # the mix reaches every path
+    # Group-size errors name the field, in the message and in a google.rpc.BadRequest.
+    assert group_fields["group_sizes"] > 0 and group_fields["group_sizes[0]"] > 0, group_fields
+    assert all(re.fullmatch(r"group_sizes(\[\d+\])?", f) for f in group_fields), group_fields
     assert good and all(r is True for r in good), [r for r in good if r is not True][:5]
     assert counted == N_REQUESTS + len(good)  # undecodable calls are in the metrics too

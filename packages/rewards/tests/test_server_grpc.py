@@ -9,6 +9,7 @@ import concurrent.futures
 import io
 import logging
 import re
+import time
 import urllib.request
 
 import grpc
@@ -44,6 +45,11 @@ CONFIG = {
             "max_samples_per_request": 4,
         },
         "probe": {"kind": PROBE_KIND, "options": {"fail_prompt": "boom"}},
+        "pref": {  # group-wise: groups of 2..4 samples
+            "kind": "pairwise_preference",
+            "max_batch_size": 4,
+            "options": {"judge": {"type": "score", "reward": {"kind": "brightness"}}},
+        },
     },
 }
 
@@ -81,6 +87,10 @@ def _request(reward, *samples):
 def _image_sample(prompt="a red square", shape=(8, 8, 3), **kwargs):
     array = np.zeros(shape, np.uint8)
     return pb.Sample(prompt=prompt, media=_raw(array.tobytes(), list(shape)), **kwargs)
+
+
+def _grouped(reward, n, group_sizes):
+    return pb.ScoreRequest(reward=reward, samples=[_image_sample()] * n, group_sizes=group_sizes)
 
 
 GOOD = _request("color", _image_sample())
@@ -153,6 +163,16 @@ MALFORMED = [
      "INVALID_ARGUMENT", r"samples\[0\]\.condition_image\.raw\.shape"),
     ("unknown reward", _request("nope", _image_sample()), "NOT_FOUND", r"unknown reward 'nope'"),
     ("empty reward name", _request("", _image_sample()), "NOT_FOUND", r"unknown reward ''"),
+    ("group-wise without group_sizes", _request("pref", _image_sample(), _image_sample()),
+     "INVALID_ARGUMENT", r"^group_sizes: required by group-wise reward 'pref'"),
+    ("group below min_group_size", _grouped("pref", 3, [2, 1]),
+     "INVALID_ARGUMENT", r"^group_sizes\[1\]: a group of 1 is below the min_group_size 2"),
+    ("group above max_batch_size", _grouped("pref", 5, [5]),
+     "INVALID_ARGUMENT", r"^group_sizes\[0\]: a group of 5 exceeds max_batch_size=4"),
+    ("group of 0", _grouped("pref", 2, [0, 2]),
+     "INVALID_ARGUMENT", r"^group_sizes\[0\]: must be an integer >= 1, got 0"),
+    ("group sizes off the sample count", _grouped("color", 3, [2, 2]),
+     "INVALID_ARGUMENT", r"^group_sizes: sum to 4 but the request has 3 samples"),
     ("model raises", _request("probe", _image_sample(prompt="boom")),
      "INTERNAL", r"reward 'probe' failed: RuntimeError: probe failure"),
 ]  # fmt: skip
@@ -489,8 +509,16 @@ def test_metrics_counters_move(server, stub):
         stub.Score(_request("nope", _image_sample()), timeout=10)
     with grpc.insecure_channel(server.target) as channel, pytest.raises(grpc.RpcError):
         _raw_unary(channel, f"/{SERVICE_NAME}/Score")(b"\x0f\x01", timeout=10)
-    after = scrape()
     bad = dict(method="Score", reward="_unknown", code="INVALID_ARGUMENT")  # undecodable
+    # grpc.aio's abort() sends the status before the interceptor records the call, so the
+    # client can see the error a moment before the counter moves: scrape until it has.
+    expected = _metric(before, "dancegrpo_reward_errors_total", **bad) + 1
+    stop = time.monotonic() + 10
+    after = scrape()
+    while _metric(after, "dancegrpo_reward_errors_total", **bad) < expected:
+        assert time.monotonic() < stop, "the undecodable request was never counted"
+        time.sleep(0.05)
+        after = scrape()
     assert (
         _metric(after, "dancegrpo_reward_errors_total", **bad)
         == _metric(before, "dancegrpo_reward_errors_total", **bad) + 1

@@ -202,6 +202,66 @@ def test_table_matches_direct_client_scoring_against_a_real_server(tmp_path):
     assert (out / "samples_base.png").is_file() and (out / "samples_tuned.png").is_file()
 
 
+def test_group_wise_reward_judges_base_and_tuned_of_a_prompt_in_one_group(tmp_path):
+    from dancegrpo_proto import RewardClient
+    from dancegrpo_testing.servers import running_reward_server
+
+    base, tuned = _tiny_pair(tmp_path)
+    prompts = [ev.EvalPrompt("a red square", "warm"), ev.EvalPrompt("a blue circle", "cool")]
+    pref = {"judge": {"type": "score", "reward": {"kind": "brightness"}}}
+    config = {
+        "rewards": {
+            "pref": {"kind": "pairwise_preference", "max_batch_size": 8, "options": pref},
+            "bright": {"kind": "brightness"},
+        }
+    }
+    k = 2
+    with running_reward_server(config, metrics=False) as server:
+        specs = [
+            ev.RewardSpec("win rate", server.target, "pref", output="win_rate"),
+            ev.RewardSpec("bright", server.target, "bright"),
+        ]
+        result = ev.evaluate_policies(
+            {"base": base, "tuned": tuned},
+            prompts,
+            specs,
+            tmp_path / "out",
+            samples_per_prompt=k,
+            num_steps=4,
+            seed=3,
+        )
+        # Groups larger than the reward's max_group_size (its max_batch_size) are refused
+        # before anything is sampled, naming the option to change.
+        with pytest.raises(ValueError, match=r"--samples-per-prompt 5: .*one group of 10"):
+            ev.evaluate_policies(
+                {"base": base, "tuned": tuned}, prompts, specs[:1], tmp_path / "x",
+                samples_per_prompt=5, num_steps=4,
+            )  # fmt: skip
+        with RewardClient(server.target) as client:
+            frames = {
+                label: ev.generate(policy, prompts, samples_per_prompt=k, num_steps=4, seed=3)
+                for label, policy in (("base", base), ("tuned", tuned))
+            }
+            bright = {
+                label: client.score("bright", images=f)["score"] for label, f in frames.items()
+            }
+    scores = result["scores"]
+    np.testing.assert_allclose(scores["base"]["bright"], bright["base"], rtol=1e-6)
+    # Each prompt's group is its K base samples then its K tuned samples; a sample's win
+    # rate is its share of wins (ties ½) against the other 2K - 1 by brightness.
+    for p in range(len(prompts)):
+        rows = slice(p * k, (p + 1) * k)
+        group = np.concatenate([bright["base"][rows], bright["tuned"][rows]])
+        want = [(np.sum(b > group) + 0.5 * (np.sum(b == group) - 1)) / (2 * k - 1) for b in group]
+        got = np.concatenate([scores["base"]["win rate"][rows], scores["tuned"]["win rate"][rows]])
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+        assert got.mean() == pytest.approx(0.5)  # base and tuned split the pairs
+    assert result["settings"]["group_wise"] == ["win rate"]
+    assert list(scores["base"]) == ["win rate", "bright"]  # in the specs' order
+    table = (tmp_path / "out" / "results.md").read_text()
+    assert "| win rate | " in table and "Group-wise (win rate): the base and tuned" in table
+
+
 def test_rewards_carry_token_and_tls_settings_validated_like_training(tmp_path, monkeypatch):
     from dancegrpo_trainer.config import ConfigError
 

@@ -110,6 +110,49 @@ def test_errors_that_are_not_outages_are_not_resent():
     assert len(client.calls) == 1
 
 
+class _FlakyListing(_FlakyClient):
+    """Hosts a group-wise ``color_match``; its first ``list_failures`` ListRewards fail."""
+
+    def __init__(self, list_failures: int, code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE):
+        super().__init__(failures=0)
+        self.list_failures = list_failures
+        self.list_code = code
+        self.listings = 0
+
+    def list_rewards(self, timeout: float | None = None) -> list:
+        from dancegrpo_proto.v1 import rewards_pb2 as pb
+
+        self.listings += 1
+        if self.listings <= self.list_failures:
+            raise RewardServiceError("fake:1", "", self.list_code, "replica restarting")
+        scope = pb.SCORING_SCOPE_GROUP
+        return [pb.RewardInfo(name="color_match", output_names=["score"], scoring_scope=scope)]
+
+
+def test_the_first_steps_list_rewards_rides_out_an_outage_too(caplog):
+    client = _FlakyListing(list_failures=4)
+    scorer = _scorer(client, budget_s=60)
+    with caplog.at_level(logging.WARNING, "dancegrpo_trainer.scoring"):
+        scores = scorer.submit(FRAMES, PROMPTS, groups=[0, 0]).result()
+    np.testing.assert_array_equal(scores.terms["color_match/score"], [0.0, 1.0])
+    assert client.listings == 5
+    assert client.calls[0]["group_sizes"] == [2]  # learnt from the listing that succeeded
+    assert "UNAVAILABLE for 0 s; resending" in caplog.records[0].getMessage()
+    scorer.submit(FRAMES, PROMPTS, groups=[0, 0]).result()
+    assert client.listings == 5  # asked once per target
+
+
+def test_list_rewards_gives_up_past_the_budget_and_at_once_on_other_errors():
+    client = _FlakyListing(list_failures=10**6)
+    with pytest.raises(RewardScoringError, match=r"reading ListRewards.*outage_budget_s = 0\.2"):
+        _scorer(client, budget_s=0.2).submit(FRAMES, PROMPTS, groups=[0, 0])
+    assert client.listings > 1 and not client.calls
+    client = _FlakyListing(list_failures=1, code=grpc.StatusCode.PERMISSION_DENIED)
+    with pytest.raises(RewardScoringError, match="PERMISSION_DENIED.*reading ListRewards"):
+        _scorer(client, budget_s=60).submit(FRAMES, PROMPTS, groups=[0, 0])
+    assert client.listings == 1
+
+
 @pytest.mark.parametrize("value", ["-1", ".nan", ".inf"])
 def test_outage_budget_is_validated(value: str):
     with pytest.raises(ConfigError, match=r"rewards\.outage_budget_s: must be a finite number"):

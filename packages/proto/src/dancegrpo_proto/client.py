@@ -10,10 +10,11 @@
   only while the overall deadline leaves time), with capped, fully jittered exponential
   backoff (``RetryPolicy``), never shorter than the server's ``google.rpc.RetryInfo``
   delay. ``RESOURCE_EXHAUSTED`` is retried only with ``RetryInfo`` (a full queue); without
-  it gRPC is saying the message is above the server's size limit, which no retry fixes. The loop is ours, not gRPC's: gRPC's built-in retries stop
-  silently once a request exceeds the 256 KiB per-call retry buffer, and reward requests
-  are megabytes. The channels therefore take only the load-balancing and health-checking
-  parts of the published service config (``service_config()``), never its retry policy.
+  it gRPC is saying the message is above the server's size limit, which no retry fixes.
+  The loop is ours, not gRPC's: gRPC's built-in retries stop silently once a request
+  exceeds the 256 KiB per-call retry buffer, and reward requests are megabytes. The
+  channels therefore take only the load-balancing and health-checking parts of the
+  published service config (``service_config()``), never its retry policy.
 - Health-aware: every channel watches its replicas' ``grpc.health.v1`` status (gRPC
   client-side health checking), so a replica reporting ``NOT_SERVING`` (draining, loading)
   gets no new calls while another is ``SERVING``.
@@ -21,7 +22,8 @@
   and a retry never goes back to the target that just failed while another is up. One
   target: gRPC's ``round_robin`` policy over every address it resolves to (``dns:///`` for
   a Kubernetes headless Service), skipping unhealthy ones.
-- Batches larger than ``chunk_size`` are sent as concurrent chunks and reassembled in order.
+- Batches larger than ``chunk_size`` are sent as concurrent chunks and reassembled in order;
+  with ``group_sizes`` (group-wise rewards) chunks hold whole groups only.
 - Failures raise ``RewardServiceError`` with the target, reward and gRPC code.
 
 Never imports torch.
@@ -293,6 +295,7 @@ class RewardClient:
         encoding: codec.Encoding | None = None,
         timeout: float | None = None,
         request_id: str = "",
+        group_sizes: Sequence[int] | None = None,
     ) -> dict[str, np.ndarray]:
         """Scores samples with ``reward``; returns ``{output: float32 array (N,)}``.
 
@@ -305,6 +308,10 @@ class RewardClient:
             encoding: overrides the client's default encoding for this call.
             timeout: overrides the client's overall deadline (seconds).
             request_id: echoed in server logs.
+            group_sizes: consecutive groups of samples (``ScoreRequest.group_sizes``),
+                required by group-wise rewards (``RewardInfo.scoring_scope``). Chunks are
+                then made of whole groups (a group larger than ``chunk_size`` is sent alone):
+                a group is never split across requests.
 
         Raises:
             ValueError: malformed inputs (checked before sending).
@@ -322,10 +329,20 @@ class RewardClient:
             n, prompts=prompts, condition_images=condition_images, metadata=metadata
         )
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
-        chunk = self.chunk_size or n
+        if group_sizes is None:
+            chunk = self.chunk_size or n
+            spans = [(s, min(s + chunk, n), None) for s in range(0, n, chunk)]
+        else:
+            try:
+                sizes = codec.check_group_sizes(n, group_sizes)
+            except codec.CodecError as exc:
+                raise ValueError(str(exc)) from None
+            spans = [
+                (start, stop, sizes[g0:g1])
+                for start, stop, g0, g1 in codec.group_chunks(sizes, self.chunk_size)
+            ]
         requests = []  # wire bytes, built once per chunk (retries resend them)
-        for start in range(0, n, chunk):
-            stop = min(start + chunk, n)
+        for start, stop, chunk_groups in spans:
             try:
                 requests.append(
                     codec.serialize_score_request(
@@ -338,6 +355,7 @@ class RewardClient:
                         metadata=None if metadata is None else metadata[start:stop],
                         encoding=encoding or self.encoding,
                         request_id=request_id,
+                        group_sizes=chunk_groups,
                     )
                 )
             except codec.CodecError as exc:

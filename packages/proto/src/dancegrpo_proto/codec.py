@@ -143,6 +143,40 @@ def check_columns(n: int, **columns: Sized | None) -> None:
             raise ValueError(f"{name} has {len(column)} entries but there are {n} samples")
 
 
+def check_group_sizes(n: int, group_sizes: Sequence[int]) -> list[int]:
+    """Validates ``ScoreRequest.group_sizes`` for ``n`` samples: every size >= 1, summing to
+    ``n``. Returns them as ints; raises ``CodecError`` naming ``group_sizes[k]`` or
+    ``group_sizes``."""
+    sizes = []
+    for k, size in enumerate(group_sizes):
+        if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
+            raise CodecError(f"group_sizes[{k}]", f"must be an integer >= 1, got {size!r}")
+        sizes.append(int(size))
+    if sum(sizes) != n:
+        raise CodecError("group_sizes", f"sum to {sum(sizes)} but the request has {n} samples")
+    return sizes
+
+
+def group_chunks(
+    group_sizes: Sequence[int], chunk_size: int | None
+) -> list[tuple[int, int, int, int]]:
+    """Packs consecutive whole groups into chunks of at most ``chunk_size`` samples.
+
+    Returns ``(first_sample, stop_sample, first_group, stop_group)`` per chunk. A group is
+    never cut: one larger than ``chunk_size`` is a chunk of its own. ``None`` = one chunk.
+    """
+    chunks: list[tuple[int, int, int, int]] = []
+    start = first = total = 0
+    for k, size in enumerate(group_sizes):
+        if chunk_size is not None and total and total + size > chunk_size:
+            chunks.append((start, start + total, first, k))
+            start, first, total = start + total, k, 0
+        total += size
+    if total:
+        chunks.append((start, start + total, first, len(group_sizes)))
+    return chunks
+
+
 def build_score_request(
     reward: str,
     media: Sequence[np.ndarray] | np.ndarray,
@@ -152,15 +186,20 @@ def build_score_request(
     metadata: Sequence[Mapping[str, Any] | None] | None = None,
     encoding: Encoding = "raw",
     request_id: str = "",
+    group_sizes: Sequence[int] | None = None,
 ) -> pb.ScoreRequest:
     """Builds a ``ScoreRequest`` from per-sample arrays (a stacked array or a list of arrays).
+
+    ``group_sizes``: the request's consecutive groups (``ScoreRequest.group_sizes``; needed
+    by group-wise rewards), checked by :func:`check_group_sizes`.
 
     Raises ``CodecError`` with ``samples[i].field`` for any malformed sample and ``ValueError``
     when the lengths of ``prompts``/``condition_images``/``metadata`` differ from the media's.
     """
     n = len(media)
     check_columns(n, prompts=prompts, condition_images=condition_images, metadata=metadata)
-    request = pb.ScoreRequest(reward=reward, request_id=request_id)
+    sizes = check_group_sizes(n, group_sizes) if group_sizes is not None else []
+    request = pb.ScoreRequest(reward=reward, request_id=request_id, group_sizes=sizes)
     for i in range(n):
         sample = request.samples.add()
         _fill_prompt(sample, i, prompts)
@@ -178,6 +217,7 @@ def serialize_score_request(
     metadata: Sequence[Mapping[str, Any] | None] | None = None,
     encoding: Encoding = "raw",
     request_id: str = "",
+    group_sizes: Sequence[int] | None = None,
 ) -> bytes:
     """The wire bytes of ``build_score_request(...)``, with raw pixels copied only once.
 
@@ -197,9 +237,11 @@ def serialize_score_request(
             metadata=metadata,
             encoding=encoding,
             request_id=request_id,
+            group_sizes=group_sizes,
         ).SerializeToString()
     n = len(media)
     check_columns(n, prompts=prompts, condition_images=condition_images, metadata=metadata)
+    sizes = check_group_sizes(n, group_sizes) if group_sizes is not None else []
     pieces: list[bytes | memoryview] = [pb.ScoreRequest(reward=reward).SerializeToString()]
     for i in range(n):
         head, tail = pb.Sample(), pb.Sample()
@@ -217,7 +259,9 @@ def serialize_score_request(
         sample_len = len(head_bytes) + len(media_key) + len(raw_key) + raw_len + len(tail_bytes)
         pieces += [_length_prefix(2, sample_len), head_bytes, media_key, raw_key, data_key]
         pieces += [memoryview(frames).cast("B"), shape_bytes, tail_bytes]
-    pieces.append(pb.ScoreRequest(request_id=request_id).SerializeToString())
+    # request_id (3) and group_sizes (4) follow the samples (2), as protobuf orders them.
+    tail = pb.ScoreRequest(request_id=request_id, group_sizes=sizes)
+    pieces.append(tail.SerializeToString())
     return b"".join(pieces)
 
 

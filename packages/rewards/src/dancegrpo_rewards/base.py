@@ -49,23 +49,38 @@ class RewardBatch:
         condition_images: per sample a ``uint8 [H, W, 3]`` conditioning image or ``None``.
         metadata: per sample a plain dict (``{"geneval": {...}, "attributes": {...}}``)
             or ``None``.
+        group_sizes: the consecutive groups of the batch (each >= 1, summing to its
+            length) for group-wise rewards, whose batches always carry them (the server
+            merges whole groups only); ``None`` for per-sample rewards.
     """
 
     prompts: Sequence[str]
     media: Sequence[np.ndarray]
     condition_images: Sequence[np.ndarray | None]
     metadata: Sequence[Mapping[str, Any] | None]
+    group_sizes: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         n = len(self.prompts)
         if not (len(self.media) == len(self.condition_images) == len(self.metadata) == n):
             raise ValueError("RewardBatch fields must all have one entry per sample")
+        if self.group_sizes is not None:
+            sizes = tuple(int(s) for s in self.group_sizes)
+            if any(s < 1 for s in sizes) or sum(sizes) != n:
+                raise ValueError(f"group_sizes {list(sizes)} must be >= 1 and sum to {n}")
+            object.__setattr__(self, "group_sizes", sizes)
 
     def __len__(self) -> int:
         return len(self.prompts)
 
+    def group_spans(self) -> list[tuple[int, int]]:
+        """``(start, stop)`` of each group (the whole batch when it has no groups)."""
+        sizes = self.group_sizes if self.group_sizes is not None else (len(self),)
+        bounds = np.cumsum((0, *sizes)).tolist()
+        return list(zip(bounds[:-1], bounds[1:], strict=True))
+
     def select(self, indices: Sequence[int]) -> RewardBatch:
-        """The sub-batch at ``indices`` (in that order)."""
+        """The sub-batch at ``indices`` (in that order), without groups."""
         return RewardBatch(
             prompts=[self.prompts[i] for i in indices],
             media=[self.media[i] for i in indices],
@@ -73,14 +88,24 @@ class RewardBatch:
             metadata=[self.metadata[i] for i in indices],
         )
 
+    def groups(self, first: int, stop: int) -> RewardBatch:
+        """The sub-batch of whole groups ``first..stop-1`` (a group-wise batch's chunk)."""
+        spans = self.group_spans()
+        assert self.group_sizes is not None and 0 <= first < stop <= len(spans)
+        chunk = self.select(range(spans[first][0], spans[stop - 1][1]))
+        return dataclasses.replace(chunk, group_sizes=self.group_sizes[first:stop])
+
     @staticmethod
     def concat(batches: Sequence[RewardBatch]) -> RewardBatch:
-        """Concatenates batches in order (what the dynamic batcher does)."""
+        """Concatenates batches in order (what the dynamic batcher does); groups stay whole
+        (the result has groups when every part has them)."""
+        grouped = all(b.group_sizes is not None for b in batches)
         return RewardBatch(
             prompts=[p for b in batches for p in b.prompts],
             media=[m for b in batches for m in b.media],
             condition_images=[c for b in batches for c in b.condition_images],
             metadata=[d for b in batches for d in b.metadata],
+            group_sizes=tuple(s for b in batches for s in b.group_sizes or ()) if grouped else None,
         )
 
 
@@ -114,6 +139,13 @@ class Reward(abc.ABC):
     attribute_keys: ClassVar[frozenset[str]] = frozenset()
     #: Prompt of the warm-up sample (rewards that parse prompts override it).
     warmup_prompt: ClassVar[str] = "a photo"
+    #: Group-wise reward (``SCORING_SCOPE_GROUP``): a sample's outputs depend on its whole
+    #: group (``RewardBatch.group_sizes``). ``score`` must score each group on its own:
+    #: scoring several groups in one batch equals scoring them one by one.
+    group_wise: ClassVar[bool] = False
+    #: Group-wise rewards: the smallest group ``score`` accepts (smaller ones are rejected
+    #: with ``INVALID_ARGUMENT`` on ``group_sizes[k]`` before they reach a batch).
+    min_group_size: ClassVar[int] = 1
 
     def __init__(self, name: str, options: Mapping[str, Any]) -> None:
         self.name = name
@@ -133,14 +165,19 @@ class Reward(abc.ABC):
         """Loads weights (called once before serving). Weight-free rewards do nothing."""
 
     def warmup(self) -> None:
-        """Runs one tiny batch so the first real request is not slow."""
+        """Runs one tiny batch (one sample, or one smallest group) so the first real
+        request is not slow."""
         size = 64
         media = np.zeros((size, size, 3), np.uint8)
         if self.modality == "video":
             media = np.zeros((2, size, size, 3), np.uint8)
         meta = self.warmup_metadata()
         cond = np.zeros((size, size, 3), np.uint8) if self.requires_condition_image else None
-        self.score(RewardBatch([self.warmup_prompt], [media], [cond], [meta]))
+        n = max(1, self.min_group_size) if self.group_wise else 1
+        groups = (n,) if self.group_wise else None
+        self.score(
+            RewardBatch([self.warmup_prompt] * n, [media] * n, [cond] * n, [meta] * n, groups)
+        )
 
     def warmup_metadata(self) -> Mapping[str, Any] | None:
         """Metadata used for the warm-up sample (rewards that require metadata override)."""

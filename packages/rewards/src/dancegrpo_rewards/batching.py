@@ -14,6 +14,10 @@ the outputs are split back in request order.
 - A request larger than ``max_batch_size`` is split into chunks of at most that size which
   queue (and may merge with other requests) like ordinary requests; its outputs are
   reassembled in order. It fails as a whole if any chunk fails.
+- Group-wise rewards (``RewardBatch.group_sizes``): a group is never split. Chunks are
+  made of whole groups (the decoder has already rejected a group above
+  ``max_batch_size``), and batches merge whole queued chunks only, so every ``score`` call
+  sees whole groups.
 - ``max_queue_size`` counts queued samples. A request that would push the queue past it is
   rejected at once with ``RESOURCE_EXHAUSTED`` (one larger than the whole queue always is;
   the server's config caps ``max_samples_per_request`` at ``max_queue_size``, so it rejects
@@ -196,9 +200,7 @@ class DynamicBatcher:
         loop = asyncio.get_running_loop()
         now = loop.time()
         futures = []
-        for start in range(0, n, self.max_batch_size):
-            indices = range(start, min(start + self.max_batch_size, n))
-            chunk = batch if len(indices) == n else batch.select(indices)
+        for start, chunk in self._chunks(batch):
             item = _Item(chunk, loop.create_future(), deadline, now, start)
             self._queue.append(item)
             futures.append(item.future)
@@ -215,6 +217,23 @@ class DynamicBatcher:
         return {name: np.concatenate([r[name] for r in results]) for name in results[0]}
 
     # ------------------------------------------------------------------ internals
+
+    def _chunks(self, batch: RewardBatch) -> list[tuple[int, RewardBatch]]:
+        """``(first sample, chunk)`` pieces of at most ``max_batch_size`` samples; a batch
+        with groups is cut only between groups."""
+        n, limit = len(batch), self.max_batch_size
+        if n <= limit:
+            return [(0, batch)]
+        if batch.group_sizes is None:
+            return [(s, batch.select(range(s, min(s + limit, n)))) for s in range(0, n, limit)]
+        chunks, first, start, total = [], 0, 0, 0
+        for k, size in enumerate(batch.group_sizes):
+            if total and total + size > limit:
+                chunks.append((start, batch.groups(first, k)))
+                first, start, total = k, start + total, 0
+            total += size
+        chunks.append((start, batch.groups(first, len(batch.group_sizes))))
+        return chunks
 
     def _set_depth(self) -> None:
         if self._metrics is not None:

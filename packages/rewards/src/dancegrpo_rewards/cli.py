@@ -115,14 +115,19 @@ async def _serve(config: ServiceConfig, args: argparse.Namespace) -> int:
 
 def _list(args: argparse.Namespace) -> int:
     from dancegrpo_proto import RewardClient
+    from dancegrpo_proto.v1 import rewards_pb2 as pb
 
     token = os.environ.get(args.token_env, "") if args.token_env else None
     root = Path(args.tls_ca).read_bytes() if args.tls_ca else None
     with RewardClient(args.target, token=token, root_certificates=root, timeout=args.timeout) as c:
         for info in c.list_rewards():
+            groups = ""
+            if info.scoring_scope == pb.SCORING_SCOPE_GROUP:  # requests need group_sizes
+                groups = f"\tgroup-wise groups={info.min_group_size}..{info.max_group_size}"
             print(
                 f"{info.name}\tkind={info.kind}\tversion={info.version}\t"
                 f"outputs={','.join(info.output_names)}\tmax_batch_size={info.max_batch_size}"
+                f"{groups}"
             )
     return 0
 

@@ -38,6 +38,8 @@ REWARD_KINDS: dict[str, str] = {
     # composite rewards
     "video_frames": "dancegrpo_rewards.kinds.composite:VideoFramesReward",
     "threshold": "dancegrpo_rewards.kinds.composite:ThresholdReward",
+    # group-wise rewards (a sample's output depends on its whole prompt group)
+    "pairwise_preference": "dancegrpo_rewards.kinds.pairwise:PairwisePreferenceReward",
 }
 
 # Kinds absent here (weight-free, composite) need nothing beyond the core install; a

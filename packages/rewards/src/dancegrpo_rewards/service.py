@@ -63,6 +63,9 @@ class HostedReward:
             requires_condition_image=reward.requires_condition_image,
             requires_metadata=reward.requires_metadata,
             max_batch_size=spec.max_batch_size,
+            scoring_scope=pb.SCORING_SCOPE_GROUP if reward.group_wise else pb.SCORING_SCOPE_SAMPLE,
+            min_group_size=reward.min_group_size if reward.group_wise else 0,
+            max_group_size=spec.max_batch_size if reward.group_wise else 0,
         )
 
 

@@ -71,6 +71,7 @@ class RequestDecoder:
             raise RequestError(
                 "samples", f"{n} samples exceed max_samples_per_request={limit} of this reward"
             )
+        group_sizes = self.check_group_sizes(request)
         total = sum(self.check_sample(i, sample) for i, sample in enumerate(request.samples))
         if self.max_decoded_bytes is not None and total > self.max_decoded_bytes:
             raise RequestError(
@@ -86,7 +87,47 @@ class RequestDecoder:
             media.append(frames)
             conditions.append(condition)
             metadata.append(meta)
-        return RewardBatch(prompts, media, conditions, metadata)
+        return RewardBatch(prompts, media, conditions, metadata, group_sizes)
+
+    def check_group_sizes(self, request: pb.ScoreRequest) -> tuple[int, ...] | None:
+        """Checks ``request.group_sizes``; returns them for a group-wise reward (``None``
+        for a per-sample reward, which accepts but ignores them).
+
+        Every size is >= 1 and they sum to the sample count; a group-wise reward requires
+        them, and each group between its ``min_group_size`` and ``max_batch_size`` (a group
+        is scored in one batch, never split).
+        """
+        reward, n = self.reward, len(request.samples)
+        if not request.group_sizes:
+            if reward.group_wise:
+                raise RequestError(
+                    "group_sizes",
+                    f"required by group-wise reward {reward.name!r}: the sizes of the "
+                    f"request's consecutive groups (e.g. [{n}] for one group of {n})",
+                )
+            return None
+        try:
+            sizes = codec.check_group_sizes(n, request.group_sizes)
+        except codec.CodecError as exc:
+            raise RequestError(exc.field, exc.message) from None
+        if not reward.group_wise:
+            return None
+        limit = self.spec.max_batch_size
+        for k, size in enumerate(sizes):
+            if size < reward.min_group_size:
+                raise RequestError(
+                    f"group_sizes[{k}]",
+                    f"a group of {size} is below the min_group_size {reward.min_group_size} "
+                    f"of reward {reward.name!r}",
+                )
+            if size > limit:
+                raise RequestError(
+                    f"group_sizes[{k}]",
+                    f"a group of {size} exceeds max_batch_size={limit} of reward "
+                    f"{reward.name!r}: a group is scored in one batch (raise the reward's "
+                    "max_batch_size or send smaller groups)",
+                )
+        return tuple(sizes)
 
     def check_sample(self, index: int, sample: pb.Sample) -> int:
         """Checks one sample without decoding pixels; returns the bytes it decodes to."""

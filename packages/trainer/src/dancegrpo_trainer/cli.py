@@ -87,7 +87,7 @@ def train_main(argv: Sequence[str] | None = None) -> int:
 
 
 def _preprocess(args: argparse.Namespace) -> int:
-    from dancegrpo_trainer.data import load_prompts
+    from dancegrpo_trainer.data import load_prompt_sets, load_prompts
     from dancegrpo_trainer.embedding_cache import precompute_embeddings
     from dancegrpo_trainer.policy_factory import build_policy
 
@@ -97,12 +97,10 @@ def _preprocess(args: argparse.Namespace) -> int:
         raise ConfigError("preprocess: pass --out DIR or set data.embedding_cache in the config")
     out = expand_env(out, "--out")
     if args.prompts:
-        sources = [(path, "--prompts") for path in args.prompts]
-    else:
-        sources = [(cfg.data.train_prompts, "data.train_prompts")]
-        if cfg.data.eval_prompts:
-            sources.append((cfg.data.eval_prompts, "data.eval_prompts"))
-    prompts = [r.prompt for source, field in sources for r in load_prompts(source, field)]
+        prompts = [r.prompt for path in args.prompts for r in load_prompts(path, "--prompts")]
+    else:  # every train and eval prompt (of every data.sources entry)
+        train, evals = load_prompt_sets(cfg.data)
+        prompts = [r.prompt for r in train + evals]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     policy = build_policy(cfg.model, device, cfg_free=cfg.train.cfg_free)
     precompute_embeddings(policy, prompts, out, args.batch_size, overwrite=args.overwrite)
@@ -146,7 +144,7 @@ def best_of_n(cfg, args: argparse.Namespace) -> list[dict]:
     )
     from dancegrpo_trainer.policy_factory import build_policy
     from dancegrpo_trainer.rollout import RolloutPlan, sample_rollout
-    from dancegrpo_trainer.scoring import RewardScorer
+    from dancegrpo_trainer.scoring import ChunkSubmitter, RewardScorer
     from dancegrpo_trainer.weights import apply_lora
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -177,23 +175,15 @@ def best_of_n(cfg, args: argparse.Namespace) -> list[dict]:
             cond = policy.encode_prompts([rec.prompt], images).select([0] * args.n)
             gen = torch.Generator().manual_seed(args.seed * 1_000_003 + i)
             noise = policy.initial_noise(args.n, generator=gen)
-            pending = []
-            prompts = [rec.prompt] * args.n
-            metadata = repeat_metadata([rec], args.n)
-            cond_images = images[[0] * args.n] if images is not None else None
-
-            def on_chunk(
-                rows_: slice,
-                frames: torch.Tensor,
-                prompts=prompts,
-                ci=cond_images,
-                meta=metadata,
-                out=pending,
-            ) -> None:
-                images_ = ci[rows_] if ci is not None else None
-                meta_ = meta[rows_] if meta is not None else None
-                out.append(scorer.submit(frames, prompts[rows_], images_, meta_))
-
+            # The N samples of a prompt are one group: a group-wise reward (e.g. a pairwise
+            # win rate) gets all N in one request; others are scored chunk by chunk.
+            on_chunk = ChunkSubmitter(
+                scorer,
+                args.n,
+                [rec.prompt] * args.n,
+                condition_images=images[[0] * args.n] if images is not None else None,
+                metadata=repeat_metadata([rec], args.n),
+            )
             rollout = sample_rollout(
                 policy,
                 cond,
@@ -206,7 +196,7 @@ def best_of_n(cfg, args: argparse.Namespace) -> list[dict]:
                 chunk_size=cfg.sampling.rollout_batch_size,
                 on_chunk=on_chunk,
             )
-            scores = np.concatenate([p.result().terms[endpoint.label] for p in pending])
+            scores = np.concatenate([p.result().terms[endpoint.label] for _, p in on_chunk.chunks])
             best = int(np.argmax(scores))
             frames = rollout.frames[best].numpy()
             name = f"{i:05d}.png" if frames.ndim == 3 else f"{i:05d}.gif"

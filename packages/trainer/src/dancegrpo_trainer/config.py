@@ -645,6 +645,82 @@ class TrainConfig:
         _check(0 <= self.lora.dropout < 1, "train.lora.dropout", "must be in [0, 1)")
 
 
+_SOURCE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+@dataclasses.dataclass
+class PromptSource:
+    """One prompt source of a routed run (``data.sources``): its prompts and the reward
+    terms that score them.
+
+    Attributes:
+        name: the source's name in metrics (``source/<name>/...``); letters, digits, ``_.-``.
+        train_prompts, eval_prompts: as ``data.train_prompts`` / ``data.eval_prompts``.
+        rewards: the ``rewards.endpoints`` labels that score this source's prompts, as a
+            list (each at its endpoint's ``weight``) or a mapping ``label: weight``. Only
+            these endpoints are called for its samples; a group's advantage is the weighted
+            sum of its own rewards' group-normalised advantages.
+        share: sampling share of the source (then every source sets one): each prompt
+            comes from a source drawn with probability ``share / Σ share``. Unset: the
+            sources' prompts are pooled, each prompt equally likely.
+    """
+
+    name: str = ""
+    train_prompts: str | list[str] = dataclasses.field(default_factory=list)
+    eval_prompts: str | list[str] = dataclasses.field(default_factory=list)
+    rewards: list[str] | dict[str, float] = dataclasses.field(default_factory=list)
+    share: float | None = None
+
+    def reward_weights(self, endpoints: Sequence[RewardEndpoint]) -> dict[str, float]:
+        """``label → weight`` of the terms that score this source."""
+        if isinstance(self.rewards, dict):
+            return {str(k): float(v) for k, v in self.rewards.items()}
+        weight = {ep.label: ep.weight for ep in endpoints}
+        return {label: weight[label] for label in self.rewards}
+
+    def validate(self, where: str, endpoints: Sequence[RewardEndpoint]) -> None:
+        _check(
+            bool(_SOURCE_NAME.fullmatch(self.name)),
+            f"{where}.name",
+            f"is required: letters, digits, '_', '.', '-' (used in metric names), got {self.name!r}",
+        )
+        _check(
+            bool(self.train_prompts),
+            f"{where}.train_prompts",
+            "is required: a prompt file (.txt/.jsonl) or a list of prompts",
+        )
+        _check(
+            bool(self.rewards),
+            f"{where}.rewards",
+            "is required: the rewards.endpoints labels that score this source's prompts",
+        )
+        labels = [ep.label for ep in endpoints]
+        names = list(self.rewards)
+        _check(
+            len(set(names)) == len(names),
+            f"{where}.rewards",
+            f"lists a label twice: {names}",
+        )
+        for label in names:
+            _check(
+                label in labels,
+                f"{where}.rewards",
+                f"{label!r} is not a rewards.endpoints label (labels: {labels}; an endpoint's "
+                "label is its name, or reward/output)",
+            )
+        if isinstance(self.rewards, dict):
+            for label, weight in self.rewards.items():
+                _check(
+                    isinstance(weight, (int, float))
+                    and not isinstance(weight, bool)
+                    and weight > 0,
+                    f"{where}.rewards.{label}",
+                    f"weight must be a number > 0 (drop the label to disable it), got {weight!r}",
+                )
+        if self.share is not None:
+            _check(self.share > 0, f"{where}.share", f"must be > 0, got {self.share}")
+
+
 @dataclasses.dataclass
 class DataConfig:
     """Prompts.
@@ -655,6 +731,9 @@ class DataConfig:
             ``{"tag", "include", "exclude", "prompt"}``, whose spec becomes the prompt's
             metadata, sent to endpoints with ``metadata: true``), or an inline list.
         eval_prompts: the same, for held-out evaluation (may be empty to skip eval).
+        sources: instead of ``train_prompts``/``eval_prompts``, several prompt sources,
+            each scored by the reward terms it names (:class:`PromptSource`), e.g. GenEval
+            prompts by ``geneval`` and OCR prompts by ``ocr`` in one run.
         embedding_cache: folder written by ``dancegrpo-train preprocess``; when set,
             prompt conditioning is read from it instead of running text encoders.
         shuffle: reshuffle training prompts every epoch (seeded).
@@ -662,15 +741,42 @@ class DataConfig:
 
     train_prompts: str | list[str] = dataclasses.field(default_factory=list)
     eval_prompts: str | list[str] = dataclasses.field(default_factory=list)
+    sources: list[PromptSource] = dataclasses.field(default_factory=list)
     embedding_cache: str | None = None
     shuffle: bool = True
 
-    def validate(self) -> None:
+    def validate(self, endpoints: Sequence[RewardEndpoint] = ()) -> None:
+        if not self.sources:
+            _check(
+                bool(self.train_prompts),
+                "data.train_prompts",
+                "is required: a prompt file (.txt/.jsonl) or a list of prompts (or data.sources)",
+            )
+            return
+        for key in ("train_prompts", "eval_prompts"):
+            _check(
+                not getattr(self, key),
+                f"data.{key}",
+                f"must be empty when data.sources is set (each source names its own {key})",
+            )
+        for i, source in enumerate(self.sources):
+            source.validate(f"data.sources[{i}]", endpoints)
+        names = [s.name for s in self.sources]
+        _check(len(set(names)) == len(names), "data.sources", f"names must be unique, got {names}")
+        shares = [s.share is not None for s in self.sources]
         _check(
-            bool(self.train_prompts),
-            "data.train_prompts",
-            "is required: a prompt file (.txt/.jsonl) or a list of prompts",
+            all(shares) or not any(shares),
+            f"data.sources[{shares.index(False) if not all(shares) else 0}].share",
+            "set share on every source or on none (none: the sources' prompts are pooled)",
         )
+        used = {label for s in self.sources for label in s.rewards}
+        for i, ep in enumerate(endpoints):
+            _check(
+                ep.label in used,
+                f"rewards.endpoints[{i}]",
+                f"{ep.label!r} scores no prompt source: add it to a data.sources[*].rewards "
+                "or drop the endpoint",
+            )
 
 
 @dataclasses.dataclass
@@ -759,7 +865,7 @@ class GRPOConfig:
         self.rewards.validate()
         self.sampling.validate()
         self.train.validate()
-        self.data.validate()
+        self.data.validate(self.rewards.endpoints)
         self.eval.validate()
         self.run.validate()
         if self.model.kind in CONDITION_IMAGE_KINDS + QWEN_IMAGE_EDIT_KINDS:
@@ -891,12 +997,27 @@ class GRPOConfig:
                 f"try {max(multiple, round(value / multiple) * multiple)}",
             )
 
-    def _prompt_sources(self) -> list[tuple[str, Any, bool]]:
+    def _prompt_sources(self, label: str | None = None) -> list[tuple[str, Any, bool]]:
         """``(field, source, is a .jsonl path)`` of the train prompts and, when set, the
-        eval prompts."""
-        names = ["train_prompts"] + (["eval_prompts"] if self.data.eval_prompts else [])
-        sources = [(name, getattr(self.data, name)) for name in names]
-        return [(n, src, isinstance(src, str) and src.endswith(".jsonl")) for n, src in sources]
+        eval prompts (of every ``data.sources`` entry, or of those scored by ``label``)."""
+        if self.data.sources:
+            holders = [
+                (f"data.sources[{i}].", s)
+                for i, s in enumerate(self.data.sources)
+                if label is None or label in s.rewards
+            ]
+        else:
+            holders = [("data.", self.data)]
+        out = []
+        for prefix, holder in holders:
+            for name in ("train_prompts", "eval_prompts"):
+                src = getattr(holder, name)
+                if name == "eval_prompts" and not src:
+                    continue
+                out.append(
+                    (f"{prefix}{name}", src, isinstance(src, str) and src.endswith(".jsonl"))
+                )
+        return out
 
     def _validate_i2v_prompts(self) -> None:
         """Image-to-video and editing prompts need a conditioning (source) image each, which
@@ -909,7 +1030,7 @@ class GRPOConfig:
         for name, source, is_jsonl in self._prompt_sources():
             _check(
                 is_jsonl,
-                f"data.{name}",
+                name,
                 f"model.kind {self.model.kind} ({what}) needs a .jsonl prompt file whose "
                 f'rows carry a condition_image ({{"prompt": ..., "condition_image": "a.png"}}), '
                 f"got {source!r}",
@@ -919,14 +1040,16 @@ class GRPOConfig:
         """Endpoints with ``metadata: true`` need prompts that carry metadata, which only a
         ``.jsonl`` file of GenEval rows does (each row's spec is checked when the trainer
         loads the file, ``data.require_metadata``)."""
-        asking = [i for i, ep in enumerate(self.rewards.endpoints) if ep.metadata]
-        if not asking:
-            return
-        for name, source, is_jsonl in self._prompt_sources():
+        for i, ep in enumerate(self.rewards.endpoints):
+            if ep.metadata:
+                self._check_metadata_sources(i, ep.label)
+
+    def _check_metadata_sources(self, index: int, label: str) -> None:
+        for name, source, is_jsonl in self._prompt_sources(label):
             _check(
                 is_jsonl,
-                f"rewards.endpoints[{asking[0]}].metadata",
-                f"is true, so data.{name} must be a .jsonl file of GenEval rows "
+                f"rewards.endpoints[{index}].metadata",
+                f"is true, so {name} must be a .jsonl file of GenEval rows "
                 '({"tag", "include", "exclude", "prompt"}) that carry each prompt\'s metadata, '
                 f"got {source!r}",
             )

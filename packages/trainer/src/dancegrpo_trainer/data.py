@@ -1,4 +1,5 @@
-"""Prompts: loading prompt files and a deterministic, resumable prompt sampler."""
+"""Prompts: loading prompt files (one source, or ``data.sources``) and deterministic,
+resumable prompt samplers (one pooled list, or a share-weighted mixture of sources)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dancegrpo_trainer.config import ConfigError, expand_env
+from dancegrpo_trainer.config import ConfigError, DataConfig, expand_env
 from dancegrpo_trainer.geneval_prompts import geneval_metadata
 
 
@@ -24,6 +25,8 @@ class PromptRecord:
     prompt: str
     condition_image: str | None = None
     metadata: dict[str, Any] | None = None
+    #: the ``data.sources`` entry it came from (``None`` without sources).
+    source: str | None = None
 
 
 def prompt_record(row: Mapping[str, Any], base: Path, where: str) -> PromptRecord:
@@ -71,6 +74,23 @@ def load_prompts(source: str | Sequence[str], field: str) -> list[PromptRecord]:
     if not records:
         raise ValueError(f"{field}: {path} contains no prompts")
     return records
+
+
+def load_prompt_sets(data: DataConfig) -> tuple[list[PromptRecord], list[PromptRecord]]:
+    """``(train, eval)`` records of ``data``: its two prompt files, or every source's in
+    ``data.sources`` order (each record tagged with its source's name)."""
+    if not data.sources:
+        train = load_prompts(data.train_prompts, "data.train_prompts")
+        evals = load_prompts(data.eval_prompts, "data.eval_prompts") if data.eval_prompts else []
+        return train, evals
+    train, evals = [], []
+    for i, source in enumerate(data.sources):
+        where = f"data.sources[{i}]"
+        for records, key in ((train, "train_prompts"), (evals, "eval_prompts")):
+            if getattr(source, key):
+                for record in load_prompts(getattr(source, key), f"{where}.{key}"):
+                    records.append(dataclasses.replace(record, source=source.name))
+    return train, evals
 
 
 def load_condition_images(records: Sequence[PromptRecord]) -> torch.Tensor | None:
@@ -127,12 +147,15 @@ class PromptSampler:
         self.seed = seed
         self.shuffle = shuffle
         self.position = 0
+        self._epoch_order: tuple[int, list[int]] | None = None
 
     def _order(self, epoch: int) -> list[int]:
         if not self.shuffle:
             return list(range(self.num_prompts))
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(self.num_prompts, generator=g).tolist()
+        if self._epoch_order is None or self._epoch_order[0] != epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._epoch_order = (epoch, torch.randperm(self.num_prompts, generator=g).tolist())
+        return self._epoch_order[1]
 
     def next_indices(self, count: int) -> list[int]:
         """The next ``count`` prompt indices (wrapping into new epochs as needed)."""
@@ -155,3 +178,68 @@ class PromptSampler:
                 f"data.train_prompts now has {self.num_prompts}"
             )
         self.position = int(state["position"])
+
+
+class MixtureSampler:
+    """Prompts from several sources with fixed sampling shares (``data.sources[*].share``).
+
+    Draw ``k`` (counted over the whole run, all ranks) picks source ``s`` with probability
+    ``share_s / Σ share`` from a generator seeded by ``(seed, k)``, then takes that source's
+    next prompt from its own :class:`PromptSampler` (seeded epochs over the source).
+    Indices are into the sources' records concatenated in order. The state is the draw
+    count and each source's position, so a resumed run continues the same sequence.
+
+    Args:
+        sizes: prompts per source.
+        shares: sampling share per source (> 0).
+    """
+
+    def __init__(
+        self, sizes: Sequence[int], shares: Sequence[float], seed: int, shuffle: bool = True
+    ) -> None:
+        if len(sizes) != len(shares) or not sizes:
+            raise ValueError("one share per source, at least one source")
+        self.sizes = [int(s) for s in sizes]
+        self.seed = seed
+        self.offsets = np.cumsum([0, *self.sizes[:-1]]).tolist()
+        self.cumulative = np.cumsum(shares) / float(np.sum(shares))
+        self.sources = [
+            PromptSampler(size, seed * 1_000_033 + i, shuffle) for i, size in enumerate(sizes)
+        ]
+        self.position = 0
+
+    def next_indices(self, count: int) -> list[int]:
+        """The next ``count`` prompt indices (into the concatenated sources)."""
+        out = []
+        for _ in range(count):
+            u = np.random.default_rng((self.seed, 0x50524F4D, self.position)).random()
+            s = min(int(np.searchsorted(self.cumulative, u, side="right")), len(self.sizes) - 1)
+            out.append(self.offsets[s] + self.sources[s].next_indices(1)[0])
+            self.position += 1
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "position": self.position,
+            "num_prompts": self.sizes,
+            "source_positions": [s.position for s in self.sources],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if list(state.get("num_prompts", [])) != self.sizes:
+            raise ValueError(
+                f"the checkpoint was trained on sources of {state.get('num_prompts')} prompts, "
+                f"data.sources now have {self.sizes}"
+            )
+        self.position = int(state["position"])
+        for sampler, position in zip(self.sources, state["source_positions"], strict=True):
+            sampler.position = int(position)
+
+
+def prompt_sampler(data: DataConfig, records: Sequence[PromptRecord], seed: int) -> Any:
+    """The run's prompt sampler: a :class:`MixtureSampler` when ``data.sources`` set
+    shares, else one :class:`PromptSampler` over all records (sources pooled)."""
+    if data.sources and data.sources[0].share is not None:
+        sizes = [sum(r.source == s.name for r in records) for s in data.sources]
+        return MixtureSampler(sizes, [s.share for s in data.sources], seed, data.shuffle)
+    return PromptSampler(len(records), seed, data.shuffle)

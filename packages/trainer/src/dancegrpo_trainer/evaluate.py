@@ -30,6 +30,12 @@ Rewards (``load_reward_specs``): a YAML list of ``{name, target, reward, output}
 Either may add the training endpoints' ``token_env`` / ``tls_ca`` / ``tls_cert`` /
 ``tls_key`` (``--reward hps=rewards:50051/hps,token_env=REWARDS_TOKEN,tls_ca=ca.pem``),
 checked the same way (``RewardEndpoint.validate``).
+
+Group-wise rewards (``RewardInfo.scoring_scope`` = group, e.g. ``pairwise_preference``,
+read with ``ListRewards``) judge the base and tuned samples of each prompt together: one
+group of 2·K per prompt (``group_sizes``), so a tuned policy the judge prefers wins more
+than half of its pairs and the base fewer. (Training's held-out eval skips them: there a
+policy only meets itself and the win rate always averages ½.)
 """
 
 from __future__ import annotations
@@ -260,6 +266,35 @@ def condition_images(prompts: Sequence[EvalPrompt], samples_per_prompt: int) -> 
     return None if images is None else images.numpy().repeat(samples_per_prompt, axis=0)
 
 
+def _columns(prompts: Sequence[EvalPrompt], samples_per_prompt: int) -> dict[str, Any]:
+    """Prompt-major per-sample ``prompts``, ``metadata`` and ``condition_images`` (or
+    ``None``), as ``RewardClient.score`` takes them."""
+    return {
+        "prompts": [p.prompt for p in prompts for _ in range(samples_per_prompt)],
+        "metadata": [p.metadata for p in prompts for _ in range(samples_per_prompt)],
+        "condition_images": condition_images(prompts, samples_per_prompt),
+    }
+
+
+def _score(
+    client: Any, spec: RewardSpec, frames: np.ndarray, columns: Mapping[str, Any], **extra: Any
+) -> np.ndarray:
+    """One ``score`` call for ``spec``: float32 ``(N,)`` of its output."""
+    kwargs: dict[str, Any] = {"prompts": columns["prompts"], **extra}
+    kwargs["videos" if frames.ndim == 5 else "images"] = frames
+    if spec.metadata:
+        kwargs["metadata"] = columns["metadata"]
+    if columns["condition_images"] is not None:
+        kwargs["condition_images"] = columns["condition_images"]
+    result = client.score(spec.reward, **kwargs)
+    if spec.output not in result:
+        raise KeyError(
+            f"reward {spec.reward!r} at {spec.target} has no output {spec.output!r} "
+            f"(it returned {sorted(result)})"
+        )
+    return np.asarray(result[spec.output], np.float32)
+
+
 def score_frames(
     frames: np.ndarray,
     prompts: Sequence[EvalPrompt],
@@ -267,25 +302,87 @@ def score_frames(
     specs: Sequence[RewardSpec],
     client_for: Callable[[RewardSpec], Any],
 ) -> dict[str, np.ndarray]:
-    """``{metric name: float32 (P·K,)}`` for prompt-major ``frames``; ``client_for(spec)``
-    returns the ``RewardClient`` for a spec's target (and token/TLS settings)."""
-    texts = [p.prompt for p in prompts for _ in range(samples_per_prompt)]
-    metadata = [p.metadata for p in prompts for _ in range(samples_per_prompt)]
-    images = condition_images(prompts, samples_per_prompt)
-    key = "videos" if frames.ndim == 5 else "images"
-    out = {}
+    """``{metric name: float32 (P·K,)}`` for prompt-major ``frames`` scored by per-sample
+    rewards; ``client_for(spec)`` returns the ``RewardClient`` for a spec's target (and
+    token/TLS settings)."""
+    columns = _columns(prompts, samples_per_prompt)
+    return {spec.name: _score(client_for(spec), spec, frames, columns) for spec in specs}
+
+
+def group_wise_bounds(
+    specs: Sequence[RewardSpec], client_for: Callable[[RewardSpec], Any]
+) -> dict[str, tuple[int, int]]:
+    """``{metric name: (min_group_size, max_group_size)}`` of the specs whose reward is
+    group-wise, from each target's ``ListRewards`` (``max`` 0: no limit). Clients without
+    ``list_rewards`` (test doubles) and rewards a target does not list count as per-sample
+    (scoring the latter fails with ``NOT_FOUND``)."""
+    from dancegrpo_proto.v1 import rewards_pb2 as pb
+
+    listed: dict[int, dict[str, Any]] = {}
+    found = {}
     for spec in specs:
-        extra: dict[str, Any] = {"metadata": metadata} if spec.metadata else {}
-        if images is not None:
-            extra["condition_images"] = images
-        result = client_for(spec).score(spec.reward, prompts=texts, **{key: frames}, **extra)
-        if spec.output not in result:
-            raise KeyError(
-                f"reward {spec.reward!r} at {spec.target} has no output {spec.output!r} "
-                f"(it returned {sorted(result)})"
+        client = client_for(spec)
+        if not hasattr(client, "list_rewards"):
+            continue
+        if id(client) not in listed:
+            listed[id(client)] = {info.name: info for info in client.list_rewards()}
+        info = listed[id(client)].get(spec.reward)
+        if info is not None and info.scoring_scope == pb.SCORING_SCOPE_GROUP:
+            found[spec.name] = (int(info.min_group_size), int(info.max_group_size))
+    return found
+
+
+def check_joint_group_size(
+    bounds: Mapping[str, tuple[int, int]], specs: Sequence[RewardSpec], samples_per_prompt: int
+) -> None:
+    """Raises ``ValueError`` when a group-wise reward cannot judge the 2·K samples (base
+    and tuned) of one prompt in one group."""
+    size = 2 * samples_per_prompt
+    for spec in specs:
+        if spec.name not in bounds:
+            continue
+        low, high = bounds[spec.name]
+        if size < low or (high and size > high):
+            raise ValueError(
+                f"--samples-per-prompt {samples_per_prompt}: group-wise reward "
+                f"{spec.reward!r} at {spec.target} ({spec.name}) judges the base and tuned "
+                f"samples of a prompt in one group of {size}, but it accepts groups of "
+                f"{low} to {high or 'any number of'} samples"
             )
-        out[spec.name] = np.asarray(result[spec.output], np.float32)
-    return out
+
+
+def score_jointly(
+    frames: Mapping[str, np.ndarray],
+    prompts: Sequence[EvalPrompt],
+    samples_per_prompt: int,
+    spec: RewardSpec,
+    client: Any,
+) -> dict[str, np.ndarray]:
+    """``{"base": (P·K,), "tuned": (P·K,)}`` of a group-wise reward that judges the base
+    and tuned samples of each prompt in one group of 2·K (base first, then tuned)."""
+    base, tuned = frames["base"], frames["tuned"]
+    n, k = len(base), samples_per_prompt
+    order = np.concatenate(
+        [np.r_[p * k : (p + 1) * k, n + p * k : n + (p + 1) * k] for p in range(n // k)]
+    )
+    columns = _columns(prompts, k)
+    joint = {
+        "prompts": [columns["prompts"][i % n] for i in order],
+        "metadata": [columns["metadata"][i % n] for i in order],
+        "condition_images": (
+            None if columns["condition_images"] is None else columns["condition_images"][order % n]
+        ),
+    }
+    values = _score(
+        client,
+        spec,
+        np.concatenate([base, tuned])[order],
+        joint,
+        group_sizes=[2 * k] * (n // k),
+    )
+    unordered = np.empty_like(values)
+    unordered[order] = values
+    return {"base": unordered[:n], "tuned": unordered[n:]}
 
 
 # ---------------------------------------------------------------------------- table
@@ -344,14 +441,21 @@ def _row(metric: str, tag: str | None, base: float, tuned: float, n: int) -> dic
     }
 
 
-def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
-    """The paper-style table: metric, base, tuned, relative change."""
+def markdown_table(rows: Sequence[Mapping[str, Any]], group_wise: Sequence[str] = ()) -> str:
+    """The paper-style table: metric, base, tuned, relative change; a note under it names
+    the ``group_wise`` metrics (base and tuned judged against each other)."""
     lines = ["| metric | base | tuned | change |", "| --- | ---: | ---: | ---: |"]
     for r in rows:
         name = r["metric"] if r["tag"] is None else f"{r['metric']} [{r['tag']}]"
         change = r["relative_change_pct"]
         shown = "n/a" if math.isnan(change) else f"{change:+.1f}%"
         lines.append(f"| {name} | {r['base']:.4f} | {r['tuned']:.4f} | {shown} |")
+    if group_wise:
+        lines += [
+            "",
+            f"Group-wise ({', '.join(group_wise)}): the base and tuned samples of each prompt "
+            "were judged in one group, so base and tuned are scored against each other.",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -393,7 +497,11 @@ def evaluate_policies(
 
     get_client = client_for or default_client
     scores: dict[str, dict[str, np.ndarray]] = {}
+    frames_of: dict[str, np.ndarray] = {}
     try:
+        bounds = group_wise_bounds(specs, get_client)
+        check_joint_group_size(bounds, specs, samples_per_prompt)
+        per_sample = [s for s in specs if s.name not in bounds]
         for label in ("base", "tuned"):
             frames = generate(
                 policies[label],
@@ -405,7 +513,11 @@ def evaluate_policies(
                 eta=eta,
                 sampler=sampler,
             )
-            scores[label] = score_frames(frames, prompts, samples_per_prompt, specs, get_client)
+            scores[label] = score_frames(
+                frames, prompts, samples_per_prompt, per_sample, get_client
+            )
+            if bounds:
+                frames_of[label] = frames
             shown = frames[: 8 * samples_per_prompt]
             save_samples(
                 shown,
@@ -413,9 +525,18 @@ def evaluate_policies(
                 ncols=max(samples_per_prompt, 4),
                 scale=max(1, 128 // frames.shape[-2]),
             )
+        for spec in specs:
+            if spec.name in bounds:
+                joint = score_jointly(
+                    frames_of, prompts, samples_per_prompt, spec, get_client(spec)
+                )
+                for label, values in joint.items():
+                    scores[label][spec.name] = values
     finally:
         for client in owned.values():
             client.close()
+    scores = {label: {s.name: scores[label][s.name] for s in specs} for label in scores}
+    group_wise = [s.name for s in specs if s.name in bounds]
     rows = summarise(scores, prompts, samples_per_prompt)
     result = {
         "rows": rows,
@@ -428,10 +549,11 @@ def evaluate_policies(
             "eta": eta,
             "sampler": sampler,
             "rewards": [dataclasses.asdict(s) for s in specs],
+            "group_wise": group_wise,
         },
     }
     (out / "results.json").write_text(json.dumps(result, indent=1, allow_nan=True) + "\n")
-    (out / "results.md").write_text(markdown_table(rows))
+    (out / "results.md").write_text(markdown_table(rows, group_wise))
     return result
 
 
@@ -526,7 +648,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         eta=cfg.eval.eta if args.eta is None else args.eta,
         sampler=cfg.sampling.sampler,
     )
-    print(markdown_table(result["rows"]), end="")
+    print(markdown_table(result["rows"], result["settings"]["group_wise"]), end="")
     return 0
 
 

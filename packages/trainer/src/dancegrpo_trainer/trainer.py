@@ -41,9 +41,9 @@ from dancegrpo_trainer.algorithms import algorithm_class
 from dancegrpo_trainer.checkpoint import load_checkpoint, resume_checkpoint, save_checkpoint
 from dancegrpo_trainer.config import ConfigError, GRPOConfig, expand_env
 from dancegrpo_trainer.data import (
-    PromptSampler,
     load_condition_images,
-    load_prompts,
+    load_prompt_sets,
+    prompt_sampler,
     repeat_metadata,
     require_metadata,
 )
@@ -56,6 +56,7 @@ from dancegrpo_trainer.rollout import (
     sample_rollout,
     seeded_generators,
 )
+from dancegrpo_trainer.routing import RewardRouting
 from dancegrpo_trainer.run_logging import (
     MetricsLogger,
     RunProgress,
@@ -68,7 +69,7 @@ from dancegrpo_trainer.scored_update import (
     update_after_scoring,
     update_as_scored,
 )
-from dancegrpo_trainer.scoring import PendingScores, RewardScorer
+from dancegrpo_trainer.scoring import ChunkSubmitter, RewardScorer
 from dancegrpo_trainer.trainer_eval import evaluate
 from dancegrpo_trainer.update import (
     GradientAccumulator,
@@ -189,14 +190,10 @@ class Trainer:
             cfg.rewards, cfg.sampling.group_size, drop_constant_groups=t.drop_constant_groups
         )
 
-        self.train_records = load_prompts(cfg.data.train_prompts, "data.train_prompts")
-        self.eval_records = (
-            load_prompts(cfg.data.eval_prompts, "data.eval_prompts")
-            if cfg.data.eval_prompts
-            else []
-        )
+        self.train_records, self.eval_records = load_prompt_sets(cfg.data)
+        self.routing = RewardRouting(cfg.rewards.endpoints, cfg.data.sources)
         self._check_prompt_metadata()
-        self.sampler = PromptSampler(len(self.train_records), cfg.run.seed, cfg.data.shuffle)
+        self.sampler = prompt_sampler(cfg.data, self.train_records, cfg.run.seed)
         self._cache = None
         if use_cache:
             from dancegrpo_trainer.embedding_cache import EmbeddingCache
@@ -273,13 +270,27 @@ class Trainer:
 
     def _check_prompt_metadata(self) -> None:
         """Fails at start-up, not at the first reward call, when an endpoint sends metadata
-        (``metadata: true``) and a train or eval prompt has none."""
-        asking = [i for i, ep in enumerate(self.cfg.rewards.endpoints) if ep.metadata]
-        if not asking:
-            return
-        where = f"rewards.endpoints[{asking[0]}].metadata"
-        require_metadata(self.train_records, "data.train_prompts", where)
-        require_metadata(self.eval_records, "data.eval_prompts", where)
+        (``metadata: true``) and a train or eval prompt it scores has none."""
+        for i, ep in enumerate(self.cfg.rewards.endpoints):
+            if not ep.metadata:
+                continue
+            where = f"rewards.endpoints[{i}].metadata"
+            for records, key in (
+                (self.train_records, "train_prompts"),
+                (self.eval_records, "eval_prompts"),
+            ):
+                for source in dict.fromkeys(r.source for r in records):
+                    field = (
+                        f"data.{key}"
+                        if source is None
+                        else f"data.sources[{self.routing.sources.index(source)}].{key}"
+                    )
+                    scored = [
+                        r
+                        for r in records
+                        if r.source == source and ep.label in self.routing.route(r)
+                    ]
+                    require_metadata(scored, field, where)
 
     # ------------------------------------------------------------------ training
 
@@ -316,12 +327,15 @@ class Trainer:
             stochastic=self.spec.stochastic,
         )
         self.policy.trainable_module().eval()
-        chunks: list[tuple[slice, PendingScores]] = []
-
-        def on_chunk(rows: slice, frames: torch.Tensor) -> None:
-            images = cond_images[rows] if cond_images is not None else None
-            meta = metadata[rows] if metadata is not None else None
-            chunks.append((rows, self.scorer.submit(frames, prompts[rows], images, meta)))
+        submitter = ChunkSubmitter(
+            self.scorer,
+            s.group_size,
+            prompts,
+            condition_images=cond_images,
+            metadata=metadata,
+            routes=self.routing.sample_routes(records, s.group_size),
+        )
+        chunks = submitter.chunks  # (rows, pending scores), whole groups when group-wise
 
         t0 = time.perf_counter()
         rollout = sample_rollout(
@@ -332,7 +346,7 @@ class Trainer:
             eta=s.eta,
             row_generators=sde_generators,
             chunk_size=s.rollout_batch_size,
-            on_chunk=on_chunk,
+            on_chunk=submitter,
             autocast=self._autocast(),
             progress=self._progress(),
             desc=f"rollout {self.step + 1}",
@@ -385,7 +399,11 @@ class Trainer:
 
         self.step += 1
         record: dict[str, Any] = {"step": self.step, "split": "train"}
-        record.update(self.advantages.stats(out.terms, out.outputs))
+        sources = None
+        if self.routing.routed:  # per-sample source names of the global batch
+            local_sources = [r.source for r in records for _ in range(s.group_size)]
+            sources = dist_utils.flatten(dist_utils.all_gather_object(local_sources))
+        record.update(self.advantages.stats(out.terms, out.outputs, out.weights, sources))
         record.update(self._reduce_update_metrics(out.result))
         record.update(
             learning_rate=lr,
@@ -396,7 +414,8 @@ class Trainer:
             samples=len(out.prompts),
         )
         if cfg.train.drop_constant_groups:
-            record["groups_dropped_frac"] = float(self.advantages.constant_groups(out.terms).mean())
+            dropped = self.advantages.constant_groups(out.terms, out.weights)
+            record["groups_dropped_frac"] = float(dropped.mean())
         self.metrics.log(record)
         every = cfg.run.sample_grid_every
         if self.rank == 0 and every and self.step % every == 0:

@@ -1,7 +1,13 @@
 """Held-out evaluation of a :class:`~dancegrpo_trainer.trainer.Trainer`'s policy: fixed
 prompts, fixed seeds, ``eval.eta`` (0: deterministic) with ``sampling.sampler``, at the
 eval resolution (``eval.height/width``, default the training one), scored remotely as
-chunks finish, gathered over ranks in prompt order, logged with ``split = eval``."""
+chunks finish, gathered over ranks in prompt order, logged with ``split = eval``.
+
+Routed runs (``data.sources``) score each eval prompt with its source's rewards and log
+``source/<name>/...`` too. Group-wise rewards are not called in eval: a win rate within a
+group always averages ½, so it says nothing about progress; eval reports the per-sample
+terms (a run whose terms are all group-wise logs eval samples without a reward).
+"""
 
 from __future__ import annotations
 
@@ -31,10 +37,12 @@ def score_rollout(
     metadata: Sequence[dict[str, Any] | None] | None,
     generate: Callable[[Callable[[slice, torch.Tensor], None]], Any],
     num_scored: int,
+    routes: Sequence[dict[str, float]] | None = None,
 ) -> tuple[Any, Scores | None, float, float]:
     """Runs ``generate(on_chunk)``, scoring the first ``num_scored`` rows as chunks finish
     (rows past them are padding, generated only to keep sharded forwards in lockstep).
-    ``prompts``, ``cond_images`` and ``metadata`` (``None``: none) are per row.
+    ``prompts``, ``cond_images``, ``metadata`` and ``routes`` (``None``: none; see
+    :meth:`RewardScorer.submit`) are per row.
 
     Returns ``(generate's result, scores or None if nothing was scored, sample_s,
     reward_wait_s)``.
@@ -48,7 +56,10 @@ def score_rollout(
         real = slice(rows.start, stop)
         images = cond_images[real] if cond_images is not None else None
         meta = metadata[real] if metadata is not None else None
-        pending.append(scorer.submit(frames[: stop - rows.start], prompts[real], images, meta))
+        extra = {"routes": routes[real]} if routes is not None else {}
+        pending.append(
+            scorer.submit(frames[: stop - rows.start], prompts[real], images, meta, **extra)
+        )
 
     t0 = time.perf_counter()
     result = generate(on_chunk)
@@ -86,6 +97,9 @@ def evaluate(trainer: Trainer, save_as: Path | None = None) -> dict[str, Any]:
         sampled += [rows[0] if rows else 0] * pad
     prompts = [all_prompts[i] for i in sampled]
     metadata = [all_metadata[i] for i in sampled] if all_metadata is not None else None
+    routes = eval_routes(trainer)
+    if routes is not None:
+        routes = [routes[i // k] for i in sampled]
     idx = repeat_all[sampled]
     images = all_images[idx] if all_images is not None else None
     frames = torch.empty(0)
@@ -119,23 +133,31 @@ def evaluate(trainer: Trainer, save_as: Path | None = None) -> dict[str, Any]:
                 )
 
         rollout, scores, _, _ = score_rollout(
-            trainer.scorer, prompts, images, metadata, generate, len(rows)
+            trainer.scorer, prompts, images, metadata, generate, len(rows), routes
         )
         frames = rollout.frames[: len(rows)]
     parts = dist_utils.all_gather_object(
-        (rows, scores.terms if scores else {}, scores.outputs if scores else {}, frames)
+        (
+            rows,
+            scores.terms if scores else {},
+            scores.outputs if scores else {},
+            frames,
+            scores.weights if scores else None,
+        )
     )
     order = np.argsort(np.concatenate([np.asarray(p[0], dtype=np.int64) for p in parts]))
-    terms = {
-        key: np.concatenate([p[1][key] for p in parts if p[0]])[order]
-        for key in trainer.advantages.weights
-    }
-    outputs_keys = next(p[2].keys() for p in parts if p[0])
-    outputs = {
-        key: np.concatenate([p[2][key] for p in parts if p[0]])[order] for key in outputs_keys
-    }
+
+    def merged(index: int) -> dict[str, np.ndarray]:
+        keys = next(p[index].keys() for p in parts if p[0])
+        return {key: np.concatenate([p[index][key] for p in parts if p[0]])[order] for key in keys}
+
+    terms, outputs = merged(1), merged(2)
+    weights = merged(4) if routes is not None else None
+    sources = None
+    if trainer.routing.routed:
+        sources = [trainer.eval_records[i // k].source for i in range(len(all_prompts))]
     record: dict[str, Any] = {"step": trainer.step, "split": "eval"}
-    record.update(trainer.advantages.stats(terms, outputs))
+    record.update(trainer.advantages.stats(terms, outputs, weights, sources))
     record["samples"] = len(all_prompts)
     trainer.metrics.log(record)
     if trainer.rank == 0:
@@ -144,3 +166,19 @@ def evaluate(trainer: Trainer, save_as: Path | None = None) -> dict[str, Any]:
         scale = max(1, 128 // cfg.eval_size()[1])
         save_samples(all_frames.numpy(), path, ncols=k * 2, scale=scale)
     return record
+
+
+def eval_routes(trainer: Trainer) -> list[dict[str, float]] | None:
+    """Per eval prompt, the per-sample terms that score it (group-wise ones left out:
+    their group mean is always ½); ``None`` when every term scores every prompt."""
+    group_wise = (
+        trainer.scorer.group_wise_labels()
+        if hasattr(trainer.scorer, "group_wise_labels")
+        else set()
+    )
+    if not trainer.routing.routed and not group_wise:
+        return None
+    return [
+        {k: w for k, w in trainer.routing.route(r).items() if k not in group_wise}
+        for r in trainer.eval_records
+    ]

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"dancegrpo/rewards/v1/rewards.proto\x12\x14\x64\x61ncegrpo.rewards.v1\"(\n\tRawFrames\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05shape\x18\x02 \x03(\r\"\x1f\n\rEncodedFrames\x12\x0e\n\x06\x66rames\x18\x01 \x03(\x0c\"\x97\x01\n\x05Media\x12.\n\x03raw\x18\x01 \x01(\x0b\x32\x1f.dancegrpo.rewards.v1.RawFramesH\x00\x12\x17\n\rencoded_image\x18\x02 \x01(\x0cH\x00\x12=\n\x0e\x65ncoded_frames\x18\x03 \x01(\x0b\x32#.dancegrpo.rewards.v1.EncodedFramesH\x00\x42\x06\n\x04kind\"x\n\rGenEvalObject\x12\x12\n\nclass_name\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\r\x12\r\n\x05\x63olor\x18\x03 \x01(\t\x12\x19\n\x11position_relation\x18\x04 \x01(\t\x12\x1a\n\x12position_reference\x18\x05 \x01(\r\"\x86\x01\n\x0bGenEvalSpec\x12\x0b\n\x03tag\x18\x01 \x01(\t\x12\x34\n\x07include\x18\x02 \x03(\x0b\x32#.dancegrpo.rewards.v1.GenEvalObject\x12\x34\n\x07\x65xclude\x18\x03 \x03(\x0b\x32#.dancegrpo.rewards.v1.GenEvalObject\"\xc1\x01\n\x0eSampleMetadata\x12\x32\n\x07geneval\x18\x01 \x01(\x0b\x32!.dancegrpo.rewards.v1.GenEvalSpec\x12H\n\nattributes\x18\x02 \x03(\x0b\x32\x34.dancegrpo.rewards.v1.SampleMetadata.AttributesEntry\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xb2\x01\n\x06Sample\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12*\n\x05media\x18\x02 \x01(\x0b\x32\x1b.dancegrpo.rewards.v1.Media\x12\x34\n\x0f\x63ondition_image\x18\x03 \x01(\x0b\x32\x1b.dancegrpo.rewards.v1.Media\x12\x36\n\x08metadata\x18\x04 \x01(\x0b\x32$.dancegrpo.rewards.v1.SampleMetadata\"a\n\x0cScoreRequest\x12\x0e\n\x06reward\x18\x01 \x01(\t\x12-\n\x07samples\x18\x02 \x03(\x0b\x32\x1c.dancegrpo.rewards.v1.Sample\x12\x12\n\nrequest_id\x18\x03 \x01(\t\",\n\x0cOutputColumn\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06values\x18\x02 \x03(\x02\"p\n\rScoreResponse\x12\x33\n\x07outputs\x18\x01 \x03(\x0b\x32\".dancegrpo.rewards.v1.OutputColumn\x12\x16\n\x0ereward_version\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"\x96\x01\n\x0bInputLimits\x12\x1f\n\x17max_samples_per_request\x18\x01 \x01(\r\x12\x12\n\nmax_height\x18\x02 \x01(\r\x12\x11\n\tmax_width\x18\x03 \x01(\r\x12\x12\n\nmax_frames\x18\x04 \x01(\r\x12\x19\n\x11max_request_bytes\x18\x05 \x01(\x04\x12\x10\n\x08min_size\x18\x06 \x01(\r\"\xb7\x02\n\nRewardInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x30\n\x08modality\x18\x04 \x01(\x0e\x32\x1e.dancegrpo.rewards.v1.Modality\x12\x14\n\x0coutput_names\x18\x05 \x03(\t\x12\x31\n\x06limits\x18\x06 \x01(\x0b\x32!.dancegrpo.rewards.v1.InputLimits\x12\x13\n\x0b\x64\x65scription\x18\x07 \x01(\t\x12\x17\n\x0frequires_prompt\x18\x08 \x01(\x08\x12 \n\x18requires_condition_image\x18\t \x01(\x08\x12\x19\n\x11requires_metadata\x18\n \x01(\x08\x12\x16\n\x0emax_batch_size\x18\x0b \x01(\r\"\x14\n\x12ListRewardsRequest\"`\n\x13ListRewardsResponse\x12\x31\n\x07rewards\x18\x01 \x03(\x0b\x32 .dancegrpo.rewards.v1.RewardInfo\x12\x16\n\x0eserver_version\x18\x02 \x01(\t*L\n\x08Modality\x12\x18\n\x14MODALITY_UNSPECIFIED\x10\x00\x12\x12\n\x0eMODALITY_IMAGE\x10\x01\x12\x12\n\x0eMODALITY_VIDEO\x10\x02\x32\xc5\x01\n\rRewardService\x12P\n\x05Score\x12\".dancegrpo.rewards.v1.ScoreRequest\x1a#.dancegrpo.rewards.v1.ScoreResponse\x12\x62\n\x0bListRewards\x12(.dancegrpo.rewards.v1.ListRewardsRequest\x1a).dancegrpo.rewards.v1.ListRewardsResponseBa\n\x17io.dancegrpo.rewards.v1P\x01ZDgithub.com/dancegrpo/dancegrpo/gen/go/dancegrpo/rewards/v1;rewardsv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"dancegrpo/rewards/v1/rewards.proto\x12\x14\x64\x61ncegrpo.rewards.v1\"(\n\tRawFrames\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05shape\x18\x02 \x03(\r\"\x1f\n\rEncodedFrames\x12\x0e\n\x06\x66rames\x18\x01 \x03(\x0c\"\x97\x01\n\x05Media\x12.\n\x03raw\x18\x01 \x01(\x0b\x32\x1f.dancegrpo.rewards.v1.RawFramesH\x00\x12\x17\n\rencoded_image\x18\x02 \x01(\x0cH\x00\x12=\n\x0e\x65ncoded_frames\x18\x03 \x01(\x0b\x32#.dancegrpo.rewards.v1.EncodedFramesH\x00\x42\x06\n\x04kind\"x\n\rGenEvalObject\x12\x12\n\nclass_name\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\r\x12\r\n\x05\x63olor\x18\x03 \x01(\t\x12\x19\n\x11position_relation\x18\x04 \x01(\t\x12\x1a\n\x12position_reference\x18\x05 \x01(\r\"\x86\x01\n\x0bGenEvalSpec\x12\x0b\n\x03tag\x18\x01 \x01(\t\x12\x34\n\x07include\x18\x02 \x03(\x0b\x32#.dancegrpo.rewards.v1.GenEvalObject\x12\x34\n\x07\x65xclude\x18\x03 \x03(\x0b\x32#.dancegrpo.rewards.v1.GenEvalObject\"\xc1\x01\n\x0eSampleMetadata\x12\x32\n\x07geneval\x18\x01 \x01(\x0b\x32!.dancegrpo.rewards.v1.GenEvalSpec\x12H\n\nattributes\x18\x02 \x03(\x0b\x32\x34.dancegrpo.rewards.v1.SampleMetadata.AttributesEntry\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xb2\x01\n\x06Sample\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12*\n\x05media\x18\x02 \x01(\x0b\x32\x1b.dancegrpo.rewards.v1.Media\x12\x34\n\x0f\x63ondition_image\x18\x03 \x01(\x0b\x32\x1b.dancegrpo.rewards.v1.Media\x12\x36\n\x08metadata\x18\x04 \x01(\x0b\x32$.dancegrpo.rewards.v1.SampleMetadata\"v\n\x0cScoreRequest\x12\x0e\n\x06reward\x18\x01 \x01(\t\x12-\n\x07samples\x18\x02 \x03(\x0b\x32\x1c.dancegrpo.rewards.v1.Sample\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x13\n\x0bgroup_sizes\x18\x04 \x03(\r\",\n\x0cOutputColumn\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06values\x18\x02 \x03(\x02\"p\n\rScoreResponse\x12\x33\n\x07outputs\x18\x01 \x03(\x0b\x32\".dancegrpo.rewards.v1.OutputColumn\x12\x16\n\x0ereward_version\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"\x96\x01\n\x0bInputLimits\x12\x1f\n\x17max_samples_per_request\x18\x01 \x01(\r\x12\x12\n\nmax_height\x18\x02 \x01(\r\x12\x11\n\tmax_width\x18\x03 \x01(\r\x12\x12\n\nmax_frames\x18\x04 \x01(\r\x12\x19\n\x11max_request_bytes\x18\x05 \x01(\x04\x12\x10\n\x08min_size\x18\x06 \x01(\r\"\xa2\x03\n\nRewardInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x30\n\x08modality\x18\x04 \x01(\x0e\x32\x1e.dancegrpo.rewards.v1.Modality\x12\x14\n\x0coutput_names\x18\x05 \x03(\t\x12\x31\n\x06limits\x18\x06 \x01(\x0b\x32!.dancegrpo.rewards.v1.InputLimits\x12\x13\n\x0b\x64\x65scription\x18\x07 \x01(\t\x12\x17\n\x0frequires_prompt\x18\x08 \x01(\x08\x12 \n\x18requires_condition_image\x18\t \x01(\x08\x12\x19\n\x11requires_metadata\x18\n \x01(\x08\x12\x16\n\x0emax_batch_size\x18\x0b \x01(\r\x12\x39\n\rscoring_scope\x18\x0c \x01(\x0e\x32\".dancegrpo.rewards.v1.ScoringScope\x12\x16\n\x0emin_group_size\x18\r \x01(\r\x12\x16\n\x0emax_group_size\x18\x0e \x01(\r\"\x14\n\x12ListRewardsRequest\"`\n\x13ListRewardsResponse\x12\x31\n\x07rewards\x18\x01 \x03(\x0b\x32 .dancegrpo.rewards.v1.RewardInfo\x12\x16\n\x0eserver_version\x18\x02 \x01(\t*L\n\x08Modality\x12\x18\n\x14MODALITY_UNSPECIFIED\x10\x00\x12\x12\n\x0eMODALITY_IMAGE\x10\x01\x12\x12\n\x0eMODALITY_VIDEO\x10\x02*`\n\x0cScoringScope\x12\x1d\n\x19SCORING_SCOPE_UNSPECIFIED\x10\x00\x12\x18\n\x14SCORING_SCOPE_SAMPLE\x10\x01\x12\x17\n\x13SCORING_SCOPE_GROUP\x10\x02\x32\xc5\x01\n\rRewardService\x12P\n\x05Score\x12\".dancegrpo.rewards.v1.ScoreRequest\x1a#.dancegrpo.rewards.v1.ScoreResponse\x12\x62\n\x0bListRewards\x12(.dancegrpo.rewards.v1.ListRewardsRequest\x1a).dancegrpo.rewards.v1.ListRewardsResponseBa\n\x17io.dancegrpo.rewards.v1P\x01ZDgithub.com/dancegrpo/dancegrpo/gen/go/dancegrpo/rewards/v1;rewardsv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,8 +34,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._serialized_options = b'\n\027io.dancegrpo.rewards.v1P\001ZDgithub.com/dancegrpo/dancegrpo/gen/go/dancegrpo/rewards/v1;rewardsv1'
   _globals['_SAMPLEMETADATA_ATTRIBUTESENTRY']._loaded_options = None
   _globals['_SAMPLEMETADATA_ATTRIBUTESENTRY']._serialized_options = b'8\001'
-  _globals['_MODALITY']._serialized_start=1771
-  _globals['_MODALITY']._serialized_end=1847
+  _globals['_MODALITY']._serialized_start=1899
+  _globals['_MODALITY']._serialized_end=1975
+  _globals['_SCORINGSCOPE']._serialized_start=1977
+  _globals['_SCORINGSCOPE']._serialized_end=2073
   _globals['_RAWFRAMES']._serialized_start=60
   _globals['_RAWFRAMES']._serialized_end=100
   _globals['_ENCODEDFRAMES']._serialized_start=102
@@ -53,19 +55,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SAMPLE']._serialized_start=745
   _globals['_SAMPLE']._serialized_end=923
   _globals['_SCOREREQUEST']._serialized_start=925
-  _globals['_SCOREREQUEST']._serialized_end=1022
-  _globals['_OUTPUTCOLUMN']._serialized_start=1024
-  _globals['_OUTPUTCOLUMN']._serialized_end=1068
-  _globals['_SCORERESPONSE']._serialized_start=1070
-  _globals['_SCORERESPONSE']._serialized_end=1182
-  _globals['_INPUTLIMITS']._serialized_start=1185
-  _globals['_INPUTLIMITS']._serialized_end=1335
-  _globals['_REWARDINFO']._serialized_start=1338
-  _globals['_REWARDINFO']._serialized_end=1649
-  _globals['_LISTREWARDSREQUEST']._serialized_start=1651
-  _globals['_LISTREWARDSREQUEST']._serialized_end=1671
-  _globals['_LISTREWARDSRESPONSE']._serialized_start=1673
-  _globals['_LISTREWARDSRESPONSE']._serialized_end=1769
-  _globals['_REWARDSERVICE']._serialized_start=1850
-  _globals['_REWARDSERVICE']._serialized_end=2047
+  _globals['_SCOREREQUEST']._serialized_end=1043
+  _globals['_OUTPUTCOLUMN']._serialized_start=1045
+  _globals['_OUTPUTCOLUMN']._serialized_end=1089
+  _globals['_SCORERESPONSE']._serialized_start=1091
+  _globals['_SCORERESPONSE']._serialized_end=1203
+  _globals['_INPUTLIMITS']._serialized_start=1206
+  _globals['_INPUTLIMITS']._serialized_end=1356
+  _globals['_REWARDINFO']._serialized_start=1359
+  _globals['_REWARDINFO']._serialized_end=1777
+  _globals['_LISTREWARDSREQUEST']._serialized_start=1779
+  _globals['_LISTREWARDSREQUEST']._serialized_end=1799
+  _globals['_LISTREWARDSRESPONSE']._serialized_start=1801
+  _globals['_LISTREWARDSRESPONSE']._serialized_end=1897
+  _globals['_REWARDSERVICE']._serialized_start=2076
+  _globals['_REWARDSERVICE']._serialized_end=2273
 # @@protoc_insertion_point(module_scope)

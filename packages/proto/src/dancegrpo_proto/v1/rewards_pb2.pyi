@@ -12,9 +12,18 @@ class Modality(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     MODALITY_UNSPECIFIED: _ClassVar[Modality]
     MODALITY_IMAGE: _ClassVar[Modality]
     MODALITY_VIDEO: _ClassVar[Modality]
+
+class ScoringScope(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SCORING_SCOPE_UNSPECIFIED: _ClassVar[ScoringScope]
+    SCORING_SCOPE_SAMPLE: _ClassVar[ScoringScope]
+    SCORING_SCOPE_GROUP: _ClassVar[ScoringScope]
 MODALITY_UNSPECIFIED: Modality
 MODALITY_IMAGE: Modality
 MODALITY_VIDEO: Modality
+SCORING_SCOPE_UNSPECIFIED: ScoringScope
+SCORING_SCOPE_SAMPLE: ScoringScope
+SCORING_SCOPE_GROUP: ScoringScope
 
 class RawFrames(_message.Message):
     __slots__ = ("data", "shape")
@@ -92,14 +101,16 @@ class Sample(_message.Message):
     def __init__(self, prompt: _Optional[str] = ..., media: _Optional[_Union[Media, _Mapping]] = ..., condition_image: _Optional[_Union[Media, _Mapping]] = ..., metadata: _Optional[_Union[SampleMetadata, _Mapping]] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
-    __slots__ = ("reward", "samples", "request_id")
+    __slots__ = ("reward", "samples", "request_id", "group_sizes")
     REWARD_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    GROUP_SIZES_FIELD_NUMBER: _ClassVar[int]
     reward: str
     samples: _containers.RepeatedCompositeFieldContainer[Sample]
     request_id: str
-    def __init__(self, reward: _Optional[str] = ..., samples: _Optional[_Iterable[_Union[Sample, _Mapping]]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    group_sizes: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, reward: _Optional[str] = ..., samples: _Optional[_Iterable[_Union[Sample, _Mapping]]] = ..., request_id: _Optional[str] = ..., group_sizes: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class OutputColumn(_message.Message):
     __slots__ = ("name", "values")
@@ -136,7 +147,7 @@ class InputLimits(_message.Message):
     def __init__(self, max_samples_per_request: _Optional[int] = ..., max_height: _Optional[int] = ..., max_width: _Optional[int] = ..., max_frames: _Optional[int] = ..., max_request_bytes: _Optional[int] = ..., min_size: _Optional[int] = ...) -> None: ...
 
 class RewardInfo(_message.Message):
-    __slots__ = ("name", "kind", "version", "modality", "output_names", "limits", "description", "requires_prompt", "requires_condition_image", "requires_metadata", "max_batch_size")
+    __slots__ = ("name", "kind", "version", "modality", "output_names", "limits", "description", "requires_prompt", "requires_condition_image", "requires_metadata", "max_batch_size", "scoring_scope", "min_group_size", "max_group_size")
     NAME_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -148,6 +159,9 @@ class RewardInfo(_message.Message):
     REQUIRES_CONDITION_IMAGE_FIELD_NUMBER: _ClassVar[int]
     REQUIRES_METADATA_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    SCORING_SCOPE_FIELD_NUMBER: _ClassVar[int]
+    MIN_GROUP_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_GROUP_SIZE_FIELD_NUMBER: _ClassVar[int]
     name: str
     kind: str
     version: str
@@ -159,7 +173,10 @@ class RewardInfo(_message.Message):
     requires_condition_image: bool
     requires_metadata: bool
     max_batch_size: int
-    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., version: _Optional[str] = ..., modality: _Optional[_Union[Modality, str]] = ..., output_names: _Optional[_Iterable[str]] = ..., limits: _Optional[_Union[InputLimits, _Mapping]] = ..., description: _Optional[str] = ..., requires_prompt: _Optional[bool] = ..., requires_condition_image: _Optional[bool] = ..., requires_metadata: _Optional[bool] = ..., max_batch_size: _Optional[int] = ...) -> None: ...
+    scoring_scope: ScoringScope
+    min_group_size: int
+    max_group_size: int
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., version: _Optional[str] = ..., modality: _Optional[_Union[Modality, str]] = ..., output_names: _Optional[_Iterable[str]] = ..., limits: _Optional[_Union[InputLimits, _Mapping]] = ..., description: _Optional[str] = ..., requires_prompt: _Optional[bool] = ..., requires_condition_image: _Optional[bool] = ..., requires_metadata: _Optional[bool] = ..., max_batch_size: _Optional[int] = ..., scoring_scope: _Optional[_Union[ScoringScope, str]] = ..., min_group_size: _Optional[int] = ..., max_group_size: _Optional[int] = ...) -> None: ...
 
 class ListRewardsRequest(_message.Message):
     __slots__ = ()

@@ -47,6 +47,11 @@ def _check_spec(spec: dict[str, Any] | None) -> None:
 
 
 def _mirror_requirements(outer: Reward, inner: Reward) -> None:
+    if inner.group_wise:  # the wrappers score per sample (video_frames even per frame)
+        raise RewardConfigError(
+            f"reward {outer.name!r}: option 'reward': kind {inner.kind!r} is group-wise; "
+            f"{outer.kind} needs a per-sample reward"
+        )
     # The server checks these per sample; a wrapper needs what its inner reward needs.
     outer.requires_prompt = inner.requires_prompt  # type: ignore[misc]
     outer.requires_condition_image = inner.requires_condition_image  # type: ignore[misc]

@@ -403,6 +403,26 @@ class VLMJudgeReward(Reward):
             body["max_tokens"] = config.max_tokens
         return body
 
+    def reply_text(self, index: int, prompt: str, images: Sequence[np.ndarray]) -> str:
+        """The judge's reply text to one request (the images in order, then the
+        instruction); raises ``JudgeError`` naming the judge and batch sample ``index``.
+        Used by judges that parse replies themselves (``pairwise_preference``)."""
+        where = f"reward {self.name!r}: judge {self.config.model!r} at {self.config.base_url}, batch sample {index}"
+        try:
+            reply = self._request("POST", self._url, self.request_body(prompt, images))
+        except JudgeError as err:
+            raise JudgeError(f"{where}: {err}") from None
+        try:
+            text = reply["choices"][0]["message"]["content"]
+        except (KeyError, IndexError, TypeError) as err:
+            raise JudgeError(
+                f"{where}: unexpected reply shape ({type(err).__name__}: {err}): "
+                f"{_excerpt(json.dumps(reply))}"
+            ) from None
+        if not isinstance(text, str):
+            raise JudgeError(f"{where}: message.content is not text: {_excerpt(json.dumps(reply))}")
+        return text
+
     def _judge_one(self, index: int, prompt: str, images: Sequence[np.ndarray]) -> dict[str, float]:
         where = f"reward {self.name!r}: judge {self.config.model!r} at {self.config.base_url}, batch sample {index}"
         try:

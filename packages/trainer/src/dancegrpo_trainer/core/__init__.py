@@ -4,6 +4,7 @@ from dancegrpo_trainer.core.advantages import (
     group_advantages,
     group_ids_from_size,
     multi_reward_advantages,
+    routed_advantages,
 )
 from dancegrpo_trainer.core.best_of_n import best_of_n_indices, gather_trajectories
 from dancegrpo_trainer.core.ddim import ddim_step
@@ -49,6 +50,7 @@ __all__ = [
     "multi_reward_advantages",
     "num_train_timesteps",
     "regulated_log_ratio",
+    "routed_advantages",
     "select_timesteps",
     "shift_sigmas",
     "velocity_kl",

@@ -145,3 +145,57 @@ def multi_reward_advantages(
         total = adv if total is None else total + adv
     assert total is not None
     return total
+
+
+def routed_advantages(
+    rewards: Mapping[str, torch.Tensor],
+    row_weights: Mapping[str, torch.Tensor],
+    *,
+    group_size: int,
+    eps: float = 1e-8,
+    unbiased: bool = True,
+) -> torch.Tensor:
+    """``A_i = Σ_k w_k[i] · A_k[i]`` when each prompt group is scored by its own rewards.
+
+    Routed multi-reward runs (``data.sources``): reward ``k`` scores only the groups routed
+    to it; it is normalised within each of those groups (:func:`group_advantages`, as in
+    :func:`multi_reward_advantages`) and weighted by the group's own weight of it. A group
+    not routed to ``k`` (weight 0, reward NaN) gets no term from it. With every weight
+    equal to its reward's constant weight this is :func:`multi_reward_advantages`.
+
+    Args:
+        rewards: name → ``[N]`` rewards, NaN where the sample is not routed to that reward.
+        row_weights: name → ``[N]`` weights ``>= 0`` (same keys), 0 exactly where not
+            routed; constant within each group (a group shares its prompt's route).
+        group_size: ``G``; samples ``[kG, (k+1)G)`` share a prompt.
+        eps, unbiased: as in :func:`group_advantages`.
+
+    Returns:
+        float32 ``[N]`` advantages.
+    """
+    if not rewards or set(rewards) != set(row_weights):
+        raise ValueError(
+            f"row_weights keys {sorted(row_weights)} must equal rewards keys {sorted(rewards)}"
+        )
+    total: torch.Tensor | None = None
+    for name, values in rewards.items():
+        r = values.detach().to(torch.float32)
+        w = row_weights[name].detach().to(torch.float32).to(r.device)
+        if w.shape != r.shape or (w < 0).any():
+            raise ValueError(f"row_weights[{name!r}] must be [N] >= 0 like its rewards")
+        routed = w > 0
+        if torch.isnan(r[routed]).any():
+            raise ValueError(f"reward {name!r} is NaN for a sample routed to it")
+        per_group = w.view(-1, group_size) if w.numel() % group_size == 0 else None
+        if per_group is None or not (per_group == per_group[:, :1]).all():
+            raise ValueError(f"row_weights[{name!r}] must be constant within each group")
+        adv = group_advantages(
+            torch.where(routed, r, torch.zeros_like(r)),
+            group_size=group_size,
+            eps=eps,
+            unbiased=unbiased,
+        )
+        term = w * adv  # unrouted groups: all-zero rewards give advantage exactly 0
+        total = term if total is None else total + term
+    assert total is not None
+    return total

@@ -63,6 +63,29 @@ def run_demo(
         return _train(cfg, launched, pretrain_steps, start)
 
 
+def pretrained_base_policy(cfg: GRPOConfig, pretrain_steps: int, path: Path) -> TinyFlowPolicy:
+    """The demo's initial policy for ``cfg.run.seed``: ``cfg.model`` built under that seed,
+    then ``pretrain_steps`` of unconditional flow matching (none: the random init).
+
+    With pre-training the weights are written to ``path`` and ``cfg.model.init_checkpoint``
+    points there, so a :class:`Trainer` built from ``cfg`` alone starts from them too.
+    """
+    torch.manual_seed(cfg.run.seed)
+    policy = build_policy(cfg.model, torch.device("cpu"))
+    assert isinstance(policy, TinyFlowPolicy), "the demo trains model.kind=tiny_flow"
+    if pretrain_steps > 0:
+        t0 = time.perf_counter()
+        losses = pretrain_flow_matching(policy, steps=pretrain_steps, seed=cfg.run.seed)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in policy.net.state_dict().items()}, str(path))
+        cfg.model.init_checkpoint = str(path)
+        logger.info(
+            f"pretrain steps={pretrain_steps} loss_first={losses[0]:.3f} "
+            f"loss_last={losses[-1]:.3f} s={time.perf_counter() - t0:.1f}"
+        )
+    return policy
+
+
 def _train(cfg: GRPOConfig, target: str, pretrain_steps: int, start: float) -> dict[str, float]:
     for ep in cfg.rewards.endpoints:
         ep.target = target
@@ -72,19 +95,7 @@ def _train(cfg: GRPOConfig, target: str, pretrain_steps: int, start: float) -> d
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "metrics.jsonl").unlink(missing_ok=True)
 
-    torch.manual_seed(cfg.run.seed)
-    policy = build_policy(cfg.model, torch.device("cpu"))
-    assert isinstance(policy, TinyFlowPolicy), "the demo trains model.kind=tiny_flow"
-    if pretrain_steps > 0:
-        t0 = time.perf_counter()
-        losses = pretrain_flow_matching(policy, steps=pretrain_steps, seed=cfg.run.seed)
-        base = run_dir / "base_policy.safetensors"
-        save_file({k: v.contiguous() for k, v in policy.net.state_dict().items()}, str(base))
-        cfg.model.init_checkpoint = str(base)
-        logger.info(
-            f"pretrain steps={pretrain_steps} loss_first={losses[0]:.3f} "
-            f"loss_last={losses[-1]:.3f} s={time.perf_counter() - t0:.1f}"
-        )
+    policy = pretrained_base_policy(cfg, pretrain_steps, run_dir / "base_policy.safetensors")
     trainer = Trainer(cfg, policy=policy)
     try:
         evals = trainer.train()

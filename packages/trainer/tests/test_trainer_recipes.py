@@ -1327,7 +1327,10 @@ def test_flux_imagereward_recipe_trains_against_imagereward(
     """MixGRPO's FLUX settings (G = 12, η 0.7, 25 steps on the GPU) against the real
     ``imagereward`` kind on a tiny ImageReward in the official file layout: the group's
     standardised scores differ, so the full fine-tune moves."""
-    trainer = run_recipe("flux_imagereward", tmp_path, "data.eval_prompts=[]")
+    # 6 steps: the recipe's 4-step MixGRPO window needs more than the default 3.
+    trainer = run_recipe(
+        "flux_imagereward", tmp_path, "sampling.num_steps=6", "data.eval_prompts=[]"
+    )
     rec = records(tmp_path)[0]
     assert rec["samples"] == 12 and rec["advantage_abs_mean"] > 0
     assert "reward/imagereward/score_mean" in rec
@@ -1348,6 +1351,14 @@ def test_flux_imagereward_recipe_values() -> None:
         1.0,
     )
     assert (t.timestep_fraction, t.weight_decay, t.kl_coef) == (0.6, 1e-4, 0.0)
+    w = s.window
+    assert (s.sampler, w.kind, w.size, w.schedule, w.iters_per_move) == (
+        "flow_grpo",
+        "mixgrpo",
+        4,
+        "progressive",
+        25,
+    )
 
 
 def test_flux_hpsv3_recipe_trains_against_hpsv3(

@@ -14,6 +14,7 @@ import importlib
 #: for an algorithm defined outside the package).
 ALGORITHMS: dict[str, str | type] = {
     "grpo": "grpo:GRPO",
+    "nft": "nft:DiffusionNFT",
 }
 
 

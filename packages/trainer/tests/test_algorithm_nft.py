@@ -270,6 +270,41 @@ def test_old_policy_is_an_ema_of_the_trained_weights_with_the_official_schedule(
     assert all(torch.equal(p, q) for p, q in zip(params, live, strict=True))
 
 
+def test_an_old_policy_equal_to_the_live_one_costs_no_second_forward(monkeypatch):
+    """Decay 0 (on-policy, or before ``decay_flat``) leaves ``old == θ`` exactly; the term
+    then reuses ``v_θ`` as ``v_old`` and equals the two-forward computation."""
+    policy = _tiny()
+    algo = _algorithm(policy, algorithm_options={"decay_flat": 2}, timestep_fraction=1.0)
+    with torch.no_grad():
+        for p in algo.params:
+            p.add_(0.1 * torch.randn_like(p))
+    algo.after_optimizer_step(False)  # step 1 < flat: old ← θ
+    assert algo.old_is_live()
+    assert all(torch.equal(o, p) for o, p in zip(algo.old, algo.params, strict=True))
+    sampling = config_from_dict(_sections(num_steps=4)).sampling
+    plan = rollout_plan(policy, sampling, step=0, seed=0, stochastic="none")
+    cond = policy.encode_prompts(PROMPTS)
+    noise = policy.initial_noise(3, generator=torch.Generator().manual_seed(0))
+    r = sample_rollout(policy, cond, noise, plan=plan, eta=0.0, chunk_size=3, keep=())
+    adv, term = torch.tensor([1.0, -0.5, 0.2]), algo.terms(r, torch.Generator())[0]
+    calls = []
+    original = TinyFlowPolicy.predict
+    monkeypatch.setattr(
+        TinyFlowPolicy, "predict", lambda self, *a: calls.append(1) or original(self, *a)
+    )
+    one = algo.loss(r, adv, term).loss
+    assert len(calls) == 1
+    monkeypatch.setattr(DiffusionNFT, "old_is_live", lambda self: False)
+    two = algo.loss(r, adv, term).loss
+    assert len(calls) == 3
+    torch.testing.assert_close(one, two, rtol=1e-6, atol=0)
+    monkeypatch.undo()
+    algo.after_optimizer_step(False)  # step 2 = flat: decay 0 still
+    assert algo.old_is_live()
+    algo.after_optimizer_step(False)  # step 3: decay 0.001
+    assert not algo.old_is_live()
+
+
 def test_old_policy_state_round_trips_and_refuses_a_checkpoint_without_it():
     policy = _tiny()
     algo = _algorithm(policy)
@@ -418,15 +453,18 @@ def test_every_flow_policy_trains_only_v_theta_against_its_old_weights(which, lo
     else:
         for p in module.parameters():
             p.requires_grad_(True)
-    algo = _algorithm(policy, timestep_fraction=1.0)
+    options = {"decay_rate": 0.5, "decay_max": 0.5}
+    algo = _algorithm(policy, timestep_fraction=1.0, algorithm_options=options)
     trainable = {n for n, p in module.named_parameters() if p.requires_grad}
     assert set(algo.names) == trainable
     if lora:
         assert all("lora_" in n for n in algo.names)
-    # Live weights move away from the old ones (as after an optimiser step).
+    # An optimiser step moves the live weights; the old ones follow half-way.
     with torch.no_grad():
         for p in algo.params:
             p.add_(0.05 * torch.randn_like(p))
+    algo.after_optimizer_step(False)
+    assert not algo.old_is_live()
 
     images = None
     if which in ("skyreels_i2v", "flux_kontext"):
@@ -472,6 +510,7 @@ def test_every_flow_policy_trains_only_v_theta_against_its_old_weights(which, lo
     v_theta = policy.predict(x_t, ts, r.cond)
     ref = nft_loss(v_theta, v_old, x_t, x0, t, adv, beta=1.0, adv_clip_max=5.0)
     torch.testing.assert_close(res.loss.detach(), ref.loss.detach(), rtol=1e-5, atol=1e-7)
+    assert not torch.equal(v_old, v_theta.detach())
     assert res.metrics["old_deviate"] > 0
 
 

@@ -26,6 +26,8 @@ train_nft_sd3.py``: the training step, loss, old-policy update ``return_decay``;
   (1-based, skipped steps included): ``old ← d(n)·old + (1 − d(n))·θ`` with the official
   ``return_decay``: ``d(n) = 0`` for ``n < flat``, else ``min(rate·(n − flat), max)``.
   Checkpointed (``nft.old.*``, ``nft.steps_taken``), so a resume continues exactly.
+  While the last blend had decay 0 the old policy *is* ``θ``: ``v_old = v_θ`` detached,
+  without a second forward pass.
 - **CFG**: the official code trains and samples CFG-free (``sample.guidance_scale =
   1.0``): true classifier-free guidance (SD3 ``model.guidance_scale > 1``, SkyReels
   ``true_cfg_scale > 1``) is a config error. A distilled guidance *embedding* (FLUX,
@@ -292,10 +294,13 @@ class DiffusionNFT(Algorithm):
         t_b = t.reshape(-1, *[1] * (x0.ndim - 1))
         x_t = ((1 - t_b) * x0.float() + t_b * noise).to(x0.dtype)
         timesteps = schedule.timesteps[idx.to(schedule.timesteps.device)]
-        with torch.no_grad(), self.old_policy(), self.autocast():
-            v_old = policy.predict(x_t, timesteps, batch.cond)
         with self.autocast():
             v_theta = policy.predict(x_t, timesteps, batch.cond)
+        if self.old_is_live():
+            v_old = v_theta.detach()
+        else:
+            with torch.no_grad(), self.old_policy(), self.autocast():
+                v_old = policy.predict(x_t, timesteps, batch.cond)
         out = nft_loss(
             v_theta,
             v_old,
@@ -318,14 +323,22 @@ class DiffusionNFT(Algorithm):
         metrics = {"loss": float(loss.detach()), "kl": float(kl.detach()), **out.metrics()}
         return LossTerm(loss=loss, metrics=metrics)
 
+    def decay(self, step: int) -> float:
+        """The old policy's decay after optimiser step ``step`` (:func:`old_policy_decay`)."""
+        o = self.options
+        return old_policy_decay(step, flat=o.decay_flat, rate=o.decay_rate, max_decay=o.decay_max)
+
+    def old_is_live(self) -> bool:
+        """Whether the old policy *is* the trained weights: at the start, and after a blend
+        with decay 0 (``old·0 + θ·1 = θ`` exactly: on-policy ``decay_rate: 0``, or before
+        ``decay_flat``). Then ``v_old`` is ``v_θ`` detached and its forward pass is skipped."""
+        return self.decay(int(self.steps_taken)) == 0.0
+
     @torch.no_grad()
     def after_optimizer_step(self, skipped: bool) -> None:
         """Advances the old policy (every step, as the official code's once per epoch)."""
         self.steps_taken += 1
-        o = self.options
-        decay = old_policy_decay(
-            int(self.steps_taken), flat=o.decay_flat, rate=o.decay_rate, max_decay=o.decay_max
-        )
+        decay = self.decay(int(self.steps_taken))
         for old, p in zip(self.old, self.params, strict=True):
             old.copy_(old * decay + p.detach().float() * (1.0 - decay))
 

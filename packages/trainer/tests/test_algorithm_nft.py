@@ -371,6 +371,33 @@ def test_each_sample_trains_its_own_noise_levels_whatever_the_batching():
     assert not torch.equal(whole[0][1], whole[1][1])  # fresh noise per level
 
 
+class _TwoExpertTiny(TinyFlowPolicy):
+    """A tiny policy whose steps belong to two sub-networks (as Wan2.2's experts), the
+    second one frozen after step 4: ``step_groups`` ``[[0, 1, 2], [3, 4]]`` of 6 steps."""
+
+    def step_groups(self, schedule: Any) -> list[list[int]]:
+        return [[0, 1, 2], [3, 4]]
+
+
+def test_terms_stay_within_one_step_group_and_visit_the_groups_in_order():
+    torch.manual_seed(0)
+    policy = _TwoExpertTiny(8, 8, latent_size=4, channels=8, embed_dim=16, num_blocks=1)
+    algo = _algorithm(policy, timestep_fraction=0.7)  # ⌊0.7·3⌋ = 2, then ⌊0.7·2⌋ = 1
+    sampling = config_from_dict(_sections(num_steps=6)).sampling
+    plan = rollout_plan(policy, sampling, step=0, seed=0, stochastic="none")
+    cond = policy.encode_prompts(PROMPTS * 3)
+    noise = policy.initial_noise(9, generator=torch.Generator().manual_seed(0))
+    r = sample_rollout(policy, cond, noise, plan=plan, eta=0.0, chunk_size=9, keep=())
+    assert algo.term_plan(r.schedule) == [(0, 0), (0, 1), (1, 0)]
+    for seed in range(3):
+        terms = algo.terms(r, torch.Generator().manual_seed(seed))
+        first, second, third = (algo.draws(r, term)[0] for term in terms)
+        assert set(first.tolist()) | set(second.tolist()) <= {0, 1, 2}
+        assert (first != second).all()  # without replacement within the group
+        assert set(third.tolist()) <= {3, 4}  # never the frozen step 5
+        assert len(set(first.tolist())) > 1  # rows draw their own levels
+
+
 def _sections(**sampling: Any) -> dict[str, Any]:
     return {
         "model": {"kind": "tiny_flow"},

@@ -10,7 +10,8 @@ train_nft_sd3.py``: the training step, loss, old-policy update ``return_decay``;
   DPM-Solver++ (2M) (``ode_solver: dpm2``, the official ``sample.solver``) or Euler.
 - **Loss** per sample, at noise levels ``t`` drawn from the rollout's own schedule (each
   sample a random subset of ``K = ⌊timestep_fraction · S⌋`` of its ``S`` sigmas, without
-  replacement, as the official per-sample ``randperm`` of the sampling timesteps) and
+  replacement, as the official per-sample ``randperm`` of the sampling timesteps; per
+  step group where the policy has them, see :meth:`DiffusionNFT.level_groups`) and
   fresh noise ``ε``: ``x_t = (1−t)·x0 + t·ε`` from the rollout's final latent ``x0``,
   then (:func:`nft_loss`)::
 
@@ -51,6 +52,7 @@ import torch
 from dancegrpo_trainer.algorithms.base import Algorithm, LossTerm, RolloutSpec
 from dancegrpo_trainer.config import ConfigError
 from dancegrpo_trainer.core.timesteps import num_train_timesteps
+from dancegrpo_trainer.policies.base import Schedule
 from dancegrpo_trainer.policies.flow import FlowPolicy
 from dancegrpo_trainer.rollout import Rollout, derive_seed, draw_row_noise
 from dancegrpo_trainer.weights import swapped_weights, trainable_parameters
@@ -259,26 +261,51 @@ class DiffusionNFT(Algorithm):
     def rollout_weights(self) -> contextlib.AbstractContextManager[None]:
         return self.old_policy()
 
-    def num_levels(self, num_steps: int) -> int:
-        """Noise levels each sample trains on (``K``)."""
-        return num_train_timesteps(
-            num_steps, self.train.timestep_fraction, skip_last=self.train.skip_last_timestep
-        )
+    def level_groups(self, schedule: Schedule) -> list[list[int]]:
+        """The schedule indices noise levels are drawn from, group by group: the policy's
+        step groups where it has them (``Policy.step_groups``: sub-networks such as Wan2.2's
+        experts; a term stays within one group, as ``algorithms/base.py`` asks), else one
+        group of every step; the last step left out with ``train.skip_last_timestep``."""
+        n = schedule.num_steps
+        step_groups = getattr(self.policy, "step_groups", None)
+        groups = step_groups(schedule) if step_groups is not None else None
+        if groups is None:
+            groups = [list(range(n))]
+        if self.train.skip_last_timestep:
+            groups = [[i for i in group if i != n - 1] for group in groups]
+        groups = [list(group) for group in groups if group]
+        if not groups:
+            raise ValueError("no noise level is left to train once the last step is skipped")
+        return groups
+
+    def term_plan(self, schedule: Schedule) -> list[tuple[int, int]]:
+        """``(group, j)`` of every term of a micro-batch: ``K_g = max(1, ⌊timestep_fraction ·
+        |g|⌋)`` draws per group, group after group (one group: the official
+        ``int(S · timestep_fraction)``)."""
+        fraction = self.train.timestep_fraction
+        return [
+            (g, j)
+            for g, group in enumerate(self.level_groups(schedule))
+            for j in range(num_train_timesteps(len(group), fraction))
+        ]
 
     def terms(self, rollout: Rollout, generator: torch.Generator | None) -> list[int]:
         seed = int(torch.randint(0, 2**40, (1,), generator=generator))
-        return [seed * _TERM_STRIDE + k for k in range(self.num_levels(rollout.schedule.num_steps))]
+        return [seed * _TERM_STRIDE + k for k in range(len(self.term_plan(rollout.schedule)))]
 
     def draws(self, batch: Rollout, term: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Term ``term``'s per-row schedule indices (int64 ``[B]``) and float32 noise
-        ``[B, ...]``: row ``j`` trains its own random subset of the schedule's sigmas."""
+        ``[B, ...]``: row ``j`` trains its own random subset of each group's sigmas (a
+        per-row permutation, its ``j``-th entry for the group's ``j``-th term)."""
         seed, k = divmod(term, _TERM_STRIDE)
-        n = batch.schedule.num_steps
-        eligible = n - int(self.train.skip_last_timestep)
+        g, j = self.term_plan(batch.schedule)[k]
+        group = self.level_groups(batch.schedule)[g]
         keys = row_keys(batch.latents[:, 0])
-        idx = torch.stack(
-            [torch.randperm(eligible, generator=_generator(seed, key))[k] for key in keys]
-        )
+        picks = [
+            torch.randperm(len(group), generator=_generator(seed, key, "level", g))[j]
+            for key in keys
+        ]
+        idx = torch.tensor([group[int(p)] for p in picks], dtype=torch.int64)
         noise = draw_row_noise(batch.latents[:, -1], [_generator(seed, key, k) for key in keys])
         return idx, noise
 

@@ -36,9 +36,12 @@ def test_recipe_loads_and_validates(path: Path) -> None:
 )
 def test_flux_recipes_never_train_the_last_step(path: Path) -> None:
     """DanceGRPO's FLUX train step trains the stored steps ``[:, :-1]``, Flow-GRPO's
-    ``timestep_fraction`` 0.99 of 10 steps the first nine: no FLUX recipe trains the last
-    denoising step (Kontext's one-step window in steps 1-3 never reaches it)."""
+    ``timestep_fraction`` 0.99 of 10 steps the first nine: no FLUX GRPO recipe trains the
+    last denoising step (Kontext's one-step window in steps 1-3 never reaches it).
+    DiffusionNFT trains noise levels of the forward process, not sampling steps: exempt."""
     cfg = load_config(path)
+    if cfg.train.algorithm == "nft":
+        return
     window = cfg.sampling.window
     stops_early = window.kind == "fast" and window.span and window.span[1] < cfg.sampling.num_steps
     assert cfg.train.skip_last_timestep or stops_early

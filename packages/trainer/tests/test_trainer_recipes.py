@@ -1327,7 +1327,10 @@ def test_flux_imagereward_recipe_trains_against_imagereward(
     """MixGRPO's FLUX settings (G = 12, η 0.7, 25 steps on the GPU) against the real
     ``imagereward`` kind on a tiny ImageReward in the official file layout: the group's
     standardised scores differ, so the full fine-tune moves."""
-    trainer = run_recipe("flux_imagereward", tmp_path, "data.eval_prompts=[]")
+    # 6 steps: the recipe's 4-step MixGRPO window needs more than the default 3.
+    trainer = run_recipe(
+        "flux_imagereward", tmp_path, "sampling.num_steps=6", "data.eval_prompts=[]"
+    )
     rec = records(tmp_path)[0]
     assert rec["samples"] == 12 and rec["advantage_abs_mean"] > 0
     assert "reward/imagereward/score_mean" in rec
@@ -1348,6 +1351,14 @@ def test_flux_imagereward_recipe_values() -> None:
         1.0,
     )
     assert (t.timestep_fraction, t.weight_decay, t.kl_coef) == (0.6, 1e-4, 0.0)
+    w = s.window
+    assert (s.sampler, w.kind, w.size, w.schedule, w.iters_per_move) == (
+        "flow_grpo",
+        "mixgrpo",
+        4,
+        "progressive",
+        25,
+    )
 
 
 def test_flux_hpsv3_recipe_trains_against_hpsv3(
@@ -1370,6 +1381,71 @@ def test_flux_hpsv3_recipe_values() -> None:
     assert (ep.reward, ep.output) == ("hpsv3", "score")
     assert cfg.sampling == ref.sampling and cfg.train == ref.train
     assert cfg.model.options == ref.model.options and cfg.model.height == 720
+
+
+def test_flux_nft_recipe_trains_one_step_on_ode_rollouts_against_pickscore(
+    recipe_env: dict[str, Path],
+    tmp_path: Path,
+    cli_trainer: type[RecordingTrainer],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """DiffusionNFT's official settings on FLUX (one prompt of the recipe's 6 per process,
+    3 steps): deterministic rollouts (log-probs 0, nothing recorded) scored by the real
+    ``pickscore`` kind, the LoRA trains, and the checkpoint holds the old policy after one
+    blend, ``0.001·θ0 + 0.999·θ1``."""
+    from dancegrpo_trainer.algorithms.nft import DiffusionNFT
+
+    seen: list[Any] = []
+    original = DiffusionNFT.terms
+
+    def recording(self: DiffusionNFT, rollout: Any, generator: Any) -> list[int]:
+        seen.append(rollout)
+        return original(self, rollout, generator)
+
+    monkeypatch.setattr(DiffusionNFT, "terms", recording)
+    trainer = run_recipe(
+        "flux_nft", tmp_path, "data.eval_prompts=[]", "sampling.prompts_per_step=1"
+    )
+    rec = records(tmp_path)[0]
+    assert rec["samples"] == 24 and rec["advantage_abs_mean"] > 0
+    assert {"policy_loss", "kl", "old_deviate", "reward/pickscore/score_mean"} <= set(rec)
+    assert seen and all(r.recorded_steps == [] and (r.log_probs == 0).all() for r in seen)
+    moved, total = lora_moved(trainer)
+    assert moved > 0.4 * total
+    saved = load_file(str(tmp_path / "checkpoints" / "step_000001" / "model.safetensors"))
+    live = trainable_state(trainer)
+    assert int(saved["nft.steps_taken"]) == 1
+    for name, initial in trainer.initial.items():
+        expected = initial * 0.001 + live[name] * (1.0 - 0.001)
+        torch.testing.assert_close(saved[f"nft.old.{name}"], expected, rtol=0, atol=1e-7)
+
+
+def test_flux_nft_recipe_values_follow_the_official_code() -> None:
+    """NVlabs/DiffusionNFT config/nft.py ``sd3_pickscore`` over config/base.py."""
+    cfg = load_config(CONFIGS / "flux_nft.yaml", ["model.path=x", "data.eval_prompts=[]"])
+    s, t = cfg.sampling, cfg.train
+    assert (s.num_steps, s.group_size, s.prompts_per_step * 8, s.shared_noise) == (
+        10,
+        24,
+        48,
+        False,
+    )
+    assert cfg.model.height == cfg.model.width == 512
+    assert t.algorithm == "nft" and t.algorithm_options == {
+        "beta": 1.0,
+        "decay_flat": 0,
+        "decay_rate": 0.001,
+        "decay_max": 0.5,
+        "ode_solver": "dpm2",
+    }
+    assert (t.learning_rate, t.weight_decay, t.max_grad_norm, t.adv_clip_max) == (
+        3e-4,
+        1e-4,
+        1.0,
+        5.0,
+    )
+    assert (t.timestep_fraction, t.kl_coef, t.lora.rank, t.lora.alpha) == (0.99, 1e-4, 32, 64)
+    assert not t.skip_last_timestep
 
 
 def test_flux_ocr_recipe_sends_quoted_prompts_to_the_real_ocr_reward(

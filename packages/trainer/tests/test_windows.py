@@ -106,7 +106,7 @@ def test_unknown_algorithm_fails_naming_the_choices():
     sections["train"] = {"algorithm": "ppo"}
     with pytest.raises(
         ConfigError,
-        match=r"train.algorithm: must be one of \[.*'grpo', 'grpo_guard'.*\], got 'ppo'",
+        match=r"train.algorithm: must be one of \[.*'grpo', 'grpo_guard'.*'nft'.*\], got 'ppo'",
     ):
         config_from_dict(sections)
 

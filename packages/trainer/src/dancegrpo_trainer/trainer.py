@@ -325,6 +325,7 @@ class Trainer:
             seed=seed,
             skip_last=cfg.train.skip_last_timestep,
             stochastic=self.spec.stochastic,
+            ode_solver=self.spec.ode_solver,
         )
         self.policy.trainable_module().eval()
         submitter = ChunkSubmitter(
@@ -338,21 +339,23 @@ class Trainer:
         chunks = submitter.chunks  # (rows, pending scores), whole groups when group-wise
 
         t0 = time.perf_counter()
-        rollout = sample_rollout(
-            self.policy,
-            cond,
-            noise,
-            plan=plan,
-            eta=s.eta,
-            row_generators=sde_generators,
-            chunk_size=s.rollout_batch_size,
-            on_chunk=submitter,
-            autocast=self._autocast(),
-            progress=self._progress(),
-            desc=f"rollout {self.step + 1}",
-            keep=self.spec.keep,
-            group_size=s.group_size,
-        )
+        # The algorithm's sampling weights (DiffusionNFT: its old policy).
+        with self.algorithm.rollout_weights():
+            rollout = sample_rollout(
+                self.policy,
+                cond,
+                noise,
+                plan=plan,
+                eta=s.eta,
+                row_generators=sde_generators,
+                chunk_size=s.rollout_batch_size,
+                on_chunk=submitter,
+                autocast=self._autocast(),
+                progress=self._progress(),
+                desc=f"rollout {self.step + 1}",
+                keep=self.spec.keep,
+                group_size=s.group_size,
+            )
         t1 = time.perf_counter()
         lr = self.scheduler.get_last_lr()[0]
         # Same on every rank (same chunking of the same number of samples), so all ranks

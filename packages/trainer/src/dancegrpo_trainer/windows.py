@@ -103,16 +103,20 @@ def rollout_plan(
     seed: int,
     skip_last: bool = False,
     stochastic: str = "window",
+    ode_solver: str = "euler",
 ) -> RolloutPlan:
     """The :class:`RolloutPlan` of train step ``step`` (0-based).
 
     ``stochastic``: the algorithm's :attr:`RolloutSpec.stochastic` (``"none"``: an ODE
-    rollout on the full schedule).
+    rollout on the full schedule, whose steps ``ode_solver`` takes: ``"euler"``, or
+    ``"dpm2"``, DPM-Solver++ (2M) from the first step).
     """
     n, window = sampling.num_steps, sampling.window
     schedule = policy.schedule(n)
     if stochastic == "none":
-        return RolloutPlan(schedule, torch.zeros(n, dtype=torch.bool), sampling.sampler)
+        dpm_from = 0 if ode_solver == "dpm2" else None
+        deterministic = torch.zeros(n, dtype=torch.bool)
+        return RolloutPlan(schedule, deterministic, sampling.sampler, dpm_from=dpm_from)
     if window.kind == "full":
         return RolloutPlan(schedule, None, sampling.sampler)
     start, stop = window_bounds(window, n, step=step, seed=seed, skip_last=skip_last)

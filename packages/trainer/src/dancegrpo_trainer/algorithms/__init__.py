@@ -15,6 +15,7 @@ import importlib
 ALGORITHMS: dict[str, str | type] = {
     "grpo": "grpo:GRPO",
     "grpo_guard": "grpo_guard:GRPOGuard",
+    "nft": "nft:DiffusionNFT",
 }
 
 

@@ -6,7 +6,10 @@ An algorithm declares
   ``"window"`` follows ``sampling.window`` — every step for ``full``; ``"none"`` samples
   deterministic ODE rollouts, e.g. DiffusionNFT),
 - what the rollout keeps besides its latents (:attr:`RolloutSpec.keep`: ``log_probs``,
-  ``means``, ``stds``, ``noise``),
+  ``means``, ``stds``, ``noise``) and, for ODE rollouts, which solver takes their steps
+  (:attr:`RolloutSpec.ode_solver`),
+- which weights sample the train rollouts (:meth:`Algorithm.rollout_weights`; DiffusionNFT
+  samples with its "old" policy),
 - the loss on a stored trajectory: :meth:`Algorithm.terms` picks what one micro-batch
   trains (GRPO: step indices; a forward-process method: noise-level draws) and
   :meth:`Algorithm.loss` returns the loss of one term, which the update backpropagates at
@@ -51,6 +54,7 @@ from dancegrpo_trainer.policies.base import Policy
 from dancegrpo_trainer.rollout import ROLLOUT_KEEP, Rollout
 
 Stochastic = Literal["window", "none"]
+OdeSolver = Literal["euler", "dpm2"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,14 +66,22 @@ class RolloutSpec:
             the default ``full`` window), sampled with ``sampling.sampler`` at
             ``sampling.eta`` and recorded; ``"none"``: a deterministic ODE rollout.
         keep: per-step tensors to store besides the latents (see ``ROLLOUT_KEEP``).
+        ode_solver: the steps of an ODE rollout (``stochastic="none"``): ``"euler"``, the
+            sampler's deterministic step, or ``"dpm2"``, DPM-Solver++ (2M) on every step
+            (first order at the first and the last step).
     """
 
     stochastic: Stochastic = "window"
     keep: tuple[str, ...] = ("log_probs",)
+    ode_solver: OdeSolver = "euler"
 
     def __post_init__(self) -> None:
         if self.stochastic not in ("window", "none"):
             raise ValueError(f"stochastic must be 'window' or 'none', got {self.stochastic!r}")
+        if self.ode_solver not in ("euler", "dpm2"):
+            raise ValueError(f"ode_solver must be 'euler' or 'dpm2', got {self.ode_solver!r}")
+        if self.ode_solver != "euler" and self.stochastic != "none":
+            raise ValueError("ode_solver applies to ODE rollouts (stochastic='none') only")
         unknown = set(self.keep) - set(ROLLOUT_KEEP)
         if unknown:
             raise ValueError(f"keep: unknown {sorted(unknown)}; choose from {list(ROLLOUT_KEEP)}")
@@ -137,6 +149,10 @@ class Algorithm(abc.ABC):
     @abc.abstractmethod
     def loss(self, batch: Rollout, advantages: torch.Tensor, term: int) -> LossTerm:
         """The loss of ``term`` on the micro-batch ``batch`` (``advantages`` ``[len(batch)]``)."""
+
+    def rollout_weights(self) -> contextlib.AbstractContextManager[Any]:
+        """The weights the train rollouts sample with (default: the live ones)."""
+        return contextlib.nullcontext()
 
     def after_optimizer_step(self, skipped: bool) -> None:
         """Called after every optimiser step (``skipped``: the step was skipped)."""

@@ -531,6 +531,32 @@ def test_fsdp_needs_a_distributed_launch(tmp_path: Path, edit_prompts: Path):
         Trainer(config_from_dict(data), policy=build_policy(Case("tiny_flow", "grpo")))
 
 
+def test_one_expert_of_wan22_trains_alone_and_a_window_off_its_steps_fails_at_start(
+    tmp_path: Path, edit_prompts: Path
+):
+    """Wan2.2 A14B with ``train_experts: low_noise`` (steps 1 and 2 of 3; step 0 is the
+    high-noise expert's): a window that can fall on step 0 alone would stop the run at
+    that step, so the trainer refuses it at start-up; one kept on steps 1–2 trains the
+    low-noise expert and nothing else."""
+    case = Case(TWO_EXPERT_WAN, "grpo_guard", "flow_grpo", "fast", lora=True)
+    policy = tiny_flow_policy(TWO_EXPERT_WAN, train_experts="low_noise")
+    assert policy.step_groups(policy.schedule(NUM_STEPS)) == [[1, 2]]
+    data = sections(case, tmp_path / "run", edit_prompts)
+    data["model"]["options"] = {"train_experts": "low_noise"}
+    with pytest.raises(ConfigError, match=r"^sampling.window: the window can fall on steps \[0\]"):
+        Trainer(config_from_dict(data), policy=policy, scorer=_Scorer())
+    data["sampling"]["window"] = {"kind": "fast", "size": 1, "span": [1, 2]}
+    policy = tiny_flow_policy(TWO_EXPERT_WAN, train_experts="low_noise")
+    trainer = Trainer(config_from_dict(data), policy=policy, scorer=_Scorer())
+    before = _state(policy)
+    record = trainer.train_step()
+    trainer.close()
+    after = _state(policy)
+    assert record["ratio_min"] == record["ratio_max"] == 1.0 and record["grad_norm"] > 0
+    moved = {n for n in before if not torch.equal(before[n], after[n])}
+    assert moved and all(n.startswith("transformer_2.") and "lora_B" in n for n in moved)
+
+
 def test_the_design_covers_what_the_docstring_says():
     ratio = [c for c in CASES if c.algorithm != "nft" and c.policy != "stable_diffusion"]
     for policy in POLICIES:

@@ -79,7 +79,7 @@ from dancegrpo_trainer.update import (
     policy_update,
 )
 from dancegrpo_trainer.weights import EMA, ReferencePolicy, apply_lora
-from dancegrpo_trainer.windows import rollout_plan
+from dancegrpo_trainer.windows import check_windows_train, rollout_plan
 
 
 def _init_distributed() -> torch.device:
@@ -172,6 +172,8 @@ class Trainer:
         if self.spec.stochastic == "none":
             # Deterministic rollouts: a group's spread can only come from its initial noise.
             check_ode_rollout_sampling(cfg.sampling, t.algorithm)
+        else:  # fail now, not at the first train step whose window trains nothing
+            check_windows_train(self.policy, cfg.sampling, t.skip_last_timestep)
         # eval.height/width: the same policy (shared modules) sampling at the eval size.
         self.eval_policy = self.policy
         if cfg.eval.height is not None or cfg.eval.width is not None:

@@ -25,6 +25,10 @@ samplers × 5 windows × LoRA/full = 780 steps; this runs 106):
 - Stable Diffusion (DDIM-η, the only sampler and window it takes, ``grpo`` only) runs LoRA
   and full fine-tune.
 
+Windows train with ``skip_last_timestep`` (3 steps: windows of 1 or 2 of the first two
+steps, sliding or drawn anew each train step); the full window trains ``timestep_fraction``
+0.67 of all 3 steps. Wan2.2 A14B with one expert trained has a test of its own.
+
 Each case checks: finite loss and gradient norm; the trainable parameters moved and
 nothing else did (every parameter and buffer of every module of the policy: text
 encoders, VAE, the frozen base under LoRA); with a ratio, ``ratio_min = ratio_max = 1``,
@@ -70,6 +74,7 @@ from dancegrpo_trainer.config import (
     ConfigError,
     config_from_dict,
 )
+from dancegrpo_trainer.policy_factory import cfg_weights
 from dancegrpo_trainer.scoring import Scores
 from dancegrpo_trainer.trainer import Trainer
 from dancegrpo_trainer.windows import window_bounds
@@ -351,6 +356,9 @@ def _spy_terms(trainer: Trainer) -> list[tuple[list[int], list[int]]]:
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_one_trainer_step(case: Case, tmp_path: Path, edit_prompts: Path) -> None:
     trainer = _trainer(case, tmp_path / "run", edit_prompts)
+    # The policy is the one the config describes: its CFG weights are the config's.
+    for field, weight in cfg_weights(trainer.cfg.model, cfg_free=case.cfg_free).items():
+        assert getattr(trainer.policy.config, field.rsplit(".", 1)[-1]) == weight, field
     trainable = _trainable_names(trainer)
     if case.lora:
         assert trainable and all("lora_" in n for n in trainable)

@@ -13,7 +13,7 @@ from dancegrpo_trainer.config import ConfigError, WindowConfig, config_from_dict
 from dancegrpo_trainer.core.dpm_solver import dpm_solver_pp_step
 from dancegrpo_trainer.policies.tiny_flow import TinyFlowPolicy
 from dancegrpo_trainer.rollout import RolloutPlan, sample_rollout, seeded_generators
-from dancegrpo_trainer.windows import mixgrpo_start, rollout_plan, window_bounds
+from dancegrpo_trainer.windows import mixgrpo_start, rollout_plan, window_bounds, window_starts
 
 PROMPTS = ["a red square", "a blue square", "a green square"]
 
@@ -63,6 +63,22 @@ def test_random_and_fast_windows_are_pure_functions_of_seed_and_step():
     starts = {window_bounds(rand, 6, step=s, seed=0)[0] for s in range(60)}
     assert starts == {0, 1, 2, 3}
     assert window_bounds(WindowConfig(), 7, step=9, seed=0) == (0, 7)
+
+
+@pytest.mark.parametrize(
+    "window",
+    [
+        WindowConfig(kind="fast", size=2, span=[1, 6]),
+        WindowConfig(kind="mixgrpo", size=2, iters_per_move=3, stride=2),
+        WindowConfig(kind="mixgrpo", size=2, iters_per_move=1, stride=4, roll_back=False),
+        WindowConfig(kind="mixgrpo", size=1, schedule="decay", iters_per_move=4),
+        WindowConfig(kind="mixgrpo", size=3, schedule="random"),
+        WindowConfig(),
+    ],
+)
+def test_window_starts_are_every_start_a_run_draws(window):
+    drawn = {window_bounds(window, 8, step=s, seed=0, skip_last=True)[0] for s in range(300)}
+    assert drawn == set(window_starts(window, 8, skip_last=True))
 
 
 def _sections(**sampling) -> dict:

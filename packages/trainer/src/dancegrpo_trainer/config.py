@@ -937,6 +937,12 @@ class GRPOConfig:
                 "SDE windows are implemented for rectified-flow policies; stable_diffusion "
                 "trains every DDIM step (kind: full)",
             )
+            _check(
+                s.eta <= 1,
+                "sampling.eta",
+                f"must be in (0, 1] for model.kind stable_diffusion (DDIM-eta; 1 is DDPM-like), "
+                f"got {s.eta}",
+            )
         else:
             _check(
                 s.sampler != "ddim",
@@ -944,7 +950,28 @@ class GRPOConfig:
                 f"ddim is Stable Diffusion's sampler; model.kind {self.model.kind} is a "
                 f"rectified flow: use one of {list(FLOW_SAMPLER_NAMES)}",
             )
+        if not is_flow or s.sampler == "cps":
+            what = "DDIM-eta" if not is_flow else "sampling.sampler cps"
+            _check(
+                self.eval.eta <= 1,
+                "eval.eta",
+                f"must be in [0, 1] with {what} (eval samples with it), got {self.eval.eta}",
+            )
         s.window.validate(s.num_steps, t.skip_last_timestep, s.shared_noise)
+        if s.sampler == "cps" and s.window.kind != "full" and s.window.size == 1:
+            # CPS's last step is deterministic (σ̃ = σ_next·sin(ηπ/2) = 0 at σ_next = 0): a
+            # one-step window there records a step without a density and trains nothing.
+            w, skip = s.window, t.skip_last_timestep
+            hi = w.fast_span(s.num_steps, skip)[1] if w.kind == "fast" else None
+            reach = hi if hi is not None else w.last_start(s.num_steps, skip) + w.size
+            _check(
+                reach < s.num_steps,
+                "train.skip_last_timestep",
+                "must be true with sampling.sampler cps and a one-step SDE window that can "
+                "land on the last step: CPS's last step is deterministic (σ̃ = 0 at σ_next = 0), "
+                "so that window trains nothing (or keep it off the last step: "
+                "sampling.window.span / max_start, or a larger window.size)",
+            )
         from dancegrpo_trainer.algorithms import algorithm_class
 
         algorithm_class(t.algorithm).validate_config(self)

@@ -96,6 +96,47 @@ def build_policy(
     raise ConfigError(f"model.kind: unknown adapter {cfg.kind!r}")
 
 
+#: Adapters whose CFG weight option has a default of its own (not ``model.guidance_scale``):
+#: ``(module under policies, config class)``, read only when the option is unset.
+_CFG_DEFAULT_CONFIGS = {
+    "skyreels_i2v": ("skyreels_i2v", "SkyReelsI2VConfig"),
+    "qwen_image": ("qwen_image", "QwenImageConfig"),
+    "qwen_image_edit": ("qwen_image_edit", "QwenImageEditConfig"),
+    "qwen_image_edit_plus": ("qwen_image_edit", "QwenImageEditPlusConfig"),
+}
+
+
+def cfg_weights(cfg: ModelConfig, *, cfg_free: bool = False) -> dict[str, float]:
+    """The classifier-free guidance weights :func:`build_policy` gives the adapter of
+    ``cfg.kind`` (``CFG_WEIGHT_OPTIONS``), keyed by the config field that sets each
+    (``model.guidance_scale`` or ``model.options.<name>``, where the adapter's own default
+    applies when it is unset); ``{}`` for adapters without CFG. A weight above 1 runs a
+    second, unconditional forward per step. Wan's ``guidance_scale_2`` left unset follows
+    ``guidance_scale`` and is not listed; ``cfg_free`` (``train.cfg_free``) sets all to 1.
+    """
+    out: dict[str, float] = {}
+    for name in CFG_WEIGHT_OPTIONS.get(cfg.kind, ()):
+        field = f"model.options.{name}"
+        if cfg_free:
+            value = 1.0
+        elif name in cfg.options:
+            value = cfg.options[name]
+        elif name == "guidance_scale":
+            field, value = "model.guidance_scale", cfg.guidance_scale
+        elif cfg.kind in _CFG_DEFAULT_CONFIGS:
+            import dataclasses
+            import importlib
+
+            module, cls_name = _CFG_DEFAULT_CONFIGS[cfg.kind]
+            cls = getattr(importlib.import_module(f"dancegrpo_trainer.policies.{module}"), cls_name)
+            value = {f.name: f.default for f in dataclasses.fields(cls)}[name]
+        else:
+            value = None
+        if value is not None:
+            out[field] = float(value)
+    return out
+
+
 def _build_video_policy(kind: str, path: str, options: dict) -> Policy:
     """HunyuanVideo T2V or SkyReels I2V (the same loader and geometry; SkyReels adds the
     reference image and true CFG, ``options.true_cfg_scale`` / ``negative_prompt``)."""

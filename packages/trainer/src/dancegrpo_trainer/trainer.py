@@ -38,6 +38,7 @@ from safetensors.torch import load_file
 
 from dancegrpo_trainer import distributed as dist_utils
 from dancegrpo_trainer.algorithms import algorithm_class
+from dancegrpo_trainer.algorithms.base import check_ode_rollout_sampling
 from dancegrpo_trainer.checkpoint import load_checkpoint, resume_checkpoint, save_checkpoint
 from dancegrpo_trainer.config import ConfigError, GRPOConfig, expand_env
 from dancegrpo_trainer.data import (
@@ -78,7 +79,7 @@ from dancegrpo_trainer.update import (
     policy_update,
 )
 from dancegrpo_trainer.weights import EMA, ReferencePolicy, apply_lora
-from dancegrpo_trainer.windows import rollout_plan
+from dancegrpo_trainer.windows import check_windows_train, rollout_plan
 
 
 def _init_distributed() -> torch.device:
@@ -170,14 +171,9 @@ class Trainer:
         self.spec = self.algorithm.rollout_spec()
         if self.spec.stochastic == "none":
             # Deterministic rollouts: a group's spread can only come from its initial noise.
-            name = f"train.algorithm {t.algorithm} samples deterministic ODE rollouts"
-            if cfg.sampling.shared_noise:
-                raise ConfigError(
-                    f"sampling.shared_noise: {name}, so a group sharing its initial noise "
-                    "gives identical samples and zero advantages: set it to false"
-                )
-            if cfg.sampling.window.kind != "full":
-                raise ConfigError(f"sampling.window.kind: {name}; it has no SDE window")
+            check_ode_rollout_sampling(cfg.sampling, t.algorithm)
+        else:  # fail now, not at the first train step whose window trains nothing
+            check_windows_train(self.policy, cfg.sampling, t.skip_last_timestep)
         # eval.height/width: the same policy (shared modules) sampling at the eval size.
         self.eval_policy = self.policy
         if cfg.eval.height is not None or cfg.eval.width is not None:

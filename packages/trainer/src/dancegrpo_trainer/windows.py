@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from dancegrpo_trainer.config import SamplingConfig, WindowConfig
+from dancegrpo_trainer.config import ConfigError, SamplingConfig, WindowConfig
 from dancegrpo_trainer.core.schedules import shift_sigmas
 from dancegrpo_trainer.policies.base import Policy
 from dancegrpo_trainer.rollout import RolloutPlan, derive_seed
@@ -77,6 +77,45 @@ def window_bounds(
     else:
         start = mixgrpo_start(window, step, window.last_start(num_steps, skip_last), seed)
     return start, start + window.size
+
+
+def window_starts(window: WindowConfig, num_steps: int, skip_last: bool = False) -> list[int]:
+    """Every start the window can take over a run (``window_bounds`` over all steps)."""
+    if window.kind == "full":
+        return [0]
+    if window.kind == "fast":
+        lo, hi = window.fast_span(num_steps, skip_last)
+        return list(range(lo, hi - window.size + 1))
+    last = window.last_start(num_steps, skip_last)
+    if window.schedule == "random":
+        return list(range(last + 1))
+    positions = set(range(0, last + 1, window.stride))
+    if not window.roll_back:
+        positions.add(last)  # past the last position the start is clipped there
+    return sorted(positions)
+
+
+def check_windows_train(policy: Policy, sampling: SamplingConfig, skip_last: bool) -> None:
+    """Raises ``ConfigError`` naming ``sampling.window`` when a window the run can draw
+    holds no step the policy trains (only steps of a frozen sub-network: Wan2.2 A14B with
+    ``model.options.train_experts`` one expert, ``Policy.step_groups``), which would stop
+    the run at the first such train step."""
+    window = sampling.window
+    if window.kind == "full":
+        return
+    groups = policy.step_groups(policy.schedule(sampling.num_steps))
+    if groups is None:
+        return
+    trained = {s for group in groups for s in group}
+    for start in window_starts(window, sampling.num_steps, skip_last):
+        steps = set(range(start, start + window.size))
+        if not steps & trained:
+            raise ConfigError(
+                f"sampling.window: the window can fall on steps {sorted(steps)}, none of which "
+                f"the policy trains (its trained steps: {sorted(trained)}; Wan: "
+                "model.options.train_experts); keep it on trained steps (span, max_start, "
+                "size) or train every sub-network"
+            )
 
 
 def flash_sigmas(sigmas: torch.Tensor, stop: int, shift: float, ratio: float) -> torch.Tensor:

@@ -50,6 +50,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
+from dancegrpo_trainer.config import ConfigError
 from dancegrpo_trainer.policies.base import Policy
 from dancegrpo_trainer.rollout import ROLLOUT_KEEP, Rollout
 
@@ -85,6 +86,22 @@ class RolloutSpec:
         unknown = set(self.keep) - set(ROLLOUT_KEEP)
         if unknown:
             raise ValueError(f"keep: unknown {sorted(unknown)}; choose from {list(ROLLOUT_KEEP)}")
+
+
+def check_ode_rollout_sampling(sampling: Any, algorithm: str) -> None:
+    """Raises ``ConfigError`` naming the field when ``sampling`` (the ``sampling`` config
+    section) asks what deterministic ODE rollouts (``RolloutSpec.stochastic="none"``) cannot
+    give: a group sharing its initial noise (identical samples, zero advantages) or an SDE
+    window. Called by the trainer for every such algorithm and by those algorithms'
+    :meth:`Algorithm.validate_config`, so ``load_config`` fails before any model loads."""
+    name = f"train.algorithm {algorithm} samples deterministic ODE rollouts"
+    if sampling.shared_noise:
+        raise ConfigError(
+            f"sampling.shared_noise: {name}, so a group sharing its initial noise gives "
+            "identical samples and zero advantages: set it to false"
+        )
+    if sampling.window.kind != "full":
+        raise ConfigError(f"sampling.window.kind: {name}; it has no SDE window")
 
 
 @dataclasses.dataclass

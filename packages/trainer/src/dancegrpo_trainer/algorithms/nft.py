@@ -30,9 +30,13 @@ train_nft_sd3.py``: the training step, loss, old-policy update ``return_decay``;
   While the last blend had decay 0 the old policy *is* ``θ``: ``v_old = v_θ`` detached,
   without a second forward pass.
 - **CFG**: the official code trains and samples CFG-free (``sample.guidance_scale =
-  1.0``): true classifier-free guidance (SD3 ``model.guidance_scale > 1``, SkyReels
-  ``true_cfg_scale > 1``) is a config error. A distilled guidance *embedding* (FLUX,
-  HunyuanVideo) is an input of the one forward pass and stays as configured.
+  1.0``): true classifier-free guidance on any adapter that has it (a weight above 1 in
+  ``policy_factory.cfg_weights``: SD3's ``model.guidance_scale``, SkyReels' and
+  Qwen-Image's ``true_cfg_scale``, Wan's ``guidance_scale`` / ``guidance_scale_2``) is a
+  config error unless ``train.cfg_free`` sets them to 1. A distilled guidance *embedding*
+  (FLUX, FLUX.1-Kontext, HunyuanVideo) is an input of the one forward pass and stays as
+  configured. ODE rollouts also need ``sampling.shared_noise: false`` and the ``full``
+  window (checked at load, ``check_ode_rollout_sampling``).
 
 Random draws: a micro-batch's terms carry one seed (from the trainer's generator of that
 global micro-batch); a row's noise levels and noise come from that seed and a hash of the
@@ -49,7 +53,12 @@ from typing import Any, Literal
 
 import torch
 
-from dancegrpo_trainer.algorithms.base import Algorithm, LossTerm, RolloutSpec
+from dancegrpo_trainer.algorithms.base import (
+    Algorithm,
+    LossTerm,
+    RolloutSpec,
+    check_ode_rollout_sampling,
+)
 from dancegrpo_trainer.config import ConfigError
 from dancegrpo_trainer.core.timesteps import num_train_timesteps
 from dancegrpo_trainer.policies.base import Schedule
@@ -233,17 +242,18 @@ class DiffusionNFT(Algorithm):
                 f"model.kind: {why} trains the rectified-flow forward process "
                 "(x_t = (1−t)·x0 + t·ε); stable_diffusion is a DDIM model"
             )
-        cfg_free = f"{why} trains and samples CFG-free, as DiffusionNFT does"
-        if kind == "sd3" and cfg.model.guidance_scale > 1:
-            raise ConfigError(f"model.guidance_scale: {cfg_free}: set it to 1")
-        if kind == "skyreels_i2v":
-            from dancegrpo_trainer.policies.skyreels_i2v import SkyReelsI2VConfig
+        # True CFG (a second, unconditional forward per step) on any adapter that has it;
+        # a distilled guidance embedding (FLUX, Kontext, HunyuanVideo) is not CFG.
+        from dancegrpo_trainer.policy_factory import cfg_weights
 
-            scale = cfg.model.options.get("true_cfg_scale", SkyReelsI2VConfig.true_cfg_scale)
-            if scale > 1:
+        weights = cfg_weights(cfg.model, cfg_free=cfg.train.cfg_free)
+        for field, weight in weights.items():
+            if weight > 1:
                 raise ConfigError(
-                    f"model.options.true_cfg_scale: {cfg_free}: set it to 1 (got {scale})"
+                    f"{field}: {why} trains and samples CFG-free, as DiffusionNFT does: set "
+                    f"it to 1 or set train.cfg_free: true (got {weight})"
                 )
+        check_ode_rollout_sampling(cfg.sampling, "nft")
         if cfg.train.fsdp:
             raise ConfigError(
                 f"train.fsdp: {why} swaps in its old policy by pointer, which is "

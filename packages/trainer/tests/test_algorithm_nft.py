@@ -585,7 +585,7 @@ class _Scorer:
 
 def _trainer(out: Path, max_steps: int, *overrides: str) -> Trainer:
     cfg = load_config(
-        ROOT / "configs/demo.yaml",
+        ROOT / "configs/demo_grpo.yaml",
         [
             "rewards.endpoints.0.target=x:1",
             "rewards.endpoints.0.reward=r",

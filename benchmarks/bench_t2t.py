@@ -3,8 +3,8 @@
     python benchmarks/bench_t2t.py [--quick] [--tasks demo binary] [--methods grpo nft ...]
     python benchmarks/run_all.py --only t2t [t2t_binary]  # the same + RESULTS.md's table
 
-Default: the demo task, every method (~7.5 min on 2 busy cores); ``--quick``: only
-``QUICK_METHODS`` (~3 min); the binary task (~15 min) only when named.
+Default: the demo task, every method (6-8 min on 2 busy cores); ``--quick``: only
+``QUICK_METHODS`` (~2.5 min); the binary task (~15 min) only when named.
 
 For every task and every training method (``METHODS``: GRPO on the full window, GRPO on
 a Flow-GRPO-Fast window, MixGRPO and MixGRPO-Flash, the CPS sampler, GRPO-Guard,

@@ -6,7 +6,7 @@
 Appends each figure to ``benchmarks/results.json`` and rewrites the generated table in
 ``benchmarks/RESULTS.md`` (with ``--only``, the other rows keep their latest recorded
 entry). About 3 minutes on 2 CPU cores without ``t2t``; ``t2t`` (time to a reward target
-per training method on the demo task, ``bench_t2t.py``) adds about 7.5 minutes, about 3
+per training method on the demo task, ``bench_t2t.py``) adds about 6-8 minutes, about 2.5
 with ``--quick`` (GRPO, Fast and MixGRPO-Flash only). ``t2t_binary`` (the sparse binary
 task, about 15 minutes) runs only when named in ``--only``.
 """

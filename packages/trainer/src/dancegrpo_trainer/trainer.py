@@ -468,7 +468,9 @@ class Trainer:
     ) -> list[dict[str, Any]]:
         """Runs until ``run.max_steps``, or until ``until(evals)`` is true after an eval
         (``evals``: the eval records of this call so far; the run then ends there, with
-        a checkpoint); returns the eval records of this call."""
+        a checkpoint); returns the eval records of this call. Every rank sees the same
+        (gathered) eval records, so an ``until`` that depends on them alone stops every
+        rank at the same step."""
         cfg = self.cfg
         evals: list[dict[str, Any]] = []
         self.console.begin(self.step)

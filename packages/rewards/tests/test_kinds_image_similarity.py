@@ -5,7 +5,6 @@ and a real server."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -23,16 +22,9 @@ from dancegrpo_rewards.registry import reward_class
 from dancegrpo_testing import clip_models
 from dancegrpo_testing.dinov2_models import write_hf_dinov2_folder
 from dancegrpo_testing.servers import running_reward_server
+from dancegrpo_testing.torch_threads import one_torch_thread  # noqa: F401 - autouse
 
 BACKBONES = ("open_clip", "hf_clip", "dinov2")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ from __future__ import annotations
 import concurrent.futures
 import math
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from dancegrpo_testing.torch_threads import one_torch_thread  # noqa: F401 - autouse
 from dancegrpo_trainer import trainer as trainer_module
 from dancegrpo_trainer.algorithms import algorithm_class
 from dancegrpo_trainer.algorithms.nft import DiffusionNFT, nft_loss, old_policy_decay
@@ -36,14 +36,6 @@ from dancegrpo_trainer.windows import rollout_plan
 
 ROOT = Path(__file__).resolve().parents[3]
 PROMPTS = ["a red square", "a blue square", "a green square"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ------------------------------------------------------------------ references

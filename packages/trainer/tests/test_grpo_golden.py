@@ -18,7 +18,6 @@ import concurrent.futures
 import hashlib
 import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,8 @@ import numpy as np
 import pytest
 import torch
 
+# Bit-exact numbers need a fixed reduction order: one intra-op thread.
+from dancegrpo_testing.torch_threads import one_torch_thread  # noqa: F401 - autouse
 from dancegrpo_trainer.config import config_from_dict
 from dancegrpo_trainer.rollout import sample_rollout, seeded_generators
 from dancegrpo_trainer.scoring import Scores
@@ -66,15 +67,6 @@ class RednessScorer:
 
     def close(self) -> None:
         pass
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """Bit-exact numbers need a fixed reduction order: one intra-op thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _config(out: Path, case: dict[str, Any]):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +18,7 @@ import pytest
 import torch
 
 from dancegrpo_testing.flow_policies import FLOW_KINDS
+from dancegrpo_testing.torch_threads import one_torch_thread  # noqa: F401 - autouse
 from dancegrpo_trainer.algorithms import algorithm_class
 from dancegrpo_trainer.algorithms.grpo import GRPO
 from dancegrpo_trainer.algorithms.grpo_guard import GRPOGuard
@@ -30,14 +30,6 @@ from dancegrpo_trainer.scoring import Scores
 from dancegrpo_trainer.trainer import Trainer
 
 PROMPTS = ["a red square", "a blue square", "a green square"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ------------------------------------------------------------------------- the formula

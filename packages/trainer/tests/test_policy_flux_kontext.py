@@ -5,7 +5,6 @@ gradients, loading and config checks."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -31,6 +30,7 @@ from dancegrpo_testing.policy_checks import (
     assert_recompute_ratio_is_one,
     grad_step,
 )
+from dancegrpo_testing.torch_threads import one_torch_thread  # noqa: F401 - autouse
 from dancegrpo_trainer.config import ConfigError, ModelConfig, config_from_dict
 from dancegrpo_trainer.policies.flux import FluxConfig, FluxPolicy
 from dancegrpo_trainer.policies.flux_kontext import FluxKontextConfig, FluxKontextPolicy
@@ -39,15 +39,6 @@ from dancegrpo_trainer.policy_factory import build_policy
 PROMPTS = ["make the cat red", "add a tree to the street"]
 RESOLUTION = 16  # tiny VAE 2x → 8x8 latents → 16 packed tokens
 CONDITION = [32, 16]  # → 16x8 latents → 32 packed source tokens (another count on purpose)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """Tiny models gain nothing from intra-op threads on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _config(**overrides: Any) -> FluxKontextConfig:

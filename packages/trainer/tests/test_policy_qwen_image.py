@@ -27,6 +27,7 @@ from dancegrpo_testing.qwen_image_models import (
     TINY_Z_DIM,
     tiny_qwen_image_pipeline,
 )
+from dancegrpo_testing.torch_threads import one_torch_thread  # noqa: F401 - autouse
 from dancegrpo_trainer.config import ConfigError, ModelConfig, config_from_dict, load_config
 from dancegrpo_trainer.policies.base import Conditioning
 from dancegrpo_trainer.policies.qwen_image import (
@@ -44,15 +45,6 @@ RESOLUTION = 32  # VAE 8x → 4x4 latents → 2x2 = 4 packed tokens
 MAX_SEQ = 48
 ROOT = Path(__file__).resolve().parents[3]
 RECIPE = ROOT / "configs" / "qwen_image_clip_pickscore.yaml"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models gain nothing from intra-op threads on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

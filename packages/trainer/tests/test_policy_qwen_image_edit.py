@@ -31,6 +31,7 @@ from dancegrpo_testing.qwen_image_models import (
     tiny_qwen_image_edit_pipeline,
     tiny_qwen_image_transformer,
 )
+from dancegrpo_testing.torch_threads import one_torch_thread  # noqa: F401 - autouse
 from dancegrpo_trainer.config import ConfigError, ModelConfig, config_from_dict, load_config
 from dancegrpo_trainer.policies.qwen_image_edit import (
     QwenImageEditConfig,
@@ -47,15 +48,6 @@ RESOLUTION = 32  # 4 packed tokens of the edited image
 #: (diffusers: 384²), small for CPU; the pipelines' constants are patched to the same.
 AREA, VL_AREA = 64 * 48, 56 * 56
 ROOT = Path(__file__).resolve().parents[3]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models gain nothing from intra-op threads on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)

@@ -4,7 +4,6 @@ schedule, log-probs, gradients, loading and config checks."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -28,6 +27,7 @@ from dancegrpo_testing.policy_checks import (
     assert_recompute_ratio_is_one,
     grad_step,
 )
+from dancegrpo_testing.torch_threads import one_torch_thread  # noqa: F401 - autouse
 from dancegrpo_trainer.config import ConfigError, ModelConfig
 from dancegrpo_trainer.policies.base import Conditioning
 from dancegrpo_trainer.policies.sd3 import (
@@ -40,15 +40,6 @@ from dancegrpo_trainer.policy_factory import build_policy
 PROMPTS = ["a photo of a cat", "a red car on the street"]
 RESOLUTION = 16  # tiny VAE 2x → 8x8 latents → 4x4 patches of 2x2
 CHANNELS = 4
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """Tiny models gain nothing from intra-op threads on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _config(**overrides: Any) -> StableDiffusion3Config:

@@ -23,6 +23,7 @@ from dancegrpo_testing.policy_checks import (
     assert_recompute_ratio_is_one,
     grad_step,
 )
+from dancegrpo_testing.torch_threads import one_torch_thread  # noqa: F401 - autouse
 from dancegrpo_testing.video_models import (
     TINY_LATENT_CHANNELS,
     TINY_LLAMA_MAX_LENGTH,
@@ -45,15 +46,6 @@ RESOLUTION = 32  # VAE 8x, patch 2 → 4x4 latents
 NUM_FRAMES = 9  # → 3 latent frames: the image latents fill frame 0, zeros the other two
 ROOT = Path(__file__).resolve().parents[3]
 RECIPE = ROOT / "configs" / "skyreels_i2v_videoalign.yaml"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models gain nothing from intra-op threads on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _config(**overrides: Any) -> SkyReelsI2VConfig:

@@ -24,6 +24,7 @@ from dancegrpo_testing.policy_checks import (
     assert_recompute_ratio_is_one,
     grad_step,
 )
+from dancegrpo_testing.torch_threads import one_torch_thread  # noqa: F401 - autouse
 from dancegrpo_testing.wan_models import (
     TINY_WAN_LATENT_CHANNELS,
     TINY_WAN_MAX_LENGTH,
@@ -78,15 +79,6 @@ VARIANTS = {
         lambda: tiny_wan22_ti2v_pipeline(image=True), WanI2VPolicy, 64, True
     ),
 }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models gain nothing from intra-op threads on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _config(variant: Variant, **overrides: Any) -> WanConfig:

@@ -26,6 +26,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from dancegrpo_testing.torch_threads import one_torch_thread  # noqa: F401 - autouse
 from dancegrpo_trainer import trainer as trainer_module
 from dancegrpo_trainer.cli import train_main
 from dancegrpo_trainer.config import config_from_dict
@@ -96,14 +97,6 @@ def records(run_dir: Path, split: str = "train") -> list[dict[str, Any]]:
 
 
 # ------------------------------------------------------------------------------ fixtures
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

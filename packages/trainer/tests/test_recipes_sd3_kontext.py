@@ -30,6 +30,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from dancegrpo_testing.torch_threads import one_torch_thread  # noqa: F401 - autouse
 from dancegrpo_trainer import evaluate as ev
 from dancegrpo_trainer import trainer as trainer_module
 from dancegrpo_trainer.cli import train_main
@@ -62,15 +63,6 @@ GENEVAL_EVAL = [
     {"tag": "colors", "include": [{"class": "car", "count": 1, "color": "red"}], "prompt": "a car"},
 ]
 EDITS = (["make the cat red", "add a tree"], ["make the sky stormy"])
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """Tiny models gain nothing from intra-op threads on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def write_edit_prompts(folder: Path, name: str, prompts: Sequence[str]) -> Path:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,7 @@ import pytest
 import torch
 
 from dancegrpo_testing.flow_policies import FLOW_KINDS
+from dancegrpo_testing.torch_threads import one_torch_thread  # noqa: F401 - autouse
 from dancegrpo_trainer.algorithms.grpo import GRPO
 from dancegrpo_trainer.config import ConfigError, ModelConfig, TrainConfig, config_from_dict
 from dancegrpo_trainer.core import gaussian_mean_kl, group_advantages, velocity_kl
@@ -26,14 +26,6 @@ from dancegrpo_trainer.weights import ReferencePolicy
 
 ROOT = Path(__file__).resolve().parents[3]
 PROMPTS = ["a red square", "a blue square", "a green square"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class Scorer:

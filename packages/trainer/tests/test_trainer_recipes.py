@@ -34,6 +34,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from torch import nn
 
+from dancegrpo_testing.torch_threads import one_torch_thread  # noqa: F401 - autouse
 from dancegrpo_trainer import trainer as trainer_module
 from dancegrpo_trainer.cli import train_main
 from dancegrpo_trainer.config import config_from_dict, load_config
@@ -131,16 +132,6 @@ GENEVAL_EVAL = [
 
 
 # ------------------------------------------------------------------------------ fixtures
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine
-    OpenMP spinning made each step ~50x slower (16 s instead of 0.3 s)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

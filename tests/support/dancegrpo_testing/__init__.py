@@ -21,6 +21,8 @@ Submodules, each importing its heavy dependencies only when used:
 - ``policy_checks``: the guarantees every policy adapter's tests check (η = 0 parity with
   its pipeline, on-policy ratio exactly 1, where gradients land, LoRA, gradient
   checkpointing, embedding cache, ``from_pipeline`` leaving modules as they were).
+- ``torch_threads``: ``one_torch_thread``, the autouse fixture a module imports to run on
+  one intra-op thread.
 - ``images``: tiny encoded test images and a probe of what PIL actually decodes.
 - ``servers``: ``running_reward_server(config)`` starts ``dancegrpo-rewards serve`` as a
   real subprocess on an ephemeral loopback port.

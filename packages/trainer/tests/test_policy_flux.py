@@ -7,20 +7,12 @@ import math
 import pytest
 import torch
 
+from dancegrpo_testing import policy_checks as checks
 from dancegrpo_testing.diffusion_models import (
     TINY_T5_MAX_LENGTH,
     rollout_trajectory,
     save_pipeline,
     tiny_flux_pipeline,
-)
-from dancegrpo_testing.policy_checks import (
-    assert_checkpointing_keeps_gradients,
-    assert_eta0_matches_pipeline,
-    assert_frozen,
-    assert_gradients_reach,
-    assert_lora_trains_only_adapters,
-    assert_recompute_ratio_is_one,
-    grad_step,
 )
 from dancegrpo_trainer.policies.flux import FluxConfig, FluxPolicy, dynamic_shift_mu
 from dancegrpo_trainer.policies.flux_latents import pack_latents, unpack_latents
@@ -64,7 +56,7 @@ def test_eta0_sampling_matches_diffusers_pipeline(dynamic_shift):
     expected_images = _pipeline_latents(pipe, 4, seed=0, output_type="np")
 
     cond = policy.encode_prompts(PROMPTS)
-    assert_eta0_matches_pipeline(policy, cond, pipe.scheduler, expected, expected_images)
+    checks.assert_eta0_matches_pipeline(policy, cond, pipe.scheduler, expected, expected_images)
 
 
 def test_schedule_shifts_sigmas():
@@ -99,28 +91,28 @@ def test_pack_unpack_round_trip_and_initial_noise_is_packed(pipe):
 @pytest.mark.parametrize("noise_schedule", ["dance", "flow_grpo"])
 def test_recomputed_log_probs_equal_rollout_log_probs(pipe, noise_schedule):
     policy = _policy(pipe, noise_schedule=noise_schedule)
-    assert_recompute_ratio_is_one(policy, policy.encode_prompts(PROMPTS), eta=0.7)
+    checks.assert_recompute_ratio_is_one(policy, policy.encode_prompts(PROMPTS), eta=0.7)
 
 
 def _grad_step(policy, seed):
-    grad_step(policy, policy.encode_prompts(PROMPTS), eta=0.3, seed=seed)
+    checks.grad_step(policy, policy.encode_prompts(PROMPTS), eta=0.3, seed=seed)
 
 
 def test_gradients_reach_transformer_only():
     policy = _policy(tiny_flux_pipeline())
     _grad_step(policy, seed=4)
     # The guidance embedder is part of the transformer and trains too.
-    assert_gradients_reach(policy.trainable_module(), ("guidance", "transformer_blocks"))
-    assert_frozen(policy.text_encoder, policy.text_encoder_2, policy.vae)
+    checks.assert_gradients_reach(policy.trainable_module(), ("guidance", "transformer_blocks"))
+    checks.assert_frozen(policy.text_encoder, policy.text_encoder_2, policy.vae)
 
 
 def test_lora_adapter_gets_gradients_and_base_weights_do_not():
     policy = _policy(tiny_flux_pipeline())
-    assert_lora_trains_only_adapters(policy, lambda: _grad_step(policy, seed=5))
+    checks.assert_lora_trains_only_adapters(policy, lambda: _grad_step(policy, seed=5))
 
 
 def test_gradient_checkpointing_gives_the_same_gradient():
-    assert_checkpointing_keeps_gradients(
+    checks.assert_checkpointing_keeps_gradients(
         lambda: _policy(tiny_flux_pipeline()), lambda policy: _grad_step(policy, seed=6)
     )
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from dancegrpo_testing import policy_checks as checks
 from dancegrpo_testing.diffusion_models import (
     TINY_T5_MAX_LENGTH,
     rollout_trajectory,
@@ -19,16 +20,6 @@ from dancegrpo_testing.diffusion_models import (
     tiny_flux_components,
     tiny_flux_kontext_pipeline,
     tiny_flux_pipeline,
-)
-from dancegrpo_testing.policy_checks import (
-    assert_cache_matches_encoding,
-    assert_checkpointing_keeps_gradients,
-    assert_eta0_matches_pipeline,
-    assert_frozen,
-    assert_gradients_reach,
-    assert_lora_trains_only_adapters,
-    assert_recompute_ratio_is_one,
-    grad_step,
 )
 from dancegrpo_testing.torch_threads import one_torch_thread  # noqa: F401 - autouse
 from dancegrpo_trainer.config import ConfigError, ModelConfig, config_from_dict
@@ -98,7 +89,9 @@ def test_eta0_sampling_matches_diffusers_pipeline(dynamic_shift):
 
     cond = policy.encode_prompts(PROMPTS, images)
     assert cond.tensors["image_latents"].shape == (2, 32, 16)
-    final = assert_eta0_matches_pipeline(policy, cond, pipe.scheduler, expected, expected_images)
+    final = checks.assert_eta0_matches_pipeline(
+        policy, cond, pipe.scheduler, expected, expected_images
+    )
     assert final.shape == (2, 16, 16)
     assert expected_images.shape == (2, RESOLUTION, RESOLUTION, 3)
 
@@ -172,7 +165,7 @@ def test_cached_text_plus_images_equals_direct_encoding(pipe, tmp_path):
     no_text = FluxKontextPolicy(
         transformer=pipe.transformer, vae=pipe.vae, config=_config(load_text_encoders=False)
     )
-    cache = assert_cache_matches_encoding(
+    cache = checks.assert_cache_matches_encoding(
         _policy(pipe), PROMPTS, tmp_path, images=_images(), image_policy=no_text
     )
     assert set(cache.keys) == {"prompt_embeds", "pooled_prompt_embeds"}
@@ -185,7 +178,7 @@ def test_cached_text_plus_images_equals_direct_encoding(pipe, tmp_path):
 def test_recomputed_log_probs_give_ratio_one(pipe, noise_schedule):
     policy = _policy(pipe, noise_schedule=noise_schedule)
     cond = policy.encode_prompts(PROMPTS, _images()).select([0, 0, 1, 1])
-    assert_recompute_ratio_is_one(policy, cond, eta=0.9)
+    checks.assert_recompute_ratio_is_one(policy, cond, eta=0.9)
 
 
 def _fresh_policy(**overrides: Any) -> FluxKontextPolicy:
@@ -195,24 +188,24 @@ def _fresh_policy(**overrides: Any) -> FluxKontextPolicy:
 
 
 def _grad_step(policy: FluxKontextPolicy, seed: int) -> None:
-    grad_step(policy, policy.encode_prompts(PROMPTS, _images()), eta=0.9, seed=seed)
+    checks.grad_step(policy, policy.encode_prompts(PROMPTS, _images()), eta=0.9, seed=seed)
 
 
 def test_gradients_reach_transformer_only():
     policy = _fresh_policy()
     _grad_step(policy, seed=4)
     parts = ("x_embedder", "guidance_embedder", "context_embedder")
-    assert_gradients_reach(policy.trainable_module(), parts)
-    assert_frozen(policy.text_encoder, policy.text_encoder_2, policy.vae)
+    checks.assert_gradients_reach(policy.trainable_module(), parts)
+    checks.assert_frozen(policy.text_encoder, policy.text_encoder_2, policy.vae)
 
 
 def test_lora_adapter_gets_gradients_and_base_weights_do_not():
     policy = _fresh_policy()
-    assert_lora_trains_only_adapters(policy, lambda: _grad_step(policy, seed=5))
+    checks.assert_lora_trains_only_adapters(policy, lambda: _grad_step(policy, seed=5))
 
 
 def test_gradient_checkpointing_gives_the_same_gradient():
-    assert_checkpointing_keeps_gradients(
+    checks.assert_checkpointing_keeps_gradients(
         _fresh_policy, lambda policy: _grad_step(policy, seed=6), atol=1e-6
     )
 

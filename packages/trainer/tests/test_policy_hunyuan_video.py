@@ -9,16 +9,8 @@ from typing import Any
 import pytest
 import torch
 
+from dancegrpo_testing import policy_checks as checks
 from dancegrpo_testing.diffusion_models import rollout_trajectory, save_pipeline
-from dancegrpo_testing.policy_checks import (
-    assert_checkpointing_keeps_gradients,
-    assert_eta0_matches_pipeline,
-    assert_frozen,
-    assert_gradients_reach,
-    assert_lora_trains_only_adapters,
-    assert_recompute_ratio_is_one,
-    grad_step,
-)
 from dancegrpo_testing.torch_threads import one_torch_thread  # noqa: F401 - autouse
 from dancegrpo_testing.video_models import (
     TINY_LATENT_CHANNELS,
@@ -89,7 +81,7 @@ def test_eta0_sampling_matches_diffusers_pipeline(pipe):
     expected_frames = _pipeline_output(pipe, policy, 4, seed=0, output_type="np")
 
     cond = policy.encode_prompts(PROMPTS)
-    assert_eta0_matches_pipeline(policy, cond, pipe.scheduler, expected, expected_frames)
+    checks.assert_eta0_matches_pipeline(policy, cond, pipe.scheduler, expected, expected_frames)
     assert expected_frames.shape == (2, NUM_FRAMES, RESOLUTION, RESOLUTION, 3)
 
 
@@ -143,11 +135,11 @@ def test_schedule_shifts_sigmas_and_noise_has_video_latent_shape(pipe):
 @pytest.mark.parametrize("noise_schedule", ["dance", "flow_grpo"])
 def test_recomputed_log_probs_equal_rollout_log_probs(pipe, noise_schedule):
     policy = _policy(pipe, noise_schedule=noise_schedule)
-    assert_recompute_ratio_is_one(policy, policy.encode_prompts(PROMPTS), eta=0.7)
+    checks.assert_recompute_ratio_is_one(policy, policy.encode_prompts(PROMPTS), eta=0.7)
 
 
 def _grad_step(policy: HunyuanVideoPolicy, seed: int) -> None:
-    grad_step(policy, policy.encode_prompts(PROMPTS), eta=0.3, seed=seed)
+    checks.grad_step(policy, policy.encode_prompts(PROMPTS), eta=0.3, seed=seed)
 
 
 def _fresh_policy() -> HunyuanVideoPolicy:
@@ -158,17 +150,21 @@ def test_gradients_reach_transformer_only():
     policy = _fresh_policy()
     _grad_step(policy, seed=4)
     # The guidance embedder and the token refiner are part of the transformer and train too.
-    assert_gradients_reach(policy.trainable_module(), ("guidance_embedder", "context_embedder"))
-    assert_frozen(policy.text_encoder, policy.text_encoder_2, policy.vae)
+    checks.assert_gradients_reach(
+        policy.trainable_module(), ("guidance_embedder", "context_embedder")
+    )
+    checks.assert_frozen(policy.text_encoder, policy.text_encoder_2, policy.vae)
 
 
 def test_lora_adapter_gets_gradients_and_base_weights_do_not():
     policy = _fresh_policy()
-    assert_lora_trains_only_adapters(policy, lambda: _grad_step(policy, seed=5))
+    checks.assert_lora_trains_only_adapters(policy, lambda: _grad_step(policy, seed=5))
 
 
 def test_gradient_checkpointing_gives_the_same_gradient():
-    assert_checkpointing_keeps_gradients(_fresh_policy, lambda policy: _grad_step(policy, seed=6))
+    checks.assert_checkpointing_keeps_gradients(
+        _fresh_policy, lambda policy: _grad_step(policy, seed=6)
+    )
 
 
 # ------------------------------------------------------------------ decoding and loading

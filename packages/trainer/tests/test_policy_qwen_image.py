@@ -11,17 +11,8 @@ import numpy as np
 import pytest
 import torch
 
+from dancegrpo_testing import policy_checks as checks
 from dancegrpo_testing.diffusion_models import rollout_trajectory, save_pipeline
-from dancegrpo_testing.policy_checks import (
-    assert_cache_matches_encoding,
-    assert_checkpointing_keeps_gradients,
-    assert_eta0_matches_pipeline,
-    assert_frozen,
-    assert_gradients_reach,
-    assert_lora_trains_only_adapters,
-    assert_recompute_ratio_is_one,
-    grad_step,
-)
 from dancegrpo_testing.qwen_image_models import (
     QWEN_IMAGE_SCHEDULER_CONFIG,
     TINY_Z_DIM,
@@ -103,7 +94,7 @@ def test_eta0_sampling_matches_diffusers_pipeline(pipe, true_cfg_scale):
 
     cond = policy.encode_prompts(PROMPTS)
     assert ("negative_prompt_embeds" in cond.tensors) == (true_cfg_scale > 1)
-    final = assert_eta0_matches_pipeline(
+    final = checks.assert_eta0_matches_pipeline(
         policy, cond, pipe.scheduler, expected, expected_images, timestep_atol=1e-3
     )
     assert final.shape == (2, 4, 4 * TINY_Z_DIM)
@@ -271,7 +262,7 @@ def test_per_row_timesteps_equal_row_by_row_predictions(pipe):
 
 def test_cached_embeddings_give_the_same_rollout(pipe, tmp_path):
     policy = _policy(pipe)
-    cache = assert_cache_matches_encoding(policy, PROMPTS, tmp_path)
+    cache = checks.assert_cache_matches_encoding(policy, PROMPTS, tmp_path)
     assert set(cache.keys) == {
         "prompt_embeds",
         "prompt_embeds_mask",
@@ -299,29 +290,31 @@ def test_cached_embeddings_give_the_same_rollout(pipe, tmp_path):
 def test_recomputed_log_probs_give_ratio_one(pipe, true_cfg_scale):
     policy = _policy(pipe, true_cfg_scale=true_cfg_scale)
     cond = policy.encode_prompts(PROMPTS).select([0, 0, 1, 1])
-    assert_recompute_ratio_is_one(policy, cond, eta=0.7)
+    checks.assert_recompute_ratio_is_one(policy, cond, eta=0.7)
 
 
 def _grad_step(policy: QwenImagePolicy, seed: int) -> None:
-    grad_step(policy, policy.encode_prompts(PROMPTS), eta=0.3, seed=seed)
+    checks.grad_step(policy, policy.encode_prompts(PROMPTS), eta=0.3, seed=seed)
 
 
 def test_gradients_reach_transformer_only():
     policy = _owned_policy()
     _grad_step(policy, seed=4)
     parts = ("img_in", "txt_in", "time_text_embed", "transformer_blocks.0.txt_mlp")
-    assert_gradients_reach(policy.trainable_module(), parts)
-    assert_frozen(policy.text_encoder, policy.vae)
+    checks.assert_gradients_reach(policy.trainable_module(), parts)
+    checks.assert_frozen(policy.text_encoder, policy.vae)
 
 
 def test_lora_adapter_gets_gradients_and_base_weights_do_not():
     policy = _owned_policy()
     assert policy.lora_target_modules == QWEN_IMAGE_LORA_TARGET_MODULES
-    assert_lora_trains_only_adapters(policy, lambda: _grad_step(policy, seed=5))
+    checks.assert_lora_trains_only_adapters(policy, lambda: _grad_step(policy, seed=5))
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
-    assert_checkpointing_keeps_gradients(_owned_policy, lambda policy: _grad_step(policy, seed=6))
+    checks.assert_checkpointing_keeps_gradients(
+        _owned_policy, lambda policy: _grad_step(policy, seed=6)
+    )
 
 
 def test_fsdp_units_are_the_transformer_blocks(pipe):

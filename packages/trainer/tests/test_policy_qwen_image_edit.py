@@ -18,14 +18,8 @@ import yaml
 from PIL import Image
 from safetensors.torch import save_file
 
+from dancegrpo_testing import policy_checks as checks
 from dancegrpo_testing.diffusion_models import rollout_trajectory, save_pipeline
-from dancegrpo_testing.policy_checks import (
-    assert_frozen,
-    assert_gradients_reach,
-    assert_lora_trains_only_adapters,
-    assert_recompute_ratio_is_one,
-    grad_step,
-)
 from dancegrpo_testing.qwen_image_models import (
     TINY_Z_DIM,
     tiny_qwen_image_edit_pipeline,
@@ -273,7 +267,7 @@ def test_refusals_name_the_fix(edit_pipe, plus_pipe):
 def test_recomputed_log_probs_give_ratio_one(plus_pipe):
     policy = _policy(plus_pipe)
     cond = policy.encode_prompts(PROMPTS, _images()).select([0, 0, 1, 1])
-    assert_recompute_ratio_is_one(policy, cond, eta=0.7)
+    checks.assert_recompute_ratio_is_one(policy, cond, eta=0.7)
 
 
 def test_gradients_reach_the_transformer_or_its_lora_only():
@@ -285,14 +279,16 @@ def test_gradients_reach_the_transformer_or_its_lora_only():
         policy = QwenImageEditPolicy(**parts, tokenizer=pipe.processor, config=_config(False))
 
         def step(policy=policy) -> None:
-            grad_step(policy, policy.encode_prompts(PROMPTS, _images()), eta=0.3, seed=4)
+            checks.grad_step(policy, policy.encode_prompts(PROMPTS, _images()), eta=0.3, seed=4)
 
         if lora:
-            assert_lora_trains_only_adapters(policy, step)
+            checks.assert_lora_trains_only_adapters(policy, step)
         else:
             step()
-            assert_gradients_reach(policy.trainable_module(), ("img_in.weight", "txt_in.weight"))
-        assert_frozen(policy.text_encoder, policy.vae)
+            checks.assert_gradients_reach(
+                policy.trainable_module(), ("img_in.weight", "txt_in.weight")
+            )
+        checks.assert_frozen(policy.text_encoder, policy.vae)
 
 
 # ------------------------------------------------------------------ loading

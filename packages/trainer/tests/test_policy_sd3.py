@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import torch
 
+from dancegrpo_testing import policy_checks as checks
 from dancegrpo_testing.diffusion_models import (
     TINY_SD3_T5_DIM,
     TINY_T5_MAX_LENGTH,
@@ -16,16 +17,6 @@ from dancegrpo_testing.diffusion_models import (
     save_pipeline,
     tiny_sd3_components,
     tiny_sd3_pipeline,
-)
-from dancegrpo_testing.policy_checks import (
-    assert_cache_matches_encoding,
-    assert_checkpointing_keeps_gradients,
-    assert_eta0_matches_pipeline,
-    assert_frozen,
-    assert_gradients_reach,
-    assert_lora_trains_only_adapters,
-    assert_recompute_ratio_is_one,
-    grad_step,
 )
 from dancegrpo_testing.torch_threads import one_torch_thread  # noqa: F401 - autouse
 from dancegrpo_trainer.config import ConfigError, ModelConfig
@@ -87,7 +78,7 @@ def test_eta0_sampling_matches_diffusers_pipeline(pipe, guidance_scale):
 
     cond = policy.encode_prompts(PROMPTS)
     assert ("negative_prompt_embeds" in cond.tensors) == (guidance_scale > 1)
-    final = assert_eta0_matches_pipeline(
+    final = checks.assert_eta0_matches_pipeline(
         policy, cond, pipe.scheduler, expected, expected_images, sigma_atol=0, timestep_atol=0
     )
     assert final.shape == (2, CHANNELS, 8, 8)
@@ -179,11 +170,11 @@ def test_per_row_timesteps_equal_one_shared_timestep(pipe):
 def test_recomputed_log_probs_give_ratio_one(pipe, noise_schedule):
     policy = _policy(pipe, noise_schedule=noise_schedule)
     cond = policy.encode_prompts(PROMPTS).select([0, 0, 1, 1])
-    assert_recompute_ratio_is_one(policy, cond, eta=0.7)
+    checks.assert_recompute_ratio_is_one(policy, cond, eta=0.7)
 
 
 def _grad_step(policy: StableDiffusion3Policy, seed: int) -> None:
-    grad_step(policy, policy.encode_prompts(PROMPTS), eta=0.7, seed=seed)
+    checks.grad_step(policy, policy.encode_prompts(PROMPTS), eta=0.7, seed=seed)
 
 
 def _fresh_policy(**overrides: Any) -> StableDiffusion3Policy:
@@ -196,17 +187,19 @@ def test_gradients_reach_transformer_only():
     policy = _fresh_policy()
     _grad_step(policy, seed=4)
     parts = ("pos_embed", "context_embedder", "time_text_embed", "attn2")
-    assert_gradients_reach(policy.trainable_module(), parts)
-    assert_frozen(policy.text_encoder, policy.text_encoder_2, policy.text_encoder_3, policy.vae)
+    checks.assert_gradients_reach(policy.trainable_module(), parts)
+    checks.assert_frozen(
+        policy.text_encoder, policy.text_encoder_2, policy.text_encoder_3, policy.vae
+    )
 
 
 def test_lora_adapter_gets_gradients_and_base_weights_do_not():
     policy = _fresh_policy()
-    assert_lora_trains_only_adapters(policy, lambda: _grad_step(policy, seed=5))
+    checks.assert_lora_trains_only_adapters(policy, lambda: _grad_step(policy, seed=5))
 
 
 def test_gradient_checkpointing_gives_the_same_gradient():
-    assert_checkpointing_keeps_gradients(
+    checks.assert_checkpointing_keeps_gradients(
         _fresh_policy, lambda policy: _grad_step(policy, seed=6), atol=1e-6
     )
 
@@ -244,7 +237,7 @@ def test_from_pretrained_loads_a_saved_pipeline(pipe, tmp_path):
 
 def test_cached_embeddings_equal_direct_encoding_and_encoders_release(pipe, tmp_path):
     policy = _policy(pipe, guidance_scale=4.5)
-    cache = assert_cache_matches_encoding(policy, PROMPTS, tmp_path)
+    cache = checks.assert_cache_matches_encoding(policy, PROMPTS, tmp_path)
     assert len(cache.keys) == 4  # the prompt's and the negative prompt's, pooled and not
     policy.release_text_encoders()
     assert policy.text_encoder_3 is None and policy.tokenizer_3 is None

@@ -12,17 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
+from dancegrpo_testing import policy_checks as checks
 from dancegrpo_testing.diffusion_models import rollout_trajectory, save_pipeline
-from dancegrpo_testing.policy_checks import (
-    assert_cache_matches_encoding,
-    assert_checkpointing_keeps_gradients,
-    assert_eta0_matches_pipeline,
-    assert_frozen,
-    assert_gradients_reach,
-    assert_lora_trains_only_adapters,
-    assert_recompute_ratio_is_one,
-    grad_step,
-)
 from dancegrpo_testing.torch_threads import one_torch_thread  # noqa: F401 - autouse
 from dancegrpo_testing.video_models import (
     TINY_LATENT_CHANNELS,
@@ -122,7 +113,9 @@ def test_eta0_sampling_matches_diffusers_pipeline(pipe, posterior_mean_pipeline,
 
     cond = policy.encode_prompts(PROMPTS, images)
     assert ("negative_prompt_embeds" in cond.tensors) == (true_cfg_scale > 1)
-    final = assert_eta0_matches_pipeline(policy, cond, pipe.scheduler, expected, expected_frames)
+    final = checks.assert_eta0_matches_pipeline(
+        policy, cond, pipe.scheduler, expected, expected_frames
+    )
     assert final.shape == (2, TINY_LATENT_CHANNELS, 3, 4, 4)
     assert expected_frames.shape == (2, NUM_FRAMES, RESOLUTION, RESOLUTION, 3)
 
@@ -195,7 +188,7 @@ def test_cached_text_plus_images_equals_direct_encoding(pipe, tmp_path):
         vae=pipe.vae,
         config=_config(load_text_encoders=False, crop_start=DEFAULT_CROP_START),
     )
-    cache = assert_cache_matches_encoding(
+    cache = checks.assert_cache_matches_encoding(
         _policy(pipe), PROMPTS, tmp_path, images=_images(), image_policy=no_text
     )
     assert set(cache.keys) == {
@@ -226,31 +219,31 @@ def test_recomputed_log_probs_give_ratio_one(pipe, true_cfg_scale):
     policy = _policy(pipe, true_cfg_scale=true_cfg_scale)
     # As the trainer: encode each prompt/image once, repeat the rows per group member.
     cond = policy.encode_prompts(PROMPTS, _images()).select([0, 0, 1, 1])
-    assert_recompute_ratio_is_one(policy, cond, eta=0.7)
+    checks.assert_recompute_ratio_is_one(policy, cond, eta=0.7)
 
 
 def _grad_step(policy: SkyReelsI2VPolicy, seed: int) -> None:
-    grad_step(policy, policy.encode_prompts(PROMPTS, _images()), eta=0.3, seed=seed)
+    checks.grad_step(policy, policy.encode_prompts(PROMPTS, _images()), eta=0.3, seed=seed)
 
 
 def test_gradients_reach_transformer_only():
     policy = _policy(tiny_skyreels_i2v_pipeline())
     _grad_step(policy, seed=4)
     parts = ("x_embedder", "guidance_embedder", "context_embedder")
-    assert_gradients_reach(policy.trainable_module(), parts)
+    checks.assert_gradients_reach(policy.trainable_module(), parts)
     # The patch embedding's image-latent input channels (the second half) train too.
     proj = policy.transformer.x_embedder.proj.weight.grad
     assert float(proj[:, TINY_LATENT_CHANNELS:].abs().sum()) > 0
-    assert_frozen(policy.text_encoder, policy.text_encoder_2, policy.vae)
+    checks.assert_frozen(policy.text_encoder, policy.text_encoder_2, policy.vae)
 
 
 def test_lora_adapter_gets_gradients_and_base_weights_do_not():
     policy = _policy(tiny_skyreels_i2v_pipeline())
-    assert_lora_trains_only_adapters(policy, lambda: _grad_step(policy, seed=5))
+    checks.assert_lora_trains_only_adapters(policy, lambda: _grad_step(policy, seed=5))
 
 
 def test_gradient_checkpointing_gives_the_same_gradient():
-    assert_checkpointing_keeps_gradients(
+    checks.assert_checkpointing_keeps_gradients(
         lambda: _policy(tiny_skyreels_i2v_pipeline()), lambda policy: _grad_step(policy, seed=6)
     )
 

@@ -5,18 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from dancegrpo_testing import policy_checks as checks
 from dancegrpo_testing.diffusion_models import (
     rollout_trajectory,
     save_pipeline,
     tiny_stable_diffusion_pipeline,
-)
-from dancegrpo_testing.policy_checks import (
-    assert_checkpointing_keeps_gradients,
-    assert_eta0_matches_pipeline,
-    assert_frozen,
-    assert_lora_trains_only_adapters,
-    assert_recompute_ratio_is_one,
-    grad_step,
 )
 from dancegrpo_trainer.policies.stable_diffusion import (
     StableDiffusionConfig,
@@ -52,7 +45,7 @@ def test_eta0_sampling_matches_diffusers_pipeline(prediction_type):
 
     cond = policy.encode_prompts(PROMPTS)
     # DDIM: the schedule has no sigmas to compare, the scheduler owns its alphas.
-    assert_eta0_matches_pipeline(policy, cond, None, expected, expected_images, num_steps=3)
+    checks.assert_eta0_matches_pipeline(policy, cond, None, expected, expected_images, num_steps=3)
 
 
 def test_encoded_prompts_match_pipeline_encode_prompt(pipe):
@@ -81,7 +74,7 @@ def test_without_cfg_no_negative_embeddings_and_single_unet_pass(pipe):
 
 def test_recomputed_log_probs_equal_rollout_log_probs(pipe):
     policy = _policy(pipe)
-    assert_recompute_ratio_is_one(policy, policy.encode_prompts(PROMPTS), eta=1.0)
+    checks.assert_recompute_ratio_is_one(policy, policy.encode_prompts(PROMPTS), eta=1.0)
 
 
 def _fresh_policy() -> StableDiffusionPolicy:
@@ -91,25 +84,27 @@ def _fresh_policy() -> StableDiffusionPolicy:
 def test_gradients_reach_unet_only():
     policy = _fresh_policy()
     cond = policy.encode_prompts(PROMPTS)
-    grad_step(policy, cond, eta=1.0, seed=4)
+    checks.grad_step(policy, cond, eta=1.0, seed=4)
     unet_grads = [p.grad for p in policy.trainable_module().parameters()]
     assert all(g is not None for g in unet_grads)
     assert sum(float(g.abs().sum()) for g in unet_grads) > 0
-    assert_frozen(policy.text_encoder, policy.vae)
+    checks.assert_frozen(policy.text_encoder, policy.vae)
     assert not cond.tensors["prompt_embeds"].requires_grad
 
 
 def test_lora_adapter_gets_gradients_and_base_weights_do_not():
     policy = _fresh_policy()
-    assert_lora_trains_only_adapters(
-        policy, lambda: grad_step(policy, policy.encode_prompts(PROMPTS), eta=1.0, seed=5)
+    checks.assert_lora_trains_only_adapters(
+        policy, lambda: checks.grad_step(policy, policy.encode_prompts(PROMPTS), eta=1.0, seed=5)
     )
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
-    assert_checkpointing_keeps_gradients(
+    checks.assert_checkpointing_keeps_gradients(
         _fresh_policy,
-        lambda policy: grad_step(policy, policy.encode_prompts(PROMPTS[:1]), eta=1.0, seed=6),
+        lambda policy: checks.grad_step(
+            policy, policy.encode_prompts(PROMPTS[:1]), eta=1.0, seed=6
+        ),
         atol=1e-6,
         rtol=1e-4,
     )

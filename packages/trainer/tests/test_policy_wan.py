@@ -14,16 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
+from dancegrpo_testing import policy_checks as checks
 from dancegrpo_testing.diffusion_models import rollout_trajectory, save_pipeline
-from dancegrpo_testing.policy_checks import (
-    assert_cache_matches_encoding,
-    assert_checkpointing_keeps_gradients,
-    assert_eta0_matches_pipeline,
-    assert_frozen,
-    assert_gradients_reach,
-    assert_recompute_ratio_is_one,
-    grad_step,
-)
 from dancegrpo_testing.torch_threads import one_torch_thread  # noqa: F401 - autouse
 from dancegrpo_testing.wan_models import (
     TINY_WAN_LATENT_CHANNELS,
@@ -196,7 +188,7 @@ def test_eta0_sampling_matches_diffusers_pipeline(name):
         if variant.image
         else policy.initial_noise(2, torch.Generator().manual_seed(0))
     )
-    final = assert_eta0_matches_pipeline(
+    final = checks.assert_eta0_matches_pipeline(
         policy, cond, pipe.scheduler, expected, expected_frames, num_steps=STEPS, noise=x0
     )
     latents = (policy.latent_channels, 3, policy.latent_height, policy.latent_width)
@@ -485,11 +477,11 @@ def test_recomputed_log_probs_give_ratio_one(name):
     policy = _policy(name)
     images = _images() if VARIANTS[name].image else None
     cond = _cond(policy, images).select([0, 0, 1, 1])  # as the trainer: rows per group member
-    assert_recompute_ratio_is_one(policy, cond, eta=0.7, num_steps=STEPS)
+    checks.assert_recompute_ratio_is_one(policy, cond, eta=0.7, num_steps=STEPS)
 
 
 def _grad_step(policy: WanPolicy, step: int, images: torch.Tensor | None = None) -> None:
-    grad_step(policy, _cond(policy, images), eta=0.3, seed=4, step=step, num_steps=STEPS)
+    checks.grad_step(policy, _cond(policy, images), eta=0.3, seed=4, step=step, num_steps=STEPS)
 
 
 def _has_grad(module: torch.nn.Module) -> bool:
@@ -505,11 +497,11 @@ def test_gradients_reach_the_transformer_only():
         "condition_embedder.image_embedder",
         "blocks.1.attn2.add_k_proj",
     )
-    assert_gradients_reach(policy.trainable_module(), parts)
+    checks.assert_gradients_reach(policy.trainable_module(), parts)
     # The image and mask input channels of the patch embedding train too.
     proj = policy.transformer.patch_embedding.weight.grad
     assert float(proj[:, TINY_WAN_LATENT_CHANNELS:].abs().sum()) > 0
-    assert_frozen(policy.text_encoder, policy.vae, policy.image_encoder)
+    checks.assert_frozen(policy.text_encoder, policy.vae, policy.image_encoder)
 
 
 def test_a_step_trains_only_its_own_expert():
@@ -561,7 +553,7 @@ def test_lora_on_both_experts_trains_the_steps_expert():
 
 
 def test_gradient_checkpointing_gives_the_same_gradient():
-    checkpointed = assert_checkpointing_keeps_gradients(
+    checkpointed = checks.assert_checkpointing_keeps_gradients(
         lambda: _policy("wan22_t2v_a14b", train_experts="low_noise"),
         lambda policy: _grad_step(policy, 2),
         atol=1e-6,
@@ -647,7 +639,7 @@ def test_cached_text_plus_images_equals_direct_encoding(name, tmp_path):
     negative prompt), image conditioning encoded at rollout, merged."""
     pipe = VARIANTS[name].build()
     no_text = WanI2VPolicy.from_pipeline(pipe, _config(VARIANTS[name], load_text_encoders=False))
-    cache = assert_cache_matches_encoding(
+    cache = checks.assert_cache_matches_encoding(
         _policy(name, pipe), PROMPTS, tmp_path, images=_images(), image_policy=no_text
     )
     assert set(cache.keys) == {"prompt_embeds", "negative_prompt_embeds"}

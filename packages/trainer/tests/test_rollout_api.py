@@ -7,12 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from dancegrpo_testing import policy_checks as checks
 from dancegrpo_testing.diffusion_models import (
     TINY_T5_MAX_LENGTH,
     tiny_flux_pipeline,
     tiny_stable_diffusion_pipeline,
 )
-from dancegrpo_testing.policy_checks import unchanged_modules
 from dancegrpo_trainer.core.schedules import flow_sigmas
 from dancegrpo_trainer.policies.flux import FluxConfig, FluxPolicy
 from dancegrpo_trainer.policies.stable_diffusion import StableDiffusionConfig, StableDiffusionPolicy
@@ -157,7 +157,7 @@ def test_from_pipeline_shares_without_moving_casting_or_freezing():
     pipe.vae.train()  # a caller's own state, which wrapping must keep
     pipe.text_encoder.requires_grad_(True)
     config = FluxConfig(resolution=16, device="cpu", max_sequence_length=TINY_T5_MAX_LENGTH)
-    with unchanged_modules(pipe, ("transformer", "vae", "text_encoder")):
+    with checks.unchanged_modules(pipe, ("transformer", "vae", "text_encoder")):
         policy = FluxPolicy.from_pipeline(pipe, config)
     assert policy.transformer is pipe.transformer and policy.vae is pipe.vae
     assert policy.text_encoder is pipe.text_encoder and policy.tokenizer is pipe.tokenizer
@@ -173,7 +173,7 @@ def test_from_pipeline_refuses_a_silent_cast_and_copies_on_request():
     )
     with pytest.raises(ValueError, match="transformer is torch.float32.*copy=True"):
         FluxPolicy.from_pipeline(pipe, bf16)
-    with unchanged_modules(pipe, ("transformer", "vae", "text_encoder")):
+    with checks.unchanged_modules(pipe, ("transformer", "vae", "text_encoder")):
         policy = FluxPolicy.from_pipeline(pipe, bf16, copy=True)
     assert policy.transformer is not pipe.transformer
     assert policy.transformer.dtype == torch.bfloat16 and pipe.transformer.dtype == torch.float32
@@ -212,7 +212,7 @@ def test_sd3_from_pipeline_shares_all_three_text_encoders_untouched():
     config = StableDiffusion3Config(
         resolution=16, device="cpu", max_sequence_length=TINY_T5_MAX_LENGTH
     )
-    with unchanged_modules(pipe, names):
+    with checks.unchanged_modules(pipe, names):
         policy = StableDiffusion3Policy.from_pipeline(pipe, config)
     assert policy.text_encoder_3 is pipe.text_encoder_3
     assert policy.tokenizer_3 is pipe.tokenizer_3
@@ -241,7 +241,7 @@ def test_wan_from_pipeline_shares_both_experts_untouched_and_reads_the_pipeline(
         shift=None,
         train_experts="high_noise",
     )
-    with unchanged_modules(pipe, names):
+    with checks.unchanged_modules(pipe, names):
         policy = WanPolicy.from_pipeline(pipe, config)
     assert policy.transformer is pipe.transformer and policy.transformer_2 is pipe.transformer_2
     assert policy.vae is pipe.vae and policy.text_encoder is pipe.text_encoder
@@ -254,7 +254,7 @@ def test_wan_from_pipeline_shares_both_experts_untouched_and_reads_the_pipeline(
     assert policy.expert_indices(policy.schedule(4).timesteps)[3] == 1
     assert not low_noise.log_prob.requires_grad  # the frozen expert builds no graph
 
-    with unchanged_modules(pipe, names):
+    with checks.unchanged_modules(pipe, names):
         copied = WanPolicy.from_pipeline(pipe, config, copy=True)
     assert copied.transformer_2 is not pipe.transformer_2 and copied.vae is not pipe.vae
     assert not any(p.requires_grad for p in copied.transformer_2.parameters())
@@ -270,7 +270,7 @@ def test_wan_i2v_from_pipeline_shares_the_image_encoder_and_refuses_a_silent_cas
     config = WanConfig(
         resolution=32, num_frames=5, device="cpu", max_sequence_length=WAN21_I2V_TEXT_LENGTH
     )
-    with unchanged_modules(pipe, ("image_encoder",)):
+    with checks.unchanged_modules(pipe, ("image_encoder",)):
         policy = WanI2VPolicy.from_pipeline(pipe, config)
         copied = WanI2VPolicy.from_pipeline(pipe, config, copy=True)
     assert policy.image_encoder is pipe.image_encoder

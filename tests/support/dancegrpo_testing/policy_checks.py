@@ -124,9 +124,10 @@ def assert_frozen(*modules: torch.nn.Module) -> None:
 
 def assert_lora_trains_only_adapters(policy: Any, step: Callable[[], None]) -> None:
     """LoRA (rank 4) on ``policy.lora_target_modules`` of the frozen trainable module:
-    every target exists in the model (a typo would silently train nothing), and after
-    ``step()`` (a first backward) the ``lora_B`` weights have non-zero gradients (``lora_A``'s
-    are zero while ``lora_B`` starts at zero) and no base weight has one."""
+    every target exists in the model (a typo would silently train nothing), every adapter
+    weight is trainable, and after ``step()`` (a first backward) the ``lora_B`` weights have
+    non-zero gradients (``lora_A``'s are zero while ``lora_B`` starts at zero) and no base
+    weight has one."""
     from peft import LoraConfig
 
     module = policy.trainable_module()
@@ -136,6 +137,7 @@ def assert_lora_trains_only_adapters(policy: Any, step: Callable[[], None]) -> N
     lora = {n: p for n, p in module.named_parameters() if "lora_" in n}
     for target in policy.lora_target_modules:
         assert any(f"{target}.lora_A" in n for n in lora), target
+    assert all(p.requires_grad for p in lora.values())
     assert any(float(p.grad.abs().sum()) > 0 for n, p in lora.items() if "lora_B" in n)
     assert all(p.grad is None for n, p in module.named_parameters() if "lora_" not in n)
 

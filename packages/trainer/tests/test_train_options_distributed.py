@@ -24,6 +24,8 @@ import numpy as np
 import pytest
 import torch
 
+from dancegrpo_trainer.distributed import shutdown
+
 ATOL = 1e-5
 STEPS = 2
 PROMPTS = [
@@ -188,6 +190,7 @@ def _worker(out: Path, case: str, prompts_per_step: int) -> None:
     finally:
         trainer.close()
     torch.save(state(), out / f"params_rank{rank}.pt")
+    shutdown()  # every rank: tear the process group down before exiting
 
 
 if __name__ == "__main__":

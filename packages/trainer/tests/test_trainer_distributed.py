@@ -33,6 +33,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from dancegrpo_trainer.distributed import shutdown
+
 ROOT = Path(__file__).resolve().parents[3]
 ATOL = 1e-5
 GLOBAL_PROMPTS = 4
@@ -221,6 +223,7 @@ def _worker(out: Path, overrides: list[str]) -> None:
     finally:
         trainer.close()
     torch.save(state(), out / f"params_rank{rank}.pt")
+    shutdown()  # every rank: tear the process group down before exiting
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ from safetensors.torch import load_file
 
 from dancegrpo_trainer.checkpoint_format import load_optimizer_state
 from dancegrpo_trainer.config import ConfigError, load_config
+from dancegrpo_trainer.distributed import shutdown
 
 ROOT = Path(__file__).resolve().parents[3]
 DEMO = ROOT / "configs/demo.yaml"
@@ -241,6 +242,7 @@ def _worker(out: Path, overrides: list[str]) -> None:
     final = full_state()
     if trainer.rank == 0:
         torch.save(final, out / "params_final.pt")
+    shutdown()  # every rank: tear the process group down before exiting
 
 
 if __name__ == "__main__":

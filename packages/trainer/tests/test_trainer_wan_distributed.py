@@ -34,6 +34,7 @@ import yaml
 from safetensors.torch import load_file
 
 from dancegrpo_trainer.checkpoint_format import OPTIMIZER_FILE, load_optimizer_state
+from dancegrpo_trainer.distributed import shutdown
 
 ATOL = 1e-5
 STEPS = 2
@@ -221,6 +222,7 @@ def _worker(config: Path, overrides: list[str]) -> None:
     final = state()
     if trainer.rank == 0:
         torch.save(final, out / "params_final.pt")
+    shutdown()  # every rank: tear the process group down before exiting
 
 
 if __name__ == "__main__":

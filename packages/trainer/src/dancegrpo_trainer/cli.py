@@ -83,6 +83,7 @@ def train_main(argv: Sequence[str] | None = None) -> int:
         trainer.train()
     finally:
         trainer.close()
+    dist_utils.shutdown()
     return 0
 
 

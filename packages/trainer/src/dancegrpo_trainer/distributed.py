@@ -118,3 +118,15 @@ def flatten(lists: Sequence[Sequence[Any]]) -> list[Any]:
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
+
+
+def shutdown() -> None:
+    """Waits for every rank, then destroys the process group.
+
+    Call once at the end of a distributed run. A process that exits with the group alive
+    can abort in gloo's C++ threads ("terminate called without an active exception")
+    while a peer is still finishing its last collective.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

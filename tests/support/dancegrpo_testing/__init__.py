@@ -21,6 +21,10 @@ Submodules, each importing its heavy dependencies only when used:
 - ``policy_checks``: the guarantees every policy adapter's tests check (η = 0 parity with
   its pipeline, on-policy ratio exactly 1, where gradients land, LoRA, gradient
   checkpointing, embedding cache, ``from_pipeline`` leaving modules as they were).
+- ``reward_checks``: what every reward kind's tests check (a batch scores as its samples
+  one at a time; a real server lists and scores a reward as the local one does).
+- ``scorers``: ``RednessScorer``, the in-process stand-in for a reward service that the
+  trainer tests hand to ``Trainer``.
 - ``torch_threads``: ``one_torch_thread``, the autouse fixture a module imports to run on
   one intra-op thread.
 - ``images``: tiny encoded test images and a probe of what PIL actually decodes.

@@ -18,6 +18,7 @@ import torch
 from dancegrpo_testing.flow_policies import FLOW_KINDS
 from dancegrpo_testing.scorers import RednessScorer
 from dancegrpo_testing.torch_threads import one_torch_thread  # noqa: F401 - autouse
+from dancegrpo_testing.trainer_runs import trainable_state
 from dancegrpo_trainer.algorithms import algorithm_class
 from dancegrpo_trainer.algorithms.grpo import GRPO
 from dancegrpo_trainer.algorithms.grpo_guard import GRPOGuard
@@ -385,11 +386,6 @@ def _config(out: Path, max_steps: int = 2, lora: bool = False, **train):
     )
 
 
-def _weights(trainer: Trainer) -> dict[str, torch.Tensor]:
-    module = trainer.policy.trainable_module()
-    return {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
-
-
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_trainer_trains_grpo_guard_and_resumes_bit_exactly(tmp_path: Path, lora: bool):
     full = Trainer(_config(tmp_path / "full", lora=lora), scorer=RednessScorer())
@@ -398,10 +394,10 @@ def test_trainer_trains_grpo_guard_and_resumes_bit_exactly(tmp_path: Path, lora:
         "means",
         "stds",
     )
-    before = _weights(full)
+    before = trainable_state(full)
     full.train()
     full.close()
-    after = _weights(full)
+    after = trainable_state(full)
     assert sum(int((after[k] != v).sum()) for k, v in before.items()) > 0
     half = Trainer(_config(tmp_path / "resumed", max_steps=1, lora=lora), scorer=RednessScorer())
     half.train()
@@ -410,7 +406,7 @@ def test_trainer_trains_grpo_guard_and_resumes_bit_exactly(tmp_path: Path, lora:
     assert resumed.step == 1
     resumed.train()
     resumed.close()
-    for k, v in _weights(resumed).items():
+    for k, v in trainable_state(resumed).items():
         assert torch.equal(v, after[k]), k
 
 

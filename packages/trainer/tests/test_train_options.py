@@ -15,6 +15,7 @@ import torch
 from dancegrpo_testing.flow_policies import FLOW_KINDS
 from dancegrpo_testing.scorers import RednessScorer
 from dancegrpo_testing.torch_threads import one_torch_thread  # noqa: F401 - autouse
+from dancegrpo_testing.trainer_runs import records, trainable_state
 from dancegrpo_trainer.algorithms.grpo import GRPO
 from dancegrpo_trainer.config import ConfigError, ModelConfig, TrainConfig, config_from_dict
 from dancegrpo_trainer.core import gaussian_mean_kl, group_advantages, velocity_kl
@@ -61,11 +62,6 @@ def sections(out: Path, **override: dict[str, Any]) -> dict[str, Any]:
     return base
 
 
-def weights(trainer: Trainer) -> dict[str, torch.Tensor]:
-    module = trainer.policy.trainable_module()
-    return {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
-
-
 def run(out: Path, scorer: RednessScorer, steps: int | None = None, **override) -> Trainer:
     trainer = Trainer(config_from_dict(sections(out, **override)), scorer=scorer)
     try:
@@ -77,11 +73,6 @@ def run(out: Path, scorer: RednessScorer, steps: int | None = None, **override) 
     finally:
         trainer.close()
     return trainer
-
-
-def train_records(out: Path) -> list[dict[str, Any]]:
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if r["split"] == "train"]
 
 
 # ------------------------------------------------------------ dropping constant groups
@@ -189,14 +180,14 @@ def test_keeping_every_group_is_bit_identical_to_grpo():
 def test_trainer_drops_constant_groups_logs_the_share_and_resumes_exactly(tmp_path, pipelined):
     train = {"drop_constant_groups": True, "pipeline_update": pipelined}
     full = run(tmp_path / "full", RednessScorer(("blue",)), train=train)
-    rows = train_records(tmp_path / "full")
+    rows = records(tmp_path / "full")
     assert [r["groups_dropped_frac"] for r in rows] == [pytest.approx(1 / 3)] * 2
     assert all(r["skipped"] == 0 and r["grad_norm"] > 0 for r in rows)
     half = run(tmp_path / "resumed", RednessScorer(("blue",)), run={"max_steps": 1}, train=train)
     assert half.step == 1
     resumed = run(tmp_path / "resumed", RednessScorer(("blue",)), train=train)
-    for k, v in weights(resumed).items():
-        assert torch.equal(v, weights(full)[k]), k
+    for k, v in trainable_state(resumed).items():
+        assert torch.equal(v, trainable_state(full)[k]), k
 
 
 def test_pipelined_and_wait_for_all_drop_alike(tmp_path):
@@ -206,9 +197,9 @@ def test_pipelined_and_wait_for_all_drop_alike(tmp_path):
         RednessScorer(("blue",)),
         train={"drop_constant_groups": True, "pipeline_update": False},
     )
-    for k, v in weights(a).items():
-        torch.testing.assert_close(v, weights(b)[k], rtol=0, atol=1e-5)
-    ra, rb = train_records(tmp_path / "a"), train_records(tmp_path / "b")
+    for k, v in trainable_state(a).items():
+        torch.testing.assert_close(v, trainable_state(b)[k], rtol=0, atol=1e-5)
+    ra, rb = records(tmp_path / "a"), records(tmp_path / "b")
     for x, y in zip(ra, rb, strict=True):
         assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-4)
 
@@ -220,10 +211,10 @@ def test_best_of_n_selection_drops_alike_in_both_update_paths(tmp_path):
         out = tmp_path / str(pipelined)
         train = {"drop_constant_groups": True, "pipeline_update": pipelined}
         runs[pipelined] = run(out, RednessScorer(("blue",)), steps=1, rewards=best, train=train)
-        (row,) = train_records(out)
+        (row,) = records(out)
         assert row["groups_dropped_frac"] == pytest.approx(1 / 3) and row["grad_norm"] > 0
-    for k, v in weights(runs[True]).items():
-        torch.testing.assert_close(v, weights(runs[False])[k], rtol=0, atol=1e-5)
+    for k, v in trainable_state(runs[True]).items():
+        torch.testing.assert_close(v, trainable_state(runs[False])[k], rtol=0, atol=1e-5)
 
 
 def test_a_step_whose_every_group_is_constant_trains_nothing(tmp_path):
@@ -231,12 +222,12 @@ def test_a_step_whose_every_group_is_constant_trains_nothing(tmp_path):
     trainer = Trainer(
         config_from_dict(sections(tmp_path, train={"drop_constant_groups": True})), scorer=scorer
     )
-    before = weights(trainer)
+    before = trainable_state(trainer)
     record = trainer.train_step()
     trainer.close()
     assert record["groups_dropped_frac"] == 1.0 and record["skipped"] == 1.0
     assert record["grad_norm"] == 0.0 and "loss" not in record
-    assert all(torch.equal(v, weights(trainer)[k]) for k, v in before.items())
+    assert all(torch.equal(v, trainable_state(trainer)[k]) for k, v in before.items())
     assert list(trainer.grad_monitor.history) == []  # no norm recorded for it
 
 
@@ -308,7 +299,7 @@ def test_kl_is_zero_at_the_reference_and_measures_what_kl_type_says(kl_type):
 
 def test_velocity_kl_trains_and_stable_diffusion_refuses_it(tmp_path):
     run(tmp_path, RednessScorer(), train={"kl_coef": 0.1, "kl_type": "velocity"})
-    rows = train_records(tmp_path)
+    rows = records(tmp_path)
     assert rows[0]["kl"] == 0.0 and rows[1]["kl"] > 0  # step 1 is at the reference
     with pytest.raises(ConfigError, match="train.kl_type: velocity compares"):
         config_from_dict(

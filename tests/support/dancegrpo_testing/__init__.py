@@ -25,6 +25,8 @@ Submodules, each importing its heavy dependencies only when used:
   one at a time; a real server lists and scores a reward as the local one does).
 - ``scorers``: ``RednessScorer``, the in-process stand-in for a reward service that the
   trainer tests hand to ``Trainer``.
+- ``trainer_runs``: what trainer tests inspect of a run (``trainable_state``,
+  ``RecordingTrainer`` for the Trainer the CLI builds, ``records`` of ``metrics.jsonl``).
 - ``torch_threads``: ``one_torch_thread``, the autouse fixture a module imports to run on
   one intra-op thread.
 - ``images``: tiny encoded test images and a probe of what PIL actually decodes.

@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from dancegrpo_rewards.base import RewardBatch, RewardConfigError
+from dancegrpo_rewards.base import RewardConfigError
 from dancegrpo_rewards.kinds.aesthetic import AestheticReward
 from dancegrpo_rewards.kinds.checkpoints import CheckpointError
 from dancegrpo_rewards.registry import reward_class
 from dancegrpo_testing import clip_models
+from dancegrpo_testing.reward_checks import assert_batch_invariant, batch_of
 
 
 @pytest.fixture(scope="module")
@@ -35,11 +36,6 @@ def aesthetic(request: pytest.FixtureRequest, files: clip_models.TinyClipFiles) 
     reward = AestheticReward(f"aesthetic_{request.param}", options_for(request.param, files))
     reward.load()
     return reward
-
-
-def batch_of(images: list[np.ndarray]) -> RewardBatch:
-    n = len(images)
-    return RewardBatch([""] * n, images, [None] * n, [None] * n)
 
 
 def by_hand(embedding: torch.Tensor, mlp_path: Path) -> np.ndarray:
@@ -92,10 +88,7 @@ def test_aesthetic_embedding_is_the_backbones_own(files: clip_models.TinyClipFil
 
 
 def test_aesthetic_batch_of_8_equals_one_by_one(aesthetic: AestheticReward) -> None:
-    batch = batch_of(clip_models.random_images(8, seed=13))
-    together = aesthetic.score(batch)["score"]
-    alone = np.concatenate([aesthetic.score(batch.select([i]))["score"] for i in range(8)])
-    np.testing.assert_allclose(together, alone, atol=1e-5, rtol=0)
+    assert_batch_invariant(aesthetic, batch_of(clip_models.random_images(8, seed=13)), atol=1e-5)
 
 
 def test_head_for_another_embedding_size_fails_at_load(

@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from dancegrpo_rewards.base import RewardBatch, RewardConfigError
+from dancegrpo_rewards.base import RewardConfigError
 from dancegrpo_rewards.kinds.checkpoints import CheckpointError
 from dancegrpo_rewards.kinds.clip_score import CLIPScoreReward
 from dancegrpo_rewards.registry import reward_class
 from dancegrpo_testing import clip_models
+from dancegrpo_testing.reward_checks import assert_batch_invariant, batch_of
 
 PROMPTS = [
     "a red cube on a table",
@@ -42,10 +43,6 @@ def clip(request: pytest.FixtureRequest, files: clip_models.TinyClipFiles) -> CL
     return reward
 
 
-def batch_of(images: list[np.ndarray], prompts: list[str]) -> RewardBatch:
-    return RewardBatch(prompts, images, [None] * len(images), [None] * len(images))
-
-
 def test_registry_resolves_clip() -> None:
     assert reward_class("clip") is CLIPScoreReward
 
@@ -62,15 +59,7 @@ def test_clip_returns_cosine_and_clip_score(clip: CLIPScoreReward) -> None:
 
 def test_clip_batch_of_8_equals_one_by_one(clip: CLIPScoreReward) -> None:
     batch = batch_of(clip_models.random_images(8, seed=9), PROMPTS)
-    together = clip.score(batch)
-    alone = [clip.score(batch.select([i])) for i in range(8)]
-    for name in clip.output_names:
-        np.testing.assert_allclose(
-            together[name],
-            np.concatenate([a[name] for a in alone]),
-            atol=1e-5 * (100 if name == "clip_score" else 1),
-            rtol=0,
-        )
+    assert_batch_invariant(clip, batch, atol={"score": 1e-5, "clip_score": 1e-3})
 
 
 def test_clip_hf_equals_torchmetrics_clip_score(files: clip_models.TinyClipFiles) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dancegrpo_rewards.base import RewardBatch, RewardConfigError
+from dancegrpo_rewards.base import RewardConfigError
 from dancegrpo_rewards.kinds.checkpoints import CheckpointError
 from dancegrpo_rewards.kinds.composite import (
     ThresholdReward,
@@ -15,6 +15,7 @@ from dancegrpo_rewards.kinds.composite import (
 from dancegrpo_rewards.kinds.hps import HPSReward
 from dancegrpo_rewards.registry import reward_class
 from dancegrpo_testing import clip_models
+from dancegrpo_testing.reward_checks import assert_batch_invariant, batch_of
 
 PROMPTS = ["a red cube", "a dog", "a red cube", "the sea"]
 
@@ -45,10 +46,6 @@ def hps(hps_spec: dict) -> HPSReward:
 def videos(count: int, frames: int, seed: int = 0) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
     return [rng.integers(0, 256, (frames, 40, 56, 3), dtype=np.uint8) for _ in range(count)]
-
-
-def batch_of(media: list[np.ndarray], prompts: list[str]) -> RewardBatch:
-    return RewardBatch(prompts, media, [None] * len(media), [None] * len(media))
 
 
 def test_registry_resolves_composites() -> None:
@@ -82,10 +79,7 @@ def test_video_frames_averages_inner_scores_over_sampled_frames(
 
 def test_video_frames_batch_of_8_equals_one_by_one(hps_spec: dict) -> None:
     reward = VideoFramesReward("video_hps", {"reward": hps_spec, "num_frames": 2})
-    batch = batch_of(videos(8, frames=5, seed=1), PROMPTS * 2)
-    together = reward.score(batch)["score"]
-    alone = np.concatenate([reward.score(batch.select([i]))["score"] for i in range(8)])
-    np.testing.assert_allclose(together, alone, atol=1e-5, rtol=0)
+    assert_batch_invariant(reward, batch_of(videos(8, frames=5, seed=1), PROMPTS * 2), atol=1e-5)
 
 
 def test_threshold_binarises_inner_output_and_passes_raw_through(

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from dancegrpo_proto.client import RewardClient, RewardServiceError
+from dancegrpo_proto.client import RewardServiceError
 from dancegrpo_rewards.base import RewardBatch, RewardConfigError, SampleError
 from dancegrpo_rewards.kinds import geneval_detector
 from dancegrpo_rewards.kinds import geneval_rules as rules
@@ -35,7 +35,7 @@ from dancegrpo_rewards.kinds.geneval_detector import (
 )
 from dancegrpo_rewards.registry import reward_class
 from dancegrpo_testing import clip_models, geneval_models
-from dancegrpo_testing.servers import running_reward_server
+from dancegrpo_testing.reward_checks import assert_serves_like_local, served_reward
 
 DOG, CAT = 16, 15  # COCO label ids
 GRID = 16  # mask-logit resolution of the fake detector
@@ -790,14 +790,12 @@ def test_geneval_through_a_real_server(files) -> None:
     }
     images = clip_models.random_images(4, seed=4, min_size=40, max_size=72)
     metadata = MIXED_SPECS[:4]
-    expected = GenEvalReward("local", options).score(batch_of(images, metadata))["correct"]
-    server = running_reward_server(config, startup_timeout_s=120)
-    with server as (target, _, _), RewardClient(target) as client:
+    local = GenEvalReward("geneval", options)
+    assert local.output_names == ("correct",)
+    with served_reward(config, startup_timeout_s=120) as client:
+        assert_serves_like_local(client, "geneval", local, batch_of(images, metadata), atol=0)
         (info,) = client.list_rewards()
-        assert info.kind == "geneval" and tuple(info.output_names) == ("correct",)
         assert info.requires_metadata
-        out = client.score("geneval", images=images, prompts=["a photo"] * 4, metadata=metadata)
-        np.testing.assert_array_equal(out["correct"], expected)
         bad = meta("two_object", [{"class_name": "dog"}, {"class_name": "mouse"}])
         with pytest.raises(RewardServiceError) as err:
             client.score("geneval", images=images[:2], metadata=[metadata[0], bad])

@@ -8,11 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dancegrpo_rewards.base import RewardBatch, RewardConfigError
+from dancegrpo_rewards.base import RewardConfigError
 from dancegrpo_rewards.kinds.checkpoints import CheckpointError
 from dancegrpo_rewards.kinds.hps import HPSReward
 from dancegrpo_rewards.registry import reward_class
 from dancegrpo_testing import clip_models
+from dancegrpo_testing.reward_checks import assert_batch_invariant, batch_of
 
 PROMPTS = ["a red cube on a table", "a dog", "a red cube on a table", "sunset over the sea"] * 2
 
@@ -29,10 +30,6 @@ def hps(files: clip_models.TinyClipFiles) -> HPSReward:
     return reward
 
 
-def batch_of(images: list[np.ndarray], prompts: list[str]) -> RewardBatch:
-    return RewardBatch(prompts, images, [None] * len(images), [None] * len(images))
-
-
 def test_registry_resolves_hps() -> None:
     assert reward_class("hps") is HPSReward
 
@@ -47,10 +44,7 @@ def test_hps_returns_one_cosine_per_sample(hps: HPSReward) -> None:
 
 
 def test_hps_batch_of_8_equals_one_by_one(hps: HPSReward) -> None:
-    batch = batch_of(clip_models.random_images(8, seed=3), PROMPTS)
-    together = hps.score(batch)["score"]
-    alone = np.concatenate([hps.score(batch.select([i]))["score"] for i in range(8)])
-    np.testing.assert_allclose(together, alone, atol=1e-5, rtol=0)
+    assert_batch_invariant(hps, batch_of(clip_models.random_images(8, seed=3), PROMPTS), atol=1e-5)
 
 
 def test_hps_caches_text_features_per_prompt(files: clip_models.TinyClipFiles) -> None:

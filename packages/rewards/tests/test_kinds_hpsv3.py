@@ -39,8 +39,7 @@ import pytest
 import torch
 from torch import nn
 
-from dancegrpo_proto.client import RewardClient
-from dancegrpo_rewards.base import RewardBatch, RewardConfigError, SampleError
+from dancegrpo_rewards.base import RewardConfigError, SampleError
 from dancegrpo_rewards.kinds.checkpoints import CheckpointError
 from dancegrpo_rewards.kinds.hpsv3 import (
     CHAT_FORMAT,
@@ -52,7 +51,12 @@ from dancegrpo_rewards.kinds.hpsv3 import (
 from dancegrpo_rewards.registry import reward_class
 from dancegrpo_testing import clip_models
 from dancegrpo_testing import hpsv3_models as hm
-from dancegrpo_testing.servers import running_reward_server
+from dancegrpo_testing.reward_checks import (
+    assert_batch_invariant,
+    assert_serves_like_local,
+    batch_of,
+    served_reward,
+)
 
 PROMPTS = [
     "a red cube on a table",
@@ -248,10 +252,6 @@ def reward(files: hm.TinyHPSv3Files) -> HPSv3Reward:
     return reward
 
 
-def batch_of(images: list[np.ndarray], prompts: list[str]) -> RewardBatch:
-    return RewardBatch(prompts, images, [None] * len(images), [None] * len(images))
-
-
 def official_outputs(files: hm.TinyHPSv3Files, images: list, prompts: list[str]) -> np.ndarray:
     from PIL import Image
 
@@ -339,10 +339,7 @@ def test_the_language_model_gets_sequential_positions(reward: HPSv3Reward) -> No
 
 def test_batch_of_6_equals_one_by_one(reward: HPSv3Reward) -> None:
     batch = batch_of(clip_models.random_images(6, seed=24, min_size=20, max_size=500), PROMPTS)
-    together = reward.score(batch)
-    for name in ("score", "sigma"):
-        alone = np.concatenate([reward.score(batch.select([i]))[name] for i in range(6)])
-        np.testing.assert_allclose(together[name], alone, atol=2e-5, rtol=0)
+    assert_batch_invariant(reward, batch, atol=2e-5)
 
 
 def test_smart_resize_equals_the_official_one() -> None:
@@ -479,16 +476,9 @@ def test_hpsv3_scores_through_a_real_server(files: hm.TinyHPSv3Files) -> None:
     config = {"rewards": {"hpsv3": {"kind": "hpsv3", "options": options}}}
     images = np.random.default_rng(0).integers(0, 256, (3, 40, 56, 3), dtype=np.uint8)
     local = HPSv3Reward("hpsv3", options)
-    with (
-        running_reward_server(config, startup_timeout_s=120) as (target, _, _),
-        RewardClient(target) as client,
-    ):
-        (info,) = client.list_rewards()
-        assert (info.kind, info.version) == ("hpsv3", local.version)
-        assert tuple(info.output_names) == ("score", "sigma")
-        remote = client.score("hpsv3", images=images, prompts=PROMPTS[:3])
-        expected = local.score(batch_of(list(images), PROMPTS[:3]))
-        for name in ("score", "sigma"):
-            np.testing.assert_allclose(remote[name], expected[name], atol=1e-5, rtol=0)
+    assert local.output_names == ("score", "sigma")
+    with served_reward(config, startup_timeout_s=120) as client:
+        batch = batch_of(list(images), PROMPTS[:3])
+        assert_serves_like_local(client, "hpsv3", local, batch, atol=1e-5)
         with pytest.raises(Exception, match="samples\\[1\\].prompt"):
             client.score("hpsv3", images=images[:2], prompts=["ok", "a <|Reward|>"])

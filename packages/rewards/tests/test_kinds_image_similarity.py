@@ -5,7 +5,6 @@ and a real server."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -14,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dancegrpo_proto.client import RewardClient, RewardServiceError
+from dancegrpo_proto.client import RewardServiceError
 from dancegrpo_rewards.base import RewardBatch, RewardConfigError
 from dancegrpo_rewards.kinds.checkpoints import CheckpointError
 from dancegrpo_rewards.kinds.composite import VideoFramesReward
@@ -22,17 +21,10 @@ from dancegrpo_rewards.kinds.image_similarity import ImageSimilarityReward
 from dancegrpo_rewards.registry import reward_class
 from dancegrpo_testing import clip_models
 from dancegrpo_testing.dinov2_models import write_hf_dinov2_folder
-from dancegrpo_testing.servers import running_reward_server
+from dancegrpo_testing.reward_checks import assert_serves_like_local, served_reward
+from dancegrpo_testing.torch_threads import one_torch_thread  # noqa: F401 - autouse
 
 BACKBONES = ("open_clip", "hf_clip", "dinov2")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -241,15 +233,11 @@ def test_serves_through_a_real_server_and_rejects_a_sample_without_reference(
     rng = np.random.default_rng(12)
     images = rng.integers(0, 256, (3, 40, 48, 3), dtype=np.uint8)
     references = rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
-    with running_reward_server(config) as (target, _, _), RewardClient(target) as client:
-        listed = {info.name: info for info in client.list_rewards()}
+    with served_reward(config) as client:
         for name, backbone in (("sim_clip", "hf_clip"), ("sim_dino", "dinov2")):
             local = ImageSimilarityReward(name, _options(files, backbone))
-            assert listed[name].kind == "image_similarity"
-            assert listed[name].version == local.version
-            remote = client.score(name, images=images, condition_images=references)
-            expected = local.score(batch_of(list(images), list(references)))
-            np.testing.assert_allclose(remote["score"], expected["score"], atol=1e-5, rtol=0)
+            batch = batch_of(list(images), list(references))
+            assert_serves_like_local(client, name, local, batch, atol=1e-5)
         with pytest.raises(RewardServiceError) as err:
             client.score("sim_clip", images=images, condition_images=[references[0], None, None])
         assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT

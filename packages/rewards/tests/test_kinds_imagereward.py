@@ -34,14 +34,18 @@ import numpy as np
 import pytest
 import torch
 
-from dancegrpo_proto.client import RewardClient
-from dancegrpo_rewards.base import RewardBatch, RewardConfigError
+from dancegrpo_rewards.base import RewardConfigError
 from dancegrpo_rewards.kinds.checkpoints import CheckpointError
 from dancegrpo_rewards.kinds.imagereward import REWARD_MEAN, REWARD_STD, ImageRewardReward
 from dancegrpo_rewards.registry import reward_class
 from dancegrpo_testing import clip_models
 from dancegrpo_testing import imagereward_models as irm
-from dancegrpo_testing.servers import running_reward_server
+from dancegrpo_testing.reward_checks import (
+    assert_batch_invariant,
+    assert_serves_like_local,
+    batch_of,
+    served_reward,
+)
 
 PROMPTS = [
     "a red cube on a table",
@@ -154,10 +158,6 @@ def reward(files: irm.TinyImageRewardFiles) -> ImageRewardReward:
     return reward
 
 
-def batch_of(images: list[np.ndarray], prompts: list[str]) -> RewardBatch:
-    return RewardBatch(prompts, images, [None] * len(images), [None] * len(images))
-
-
 def official_scores(model: Any, prompts: list[str], images: list[np.ndarray]) -> np.ndarray:
     from PIL import Image
 
@@ -238,9 +238,7 @@ def test_normalize_false_reports_the_raw_head_output(files: irm.TinyImageRewardF
 
 def test_batch_of_8_equals_one_by_one(reward: ImageRewardReward) -> None:
     batch = batch_of(clip_models.random_images(8, seed=15, max_size=200), PROMPTS)
-    together = reward.score(batch)["score"]
-    alone = np.concatenate([reward.score(batch.select([i]))["score"] for i in range(8)])
-    np.testing.assert_allclose(together, alone, atol=1e-5, rtol=0)
+    assert_batch_invariant(reward, batch, atol=1e-5)
 
 
 def test_edge_images_are_scored(reward: ImageRewardReward) -> None:
@@ -346,12 +344,6 @@ def test_imagereward_scores_through_a_real_server(files: irm.TinyImageRewardFile
     config = {"rewards": {"imagereward": {"kind": "imagereward", "options": options}}}
     images = np.random.default_rng(0).integers(0, 256, (3, 40, 56, 3), dtype=np.uint8)
     local = ImageRewardReward("imagereward", options)
-    with (
-        running_reward_server(config, startup_timeout_s=120) as (target, _, _),
-        RewardClient(target) as client,
-    ):
-        (info,) = client.list_rewards()
-        assert (info.kind, info.version) == ("imagereward", local.version)
-        remote = client.score("imagereward", images=images, prompts=PROMPTS[:3])
-        expected = local.score(batch_of(list(images), PROMPTS[:3]))
-        np.testing.assert_allclose(remote["score"], expected["score"], atol=1e-5, rtol=0)
+    with served_reward(config, startup_timeout_s=120) as client:
+        batch = batch_of(list(images), PROMPTS[:3])
+        assert_serves_like_local(client, "imagereward", local, batch, atol=1e-5)

@@ -9,14 +9,19 @@ import grpc
 import numpy as np
 import pytest
 
-from dancegrpo_proto.client import RewardClient, RewardServiceError
-from dancegrpo_rewards.base import RewardBatch, RewardConfigError, SampleError
+from dancegrpo_proto.client import RewardServiceError
+from dancegrpo_rewards.base import RewardConfigError, SampleError
 from dancegrpo_rewards.kinds import ocr as ocr_module
 from dancegrpo_rewards.kinds.checkpoints import CheckpointError
 from dancegrpo_rewards.kinds.ocr import OcrReward
 from dancegrpo_rewards.kinds.ocr_text import levenshtein, normalize_ocr_text, ocr_match, ocr_target
 from dancegrpo_rewards.registry import reward_class
-from dancegrpo_testing.servers import running_reward_server
+from dancegrpo_testing.reward_checks import (
+    assert_batch_invariant,
+    assert_serves_like_local,
+    batch_of,
+    served_reward,
+)
 from dancegrpo_testing.text_images import available_fonts, render_text
 
 pytest.importorskip("rapidocr_onnxruntime", reason="needs dancegrpo-rewards[ocr]")
@@ -37,10 +42,6 @@ def flow_grpo_reward(recognized_text: str, prompt: str) -> float:
     if dist > len(prompt):
         dist = len(prompt)
     return 1 - dist / (len(prompt))
-
-
-def batch_of(images: list[np.ndarray], prompts: list[str]) -> RewardBatch:
-    return RewardBatch(prompts, images, [None] * len(images), [None] * len(images))
 
 
 @pytest.fixture(scope="module")
@@ -195,11 +196,7 @@ def test_batch_of_8_equals_one_by_one(ocr: OcrReward) -> None:
         render_text(t, fonts["pil_default"], size=(200 + 24 * i, 120)) for i, t in enumerate(texts)
     ]
     prompts = [f'a sign "{t}"' for t in reversed(texts)]  # mostly wrong: scores in (0, 1)
-    batch = batch_of(images, prompts)
-    together = ocr.score(batch)
-    alone = [ocr.score(batch.select([i])) for i in range(8)]
-    for name in ocr.output_names:
-        np.testing.assert_array_equal(together[name], np.concatenate([a[name] for a in alone]))
+    together = assert_batch_invariant(ocr, batch_of(images, prompts), atol=0)
     assert len(set(together["score"].tolist())) > 2
 
 
@@ -280,13 +277,8 @@ def test_ocr_scores_through_a_real_server() -> None:
     prompts = ['a sign "OPEN"', 'a card "Hello World"', 'a mug "Coffee"']
     config = {"rewards": {"ocr": {"kind": "ocr", "options": {"num_threads": 1}}}}
     local = OcrReward("ocr", {"num_threads": 1})
-    with running_reward_server(config) as (target, _, _), RewardClient(target) as client:
-        (info,) = client.list_rewards()
-        assert (info.kind, info.version) == ("ocr", local.version)
-        remote = client.score("ocr", images=images, prompts=prompts)
-        expected = local.score(batch_of(images, prompts))
-        for name in local.output_names:
-            np.testing.assert_array_equal(remote[name], expected[name])
+    with served_reward(config) as client:
+        remote = assert_serves_like_local(client, "ocr", local, batch_of(images, prompts), atol=0)
         assert remote["score"][0] == 1.0 and remote["score"][1] == 1.0 and remote["score"][2] < 0.5
         with pytest.raises(RewardServiceError) as err:
             client.score("ocr", images=images[:2], prompts=['a sign "OPEN"', "no quotes"])

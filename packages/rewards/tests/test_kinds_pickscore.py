@@ -9,13 +9,17 @@ import numpy as np
 import pytest
 import torch
 
-from dancegrpo_proto.client import RewardClient
-from dancegrpo_rewards.base import RewardBatch, RewardConfigError
+from dancegrpo_rewards.base import RewardConfigError
 from dancegrpo_rewards.kinds.checkpoints import CheckpointError
 from dancegrpo_rewards.kinds.pickscore import PickScoreReward
 from dancegrpo_rewards.registry import reward_class
 from dancegrpo_testing import clip_models
-from dancegrpo_testing.servers import running_reward_server
+from dancegrpo_testing.reward_checks import (
+    assert_batch_invariant,
+    assert_serves_like_local,
+    batch_of,
+    served_reward,
+)
 
 PROMPTS = [
     "a red cube on a table",
@@ -41,10 +45,6 @@ def pickscore(files: clip_models.TinyPickScoreFiles) -> PickScoreReward:
     )
     reward.load()
     return reward
-
-
-def batch_of(images: list[np.ndarray], prompts: list[str]) -> RewardBatch:
-    return RewardBatch(prompts, images, [None] * len(images), [None] * len(images))
 
 
 def official_pickscore(
@@ -117,10 +117,9 @@ def test_batch_of_8_equals_one_by_one(files: clip_models.TinyPickScoreFiles) -> 
         "p",
         {"path": str(files.model), "processor_path": str(files.processor), "text_cache_size": 0},
     )
-    batch = batch_of(clip_models.random_images(8, seed=6), PROMPTS)
-    together = reward.score(batch)["score"]
-    alone = np.concatenate([reward.score(batch.select([i]))["score"] for i in range(8)])
-    np.testing.assert_allclose(together, alone, atol=1e-4, rtol=0)
+    assert_batch_invariant(
+        reward, batch_of(clip_models.random_images(8, seed=6), PROMPTS), atol=1e-4
+    )
 
 
 def test_edge_images_are_scored(pickscore: PickScoreReward) -> None:
@@ -206,12 +205,6 @@ def test_pickscore_scores_through_a_real_server(files: clip_models.TinyPickScore
     config = {"rewards": {"pickscore": {"kind": "pickscore", "options": options}}}
     images = np.random.default_rng(0).integers(0, 256, (3, 40, 56, 3), dtype=np.uint8)
     local = PickScoreReward("pickscore", options)
-    with (
-        running_reward_server(config, startup_timeout_s=120) as (target, _, _),
-        RewardClient(target) as client,
-    ):
-        (info,) = client.list_rewards()
-        assert (info.kind, info.version) == ("pickscore", local.version)
-        remote = client.score("pickscore", images=images, prompts=PROMPTS[:3])
-        expected = local.score(batch_of(list(images), PROMPTS[:3]))
-        np.testing.assert_allclose(remote["score"], expected["score"], atol=1e-4, rtol=0)
+    with served_reward(config, startup_timeout_s=120) as client:
+        batch = batch_of(list(images), PROMPTS[:3])
+        assert_serves_like_local(client, "pickscore", local, batch, atol=1e-4)

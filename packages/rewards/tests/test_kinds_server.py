@@ -5,11 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dancegrpo_proto.client import RewardClient
-from dancegrpo_rewards.base import RewardBatch
 from dancegrpo_rewards.registry import reward_class
 from dancegrpo_testing import clip_models
-from dancegrpo_testing.servers import running_reward_server
+from dancegrpo_testing.reward_checks import assert_serves_like_local, batch_of, served_reward
 
 PROMPTS = ["a red cube on a table", "a dog", "sunset over the sea"]
 
@@ -47,21 +45,8 @@ def test_every_kind_scores_through_a_real_server(options: dict[str, dict]) -> No
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (3, 40, 48, 3), dtype=np.uint8)
     videos = rng.integers(0, 256, (3, 4, 40, 48, 3), dtype=np.uint8)
-    server = running_reward_server(config, startup_timeout_s=120)
-    with server as (target, _, _), RewardClient(target) as client:
-        listed = {info.name: info for info in client.list_rewards()}
-        assert set(listed) == set(KINDS)
+    with served_reward(config, startup_timeout_s=120) as client:  # lists KINDS' names/kinds
         for name, kind in KINDS.items():
             local = reward_class(kind)(name, options[name])
-            assert listed[name].kind == kind
-            assert listed[name].version == local.version
-            assert tuple(listed[name].output_names) == local.output_names
-            media = videos if local.modality == "video" else images
-            key = "videos" if local.modality == "video" else "images"
-            remote = client.score(name, prompts=PROMPTS, **{key: media})
-            expected = local.score(RewardBatch(PROMPTS, list(media), [None] * 3, [None] * 3))
-            assert set(remote) == set(local.output_names)
-            for out in local.output_names:
-                np.testing.assert_allclose(
-                    remote[out], expected[out], atol=1e-4, rtol=0, err_msg=f"{name}.{out}"
-                )
+            batch = batch_of(list(videos if local.modality == "video" else images), PROMPTS)
+            assert_serves_like_local(client, name, local, batch, atol=1e-4)

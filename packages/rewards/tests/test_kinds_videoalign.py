@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from dancegrpo_proto.client import RewardClient, RewardServiceError
-from dancegrpo_rewards.base import RewardBatch, RewardConfigError, SampleError
+from dancegrpo_proto.client import RewardServiceError
+from dancegrpo_rewards.base import RewardConfigError, SampleError
 from dancegrpo_rewards.kinds import videoalign
 from dancegrpo_rewards.kinds.checkpoints import CheckpointError
 from dancegrpo_rewards.kinds.videoalign import (
@@ -39,7 +39,12 @@ from dancegrpo_rewards.kinds.videoalign_weights import (
 )
 from dancegrpo_rewards.registry import reward_class
 from dancegrpo_testing import videoalign_models
-from dancegrpo_testing.servers import running_reward_server
+from dancegrpo_testing.reward_checks import (
+    assert_batch_invariant,
+    assert_serves_like_local,
+    batch_of,
+    served_reward,
+)
 
 # Small frames keep the tiny model's video tokens few; 8 fps sources give 2..8 frames.
 OPTIONS = {"min_frame_pixels": 28 * 28, "max_frame_pixels": 56 * 56 * 2, "source_fps": 8.0}
@@ -53,10 +58,6 @@ PROMPTS = [
     "b",
     "a bowl of fruit",
 ]
-
-
-def batch_of(videos: list[np.ndarray], prompts: list[str]) -> RewardBatch:
-    return RewardBatch(prompts, videos, [None] * len(videos), [None] * len(videos))
 
 
 @pytest.fixture(scope="module")
@@ -382,14 +383,10 @@ def test_decoder_gets_sequential_positions_on_all_three_axes(
 
 def test_batch_of_8_equals_one_by_one(reward: VideoAlignReward, videos: list[np.ndarray]) -> None:
     assert len({v.shape for v in videos}) == len(videos)
-    batch = batch_of(videos, PROMPTS)
-    together = reward.score(batch)
-    alone = [reward.score(batch.select([i])) for i in range(len(videos))]
     assert reward.output_names == ("vq", "mq", "ta", "overall")
+    together = assert_batch_invariant(reward, batch_of(videos, PROMPTS), atol=1e-5)
     for name in reward.output_names:
         assert together[name].shape == (8,) and together[name].dtype == np.float32
-        one_by_one = np.concatenate([a[name] for a in alone])
-        np.testing.assert_allclose(together[name], one_by_one, atol=1e-5, rtol=0)
 
 
 def test_normalize_standardises_raw_outputs_with_the_published_statistics(
@@ -566,8 +563,7 @@ def test_releases_score_like_videoalign_through_a_real_server(
                 "options": options,
             }
     config = {"server": {"host": "127.0.0.1"}, "rewards": rewards}
-    server = running_reward_server(config, startup_timeout_s=180, metrics=False)
-    with server as (target, _, _), RewardClient(target) as client:
+    with served_reward(config, startup_timeout_s=180, metrics=False) as client:
         remote = {
             name: client.score(name, videos=videos, prompts=prompts, timeout=120)
             for name in rewards
@@ -943,19 +939,13 @@ def test_scores_through_a_real_server(
         "server": {"host": "127.0.0.1"},
         "rewards": {"videoalign": {"kind": "videoalign", "max_batch_size": 8, "options": options}},
     }
-    server = running_reward_server(config, startup_timeout_s=120, metrics=False)
-    with server as (target, _, _), RewardClient(target) as client:
-        (info,) = client.list_rewards()
+    with served_reward(config, startup_timeout_s=120, metrics=False) as client:
         with pytest.raises(RewardServiceError) as bad_prompt:
             client.score("videoalign", videos=videos[:2], prompts=["a cat", "a <|MQ_reward|>"])
         with pytest.raises(RewardServiceError) as bad_frames:
             client.score("videoalign", videos=[np.zeros((2, 2, 500, 3), np.uint8)], prompts=["x"])
-        remote = client.score("videoalign", videos=videos[:4], prompts=PROMPTS[:4])
+        batch = batch_of(videos[:4], PROMPTS[:4])
+        assert_serves_like_local(client, "videoalign", reward, batch, atol=1e-5)
     assert bad_prompt.value.code.name == bad_frames.value.code.name == "INVALID_ARGUMENT"
     assert "samples[1].prompt: must not contain the special token" in bad_prompt.value.details
     assert "samples[0].media: aspect ratio of 2x500" in bad_frames.value.details
-    assert info.kind == "videoalign" and info.version == reward.version
-    expected = reward.score(batch_of(videos[:4], PROMPTS[:4]))
-    assert set(remote) == set(reward.output_names)
-    for name in reward.output_names:
-        np.testing.assert_allclose(remote[name], expected[name], atol=1e-5, rtol=0, err_msg=name)

@@ -9,8 +9,8 @@ import grpc
 import numpy as np
 import pytest
 
-from dancegrpo_proto.client import RewardClient, RewardServiceError
-from dancegrpo_rewards.base import RewardBatch, RewardConfigError
+from dancegrpo_proto.client import RewardServiceError
+from dancegrpo_rewards.base import RewardConfigError
 from dancegrpo_rewards.kinds.vlm_judge import (
     FLOW_GRPO_UNIFIEDREWARD_TEMPLATE,
     JudgeError,
@@ -26,7 +26,12 @@ from dancegrpo_testing.openai_judge import (
     serve_judge,
     write_tiny_vlm_judge,
 )
-from dancegrpo_testing.servers import running_reward_server
+from dancegrpo_testing.reward_checks import (
+    assert_batch_invariant,
+    assert_serves_like_local,
+    batch_of,
+    served_reward,
+)
 
 PROMPTS = ["a dog", "two cats", "a red cube on a table", "sunset over the sea"] * 2
 YES_NO_TEMPLATE = "Does this image show {prompt}? Answer Yes or No."
@@ -37,11 +42,6 @@ UNIFIEDREWARD_2_PATTERNS = {
     "coherence": r"Coherence Score \(1-5\):\s*([0-9]+(?:\.[0-9]+)?)",
     "style": r"Style Score \(1-5\):\s*([0-9]+(?:\.[0-9]+)?)",
 }
-
-
-def batch_of(images: list[np.ndarray], prompts: list[str], conditions=None) -> RewardBatch:
-    n = len(images)
-    return RewardBatch(prompts, images, conditions or [None] * n, [None] * n)
 
 
 def images_of(count: int, seed: int = 0) -> list[np.ndarray]:
@@ -93,10 +93,7 @@ def test_batch_of_8_equals_one_by_one(tiny_judge: TinyVLMJudge) -> None:
         reward = judge(
             server.base_url, mode="yes_no", prompt_template=YES_NO_TEMPLATE, top_logprobs=400
         )
-        batch = batch_of(images, PROMPTS)
-        together = reward.score(batch)["score"]
-        alone = np.concatenate([reward.score(batch.select([i]))["score"] for i in range(8)])
-    np.testing.assert_allclose(together, alone, atol=1e-6, rtol=0)
+        assert_batch_invariant(reward, batch_of(images, PROMPTS), atol=1e-6)
 
 
 def test_regex_reply_without_a_score_is_an_error_not_zero(tiny_judge: TinyVLMJudge) -> None:
@@ -295,12 +292,9 @@ def test_vlm_judge_scores_through_a_real_server() -> None:
         options = {"base_url": judge_server.base_url, "model": "tiny-judge", "score_scale": 0.2}
         config = {"rewards": {"unifiedreward": {"kind": "vlm_judge", "options": options}}}
         local = VLMJudgeReward("unifiedreward", options)
-        with running_reward_server(config) as (target, _, _), RewardClient(target) as client:
-            (info,) = client.list_rewards()
-            assert (info.kind, info.version) == ("vlm_judge", local.version)
-            remote = client.score("unifiedreward", images=images, prompts=PROMPTS[:3])
-            expected = local.score(batch_of(list(images), PROMPTS[:3]))
-            np.testing.assert_allclose(remote["score"], expected["score"], rtol=1e-6)
+        with served_reward(config) as client:
+            batch = batch_of(list(images), PROMPTS[:3])
+            assert_serves_like_local(client, "unifiedreward", local, batch, atol=0, rtol=1e-6)
             judge_server.faults.append(("content", "I cannot rate this."))
             with pytest.raises(RewardServiceError) as err:
                 client.score("unifiedreward", images=images[:1], prompts=["a dog"])

@@ -11,39 +11,29 @@ diffusers_patch/solver.py``) in their original form, read from that code.
 
 from __future__ import annotations
 
-import concurrent.futures
 import math
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from dancegrpo_testing.scorers import RednessScorer
+from dancegrpo_testing.torch_threads import one_torch_thread  # noqa: F401 - autouse
 from dancegrpo_trainer import trainer as trainer_module
 from dancegrpo_trainer.algorithms import algorithm_class
 from dancegrpo_trainer.algorithms.nft import DiffusionNFT, nft_loss, old_policy_decay
 from dancegrpo_trainer.config import ConfigError, TrainConfig, config_from_dict, load_config
 from dancegrpo_trainer.policies.tiny_flow import TinyFlowPolicy
 from dancegrpo_trainer.rollout import sample_rollout
-from dancegrpo_trainer.scoring import Scores
 from dancegrpo_trainer.trainer import Trainer
 from dancegrpo_trainer.weights import apply_lora
 from dancegrpo_trainer.windows import rollout_plan
 
 ROOT = Path(__file__).resolve().parents[3]
 PROMPTS = ["a red square", "a blue square", "a green square"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ------------------------------------------------------------------ references
@@ -569,20 +559,6 @@ def test_config_rejects_what_nft_cannot_train():
 # ------------------------------------------------------------------ through the trainer
 
 
-class _Scorer:
-    """Red minus blue, as a remote reward would score it."""
-
-    def submit(self, frames, prompts, condition_images=None, metadata=None):  # noqa: ANN001
-        x = np.asarray(frames, dtype=np.float32) / 255.0
-        score = x[..., 0].mean(axis=(1, 2)) - x[..., 2].mean(axis=(1, 2))
-        future: concurrent.futures.Future = concurrent.futures.Future()
-        future.set_result(Scores({"r/score": score}, {"r/score": score}))
-        return future
-
-    def close(self) -> None:
-        pass
-
-
 def _trainer(out: Path, max_steps: int, *overrides: str) -> Trainer:
     cfg = load_config(
         ROOT / "configs/demo_grpo.yaml",
@@ -610,7 +586,7 @@ def _trainer(out: Path, max_steps: int, *overrides: str) -> Trainer:
             *overrides,
         ],
     )
-    return Trainer(cfg, scorer=_Scorer())
+    return Trainer(cfg, scorer=RednessScorer())
 
 
 def _state(trainer: Trainer) -> dict[str, torch.Tensor]:

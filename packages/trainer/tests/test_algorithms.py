@@ -8,19 +8,17 @@ bit-exactly, and its state survives the checkpoint.
 
 from __future__ import annotations
 
-import concurrent.futures
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
+from dancegrpo_testing.scorers import RednessScorer
 from dancegrpo_trainer.algorithms import ALGORITHMS
 from dancegrpo_trainer.algorithms.base import Algorithm, LossTerm, RolloutSpec
 from dancegrpo_trainer.config import ConfigError, config_from_dict
 from dancegrpo_trainer.rollout import Rollout
-from dancegrpo_trainer.scoring import Scores
 from dancegrpo_trainer.trainer import Trainer
 
 SEEN: list[Rollout] = []
@@ -66,18 +64,6 @@ class RewardWeightedFlowMatching(Algorithm):
         self.steps_taken.copy_(state["rwfm.steps_taken"])
 
 
-class _Scorer:
-    def submit(self, frames, prompts, condition_images=None, metadata=None):  # noqa: ANN001
-        x = np.asarray(frames, dtype=np.float32) / 255.0
-        score = x[..., 0].mean(axis=(1, 2)) - x[..., 2].mean(axis=(1, 2))
-        future: concurrent.futures.Future = concurrent.futures.Future()
-        future.set_result(Scores({"r/score": score}, {"r/score": score}))
-        return future
-
-    def close(self) -> None:
-        pass
-
-
 @pytest.fixture(autouse=True)
 def registered(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     threads = torch.get_num_threads()
@@ -114,7 +100,7 @@ def _trainer(out: Path, max_steps: int, shared_noise: bool = False) -> Trainer:
             },
         }
     )
-    return Trainer(cfg, scorer=_Scorer())
+    return Trainer(cfg, scorer=RednessScorer())
 
 
 def test_an_ode_rollout_algorithm_trains_through_the_registry_and_resumes_exactly(tmp_path):

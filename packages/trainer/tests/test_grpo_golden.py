@@ -14,21 +14,21 @@ commit): ``DANCEGRPO_REGENERATE_GOLDEN=1 pytest packages/trainer/tests/test_grpo
 
 from __future__ import annotations
 
-import concurrent.futures
 import hashlib
 import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 
+from dancegrpo_testing.scorers import RednessScorer
+
+# Bit-exact numbers need a fixed reduction order: one intra-op thread.
+from dancegrpo_testing.torch_threads import one_torch_thread  # noqa: F401 - autouse
 from dancegrpo_trainer.config import config_from_dict
 from dancegrpo_trainer.rollout import sample_rollout, seeded_generators
-from dancegrpo_trainer.scoring import Scores
 from dancegrpo_trainer.trainer import Trainer
 
 FIXTURE = Path(__file__).parent / "fixtures" / "grpo_golden.json"
@@ -51,30 +51,6 @@ CASES: dict[str, dict[str, Any]] = {
     },
     "lora": {"train": {"lora": {"rank": 2}, "learning_rate": 1e-2}},
 }
-
-
-class RednessScorer:
-    """A weight-free reward computed in-process: mean red minus mean blue of each frame
-    (a stand-in for a gRPC reward service; same ``submit``/``result`` contract)."""
-
-    def submit(self, frames, prompts, condition_images=None, metadata=None):  # noqa: ANN001
-        x = np.asarray(frames, dtype=np.float32) / 255.0
-        score = (x[..., 0].mean(axis=(1, 2)) - x[..., 2].mean(axis=(1, 2))).astype(np.float32)
-        future: concurrent.futures.Future = concurrent.futures.Future()
-        future.set_result(Scores(terms={"redness/score": score}, outputs={"redness/score": score}))
-        return future
-
-    def close(self) -> None:
-        pass
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """Bit-exact numbers need a fixed reduction order: one intra-op thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _config(out: Path, case: dict[str, Any]):
@@ -120,7 +96,7 @@ def _sha256(tensors: dict[str, torch.Tensor]) -> str:
 
 
 def _run(out: Path, case: dict[str, Any]) -> dict[str, Any]:
-    trainer = Trainer(_config(out, case), scorer=RednessScorer())
+    trainer = Trainer(_config(out, case), scorer=RednessScorer(label="redness/score"))
     try:
         records = [trainer.train_step() for _ in range(3)]
         module = trainer.policy.trainable_module()

@@ -9,16 +9,16 @@ restated below on Flow-GRPO's own quantities (``std_dev_t = η·√(σ/(1−σ))
 
 from __future__ import annotations
 
-import concurrent.futures
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from dancegrpo_testing.flow_policies import FLOW_KINDS
+from dancegrpo_testing.scorers import RednessScorer
+from dancegrpo_testing.torch_threads import one_torch_thread  # noqa: F401 - autouse
+from dancegrpo_testing.trainer_runs import trainable_state
 from dancegrpo_trainer.algorithms import algorithm_class
 from dancegrpo_trainer.algorithms.grpo import GRPO
 from dancegrpo_trainer.algorithms.grpo_guard import GRPOGuard
@@ -26,18 +26,9 @@ from dancegrpo_trainer.config import ConfigError, TrainConfig, config_from_dict
 from dancegrpo_trainer.core import flow_sde_step, gaussian_log_prob, grpo_loss
 from dancegrpo_trainer.core.guard import grpo_guard_loss, regulated_log_ratio
 from dancegrpo_trainer.rollout import RolloutPlan, sample_rollout, seeded_generators
-from dancegrpo_trainer.scoring import Scores
 from dancegrpo_trainer.trainer import Trainer
 
 PROMPTS = ["a red square", "a blue square", "a green square"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ------------------------------------------------------------------------- the formula
@@ -358,18 +349,6 @@ def test_reweighting_can_be_turned_off_and_options_are_checked():
 # ---------------------------------------------------------------------------- training
 
 
-class _Redness:
-    def submit(self, frames, prompts, condition_images=None, metadata=None):  # noqa: ANN001
-        x = np.asarray(frames, dtype=np.float32) / 255.0
-        score = (x[..., 0].mean(axis=(1, 2)) - x[..., 2].mean(axis=(1, 2))).astype(np.float32)
-        future: concurrent.futures.Future = concurrent.futures.Future()
-        future.set_result(Scores({"r/score": score}, {"r/score": score}))
-        return future
-
-    def close(self) -> None:
-        pass
-
-
 def _config(out: Path, max_steps: int = 2, lora: bool = False, **train):
     return config_from_dict(
         {
@@ -407,42 +386,39 @@ def _config(out: Path, max_steps: int = 2, lora: bool = False, **train):
     )
 
 
-def _weights(trainer: Trainer) -> dict[str, torch.Tensor]:
-    module = trainer.policy.trainable_module()
-    return {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
-
-
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_trainer_trains_grpo_guard_and_resumes_bit_exactly(tmp_path: Path, lora: bool):
-    full = Trainer(_config(tmp_path / "full", lora=lora), scorer=_Redness())
+    full = Trainer(_config(tmp_path / "full", lora=lora), scorer=RednessScorer())
     assert isinstance(full.algorithm, GRPOGuard) and full.spec.keep == (
         "log_probs",
         "means",
         "stds",
     )
-    before = _weights(full)
+    before = trainable_state(full)
     full.train()
     full.close()
-    after = _weights(full)
+    after = trainable_state(full)
     assert sum(int((after[k] != v).sum()) for k, v in before.items()) > 0
-    half = Trainer(_config(tmp_path / "resumed", max_steps=1, lora=lora), scorer=_Redness())
+    half = Trainer(_config(tmp_path / "resumed", max_steps=1, lora=lora), scorer=RednessScorer())
     half.train()
     half.close()
-    resumed = Trainer(_config(tmp_path / "resumed", lora=lora), scorer=_Redness())
+    resumed = Trainer(_config(tmp_path / "resumed", lora=lora), scorer=RednessScorer())
     assert resumed.step == 1
     resumed.train()
     resumed.close()
-    for k, v in _weights(resumed).items():
+    for k, v in trainable_state(resumed).items():
         assert torch.equal(v, after[k]), k
 
 
 def test_trainer_logs_the_regulated_ratio_and_it_differs_from_grpo(tmp_path: Path):
-    guard = Trainer(_config(tmp_path / "guard", max_steps=1), scorer=_Redness())
+    guard = Trainer(_config(tmp_path / "guard", max_steps=1), scorer=RednessScorer())
     record = guard.train_step()
     guard.close()
     assert {"mean_shift", "ratio_mean", "clip_fraction", "kl"} <= set(record)
     assert record["ratio_mean"] == pytest.approx(1.0, abs=1e-5)  # one update: on-policy
-    plain = Trainer(_config(tmp_path / "grpo", max_steps=1, algorithm="grpo"), scorer=_Redness())
+    plain = Trainer(
+        _config(tmp_path / "grpo", max_steps=1, algorithm="grpo"), scorer=RednessScorer()
+    )
     assert isinstance(plain.algorithm, GRPO) and not isinstance(plain.algorithm, GRPOGuard)
     grpo_record = plain.train_step()
     plain.close()

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
 
+from dancegrpo_testing import policy_checks as checks
 from dancegrpo_testing.diffusion_models import (
     TINY_T5_MAX_LENGTH,
     rollout_trajectory,
@@ -56,13 +56,7 @@ def test_eta0_sampling_matches_diffusers_pipeline(dynamic_shift):
     expected_images = _pipeline_latents(pipe, 4, seed=0, output_type="np")
 
     cond = policy.encode_prompts(PROMPTS)
-    schedule, trajectory, log_probs = rollout_trajectory(policy, cond, 4, eta=0.0, seed=0)
-
-    torch.testing.assert_close(schedule.sigmas, pipe.scheduler.sigmas, atol=1e-6, rtol=0)
-    torch.testing.assert_close(trajectory[-1], expected, atol=1e-4, rtol=1e-4)
-    assert torch.all(log_probs == 0)
-    images = policy.decode(trajectory[-1]).numpy().astype(np.int16)
-    assert np.abs(images - np.round(expected_images * 255).astype(np.int16)).max() <= 1
+    checks.assert_eta0_matches_pipeline(policy, cond, pipe.scheduler, expected, expected_images)
 
 
 def test_schedule_shifts_sigmas():
@@ -97,60 +91,30 @@ def test_pack_unpack_round_trip_and_initial_noise_is_packed(pipe):
 @pytest.mark.parametrize("noise_schedule", ["dance", "flow_grpo"])
 def test_recomputed_log_probs_equal_rollout_log_probs(pipe, noise_schedule):
     policy = _policy(pipe, noise_schedule=noise_schedule)
-    cond = policy.encode_prompts(PROMPTS)
-    schedule, trajectory, rollout_log_probs = rollout_trajectory(policy, cond, 3, eta=0.7, seed=3)
-    assert torch.isfinite(rollout_log_probs).all() and (rollout_log_probs != 0).all()
-    with torch.no_grad():
-        recomputed = torch.stack(
-            [
-                policy.denoise_step(
-                    trajectory[i], i, schedule, cond, eta=0.7, prev_sample=trajectory[i + 1]
-                ).log_prob
-                for i in range(3)
-            ],
-            dim=1,
-        )
-    ratio = torch.exp(recomputed - rollout_log_probs)
-    torch.testing.assert_close(ratio, torch.ones_like(ratio), atol=1e-5, rtol=0)
+    checks.assert_recompute_ratio_is_one(policy, policy.encode_prompts(PROMPTS), eta=0.7)
 
 
-def _grad_step(policy, cond, seed):
-    schedule, trajectory, _ = rollout_trajectory(policy, cond, 2, eta=0.3, seed=seed)
-    out = policy.denoise_step(trajectory[0], 0, schedule, cond, eta=0.3, prev_sample=trajectory[1])
-    out.log_prob.mean().backward()
+def _grad_step(policy, seed):
+    checks.grad_step(policy, policy.encode_prompts(PROMPTS), eta=0.3, seed=seed)
 
 
 def test_gradients_reach_transformer_only():
     policy = _policy(tiny_flux_pipeline())
-    cond = policy.encode_prompts(PROMPTS)
-    _grad_step(policy, cond, seed=4)
-    grads = {n: p.grad for n, p in policy.trainable_module().named_parameters()}
+    _grad_step(policy, seed=4)
     # The guidance embedder is part of the transformer and trains too.
-    assert any(
-        g is not None and float(g.abs().sum()) > 0 for n, g in grads.items() if "guidance" in n
-    )
-    assert sum(float(g.abs().sum()) for g in grads.values() if g is not None) > 0
-    for frozen in (policy.text_encoder, policy.text_encoder_2, policy.vae):
-        assert not frozen.training
-        assert all(not p.requires_grad and p.grad is None for p in frozen.parameters())
+    checks.assert_gradients_reach(policy.trainable_module(), ("guidance", "transformer_blocks"))
+    checks.assert_frozen(policy.text_encoder, policy.text_encoder_2, policy.vae)
 
 
 def test_lora_adapter_gets_gradients_and_base_weights_do_not():
-    from peft import LoraConfig
-
     policy = _policy(tiny_flux_pipeline())
-    transformer = policy.trainable_module()
-    transformer.requires_grad_(False)
-    transformer.add_adapter(
-        LoraConfig(r=4, lora_alpha=4, target_modules=policy.lora_target_modules)
+    checks.assert_lora_trains_only_adapters(policy, lambda: _grad_step(policy, seed=5))
+
+
+def test_gradient_checkpointing_gives_the_same_gradient():
+    checks.assert_checkpointing_keeps_gradients(
+        lambda: _policy(tiny_flux_pipeline()), lambda policy: _grad_step(policy, seed=6)
     )
-    _grad_step(policy, policy.encode_prompts(PROMPTS), seed=5)
-    lora = {n: p for n, p in transformer.named_parameters() if "lora_" in n}
-    # Every listed target exists in the model (a typo would silently train nothing).
-    for target in policy.lora_target_modules:
-        assert any(f"{target}.lora_A" in n for n in lora), target
-    assert any(float(p.grad.abs().sum()) > 0 for n, p in lora.items() if "lora_B" in n)
-    assert all(p.grad is None for n, p in transformer.named_parameters() if "lora_" not in n)
 
 
 def test_decode_is_uint8_nhwc_and_independent_of_chunk_size(pipe):

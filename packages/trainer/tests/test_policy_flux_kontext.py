@@ -5,7 +5,6 @@ gradients, loading and config checks."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -13,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from dancegrpo_testing import policy_checks as checks
 from dancegrpo_testing.diffusion_models import (
     TINY_T5_MAX_LENGTH,
     rollout_trajectory,
@@ -21,8 +21,8 @@ from dancegrpo_testing.diffusion_models import (
     tiny_flux_kontext_pipeline,
     tiny_flux_pipeline,
 )
+from dancegrpo_testing.torch_threads import one_torch_thread  # noqa: F401 - autouse
 from dancegrpo_trainer.config import ConfigError, ModelConfig, config_from_dict
-from dancegrpo_trainer.embedding_cache import EmbeddingCache, precompute_embeddings
 from dancegrpo_trainer.policies.flux import FluxConfig, FluxPolicy
 from dancegrpo_trainer.policies.flux_kontext import FluxKontextConfig, FluxKontextPolicy
 from dancegrpo_trainer.policy_factory import build_policy
@@ -30,15 +30,6 @@ from dancegrpo_trainer.policy_factory import build_policy
 PROMPTS = ["make the cat red", "add a tree to the street"]
 RESOLUTION = 16  # tiny VAE 2x → 8x8 latents → 16 packed tokens
 CONDITION = [32, 16]  # → 16x8 latents → 32 packed source tokens (another count on purpose)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """Tiny models gain nothing from intra-op threads on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _config(**overrides: Any) -> FluxKontextConfig:
@@ -98,15 +89,11 @@ def test_eta0_sampling_matches_diffusers_pipeline(dynamic_shift):
 
     cond = policy.encode_prompts(PROMPTS, images)
     assert cond.tensors["image_latents"].shape == (2, 32, 16)
-    schedule, trajectory, log_probs = rollout_trajectory(policy, cond, 4, eta=0.0, seed=0)
-
-    torch.testing.assert_close(schedule.sigmas, pipe.scheduler.sigmas, atol=1e-6, rtol=0)
-    assert trajectory[-1].shape == (2, 16, 16)
-    torch.testing.assert_close(trajectory[-1], expected, atol=1e-4, rtol=1e-4)
-    assert torch.all(log_probs == 0)
-    frames = policy.decode(trajectory[-1]).numpy().astype(np.int16)
-    assert frames.shape == (2, RESOLUTION, RESOLUTION, 3)
-    assert np.abs(frames - np.round(expected_images * 255).astype(np.int16)).max() <= 1
+    final = checks.assert_eta0_matches_pipeline(
+        policy, cond, pipe.scheduler, expected, expected_images
+    )
+    assert final.shape == (2, 16, 16)
+    assert expected_images.shape == (2, RESOLUTION, RESOLUTION, 3)
 
 
 def test_source_tokens_join_the_sequence_with_image_ids_one(pipe):
@@ -175,19 +162,13 @@ def test_image_latents_are_the_packed_posterior_mode_of_the_resized_image(pipe):
 def test_cached_text_plus_images_equals_direct_encoding(pipe, tmp_path):
     """What the trainer does with data.embedding_cache: text rows from the cache, source
     latents encoded at rollout time (VAE only), merged."""
-    policy = _policy(pipe)
-    images = _images()
-    precompute_embeddings(policy, PROMPTS, tmp_path)
-    cache = EmbeddingCache(tmp_path)
-    assert set(cache.keys) == {"prompt_embeds", "pooled_prompt_embeds"}
     no_text = FluxKontextPolicy(
         transformer=pipe.transformer, vae=pipe.vae, config=_config(load_text_encoders=False)
     )
-    merged = {**cache.lookup(PROMPTS).tensors, **no_text.encode_condition_images(images).tensors}
-    direct = policy.encode_prompts(PROMPTS, images)
-    assert set(merged) == set(direct.tensors)
-    for key, value in direct.tensors.items():
-        torch.testing.assert_close(merged[key], value, rtol=0, atol=0)
+    cache = checks.assert_cache_matches_encoding(
+        _policy(pipe), PROMPTS, tmp_path, images=_images(), image_policy=no_text
+    )
+    assert set(cache.keys) == {"prompt_embeds", "pooled_prompt_embeds"}
 
 
 # ------------------------------------------------------------------ log-probs and gradients
@@ -197,20 +178,7 @@ def test_cached_text_plus_images_equals_direct_encoding(pipe, tmp_path):
 def test_recomputed_log_probs_give_ratio_one(pipe, noise_schedule):
     policy = _policy(pipe, noise_schedule=noise_schedule)
     cond = policy.encode_prompts(PROMPTS, _images()).select([0, 0, 1, 1])
-    schedule, trajectory, rollout_log_probs = rollout_trajectory(policy, cond, 3, eta=0.9, seed=3)
-    assert torch.isfinite(rollout_log_probs).all() and (rollout_log_probs != 0).all()
-    with torch.no_grad():
-        recomputed = torch.stack(
-            [
-                policy.denoise_step(
-                    trajectory[i], i, schedule, cond, eta=0.9, prev_sample=trajectory[i + 1]
-                ).log_prob
-                for i in range(3)
-            ],
-            dim=1,
-        )
-    ratio = torch.exp(recomputed - rollout_log_probs)
-    assert torch.equal(ratio, torch.ones_like(ratio))
+    checks.assert_recompute_ratio_is_one(policy, cond, eta=0.9)
 
 
 def _fresh_policy(**overrides: Any) -> FluxKontextPolicy:
@@ -220,53 +188,26 @@ def _fresh_policy(**overrides: Any) -> FluxKontextPolicy:
 
 
 def _grad_step(policy: FluxKontextPolicy, seed: int) -> None:
-    cond = policy.encode_prompts(PROMPTS, _images())
-    schedule, trajectory, _ = rollout_trajectory(policy, cond, 2, eta=0.9, seed=seed)
-    out = policy.denoise_step(trajectory[0], 0, schedule, cond, eta=0.9, prev_sample=trajectory[1])
-    out.log_prob.mean().backward()
+    checks.grad_step(policy, policy.encode_prompts(PROMPTS, _images()), eta=0.9, seed=seed)
 
 
 def test_gradients_reach_transformer_only():
     policy = _fresh_policy()
     _grad_step(policy, seed=4)
-    grads = {n: p.grad for n, p in policy.trainable_module().named_parameters()}
-    for part in ("x_embedder", "guidance_embedder", "context_embedder"):
-        assert any(
-            g is not None and float(g.abs().sum()) > 0 for n, g in grads.items() if part in n
-        ), part
-    for frozen in (policy.text_encoder, policy.text_encoder_2, policy.vae):
-        assert not frozen.training
-        assert all(not p.requires_grad and p.grad is None for p in frozen.parameters())
+    parts = ("x_embedder", "guidance_embedder", "context_embedder")
+    checks.assert_gradients_reach(policy.trainable_module(), parts)
+    checks.assert_frozen(policy.text_encoder, policy.text_encoder_2, policy.vae)
 
 
 def test_lora_adapter_gets_gradients_and_base_weights_do_not():
-    from peft import LoraConfig
-
     policy = _fresh_policy()
-    transformer = policy.trainable_module()
-    transformer.requires_grad_(False)
-    transformer.add_adapter(
-        LoraConfig(r=4, lora_alpha=4, target_modules=policy.lora_target_modules)
-    )
-    _grad_step(policy, seed=5)
-    lora = {n: p for n, p in transformer.named_parameters() if "lora_" in n}
-    for target in policy.lora_target_modules:
-        assert any(f"{target}.lora_A" in n for n in lora), target
-    assert any(float(p.grad.abs().sum()) > 0 for n, p in lora.items() if "lora_B" in n)
-    assert all(p.grad is None for n, p in transformer.named_parameters() if "lora_" not in n)
+    checks.assert_lora_trains_only_adapters(policy, lambda: _grad_step(policy, seed=5))
 
 
 def test_gradient_checkpointing_gives_the_same_gradient():
-    grads = []
-    for checkpointing in (False, True):
-        policy = _fresh_policy()
-        if checkpointing:
-            policy.enable_gradient_checkpointing()
-        policy.trainable_module().train()
-        _grad_step(policy, seed=6)
-        grads.append(torch.cat([p.grad.flatten() for p in policy.transformer.parameters()]))
-    assert policy.transformer.gradient_checkpointing
-    torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
+    checks.assert_checkpointing_keeps_gradients(
+        _fresh_policy, lambda policy: _grad_step(policy, seed=6), atol=1e-6
+    )
 
 
 # ------------------------------------------------------------------ loading

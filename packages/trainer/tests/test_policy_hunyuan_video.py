@@ -6,11 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 
+from dancegrpo_testing import policy_checks as checks
 from dancegrpo_testing.diffusion_models import rollout_trajectory, save_pipeline
+from dancegrpo_testing.torch_threads import one_torch_thread  # noqa: F401 - autouse
 from dancegrpo_testing.video_models import (
     TINY_LATENT_CHANNELS,
     TINY_LLAMA_HIDDEN,
@@ -32,15 +33,6 @@ RESOLUTION = 32  # VAE 8x, patch 2 → 4x4 latents, 2x2 tokens per latent frame
 NUM_FRAMES = 9  # → 3 latent frames
 ROOT = Path(__file__).resolve().parents[3]
 RECIPE = ROOT / "configs" / "hunyuan_video_videoalign.yaml"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models gain nothing from intra-op threads on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _config(**overrides: Any) -> HunyuanVideoConfig:
@@ -89,16 +81,8 @@ def test_eta0_sampling_matches_diffusers_pipeline(pipe):
     expected_frames = _pipeline_output(pipe, policy, 4, seed=0, output_type="np")
 
     cond = policy.encode_prompts(PROMPTS)
-    schedule, trajectory, log_probs = rollout_trajectory(policy, cond, 4, eta=0.0, seed=0)
-
-    torch.testing.assert_close(schedule.sigmas, pipe.scheduler.sigmas, atol=1e-6, rtol=0)
-    torch.testing.assert_close(trajectory[-1], expected, atol=1e-4, rtol=1e-4)
-    assert torch.all(log_probs == 0)
-    frames = policy.decode(trajectory[-1])
-    assert frames.dtype == torch.uint8
-    assert frames.shape == (2, NUM_FRAMES, RESOLUTION, RESOLUTION, 3)
-    reference = np.round(expected_frames * 255).astype(np.int16)
-    assert np.abs(frames.numpy().astype(np.int16) - reference).max() <= 1
+    checks.assert_eta0_matches_pipeline(policy, cond, pipe.scheduler, expected, expected_frames)
+    assert expected_frames.shape == (2, NUM_FRAMES, RESOLUTION, RESOLUTION, 3)
 
 
 def test_encoded_prompts_match_pipeline_encode_prompt(pipe):
@@ -151,73 +135,36 @@ def test_schedule_shifts_sigmas_and_noise_has_video_latent_shape(pipe):
 @pytest.mark.parametrize("noise_schedule", ["dance", "flow_grpo"])
 def test_recomputed_log_probs_equal_rollout_log_probs(pipe, noise_schedule):
     policy = _policy(pipe, noise_schedule=noise_schedule)
-    cond = policy.encode_prompts(PROMPTS)
-    schedule, trajectory, rollout_log_probs = rollout_trajectory(policy, cond, 3, eta=0.7, seed=3)
-    assert torch.isfinite(rollout_log_probs).all() and (rollout_log_probs != 0).all()
-    with torch.no_grad():
-        recomputed = torch.stack(
-            [
-                policy.denoise_step(
-                    trajectory[i], i, schedule, cond, eta=0.7, prev_sample=trajectory[i + 1]
-                ).log_prob
-                for i in range(3)
-            ],
-            dim=1,
-        )
-    ratio = torch.exp(recomputed - rollout_log_probs)
-    torch.testing.assert_close(ratio, torch.ones_like(ratio), atol=1e-5, rtol=0)
+    checks.assert_recompute_ratio_is_one(policy, policy.encode_prompts(PROMPTS), eta=0.7)
 
 
 def _grad_step(policy: HunyuanVideoPolicy, seed: int) -> None:
-    cond = policy.encode_prompts(PROMPTS)
-    schedule, trajectory, _ = rollout_trajectory(policy, cond, 2, eta=0.3, seed=seed)
-    out = policy.denoise_step(trajectory[0], 0, schedule, cond, eta=0.3, prev_sample=trajectory[1])
-    out.log_prob.mean().backward()
+    checks.grad_step(policy, policy.encode_prompts(PROMPTS), eta=0.3, seed=seed)
+
+
+def _fresh_policy() -> HunyuanVideoPolicy:
+    return _policy(tiny_hunyuan_video_pipeline())
 
 
 def test_gradients_reach_transformer_only():
-    policy = _policy(tiny_hunyuan_video_pipeline())
+    policy = _fresh_policy()
     _grad_step(policy, seed=4)
-    grads = {n: p.grad for n, p in policy.trainable_module().named_parameters()}
     # The guidance embedder and the token refiner are part of the transformer and train too.
-    for part in ("guidance_embedder", "context_embedder"):
-        assert any(
-            g is not None and float(g.abs().sum()) > 0 for n, g in grads.items() if part in n
-        )
-    for frozen in (policy.text_encoder, policy.text_encoder_2, policy.vae):
-        assert not frozen.training
-        assert all(not p.requires_grad and p.grad is None for p in frozen.parameters())
+    checks.assert_gradients_reach(
+        policy.trainable_module(), ("guidance_embedder", "context_embedder")
+    )
+    checks.assert_frozen(policy.text_encoder, policy.text_encoder_2, policy.vae)
 
 
 def test_lora_adapter_gets_gradients_and_base_weights_do_not():
-    from peft import LoraConfig
-
-    policy = _policy(tiny_hunyuan_video_pipeline())
-    transformer = policy.trainable_module()
-    transformer.requires_grad_(False)
-    transformer.add_adapter(
-        LoraConfig(r=4, lora_alpha=4, target_modules=policy.lora_target_modules)
-    )
-    _grad_step(policy, seed=5)
-    lora = {n: p for n, p in transformer.named_parameters() if "lora_" in n}
-    # Every listed target exists in the model (a typo would silently train nothing).
-    for target in policy.lora_target_modules:
-        assert any(f"{target}.lora_A" in n for n in lora), target
-    assert any(float(p.grad.abs().sum()) > 0 for n, p in lora.items() if "lora_B" in n)
-    assert all(p.grad is None for n, p in transformer.named_parameters() if "lora_" not in n)
+    policy = _fresh_policy()
+    checks.assert_lora_trains_only_adapters(policy, lambda: _grad_step(policy, seed=5))
 
 
 def test_gradient_checkpointing_gives_the_same_gradient():
-    grads = []
-    for checkpointing in (False, True):
-        policy = _policy(tiny_hunyuan_video_pipeline())
-        if checkpointing:
-            policy.enable_gradient_checkpointing()
-        assert policy.trainable_module().gradient_checkpointing == checkpointing
-        _grad_step(policy, seed=6)
-        grads.append([p.grad for p in policy.trainable_module().parameters()])
-    for plain, checkpointed in zip(*grads, strict=True):
-        torch.testing.assert_close(checkpointed, plain, rtol=1e-5, atol=1e-7)
+    checks.assert_checkpointing_keeps_gradients(
+        _fresh_policy, lambda policy: _grad_step(policy, seed=6)
+    )
 
 
 # ------------------------------------------------------------------ decoding and loading

@@ -11,14 +11,15 @@ import numpy as np
 import pytest
 import torch
 
+from dancegrpo_testing import policy_checks as checks
 from dancegrpo_testing.diffusion_models import rollout_trajectory, save_pipeline
 from dancegrpo_testing.qwen_image_models import (
     QWEN_IMAGE_SCHEDULER_CONFIG,
     TINY_Z_DIM,
     tiny_qwen_image_pipeline,
 )
+from dancegrpo_testing.torch_threads import one_torch_thread  # noqa: F401 - autouse
 from dancegrpo_trainer.config import ConfigError, ModelConfig, config_from_dict, load_config
-from dancegrpo_trainer.embedding_cache import EmbeddingCache, precompute_embeddings
 from dancegrpo_trainer.policies.base import Conditioning
 from dancegrpo_trainer.policies.qwen_image import (
     QWEN_IMAGE_LORA_TARGET_MODULES,
@@ -35,15 +36,6 @@ RESOLUTION = 32  # VAE 8x → 4x4 latents → 2x2 = 4 packed tokens
 MAX_SEQ = 48
 ROOT = Path(__file__).resolve().parents[3]
 RECIPE = ROOT / "configs" / "qwen_image_clip_pickscore.yaml"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models gain nothing from intra-op threads on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -102,17 +94,11 @@ def test_eta0_sampling_matches_diffusers_pipeline(pipe, true_cfg_scale):
 
     cond = policy.encode_prompts(PROMPTS)
     assert ("negative_prompt_embeds" in cond.tensors) == (true_cfg_scale > 1)
-    schedule, trajectory, log_probs = rollout_trajectory(policy, cond, 4, eta=0.0, seed=0)
-
-    torch.testing.assert_close(schedule.sigmas, pipe.scheduler.sigmas, atol=1e-6, rtol=0)
-    torch.testing.assert_close(schedule.timesteps, pipe.scheduler.timesteps, atol=1e-3, rtol=0)
-    assert trajectory[-1].shape == (2, 4, 4 * TINY_Z_DIM)
-    torch.testing.assert_close(trajectory[-1], expected, atol=1e-4, rtol=1e-4)
-    assert torch.all(log_probs == 0)
-    images = policy.decode(trajectory[-1])
-    assert images.dtype == torch.uint8 and images.shape == (2, RESOLUTION, RESOLUTION, 3)
-    reference = np.round(expected_images * 255).astype(np.int16)
-    assert np.abs(images.numpy().astype(np.int16) - reference).max() <= 1
+    final = checks.assert_eta0_matches_pipeline(
+        policy, cond, pipe.scheduler, expected, expected_images, timestep_atol=1e-3
+    )
+    assert final.shape == (2, 4, 4 * TINY_Z_DIM)
+    assert expected_images.shape == (2, RESOLUTION, RESOLUTION, 3)
 
 
 @pytest.mark.parametrize("steps", [2, 4, 10, 28])
@@ -276,8 +262,7 @@ def test_per_row_timesteps_equal_row_by_row_predictions(pipe):
 
 def test_cached_embeddings_give_the_same_rollout(pipe, tmp_path):
     policy = _policy(pipe)
-    precompute_embeddings(policy, PROMPTS, tmp_path)
-    cache = EmbeddingCache(tmp_path)
+    cache = checks.assert_cache_matches_encoding(policy, PROMPTS, tmp_path)
     assert set(cache.keys) == {
         "prompt_embeds",
         "prompt_embeds_mask",
@@ -305,76 +290,31 @@ def test_cached_embeddings_give_the_same_rollout(pipe, tmp_path):
 def test_recomputed_log_probs_give_ratio_one(pipe, true_cfg_scale):
     policy = _policy(pipe, true_cfg_scale=true_cfg_scale)
     cond = policy.encode_prompts(PROMPTS).select([0, 0, 1, 1])
-    schedule, trajectory, rollout_log_probs = rollout_trajectory(policy, cond, 3, eta=0.7, seed=3)
-    assert torch.isfinite(rollout_log_probs).all() and (rollout_log_probs != 0).all()
-    with torch.no_grad():
-        recomputed = torch.stack(
-            [
-                policy.denoise_step(
-                    trajectory[i], i, schedule, cond, eta=0.7, prev_sample=trajectory[i + 1]
-                ).log_prob
-                for i in range(3)
-            ],
-            dim=1,
-        )
-    ratio = torch.exp(recomputed - rollout_log_probs)
-    assert torch.equal(ratio, torch.ones_like(ratio))
+    checks.assert_recompute_ratio_is_one(policy, cond, eta=0.7)
 
 
 def _grad_step(policy: QwenImagePolicy, seed: int) -> None:
-    cond = policy.encode_prompts(PROMPTS)
-    schedule, trajectory, _ = rollout_trajectory(policy, cond, 2, eta=0.3, seed=seed)
-    out = policy.denoise_step(trajectory[0], 0, schedule, cond, eta=0.3, prev_sample=trajectory[1])
-    out.log_prob.mean().backward()
+    checks.grad_step(policy, policy.encode_prompts(PROMPTS), eta=0.3, seed=seed)
 
 
 def test_gradients_reach_transformer_only():
     policy = _owned_policy()
     _grad_step(policy, seed=4)
-    grads = {n: p.grad for n, p in policy.trainable_module().named_parameters()}
-    for part in ("img_in", "txt_in", "time_text_embed", "transformer_blocks.0.txt_mlp"):
-        assert any(
-            g is not None and float(g.abs().sum()) > 0 for n, g in grads.items() if part in n
-        )
-    for frozen in (policy.text_encoder, policy.vae):
-        assert not frozen.training
-        assert all(not p.requires_grad and p.grad is None for p in frozen.parameters())
+    parts = ("img_in", "txt_in", "time_text_embed", "transformer_blocks.0.txt_mlp")
+    checks.assert_gradients_reach(policy.trainable_module(), parts)
+    checks.assert_frozen(policy.text_encoder, policy.vae)
 
 
 def test_lora_adapter_gets_gradients_and_base_weights_do_not():
-    from peft import LoraConfig
-
     policy = _owned_policy()
-    transformer = policy.trainable_module()
-    transformer.requires_grad_(False)
-    transformer.add_adapter(
-        LoraConfig(r=4, lora_alpha=4, target_modules=policy.lora_target_modules)
-    )
-    _grad_step(policy, seed=5)
-    lora = {n: p for n, p in transformer.named_parameters() if "lora_" in n}
-    for target in QWEN_IMAGE_LORA_TARGET_MODULES:  # every default target exists in the model
-        assert any(f"{target}.lora_A" in n for n in lora), target
-    assert any(float(p.grad.abs().sum()) > 0 for n, p in lora.items() if "lora_B" in n)
-    assert all(p.grad is None for n, p in transformer.named_parameters() if "lora_" not in n)
+    assert policy.lora_target_modules == QWEN_IMAGE_LORA_TARGET_MODULES
+    checks.assert_lora_trains_only_adapters(policy, lambda: _grad_step(policy, seed=5))
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
-    grads = {}
-    for checkpointing in (False, True):
-        policy = _owned_policy()
-        if checkpointing:
-            policy.enable_gradient_checkpointing()
-        policy.trainable_module().train()
-        assert policy.transformer.gradient_checkpointing == checkpointing
-        _grad_step(policy, seed=6)
-        grads[checkpointing] = {
-            n: p.grad.clone()
-            for n, p in policy.transformer.named_parameters()
-            if p.grad is not None
-        }
-    assert grads[True].keys() == grads[False].keys()
-    for name, grad in grads[False].items():
-        torch.testing.assert_close(grads[True][name], grad, rtol=1e-5, atol=1e-7)
+    checks.assert_checkpointing_keeps_gradients(
+        _owned_policy, lambda policy: _grad_step(policy, seed=6)
+    )
 
 
 def test_fsdp_units_are_the_transformer_blocks(pipe):

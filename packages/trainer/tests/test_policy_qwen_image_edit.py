@@ -18,12 +18,14 @@ import yaml
 from PIL import Image
 from safetensors.torch import save_file
 
+from dancegrpo_testing import policy_checks as checks
 from dancegrpo_testing.diffusion_models import rollout_trajectory, save_pipeline
 from dancegrpo_testing.qwen_image_models import (
     TINY_Z_DIM,
     tiny_qwen_image_edit_pipeline,
     tiny_qwen_image_transformer,
 )
+from dancegrpo_testing.torch_threads import one_torch_thread  # noqa: F401 - autouse
 from dancegrpo_trainer.config import ConfigError, ModelConfig, config_from_dict, load_config
 from dancegrpo_trainer.policies.qwen_image_edit import (
     QwenImageEditConfig,
@@ -40,15 +42,6 @@ RESOLUTION = 32  # 4 packed tokens of the edited image
 #: (diffusers: 384²), small for CPU; the pipelines' constants are patched to the same.
 AREA, VL_AREA = 64 * 48, 56 * 56
 ROOT = Path(__file__).resolve().parents[3]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models gain nothing from intra-op threads on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)
@@ -119,13 +112,9 @@ def _pipeline_latents(pipe, policy, prompt: str, images: list[Image.Image] | Ima
 def _rollout_per_row_noise(policy, cond, steps: int = 4) -> torch.Tensor:
     """η = 0 from the noise the pipeline draws for each prompt (seed 0 each)."""
     x = torch.cat([policy.initial_noise(1, torch.Generator().manual_seed(0)) for _ in PROMPTS])
-    schedule = policy.schedule(steps)
-    with torch.no_grad():
-        for i in range(steps):
-            out = policy.denoise_step(x, i, schedule, cond, eta=0.0)
-            assert torch.all(out.log_prob == 0)
-            x = out.prev_sample
-    return x
+    _, trajectory, log_probs = rollout_trajectory(policy, cond, steps, eta=0.0, seed=0, noise=x)
+    assert torch.all(log_probs == 0)
+    return trajectory[-1]
 
 
 # ------------------------------------------------------------------ sampling vs diffusers
@@ -278,52 +267,28 @@ def test_refusals_name_the_fix(edit_pipe, plus_pipe):
 def test_recomputed_log_probs_give_ratio_one(plus_pipe):
     policy = _policy(plus_pipe)
     cond = policy.encode_prompts(PROMPTS, _images()).select([0, 0, 1, 1])
-    schedule, trajectory, rollout_log_probs = rollout_trajectory(policy, cond, 3, eta=0.7, seed=3)
-    assert torch.isfinite(rollout_log_probs).all() and (rollout_log_probs != 0).all()
-    with torch.no_grad():
-        recomputed = torch.stack(
-            [
-                policy.denoise_step(
-                    trajectory[i], i, schedule, cond, eta=0.7, prev_sample=trajectory[i + 1]
-                ).log_prob
-                for i in range(3)
-            ],
-            dim=1,
-        )
-    ratio = torch.exp(recomputed - rollout_log_probs)
-    assert torch.equal(ratio, torch.ones_like(ratio))
+    checks.assert_recompute_ratio_is_one(policy, cond, eta=0.7)
 
 
 def test_gradients_reach_the_transformer_or_its_lora_only():
-    from peft import LoraConfig
-
     for lora in (False, True):
         pipe = tiny_qwen_image_edit_pipeline()
         # The constructor places and freezes the text encoder and VAE (from_pipeline may
         # leave shared modules as they are).
         parts = {k: getattr(pipe, k) for k in ("transformer", "vae", "text_encoder")}
         policy = QwenImageEditPolicy(**parts, tokenizer=pipe.processor, config=_config(False))
-        transformer = policy.trainable_module()
+
+        def step(policy=policy) -> None:
+            checks.grad_step(policy, policy.encode_prompts(PROMPTS, _images()), eta=0.3, seed=4)
+
         if lora:
-            transformer.requires_grad_(False)
-            transformer.add_adapter(
-                LoraConfig(r=4, lora_alpha=4, target_modules=policy.lora_target_modules)
-            )
-        cond = policy.encode_prompts(PROMPTS, _images())
-        schedule, trajectory, _ = rollout_trajectory(policy, cond, 2, eta=0.3, seed=4)
-        out = policy.denoise_step(
-            trajectory[0], 0, schedule, cond, eta=0.3, prev_sample=trajectory[1]
-        )
-        out.log_prob.mean().backward()
-        named = dict(transformer.named_parameters())
-        if lora:
-            assert any(float(p.grad.abs().sum()) > 0 for n, p in named.items() if "lora_B" in n)
-            assert all(p.grad is None for n, p in named.items() if "lora_" not in n)
+            checks.assert_lora_trains_only_adapters(policy, step)
         else:
-            assert float(named["img_in.weight"].grad.abs().sum()) > 0
-            assert float(named["txt_in.weight"].grad.abs().sum()) > 0
-        for frozen in (policy.text_encoder, policy.vae):
-            assert all(not p.requires_grad and p.grad is None for p in frozen.parameters())
+            step()
+            checks.assert_gradients_reach(
+                policy.trainable_module(), ("img_in.weight", "txt_in.weight")
+            )
+        checks.assert_frozen(policy.text_encoder, policy.vae)
 
 
 # ------------------------------------------------------------------ loading

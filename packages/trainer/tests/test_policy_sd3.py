@@ -4,13 +4,12 @@ schedule, log-probs, gradients, loading and config checks."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 
+from dancegrpo_testing import policy_checks as checks
 from dancegrpo_testing.diffusion_models import (
     TINY_SD3_T5_DIM,
     TINY_T5_MAX_LENGTH,
@@ -19,8 +18,8 @@ from dancegrpo_testing.diffusion_models import (
     tiny_sd3_components,
     tiny_sd3_pipeline,
 )
+from dancegrpo_testing.torch_threads import one_torch_thread  # noqa: F401 - autouse
 from dancegrpo_trainer.config import ConfigError, ModelConfig
-from dancegrpo_trainer.embedding_cache import EmbeddingCache, precompute_embeddings
 from dancegrpo_trainer.policies.base import Conditioning
 from dancegrpo_trainer.policies.sd3 import (
     StableDiffusion3Config,
@@ -32,15 +31,6 @@ from dancegrpo_trainer.policy_factory import build_policy
 PROMPTS = ["a photo of a cat", "a red car on the street"]
 RESOLUTION = 16  # tiny VAE 2x → 8x8 latents → 4x4 patches of 2x2
 CHANNELS = 4
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """Tiny models gain nothing from intra-op threads on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _config(**overrides: Any) -> StableDiffusion3Config:
@@ -88,16 +78,11 @@ def test_eta0_sampling_matches_diffusers_pipeline(pipe, guidance_scale):
 
     cond = policy.encode_prompts(PROMPTS)
     assert ("negative_prompt_embeds" in cond.tensors) == (guidance_scale > 1)
-    schedule, trajectory, log_probs = rollout_trajectory(policy, cond, 4, eta=0.0, seed=0)
-
-    torch.testing.assert_close(schedule.sigmas, pipe.scheduler.sigmas, atol=0, rtol=0)
-    torch.testing.assert_close(schedule.timesteps, pipe.scheduler.timesteps, atol=0, rtol=0)
-    assert trajectory[-1].shape == (2, CHANNELS, 8, 8)
-    torch.testing.assert_close(trajectory[-1], expected, atol=1e-4, rtol=1e-4)
-    assert torch.all(log_probs == 0)
-    images = policy.decode(trajectory[-1]).numpy().astype(np.int16)
-    assert images.shape == (2, RESOLUTION, RESOLUTION, 3)
-    assert np.abs(images - np.round(expected_images * 255).astype(np.int16)).max() <= 1
+    final = checks.assert_eta0_matches_pipeline(
+        policy, cond, pipe.scheduler, expected, expected_images, sigma_atol=0, timestep_atol=0
+    )
+    assert final.shape == (2, CHANNELS, 8, 8)
+    assert expected_images.shape == (2, RESOLUTION, RESOLUTION, 3)
 
 
 @pytest.mark.parametrize("num_steps", [1, 10, 40])
@@ -185,27 +170,11 @@ def test_per_row_timesteps_equal_one_shared_timestep(pipe):
 def test_recomputed_log_probs_give_ratio_one(pipe, noise_schedule):
     policy = _policy(pipe, noise_schedule=noise_schedule)
     cond = policy.encode_prompts(PROMPTS).select([0, 0, 1, 1])
-    schedule, trajectory, rollout_log_probs = rollout_trajectory(policy, cond, 3, eta=0.7, seed=3)
-    assert torch.isfinite(rollout_log_probs).all() and (rollout_log_probs != 0).all()
-    with torch.no_grad():
-        recomputed = torch.stack(
-            [
-                policy.denoise_step(
-                    trajectory[i], i, schedule, cond, eta=0.7, prev_sample=trajectory[i + 1]
-                ).log_prob
-                for i in range(3)
-            ],
-            dim=1,
-        )
-    ratio = torch.exp(recomputed - rollout_log_probs)
-    assert torch.equal(ratio, torch.ones_like(ratio))
+    checks.assert_recompute_ratio_is_one(policy, cond, eta=0.7)
 
 
 def _grad_step(policy: StableDiffusion3Policy, seed: int) -> None:
-    cond = policy.encode_prompts(PROMPTS)
-    schedule, trajectory, _ = rollout_trajectory(policy, cond, 2, eta=0.7, seed=seed)
-    out = policy.denoise_step(trajectory[0], 0, schedule, cond, eta=0.7, prev_sample=trajectory[1])
-    out.log_prob.mean().backward()
+    checks.grad_step(policy, policy.encode_prompts(PROMPTS), eta=0.7, seed=seed)
 
 
 def _fresh_policy(**overrides: Any) -> StableDiffusion3Policy:
@@ -217,45 +186,22 @@ def _fresh_policy(**overrides: Any) -> StableDiffusion3Policy:
 def test_gradients_reach_transformer_only():
     policy = _fresh_policy()
     _grad_step(policy, seed=4)
-    grads = {n: p.grad for n, p in policy.trainable_module().named_parameters()}
-    for part in ("pos_embed", "context_embedder", "time_text_embed", "attn2"):
-        assert any(
-            g is not None and float(g.abs().sum()) > 0 for n, g in grads.items() if part in n
-        ), part
-    frozen = (policy.text_encoder, policy.text_encoder_2, policy.text_encoder_3, policy.vae)
-    for module in frozen:
-        assert not module.training
-        assert all(not p.requires_grad and p.grad is None for p in module.parameters())
+    parts = ("pos_embed", "context_embedder", "time_text_embed", "attn2")
+    checks.assert_gradients_reach(policy.trainable_module(), parts)
+    checks.assert_frozen(
+        policy.text_encoder, policy.text_encoder_2, policy.text_encoder_3, policy.vae
+    )
 
 
 def test_lora_adapter_gets_gradients_and_base_weights_do_not():
-    from peft import LoraConfig
-
     policy = _fresh_policy()
-    transformer = policy.trainable_module()
-    transformer.requires_grad_(False)
-    transformer.add_adapter(
-        LoraConfig(r=4, lora_alpha=4, target_modules=policy.lora_target_modules)
-    )
-    _grad_step(policy, seed=5)
-    lora = {n: p for n, p in transformer.named_parameters() if "lora_" in n}
-    for target in policy.lora_target_modules:
-        assert any(f"{target}.lora_A" in n for n in lora), target
-    assert any(float(p.grad.abs().sum()) > 0 for n, p in lora.items() if "lora_B" in n)
-    assert all(p.grad is None for n, p in transformer.named_parameters() if "lora_" not in n)
+    checks.assert_lora_trains_only_adapters(policy, lambda: _grad_step(policy, seed=5))
 
 
 def test_gradient_checkpointing_gives_the_same_gradient():
-    grads = []
-    for checkpointing in (False, True):
-        policy = _fresh_policy()
-        if checkpointing:
-            policy.enable_gradient_checkpointing()
-        policy.trainable_module().train()
-        _grad_step(policy, seed=6)
-        grads.append(torch.cat([p.grad.flatten() for p in policy.transformer.parameters()]))
-    assert policy.transformer.gradient_checkpointing
-    torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
+    checks.assert_checkpointing_keeps_gradients(
+        _fresh_policy, lambda policy: _grad_step(policy, seed=6), atol=1e-6
+    )
 
 
 def test_fsdp_blocks_are_the_joint_transformer_blocks(pipe):
@@ -291,12 +237,8 @@ def test_from_pretrained_loads_a_saved_pipeline(pipe, tmp_path):
 
 def test_cached_embeddings_equal_direct_encoding_and_encoders_release(pipe, tmp_path):
     policy = _policy(pipe, guidance_scale=4.5)
-    precompute_embeddings(policy, PROMPTS, tmp_path)
-    cache = EmbeddingCache(tmp_path)
-    direct = policy.encode_prompts(PROMPTS)
-    assert set(cache.keys) == set(direct.tensors)
-    for key, value in cache.lookup(PROMPTS).tensors.items():
-        torch.testing.assert_close(value, direct.tensors[key], rtol=0, atol=0)
+    cache = checks.assert_cache_matches_encoding(policy, PROMPTS, tmp_path)
+    assert len(cache.keys) == 4  # the prompt's and the negative prompt's, pooled and not
     policy.release_text_encoders()
     assert policy.text_encoder_3 is None and policy.tokenizer_3 is None
 

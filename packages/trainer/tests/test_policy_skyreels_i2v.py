@@ -12,7 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
+from dancegrpo_testing import policy_checks as checks
 from dancegrpo_testing.diffusion_models import rollout_trajectory, save_pipeline
+from dancegrpo_testing.torch_threads import one_torch_thread  # noqa: F401 - autouse
 from dancegrpo_testing.video_models import (
     TINY_LATENT_CHANNELS,
     TINY_LLAMA_MAX_LENGTH,
@@ -21,7 +23,6 @@ from dancegrpo_testing.video_models import (
     tiny_skyreels_i2v_pipeline,
 )
 from dancegrpo_trainer.config import ConfigError, ModelConfig, config_from_dict, load_config
-from dancegrpo_trainer.embedding_cache import EmbeddingCache, precompute_embeddings
 from dancegrpo_trainer.policies.base import Conditioning
 from dancegrpo_trainer.policies.hunyuan_video import (
     DEFAULT_CROP_START,
@@ -36,15 +37,6 @@ RESOLUTION = 32  # VAE 8x, patch 2 → 4x4 latents
 NUM_FRAMES = 9  # → 3 latent frames: the image latents fill frame 0, zeros the other two
 ROOT = Path(__file__).resolve().parents[3]
 RECIPE = ROOT / "configs" / "skyreels_i2v_videoalign.yaml"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models gain nothing from intra-op threads on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _config(**overrides: Any) -> SkyReelsI2VConfig:
@@ -121,17 +113,11 @@ def test_eta0_sampling_matches_diffusers_pipeline(pipe, posterior_mean_pipeline,
 
     cond = policy.encode_prompts(PROMPTS, images)
     assert ("negative_prompt_embeds" in cond.tensors) == (true_cfg_scale > 1)
-    schedule, trajectory, log_probs = rollout_trajectory(policy, cond, 4, eta=0.0, seed=0)
-
-    torch.testing.assert_close(schedule.sigmas, pipe.scheduler.sigmas, atol=1e-6, rtol=0)
-    assert trajectory[-1].shape == (2, TINY_LATENT_CHANNELS, 3, 4, 4)
-    torch.testing.assert_close(trajectory[-1], expected, atol=1e-4, rtol=1e-4)
-    assert torch.all(log_probs == 0)
-    frames = policy.decode(trajectory[-1])
-    assert frames.dtype == torch.uint8
-    assert frames.shape == (2, NUM_FRAMES, RESOLUTION, RESOLUTION, 3)
-    reference = np.round(expected_frames * 255).astype(np.int16)
-    assert np.abs(frames.numpy().astype(np.int16) - reference).max() <= 1
+    final = checks.assert_eta0_matches_pipeline(
+        policy, cond, pipe.scheduler, expected, expected_frames
+    )
+    assert final.shape == (2, TINY_LATENT_CHANNELS, 3, 4, 4)
+    assert expected_frames.shape == (2, NUM_FRAMES, RESOLUTION, RESOLUTION, 3)
 
 
 def test_true_cfg_is_one_batched_forward_and_the_guidance_formula(pipe):
@@ -197,10 +183,14 @@ def test_image_latents_are_the_scaled_posterior_mean_of_the_resized_image(pipe):
 def test_cached_text_plus_images_equals_direct_encoding(pipe, tmp_path):
     """What the trainer does with data.embedding_cache: text rows from the cache (prompt and
     negative prompt), image latents encoded at rollout time, merged."""
-    policy = _policy(pipe)
-    images = _images()
-    precompute_embeddings(policy, PROMPTS, tmp_path)
-    cache = EmbeddingCache(tmp_path)
+    no_text = SkyReelsI2VPolicy(
+        transformer=pipe.transformer,
+        vae=pipe.vae,
+        config=_config(load_text_encoders=False, crop_start=DEFAULT_CROP_START),
+    )
+    cache = checks.assert_cache_matches_encoding(
+        _policy(pipe), PROMPTS, tmp_path, images=_images(), image_policy=no_text
+    )
     assert set(cache.keys) == {
         "prompt_embeds",
         "prompt_attention_mask",
@@ -209,19 +199,6 @@ def test_cached_text_plus_images_equals_direct_encoding(pipe, tmp_path):
         "negative_prompt_attention_mask",
         "negative_pooled_prompt_embeds",
     }
-    no_text = SkyReelsI2VPolicy(
-        transformer=pipe.transformer,
-        vae=pipe.vae,
-        config=_config(load_text_encoders=False, crop_start=DEFAULT_CROP_START),
-    )
-    merged = {
-        **cache.lookup(PROMPTS).tensors,
-        **no_text.encode_condition_images(images).tensors,
-    }
-    direct = policy.encode_prompts(PROMPTS, images)
-    assert set(merged) == set(direct.tensors)
-    for key, value in direct.tensors.items():
-        torch.testing.assert_close(merged[key], value, rtol=0, atol=0)
 
 
 def test_text_to_video_policies_refuse_separate_image_encoding():
@@ -242,60 +219,33 @@ def test_recomputed_log_probs_give_ratio_one(pipe, true_cfg_scale):
     policy = _policy(pipe, true_cfg_scale=true_cfg_scale)
     # As the trainer: encode each prompt/image once, repeat the rows per group member.
     cond = policy.encode_prompts(PROMPTS, _images()).select([0, 0, 1, 1])
-    schedule, trajectory, rollout_log_probs = rollout_trajectory(policy, cond, 3, eta=0.7, seed=3)
-    assert torch.isfinite(rollout_log_probs).all() and (rollout_log_probs != 0).all()
-    with torch.no_grad():
-        recomputed = torch.stack(
-            [
-                policy.denoise_step(
-                    trajectory[i], i, schedule, cond, eta=0.7, prev_sample=trajectory[i + 1]
-                ).log_prob
-                for i in range(3)
-            ],
-            dim=1,
-        )
-    ratio = torch.exp(recomputed - rollout_log_probs)
-    assert torch.equal(ratio, torch.ones_like(ratio))
+    checks.assert_recompute_ratio_is_one(policy, cond, eta=0.7)
 
 
 def _grad_step(policy: SkyReelsI2VPolicy, seed: int) -> None:
-    cond = policy.encode_prompts(PROMPTS, _images())
-    schedule, trajectory, _ = rollout_trajectory(policy, cond, 2, eta=0.3, seed=seed)
-    out = policy.denoise_step(trajectory[0], 0, schedule, cond, eta=0.3, prev_sample=trajectory[1])
-    out.log_prob.mean().backward()
+    checks.grad_step(policy, policy.encode_prompts(PROMPTS, _images()), eta=0.3, seed=seed)
 
 
 def test_gradients_reach_transformer_only():
     policy = _policy(tiny_skyreels_i2v_pipeline())
     _grad_step(policy, seed=4)
-    grads = {n: p.grad for n, p in policy.trainable_module().named_parameters()}
-    for part in ("x_embedder", "guidance_embedder", "context_embedder"):
-        assert any(
-            g is not None and float(g.abs().sum()) > 0 for n, g in grads.items() if part in n
-        )
+    parts = ("x_embedder", "guidance_embedder", "context_embedder")
+    checks.assert_gradients_reach(policy.trainable_module(), parts)
     # The patch embedding's image-latent input channels (the second half) train too.
     proj = policy.transformer.x_embedder.proj.weight.grad
     assert float(proj[:, TINY_LATENT_CHANNELS:].abs().sum()) > 0
-    for frozen in (policy.text_encoder, policy.text_encoder_2, policy.vae):
-        assert not frozen.training
-        assert all(not p.requires_grad and p.grad is None for p in frozen.parameters())
+    checks.assert_frozen(policy.text_encoder, policy.text_encoder_2, policy.vae)
 
 
 def test_lora_adapter_gets_gradients_and_base_weights_do_not():
-    from peft import LoraConfig
-
     policy = _policy(tiny_skyreels_i2v_pipeline())
-    transformer = policy.trainable_module()
-    transformer.requires_grad_(False)
-    transformer.add_adapter(
-        LoraConfig(r=4, lora_alpha=4, target_modules=policy.lora_target_modules)
+    checks.assert_lora_trains_only_adapters(policy, lambda: _grad_step(policy, seed=5))
+
+
+def test_gradient_checkpointing_gives_the_same_gradient():
+    checks.assert_checkpointing_keeps_gradients(
+        lambda: _policy(tiny_skyreels_i2v_pipeline()), lambda policy: _grad_step(policy, seed=6)
     )
-    _grad_step(policy, seed=5)
-    lora = {n: p for n, p in transformer.named_parameters() if "lora_" in n}
-    for target in policy.lora_target_modules:
-        assert any(f"{target}.lora_A" in n for n in lora), target
-    assert any(float(p.grad.abs().sum()) > 0 for n, p in lora.items() if "lora_B" in n)
-    assert all(p.grad is None for n, p in transformer.named_parameters() if "lora_" not in n)
 
 
 # ------------------------------------------------------------------ loading

@@ -14,7 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
-from dancegrpo_testing.diffusion_models import save_pipeline
+from dancegrpo_testing import policy_checks as checks
+from dancegrpo_testing.diffusion_models import rollout_trajectory, save_pipeline
+from dancegrpo_testing.torch_threads import one_torch_thread  # noqa: F401 - autouse
 from dancegrpo_testing.wan_models import (
     TINY_WAN_LATENT_CHANNELS,
     TINY_WAN_MAX_LENGTH,
@@ -27,7 +29,6 @@ from dancegrpo_testing.wan_models import (
 )
 from dancegrpo_trainer.config import ConfigError, ModelConfig, TrainConfig
 from dancegrpo_trainer.core.sde import flow_sde_step
-from dancegrpo_trainer.embedding_cache import EmbeddingCache, precompute_embeddings
 from dancegrpo_trainer.policies.base import Conditioning
 from dancegrpo_trainer.policies.wan import (
     WAN_LORA_TARGET_MODULES,
@@ -72,15 +73,6 @@ VARIANTS = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models gain nothing from intra-op threads on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _config(variant: Variant, **overrides: Any) -> WanConfig:
     options = {
         "resolution": variant.resolution,
@@ -121,17 +113,8 @@ def _noise(policy: WanPolicy, seeds: list[int]) -> torch.Tensor:
 
 
 def _rollout(policy: WanPolicy, cond: Conditioning, x: torch.Tensor, eta: float, seed: int = 0):
-    """``[x_0 .. x_n]`` and log-probs ``[N, n]`` of ``STEPS`` steps from ``x``."""
-    generator = torch.Generator().manual_seed(seed)
-    schedule = policy.schedule(STEPS)
-    trajectory, log_probs = [x], []
-    with torch.no_grad():
-        for i in range(STEPS):
-            out = policy.denoise_step(x, i, schedule, cond, eta=eta, generator=generator)
-            x = out.prev_sample
-            trajectory.append(x)
-            log_probs.append(out.log_prob)
-    return schedule, trajectory, torch.stack(log_probs, dim=1)
+    """``(schedule, [x_0 .. x_n], log-probs [N, n])`` of ``STEPS`` steps from ``x``."""
+    return rollout_trajectory(policy, cond, STEPS, eta, seed, noise=x)
 
 
 def _euler_on_flow_sigmas(shift: float):
@@ -205,18 +188,12 @@ def test_eta0_sampling_matches_diffusers_pipeline(name):
         if variant.image
         else policy.initial_noise(2, torch.Generator().manual_seed(0))
     )
-    schedule, trajectory, log_probs = _rollout(policy, cond, x0, eta=0.0)
-
-    torch.testing.assert_close(schedule.sigmas, pipe.scheduler.sigmas, atol=1e-6, rtol=0)
+    final = checks.assert_eta0_matches_pipeline(
+        policy, cond, pipe.scheduler, expected, expected_frames, num_steps=STEPS, noise=x0
+    )
     latents = (policy.latent_channels, 3, policy.latent_height, policy.latent_width)
-    assert trajectory[-1].shape == (2, *latents)
-    torch.testing.assert_close(trajectory[-1], expected, atol=1e-4, rtol=1e-4)
-    assert torch.all(log_probs == 0)
-    frames = policy.decode(trajectory[-1])
-    assert frames.dtype == torch.uint8
-    assert frames.shape == (2, NUM_FRAMES, variant.resolution, variant.resolution, 3)
-    reference = np.round(expected_frames * 255).astype(np.int16)
-    assert np.abs(frames.numpy().astype(np.int16) - reference).max() <= 1
+    assert final.shape == (2, *latents)
+    assert expected_frames.shape == (2, NUM_FRAMES, variant.resolution, variant.resolution, 3)
 
 
 def test_schedule_is_the_checkpoints_flow_shift_schedule():
@@ -500,33 +477,11 @@ def test_recomputed_log_probs_give_ratio_one(name):
     policy = _policy(name)
     images = _images() if VARIANTS[name].image else None
     cond = _cond(policy, images).select([0, 0, 1, 1])  # as the trainer: rows per group member
-    schedule, trajectory, rollout_lp = _rollout(
-        policy, cond, policy.initial_noise(4, torch.Generator().manual_seed(3)), eta=0.7, seed=3
-    )
-    assert torch.isfinite(rollout_lp).all() and (rollout_lp != 0).all()
-    with torch.no_grad():
-        recomputed = torch.stack(
-            [
-                policy.denoise_step(
-                    trajectory[i], i, schedule, cond, eta=0.7, prev_sample=trajectory[i + 1]
-                ).log_prob
-                for i in range(STEPS)
-            ],
-            dim=1,
-        )
-    ratio = torch.exp(recomputed - rollout_lp)
-    assert torch.equal(ratio, torch.ones_like(ratio))
+    checks.assert_recompute_ratio_is_one(policy, cond, eta=0.7, num_steps=STEPS)
 
 
 def _grad_step(policy: WanPolicy, step: int, images: torch.Tensor | None = None) -> None:
-    cond = _cond(policy, images)
-    schedule, trajectory, _ = _rollout(
-        policy, cond, policy.initial_noise(2, torch.Generator().manual_seed(4)), eta=0.3, seed=4
-    )
-    out = policy.denoise_step(
-        trajectory[step], step, schedule, cond, eta=0.3, prev_sample=trajectory[step + 1]
-    )
-    out.log_prob.mean().backward()
+    checks.grad_step(policy, _cond(policy, images), eta=0.3, seed=4, step=step, num_steps=STEPS)
 
 
 def _has_grad(module: torch.nn.Module) -> bool:
@@ -536,22 +491,17 @@ def _has_grad(module: torch.nn.Module) -> bool:
 def test_gradients_reach_the_transformer_only():
     policy = _policy("wan21_i2v")
     _grad_step(policy, 1, _images())
-    grads = {n: p.grad for n, p in policy.trainable_module().named_parameters()}
-    for part in (
+    parts = (
         "patch_embedding",
         "condition_embedder.text_embedder",
         "condition_embedder.image_embedder",
         "blocks.1.attn2.add_k_proj",
-    ):
-        assert any(
-            g is not None and float(g.abs().sum()) > 0 for n, g in grads.items() if part in n
-        ), part
+    )
+    checks.assert_gradients_reach(policy.trainable_module(), parts)
     # The image and mask input channels of the patch embedding train too.
     proj = policy.transformer.patch_embedding.weight.grad
     assert float(proj[:, TINY_WAN_LATENT_CHANNELS:].abs().sum()) > 0
-    for frozen in (policy.text_encoder, policy.vae, policy.image_encoder):
-        assert not frozen.training
-        assert all(not p.requires_grad and p.grad is None for p in frozen.parameters())
+    checks.assert_frozen(policy.text_encoder, policy.vae, policy.image_encoder)
 
 
 def test_a_step_trains_only_its_own_expert():
@@ -603,18 +553,13 @@ def test_lora_on_both_experts_trains_the_steps_expert():
 
 
 def test_gradient_checkpointing_gives_the_same_gradient():
-    grads = []
-    for checkpointing in (False, True):
-        policy = _policy("wan22_t2v_a14b", train_experts="low_noise")
-        if checkpointing:
-            policy.enable_gradient_checkpointing()
-            assert policy.transformer_2.gradient_checkpointing
-            assert not policy.transformer.gradient_checkpointing  # frozen: not trained
-        policy.trainable_module().train()
-        _grad_step(policy, 2)
-        grads.append([p.grad.clone() for p in policy.transformer_2.parameters()])
-    for a, b in zip(*grads, strict=True):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    checkpointed = checks.assert_checkpointing_keeps_gradients(
+        lambda: _policy("wan22_t2v_a14b", train_experts="low_noise"),
+        lambda policy: _grad_step(policy, 2),
+        atol=1e-6,
+    )
+    assert checkpointed.trainable_module() is checkpointed.transformer_2
+    assert not checkpointed.transformer.gradient_checkpointing  # frozen: not trained
 
 
 def test_fsdp_blocks_are_the_wan_transformer_blocks():
@@ -693,17 +638,11 @@ def test_cached_text_plus_images_equals_direct_encoding(name, tmp_path):
     """What the trainer does with data.embedding_cache: text rows from the cache (prompt and
     negative prompt), image conditioning encoded at rollout, merged."""
     pipe = VARIANTS[name].build()
-    policy = _policy(name, pipe)
-    images = _images()
-    precompute_embeddings(policy, PROMPTS, tmp_path)
-    cache = EmbeddingCache(tmp_path)
-    assert set(cache.keys) == {"prompt_embeds", "negative_prompt_embeds"}
     no_text = WanI2VPolicy.from_pipeline(pipe, _config(VARIANTS[name], load_text_encoders=False))
-    merged = {**cache.lookup(PROMPTS).tensors, **no_text.encode_condition_images(images).tensors}
-    direct = policy.encode_prompts(PROMPTS, images)
-    assert set(merged) == set(direct.tensors)
-    for key, value in direct.tensors.items():
-        torch.testing.assert_close(merged[key], value, rtol=0, atol=0)
+    cache = checks.assert_cache_matches_encoding(
+        _policy(name, pipe), PROMPTS, tmp_path, images=_images(), image_policy=no_text
+    )
+    assert set(cache.keys) == {"prompt_embeds", "negative_prompt_embeds"}
 
 
 def test_text_to_video_policy_refuses_images_and_i2v_checkpoints():

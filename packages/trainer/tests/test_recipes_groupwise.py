@@ -26,6 +26,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from dancegrpo_testing.torch_threads import one_torch_thread  # noqa: F401 - autouse
+from dancegrpo_testing.trainer_runs import RecordingTrainer, records, trainable_state
 from dancegrpo_trainer import trainer as trainer_module
 from dancegrpo_trainer.cli import train_main
 from dancegrpo_trainer.config import config_from_dict
@@ -76,34 +78,7 @@ class RecordingScorer(RewardScorer):
         return out
 
 
-class RecordingTrainer(Trainer):
-    last: ClassVar[RecordingTrainer | None] = None
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.initial = trainable_state(self)
-        RecordingTrainer.last = self
-
-
-def trainable_state(trainer: Trainer) -> dict[str, torch.Tensor]:
-    module = trainer.policy.trainable_module()
-    return {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
-
-
-def records(run_dir: Path, split: str = "train") -> list[dict[str, Any]]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if r["split"] == split]
-
-
 # ------------------------------------------------------------------------------ fixtures
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

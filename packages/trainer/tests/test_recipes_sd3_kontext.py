@@ -30,6 +30,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from dancegrpo_testing.torch_threads import one_torch_thread  # noqa: F401 - autouse
+from dancegrpo_testing.trainer_runs import RecordingTrainer, records, trainable_state
 from dancegrpo_trainer import evaluate as ev
 from dancegrpo_trainer import trainer as trainer_module
 from dancegrpo_trainer.cli import train_main
@@ -62,15 +64,6 @@ GENEVAL_EVAL = [
     {"tag": "colors", "include": [{"class": "car", "count": 1, "color": "red"}], "prompt": "a car"},
 ]
 EDITS = (["make the cat red", "add a tree"], ["make the sky stormy"])
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """Tiny models gain nothing from intra-op threads on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def write_edit_prompts(folder: Path, name: str, prompts: Sequence[str]) -> Path:
@@ -165,17 +158,6 @@ def recipe_env(assets: dict[str, Any], server: str) -> Iterator[dict[str, Any]]:
         yield assets
 
 
-class RecordingTrainer(Trainer):
-    """The CLI's Trainer, remembering itself and its initial trainable weights."""
-
-    last: ClassVar[RecordingTrainer | None] = None
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.initial = trainable_state(self)
-        RecordingTrainer.last = self
-
-
 class RecordingScorer(RewardScorer):
     """The real gRPC scorer, keeping the prompts and condition images it sent."""
 
@@ -197,16 +179,6 @@ def recording(monkeypatch: pytest.MonkeyPatch) -> None:
     RecordingTrainer.last = RecordingScorer.last = None
     monkeypatch.setattr(trainer_module, "Trainer", RecordingTrainer)
     monkeypatch.setattr(trainer_module, "RewardScorer", RecordingScorer)
-
-
-def trainable_state(trainer: Trainer) -> dict[str, torch.Tensor]:
-    module = trainer.policy.trainable_module()
-    return {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
-
-
-def records(run_dir: Path, split: str = "train") -> list[dict[str, Any]]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if r["split"] == split]
 
 
 def run_recipe(name: str, out: Path, *overrides: str) -> RecordingTrainer:

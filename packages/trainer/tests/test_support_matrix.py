@@ -53,7 +53,6 @@ import dataclasses
 import json
 import math
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +67,7 @@ from dancegrpo_testing.flow_policies import (
     TWO_EXPERT_WAN,
     tiny_flow_policy,
 )
+from dancegrpo_testing.torch_threads import one_torch_thread  # noqa: F401 - autouse
 from dancegrpo_trainer.config import (
     CFG_WEIGHT_OPTIONS,
     PIXEL_MULTIPLES,
@@ -186,14 +186,6 @@ def resume_cases() -> list[Case]:
             own.sort(key=lambda c: (c.window not in MOVING_WINDOWS, c.lora != (i % 2 == 1)))
             out.append(own[0])
     return [*out, Case("stable_diffusion", "grpo", lora=True, drop=True)]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class _Scorer:

@@ -4,9 +4,7 @@ and the configured sampler in ``dancegrpo-sample`` / ``dancegrpo-eval``."""
 
 from __future__ import annotations
 
-import concurrent.futures
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,49 +13,19 @@ import pytest
 import torch
 
 from dancegrpo_testing.flow_policies import FLOW_KINDS
+from dancegrpo_testing.scorers import RednessScorer
+from dancegrpo_testing.torch_threads import one_torch_thread  # noqa: F401 - autouse
+from dancegrpo_testing.trainer_runs import records, trainable_state
 from dancegrpo_trainer.algorithms.grpo import GRPO
 from dancegrpo_trainer.config import ConfigError, ModelConfig, TrainConfig, config_from_dict
 from dancegrpo_trainer.core import gaussian_mean_kl, group_advantages, velocity_kl
 from dancegrpo_trainer.rollout import sample_rollout, seeded_generators
-from dancegrpo_trainer.scoring import Scores
 from dancegrpo_trainer.trainer import Trainer
 from dancegrpo_trainer.update import GradNormMonitor, policy_update
 from dancegrpo_trainer.weights import ReferencePolicy
 
 ROOT = Path(__file__).resolve().parents[3]
 PROMPTS = ["a red square", "a blue square", "a green square"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-class Scorer:
-    """Redness, except prompts with a word in ``constant`` score 0.5 whatever the frames
-    (a group of those has all-equal rewards); remembers the frame sizes it saw."""
-
-    def __init__(self, constant: tuple[str, ...] = (), label: str = "r/score") -> None:
-        self.constant = constant
-        self.label = label
-        self.shapes: list[tuple[int, ...]] = []
-
-    def submit(self, frames, prompts, condition_images=None, metadata=None):  # noqa: ANN001
-        x = np.asarray(frames, dtype=np.float32) / 255.0
-        self.shapes.append(x.shape)
-        score = (x[..., 0].mean(axis=(1, 2)) - x[..., 2].mean(axis=(1, 2))).astype(np.float32)
-        for j, p in enumerate(prompts):
-            if any(word in p for word in self.constant):
-                score[j] = 0.5
-        future: concurrent.futures.Future = concurrent.futures.Future()
-        future.set_result(Scores({self.label: score}, {self.label: score}))
-        return future
-
-    def close(self) -> None:
-        pass
 
 
 def sections(out: Path, **override: dict[str, Any]) -> dict[str, Any]:
@@ -94,12 +62,7 @@ def sections(out: Path, **override: dict[str, Any]) -> dict[str, Any]:
     return base
 
 
-def weights(trainer: Trainer) -> dict[str, torch.Tensor]:
-    module = trainer.policy.trainable_module()
-    return {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
-
-
-def run(out: Path, scorer: Scorer, steps: int | None = None, **override) -> Trainer:
+def run(out: Path, scorer: RednessScorer, steps: int | None = None, **override) -> Trainer:
     trainer = Trainer(config_from_dict(sections(out, **override)), scorer=scorer)
     try:
         if steps is None:
@@ -110,11 +73,6 @@ def run(out: Path, scorer: Scorer, steps: int | None = None, **override) -> Trai
     finally:
         trainer.close()
     return trainer
-
-
-def train_records(out: Path) -> list[dict[str, Any]]:
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if r["split"] == "train"]
 
 
 # ------------------------------------------------------------ dropping constant groups
@@ -221,27 +179,27 @@ def test_keeping_every_group_is_bit_identical_to_grpo():
 @pytest.mark.parametrize("pipelined", [True, False], ids=["pipelined", "wait_for_all"])
 def test_trainer_drops_constant_groups_logs_the_share_and_resumes_exactly(tmp_path, pipelined):
     train = {"drop_constant_groups": True, "pipeline_update": pipelined}
-    full = run(tmp_path / "full", Scorer(("blue",)), train=train)
-    rows = train_records(tmp_path / "full")
+    full = run(tmp_path / "full", RednessScorer(("blue",)), train=train)
+    rows = records(tmp_path / "full")
     assert [r["groups_dropped_frac"] for r in rows] == [pytest.approx(1 / 3)] * 2
     assert all(r["skipped"] == 0 and r["grad_norm"] > 0 for r in rows)
-    half = run(tmp_path / "resumed", Scorer(("blue",)), run={"max_steps": 1}, train=train)
+    half = run(tmp_path / "resumed", RednessScorer(("blue",)), run={"max_steps": 1}, train=train)
     assert half.step == 1
-    resumed = run(tmp_path / "resumed", Scorer(("blue",)), train=train)
-    for k, v in weights(resumed).items():
-        assert torch.equal(v, weights(full)[k]), k
+    resumed = run(tmp_path / "resumed", RednessScorer(("blue",)), train=train)
+    for k, v in trainable_state(resumed).items():
+        assert torch.equal(v, trainable_state(full)[k]), k
 
 
 def test_pipelined_and_wait_for_all_drop_alike(tmp_path):
-    a = run(tmp_path / "a", Scorer(("blue",)), train={"drop_constant_groups": True})
+    a = run(tmp_path / "a", RednessScorer(("blue",)), train={"drop_constant_groups": True})
     b = run(
         tmp_path / "b",
-        Scorer(("blue",)),
+        RednessScorer(("blue",)),
         train={"drop_constant_groups": True, "pipeline_update": False},
     )
-    for k, v in weights(a).items():
-        torch.testing.assert_close(v, weights(b)[k], rtol=0, atol=1e-5)
-    ra, rb = train_records(tmp_path / "a"), train_records(tmp_path / "b")
+    for k, v in trainable_state(a).items():
+        torch.testing.assert_close(v, trainable_state(b)[k], rtol=0, atol=1e-5)
+    ra, rb = records(tmp_path / "a"), records(tmp_path / "b")
     for x, y in zip(ra, rb, strict=True):
         assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-4)
 
@@ -252,24 +210,24 @@ def test_best_of_n_selection_drops_alike_in_both_update_paths(tmp_path):
     for pipelined in (True, False):
         out = tmp_path / str(pipelined)
         train = {"drop_constant_groups": True, "pipeline_update": pipelined}
-        runs[pipelined] = run(out, Scorer(("blue",)), steps=1, rewards=best, train=train)
-        (row,) = train_records(out)
+        runs[pipelined] = run(out, RednessScorer(("blue",)), steps=1, rewards=best, train=train)
+        (row,) = records(out)
         assert row["groups_dropped_frac"] == pytest.approx(1 / 3) and row["grad_norm"] > 0
-    for k, v in weights(runs[True]).items():
-        torch.testing.assert_close(v, weights(runs[False])[k], rtol=0, atol=1e-5)
+    for k, v in trainable_state(runs[True]).items():
+        torch.testing.assert_close(v, trainable_state(runs[False])[k], rtol=0, atol=1e-5)
 
 
 def test_a_step_whose_every_group_is_constant_trains_nothing(tmp_path):
-    scorer = Scorer(("square",))
+    scorer = RednessScorer(("square",))
     trainer = Trainer(
         config_from_dict(sections(tmp_path, train={"drop_constant_groups": True})), scorer=scorer
     )
-    before = weights(trainer)
+    before = trainable_state(trainer)
     record = trainer.train_step()
     trainer.close()
     assert record["groups_dropped_frac"] == 1.0 and record["skipped"] == 1.0
     assert record["grad_norm"] == 0.0 and "loss" not in record
-    assert all(torch.equal(v, weights(trainer)[k]) for k, v in before.items())
+    assert all(torch.equal(v, trainable_state(trainer)[k]) for k, v in before.items())
     assert list(trainer.grad_monitor.history) == []  # no norm recorded for it
 
 
@@ -340,8 +298,8 @@ def test_kl_is_zero_at_the_reference_and_measures_what_kl_type_says(kl_type):
 
 
 def test_velocity_kl_trains_and_stable_diffusion_refuses_it(tmp_path):
-    run(tmp_path, Scorer(), train={"kl_coef": 0.1, "kl_type": "velocity"})
-    rows = train_records(tmp_path)
+    run(tmp_path, RednessScorer(), train={"kl_coef": 0.1, "kl_type": "velocity"})
+    rows = records(tmp_path)
     assert rows[0]["kl"] == 0.0 and rows[1]["kl"] > 0  # step 1 is at the reference
     with pytest.raises(ConfigError, match="train.kl_type: velocity compares"):
         config_from_dict(
@@ -474,7 +432,7 @@ def test_cfg_free_trains_and_adapters_without_cfg_refuse_it(cfg_folders, tmp_pat
             run={"max_steps": 1},
         )
     )
-    trainer = Trainer(cfg, scorer=Scorer())
+    trainer = Trainer(cfg, scorer=RednessScorer())
     seen: list[tuple[str, int]] = []
     _forward_batches(trainer.policy, seen)
     record = trainer.train_step()
@@ -541,7 +499,7 @@ def test_stable_diffusion_samples_at_another_resolution(cfg_folders):
 
 
 def test_trainer_evaluates_at_the_eval_resolution(tmp_path):
-    scorer = Scorer()
+    scorer = RednessScorer()
     trainer = Trainer(
         config_from_dict(
             sections(
@@ -615,7 +573,7 @@ def test_sample_cli_samples_with_the_configured_sampler(tmp_path, monkeypatch):
     import dancegrpo_trainer.scoring as scoring
     from dancegrpo_trainer.cli import sample_main
 
-    class FakeScorer(Scorer):
+    class FakeScorer(RednessScorer):
         def __init__(self, endpoints, **kwargs) -> None:  # noqa: ANN001, ANN003
             super().__init__(label=endpoints[0].label)
 

@@ -4,13 +4,13 @@ endpoint (test_scoring_outage.py: outages within it)."""
 
 from __future__ import annotations
 
-import json
 import socket
 from pathlib import Path
 
 import pytest
 import torch
 
+from dancegrpo_testing.trainer_runs import records
 from dancegrpo_trainer.config import load_config
 from dancegrpo_trainer.scoring import RewardScoringError
 from dancegrpo_trainer.trainer import Trainer
@@ -54,11 +54,6 @@ def params(trainer: Trainer) -> dict[str, torch.Tensor]:
     }
 
 
-def train_records(run_dir: Path) -> list[dict]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if r["split"] == "train"]
-
-
 def test_resume_continues_exactly_like_an_uninterrupted_run(reward_target: str, tmp_path: Path):
     full = Trainer(small_config(reward_target, tmp_path / "full"))
     full.train()
@@ -74,7 +69,7 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(reward_target: str, 
 
     for key, value in params(full).items():
         torch.testing.assert_close(params(resumed)[key], value, rtol=0, atol=0)
-    a, b = train_records(tmp_path / "full"), train_records(tmp_path / "resumed")
+    a, b = records(tmp_path / "full"), records(tmp_path / "resumed")
     assert [r["step"] for r in b] == [1, 2, 3, 4]
     for ra, rb in zip(a, b, strict=True):
         assert ra["reward_mean"] == rb["reward_mean"]
@@ -153,7 +148,7 @@ def test_full_fine_tune_and_lora_both_update_only_trainable_weights(
         assert any("lora_B" in k for k in changed)
     else:
         assert "prompt_rgb.weight" in changed and len(changed) > len(before) // 2
-    rec = train_records(tmp_path)[-1]
+    rec = records(tmp_path)[-1]
     assert rec["grad_norm"] > 0 and rec["skipped"] == 0
 
 

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import torch
 
+from dancegrpo_testing.torch_threads import one_torch_thread  # noqa: F401 - autouse
 from dancegrpo_trainer.config import TrainConfig, config_from_dict
 from dancegrpo_trainer.policies.tiny_flow import TinyFlowPolicy
 from dancegrpo_trainer.rollout import derive_seed, group_parts, sample_rollout
@@ -31,14 +32,6 @@ TIMING_KEYS = {"sample_s", "reward_wait_s", "train_s"}
 # Parameters are ~1 (float32 ulp 1.2e-7); a micro-batch split at a group boundary sums
 # the same terms in another order. Training moves them by ~1e-3 (asserted below).
 ATOL = 1e-5
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -34,6 +34,8 @@ from PIL import Image
 from safetensors.torch import load_file
 from torch import nn
 
+from dancegrpo_testing.torch_threads import one_torch_thread  # noqa: F401 - autouse
+from dancegrpo_testing.trainer_runs import RecordingTrainer, records, trainable_state
 from dancegrpo_trainer import trainer as trainer_module
 from dancegrpo_trainer.cli import train_main
 from dancegrpo_trainer.config import config_from_dict, load_config
@@ -131,16 +133,6 @@ GENEVAL_EVAL = [
 
 
 # ------------------------------------------------------------------------------ fixtures
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine
-    OpenMP spinning made each step ~50x slower (16 s instead of 0.3 s)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -338,17 +330,6 @@ def recipe_env(assets: dict[str, Path], server: str) -> Iterator[dict[str, Path]
         yield assets
 
 
-class RecordingTrainer(Trainer):
-    """The CLI's Trainer, remembering itself and its initial trainable weights."""
-
-    last: ClassVar[RecordingTrainer | None] = None
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.initial = trainable_state(self)
-        RecordingTrainer.last = self
-
-
 @pytest.fixture
 def cli_trainer(monkeypatch: pytest.MonkeyPatch) -> type[RecordingTrainer]:
     """Lets a test inspect the Trainer that ``train_main`` (the CLI) builds."""
@@ -374,16 +355,6 @@ def write_i2v_prompts(folder: Path, name: str, prompts: Sequence[str]) -> Path:
     path = folder / f"{name}.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
-
-
-def trainable_state(trainer: Trainer) -> dict[str, torch.Tensor]:
-    module = trainer.policy.trainable_module()
-    return {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
-
-
-def records(run_dir: Path, split: str = "train") -> list[dict[str, Any]]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if r["split"] == split]
 
 
 def run_recipe(name: str, out: Path, *overrides: str) -> RecordingTrainer:

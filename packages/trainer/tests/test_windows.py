@@ -3,12 +3,12 @@ samplers through the rollout and the trainer, on every flow policy kind."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
+from dancegrpo_testing.torch_threads import one_torch_thread  # noqa: F401 - autouse
 from dancegrpo_trainer.config import ConfigError, WindowConfig, config_from_dict
 from dancegrpo_trainer.core.dpm_solver import dpm_solver_pp_step
 from dancegrpo_trainer.policies.tiny_flow import TinyFlowPolicy
@@ -16,14 +16,6 @@ from dancegrpo_trainer.rollout import RolloutPlan, sample_rollout, seeded_genera
 from dancegrpo_trainer.windows import mixgrpo_start, rollout_plan, window_bounds, window_starts
 
 PROMPTS = ["a red square", "a blue square", "a green square"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _tiny() -> TinyFlowPolicy:

@@ -18,6 +18,17 @@ Submodules, each importing its heavy dependencies only when used:
 - ``geneval_models``: a tiny Mask2Former COCO folder (hub layout) + colour CLIP for ``geneval``.
 - ``videoalign_models``: a tiny Qwen2-VL VideoAlign model (offline BPE tokenizer with the
   reward tokens, ``rm_head``) as an HF folder, and a VideoReward release (peft LoRA).
+- ``policy_checks``: the guarantees every policy adapter's tests check (η = 0 parity with
+  its pipeline, on-policy ratio exactly 1, where gradients land, LoRA, gradient
+  checkpointing, embedding cache, ``from_pipeline`` leaving modules as they were).
+- ``reward_checks``: what every reward kind's tests check (a batch scores as its samples
+  one at a time; a real server lists and scores a reward as the local one does).
+- ``scorers``: ``RednessScorer``, the in-process stand-in for a reward service that the
+  trainer tests hand to ``Trainer``.
+- ``trainer_runs``: what trainer tests inspect of a run (``trainable_state``,
+  ``RecordingTrainer`` for the Trainer the CLI builds, ``records`` of ``metrics.jsonl``).
+- ``torch_threads``: ``one_torch_thread``, the autouse fixture a module imports to run on
+  one intra-op thread.
 - ``images``: tiny encoded test images and a probe of what PIL actually decodes.
 - ``servers``: ``running_reward_server(config)`` starts ``dancegrpo-rewards serve`` as a
   real subprocess on an ephemeral loopback port.

@@ -382,8 +382,9 @@ def save_pipeline(pipe: Any, directory: str | Path) -> Path:
     return directory
 
 
-def rollout_trajectory(policy, cond, num_steps: int, eta: float, seed: int):
-    """Samples ``len(cond)`` trajectories with ``policy`` (no grad) from a seeded generator.
+def rollout_trajectory(policy, cond, num_steps: int, eta: float, seed: int, noise=None):
+    """Samples ``len(cond)`` trajectories with ``policy`` (no grad) from a seeded generator
+    (the initial noise too, unless ``noise`` gives it).
 
     Returns ``(schedule, [x_0 .. x_num_steps], log_probs [N, num_steps])``.
     """
@@ -391,7 +392,7 @@ def rollout_trajectory(policy, cond, num_steps: int, eta: float, seed: int):
 
     generator = torch.Generator().manual_seed(seed)
     schedule = policy.schedule(num_steps)
-    x = policy.initial_noise(len(cond), generator=generator)
+    x = noise if noise is not None else policy.initial_noise(len(cond), generator=generator)
     trajectory, log_probs = [x], []
     with torch.no_grad():
         for i in range(num_steps):

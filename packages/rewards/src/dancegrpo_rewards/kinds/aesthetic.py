@@ -33,8 +33,8 @@ from dancegrpo_rewards.kinds.options import (
     OptionError,
     check_device,
     check_dtype,
+    option_path,
     parse_options,
-    resolve_path,
 )
 from dancegrpo_rewards.kinds.runtime import torch_device, torch_dtype
 
@@ -139,7 +139,7 @@ class AestheticReward(Reward):
         assert self.config.mlp_checkpoint is not None
         self._mlp_what = f"reward {name!r}: aesthetic head (option 'mlp_checkpoint')"
         self.mlp_checkpoint = require_file(
-            resolve_path("mlp_checkpoint", self.config.mlp_checkpoint),
+            option_path(name, "mlp_checkpoint", self.config.mlp_checkpoint),
             what=self._mlp_what,
             expected=MLP_EXPECTED,
             docs_section=DOCS_SECTION,

@@ -28,7 +28,7 @@ from dancegrpo_rewards.kinds.checkpoints import (
     require_dir,
     require_file,
 )
-from dancegrpo_rewards.kinds.options import OptionError, resolve_path
+from dancegrpo_rewards.kinds.options import OptionError, option_path
 
 
 class ClipEncoder(Protocol):
@@ -134,7 +134,7 @@ def resolve_backbone(
     """
     if hf_path:
         key = f"{option_prefix}hf_path"
-        path = resolve_path(key, hf_path)
+        path = option_path(reward_name, key, hf_path)
         what = f"reward {reward_name!r}: CLIPModel folder (option '{key}')"
         require_dir(
             path, [hf.CONFIG_FILE], what=what, expected=HF_EXPECTED, docs_section=docs_section
@@ -158,7 +158,7 @@ def resolve_backbone(
         )
     assert checkpoint is not None and arch is not None
     key = f"{option_prefix}checkpoint"
-    path = resolve_path(key, checkpoint)
+    path = option_path(reward_name, key, checkpoint)
     what = f"reward {reward_name!r}: open_clip checkpoint (option '{key}')"
     require_file(path, what=what, expected=OPEN_CLIP_EXPECTED, docs_section=docs_section)
     return BackboneSpec(

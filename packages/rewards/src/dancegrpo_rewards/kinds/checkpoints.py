@@ -10,10 +10,11 @@ options (``version_string``), so ``ListRewards`` tells clients exactly what scor
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import zipfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,24 @@ def checkpoint_error(
         f"{what} {problem}: {path}\n  expected: {expected}\n"
         f"  see {DOCS}, section {docs_section!r}, for where to get it"
     )
+
+
+@contextlib.contextmanager
+def load_errors_as_checkpoint_error(
+    path: Path,
+    *,
+    what: str,
+    expected: str,
+    docs_section: str,
+    problem: str = "could not be loaded",
+) -> Iterator[None]:
+    """Turns any failure inside the ``with`` block (a library's loader meeting a bad
+    folder or file) into a ``CheckpointError`` "``problem`` (the error)" naming ``path``, the
+    expected format and the docs section."""
+    try:
+        yield
+    except Exception as err:  # noqa: BLE001 - any failure means files that do not fit
+        raise checkpoint_error(path, what, expected, docs_section, f"{problem} ({err})") from err
 
 
 def require_file(path: Path, *, what: str, expected: str, docs_section: str) -> Path:
@@ -112,7 +131,9 @@ def load_state_dict_file(
     import torch
 
     require_file(path, what=what, expected=expected, docs_section=docs_section)
-    try:
+    with load_errors_as_checkpoint_error(
+        path, what=what, expected=expected, docs_section=docs_section, problem="could not be read"
+    ):
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
@@ -121,10 +142,6 @@ def load_state_dict_file(
             obj = torch.jit.load(str(path), map_location="cpu").state_dict()
         else:
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any load failure is a format problem
-        raise checkpoint_error(
-            path, what, expected, docs_section, f"could not be read ({err})"
-        ) from err
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]
     if (

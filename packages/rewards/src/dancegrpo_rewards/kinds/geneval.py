@@ -49,8 +49,8 @@ from dancegrpo_rewards.kinds.options import (
     OptionError,
     check_device,
     check_dtype,
+    option_path,
     parse_options,
-    resolve_path,
 )
 from dancegrpo_rewards.kinds.runtime import torch_device, torch_dtype
 
@@ -313,7 +313,7 @@ class GenEvalReward(Reward):
         self.config = parse_options(GenEvalOptions, options, reward_name=name)
         self.thresholds = self.config.thresholds
         assert self.config.detector_path is not None
-        self.detector_path = resolve_path("detector_path", self.config.detector_path)
+        self.detector_path = option_path(name, "detector_path", self.config.detector_path)
         self._detector_what = f"reward {name!r}: detector folder (option 'detector_path')"
         self._class_names = check_detector_folder(
             self.detector_path, what=self._detector_what, docs_section=DOCS_SECTION

@@ -45,7 +45,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from dancegrpo_rewards.kinds.checkpoints import checkpoint_error, require_dir
+from dancegrpo_rewards.kinds.checkpoints import (
+    checkpoint_error,
+    load_errors_as_checkpoint_error,
+    require_dir,
+)
 from dancegrpo_rewards.kinds.geneval_rules import CLASS_ALIASES, GENEVAL_CLASSES, Detection
 
 CONFIG_FILE = "config.json"
@@ -329,15 +333,13 @@ def load_mask2former(
     (except the loss's config-derived ``criterion.*`` buffer)."""
     from transformers import Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessor
 
-    try:
+    with load_errors_as_checkpoint_error(
+        path, what=what, expected=EXPECTED, docs_section=docs_section
+    ):
         model, info = Mask2FormerForUniversalSegmentation.from_pretrained(
             str(path), local_files_only=True, output_loading_info=True
         )
         processor = Mask2FormerImageProcessor.from_pretrained(str(path), local_files_only=True)
-    except Exception as err:  # noqa: BLE001 - any failure means a bad folder
-        raise checkpoint_error(
-            path, what, EXPECTED, docs_section, f"could not be loaded ({err})"
-        ) from err
     missing = sorted(k for k in info.get("missing_keys") or [] if not k.startswith("criterion."))
     if missing:
         problem = f"lacks {len(missing)} weights of the model (e.g. {', '.join(missing[:3])})"

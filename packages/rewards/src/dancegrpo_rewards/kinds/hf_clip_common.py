@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dancegrpo_rewards.kinds.checkpoints import checkpoint_error
+from dancegrpo_rewards.kinds.checkpoints import load_errors_as_checkpoint_error
 
 #: The model config every CLIPModel folder holds.
 CONFIG_FILE = "config.json"
@@ -70,13 +70,19 @@ class HFClipEncoder:
         Images are handed to the processor as ``uint8 [3, H, W]`` tensors, as
         torchmetrics' CLIPScore does.
         """
-        images = [torch.from_numpy(np.ascontiguousarray(m)).permute(2, 0, 1) for m in media]
-        # Said, not inferred: a tiny crop such as 3 x 5 would be ambiguous to infer.
-        pixels = self.processor(
-            images=images, return_tensors="pt", input_data_format="channels_first"
-        )["pixel_values"]
+        pixels = processor_pixels(self.processor, media)
         out = self.model.get_image_features(pixel_values=pixels.to(self.device, self.dtype))
         return torch.nn.functional.normalize(_pooled(out).float(), dim=-1)
+
+
+def processor_pixels(processor: Any, media: Sequence[np.ndarray]) -> torch.Tensor:
+    """``pixel_values`` of ``uint8 [H, W, 3]`` images through a Hugging Face image
+    processor, handed over as ``uint8 [3, H, W]`` tensors (as torchmetrics' CLIPScore does)."""
+    images = [torch.from_numpy(np.ascontiguousarray(m)).permute(2, 0, 1) for m in media]
+    # Said, not inferred: a tiny crop such as 3 x 5 would be ambiguous to infer.
+    return processor(images=images, return_tensors="pt", input_data_format="channels_first")[
+        "pixel_values"
+    ]
 
 
 def has_processor_config(path: Path) -> bool:
@@ -101,12 +107,10 @@ def load_hf_clip_encoder(
     """Loads a ``CLIPModel`` folder (eval mode) on ``device`` in ``dtype``."""
     from transformers import CLIPModel, CLIPProcessor
 
-    try:
+    with load_errors_as_checkpoint_error(
+        path, what=what, expected=expected, docs_section=docs_section
+    ):
         model = CLIPModel.from_pretrained(str(path), local_files_only=True)
         processor = CLIPProcessor.from_pretrained(str(path), local_files_only=True)
-    except Exception as err:  # noqa: BLE001 - any failure means a bad folder
-        raise checkpoint_error(
-            path, what, expected, docs_section, f"could not be loaded ({err})"
-        ) from err
     model = model.to(device=device, dtype=dtype).eval()
     return HFClipEncoder(model=model, processor=processor, device=device, dtype=dtype)

@@ -19,12 +19,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from dancegrpo_rewards.kinds.checkpoints import checkpoint_error, require_dir
+from dancegrpo_rewards.kinds.checkpoints import (
+    checkpoint_error,
+    load_errors_as_checkpoint_error,
+    require_dir,
+)
 from dancegrpo_rewards.kinds.hf_clip_common import (
     CONFIG_FILE,
     PROCESSOR_FILES,
     has_processor_config,
     has_weights,
+    processor_pixels,
 )
 
 EXPECTED = (
@@ -71,10 +76,7 @@ class HFDinov2Encoder:
         """``[N, D]`` float32 L2-normalised class-token features of ``uint8 [H, W, 3]``
         images, preprocessed by the folder's own image processor (given ``uint8 [3, H, W]``
         tensors, channels said explicitly)."""
-        images = [torch.from_numpy(np.ascontiguousarray(m)).permute(2, 0, 1) for m in media]
-        pixels = self.processor(
-            images=images, return_tensors="pt", input_data_format="channels_first"
-        )["pixel_values"]
+        pixels = processor_pixels(self.processor, media)
         out = self.model(pixel_values=pixels.to(self.device, self.dtype))
         return torch.nn.functional.normalize(out.pooler_output.float(), dim=-1)
 
@@ -85,12 +87,10 @@ def load_hf_dinov2_encoder(
     """Loads a DINOv2 folder (eval mode) on ``device`` in ``dtype``."""
     from transformers import AutoImageProcessor, Dinov2Model
 
-    try:
+    with load_errors_as_checkpoint_error(
+        path, what=what, expected=EXPECTED, docs_section=docs_section
+    ):
         model = Dinov2Model.from_pretrained(str(path), local_files_only=True)
         processor = AutoImageProcessor.from_pretrained(str(path), local_files_only=True)
-    except Exception as err:  # noqa: BLE001 - any failure means a bad folder
-        raise checkpoint_error(
-            path, what, EXPECTED, docs_section, f"could not be loaded ({err})"
-        ) from err
     model = model.to(device=device, dtype=dtype).eval()
     return HFDinov2Encoder(model=model, processor=processor, device=device, dtype=dtype)

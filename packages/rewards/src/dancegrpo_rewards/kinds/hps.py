@@ -24,8 +24,8 @@ from dancegrpo_rewards.kinds.options import (
     check_device,
     check_dtype,
     check_non_negative,
+    option_path,
     parse_options,
-    resolve_path,
 )
 from dancegrpo_rewards.kinds.runtime import TextFeatureCache, torch_device, torch_dtype
 
@@ -85,7 +85,7 @@ class HPSReward(Reward):
         self.config = parse_options(HPSOptions, options, reward_name=name)
         assert self.config.checkpoint is not None
         self.checkpoint = require_file(
-            resolve_path("checkpoint", self.config.checkpoint),
+            option_path(name, "checkpoint", self.config.checkpoint),
             what=f"reward {name!r}: HPS checkpoint (option 'checkpoint')",
             expected=EXPECTED,
             docs_section=DOCS_SECTION,
@@ -94,7 +94,7 @@ class HPSReward(Reward):
         digests = {"checkpoint": file_digest(self.checkpoint)}
         if self.config.base_checkpoint:
             self.base_checkpoint = require_file(
-                resolve_path("base_checkpoint", self.config.base_checkpoint),
+                option_path(name, "base_checkpoint", self.config.base_checkpoint),
                 what=f"reward {name!r}: open_clip base checkpoint (option 'base_checkpoint')",
                 expected="an open_clip state dict for `arch`",
                 docs_section=DOCS_SECTION,

@@ -35,11 +35,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from dancegrpo_rewards.base import Reward, RewardBatch, RewardConfigError, SampleError
+from dancegrpo_rewards.base import Reward, RewardBatch, SampleError
 from dancegrpo_rewards.kinds.checkpoints import (
     checkpoint_error,
     file_digest,
     folder_digest,
+    load_errors_as_checkpoint_error,
     require_dir,
     require_file,
     version_string,
@@ -49,9 +50,10 @@ from dancegrpo_rewards.kinds.options import (
     check_device,
     check_dtype,
     check_positive,
+    option_path,
     parse_options,
-    resolve_path,
 )
+from dancegrpo_rewards.kinds.qwen2vl_backbone import build_backbone, embedding_rows
 from dancegrpo_rewards.kinds.runtime import torch_device, torch_dtype
 
 DOCS_SECTION = "hpsv3"
@@ -235,46 +237,6 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     return dict(state)
 
 
-def _embedding_rows(state_dict: Mapping[str, torch.Tensor]) -> int:
-    keys = [k for k in state_dict if k.endswith("embed_tokens.weight")]
-    if len(keys) != 1:
-        raise KeyError(f"expected one embed_tokens.weight, found {keys}")
-    return int(state_dict[keys[0]].shape[0])
-
-
-def build_backbone(
-    config: Any, state_dict: Mapping[str, torch.Tensor], dtype: torch.dtype, attn: str
-) -> Any:
-    """``Qwen2VLModel`` (vision tower + language model) from the checkpoint, strictly.
-
-    Key names of transformers 4 (``model.layers.*``, ``visual.*``, as HPSv3 saved them) are
-    mapped by transformers; ``lm_head`` is never evaluated, so it is dropped and tied.
-    """
-    from transformers import Qwen2VLForConditionalGeneration
-
-    weights = {k: v for k, v in state_dict.items() if not k.startswith("lm_head.")}
-    config.tie_word_embeddings = True
-    config.text_config.vocab_size = _embedding_rows(weights)
-    model, info = Qwen2VLForConditionalGeneration.from_pretrained(
-        None,
-        config=config,
-        state_dict=weights,
-        dtype=dtype,
-        attn_implementation=attn,
-        output_loading_info=True,
-    )
-    problems = {
-        "missing": sorted(k for k in info["missing_keys"] if not k.startswith("lm_head.")),
-        "unexpected": sorted(info["unexpected_keys"]),
-        "mismatched": sorted(str(k) for k in info["mismatched_keys"]),
-    }
-    problems = {label: keys for label, keys in problems.items() if keys}
-    if problems:
-        detail = "; ".join(f"{label}: {', '.join(keys[:5])}" for label, keys in problems.items())
-        raise ValueError(f"weights do not match the base config.json ({detail})")
-    return model.model.eval()
-
-
 @dataclasses.dataclass
 class LoadedHPSv3:
     """A loaded HPSv3: ``Qwen2VLModel``, float32 head, processor, the reward token's id."""
@@ -326,16 +288,13 @@ class HPSv3Reward(Reward):
         super().__init__(name, options)
         self.config = parse_options(HPSv3Options, options, reward_name=name)
         assert self.config.checkpoint is not None
-        try:
-            self.checkpoint = resolve_path("checkpoint", self.config.checkpoint)
-            base = self.config.base_model_path
-            self.base_model_path = (
-                resolve_path("base_model_path", base)
-                if base
-                else self.checkpoint.parent / "Qwen2-VL-7B-Instruct"
-            )
-        except OptionError as err:
-            raise RewardConfigError(f"reward {name!r}: {err}") from None
+        self.checkpoint = option_path(name, "checkpoint", self.config.checkpoint)
+        base = self.config.base_model_path
+        self.base_model_path = (
+            option_path(name, "base_model_path", base)
+            if base
+            else self.checkpoint.parent / "Qwen2-VL-7B-Instruct"
+        )
         require_file(
             self.checkpoint,
             what=f"reward {name!r}: HPSv3 checkpoint (option 'checkpoint')",
@@ -394,17 +353,20 @@ class HPSv3Reward(Reward):
         device = torch_device(self.config.device, reward_name=self.name)
         dtype = torch_dtype(self.config.dtype)
         what = f"reward {self.name!r}: HPSv3 checkpoint (option 'checkpoint')"
-        try:
+        with load_errors_as_checkpoint_error(
+            self.checkpoint,
+            what=what,
+            expected=CHECKPOINT_EXPECTED,
+            docs_section=DOCS_SECTION,
+            problem="could not be read",
+        ):
             state_dict = read_checkpoint(self.checkpoint)
-        except Exception as err:  # noqa: BLE001 - any load failure is a format problem
-            raise checkpoint_error(
-                self.checkpoint,
-                what,
-                CHECKPOINT_EXPECTED,
-                DOCS_SECTION,
-                f"could not be read ({err})",
-            ) from err
-        try:
+        with load_errors_as_checkpoint_error(
+            self.checkpoint,
+            what=what,
+            expected=f"{CHECKPOINT_EXPECTED}, trained from {self.base_model_path}",
+            docs_section=DOCS_SECTION,
+        ):
             base = str(self.base_model_path)
             config = Qwen2VLConfig.from_pretrained(base, local_files_only=True)
             # As create_model_and_processor: right padding, <|Reward|> appended.
@@ -419,7 +381,7 @@ class HPSv3Reward(Reward):
                     if k.startswith("rm_head.")
                 }
             )
-            rows = _embedding_rows(state_dict)
+            rows = embedding_rows(state_dict)
             if len(processor.tokenizer) != rows:
                 # HPSv3 resized the embeddings to the extended tokenizer's length.
                 raise ValueError(
@@ -435,14 +397,6 @@ class HPSv3Reward(Reward):
                 raise ValueError(
                     f"rm_head maps {first} -> {_head_outputs(head)}, expected {hidden} -> 2 (mu, log sigma)"
                 )
-        except Exception as err:  # noqa: BLE001 - any failure means files that do not fit
-            raise checkpoint_error(
-                self.checkpoint,
-                what,
-                f"{CHECKPOINT_EXPECTED}, trained from {self.base_model_path}",
-                DOCS_SECTION,
-                f"could not be loaded ({err})",
-            ) from err
         self._model = LoadedHPSv3(
             backbone=backbone.to(device),
             head=head.to(device),

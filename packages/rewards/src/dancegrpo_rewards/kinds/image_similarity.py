@@ -35,8 +35,8 @@ from dancegrpo_rewards.kinds.options import (
     OptionError,
     check_device,
     check_dtype,
+    option_path,
     parse_options,
-    resolve_path,
 )
 from dancegrpo_rewards.kinds.runtime import torch_device, torch_dtype
 
@@ -118,7 +118,7 @@ class ImageSimilarityReward(Reward):
             digests, identity = self._clip.digests, dict(self._clip.identity)
         else:
             assert c.hf_path is not None
-            self._dino_path = resolve_path("hf_path", c.hf_path)
+            self._dino_path = option_path(name, "hf_path", c.hf_path)
             self._dino_what = f"reward {name!r}: DINOv2 folder (option 'hf_path')"
             dino.check_dinov2_folder(
                 self._dino_path, what=self._dino_what, docs_section=DOCS_SECTION

@@ -40,11 +40,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from dancegrpo_rewards.base import Reward, RewardBatch, RewardConfigError
+from dancegrpo_rewards.base import Reward, RewardBatch
 from dancegrpo_rewards.kinds.checkpoints import (
     checkpoint_error,
     file_digest,
     folder_digest,
+    load_errors_as_checkpoint_error,
     load_state_dict_file,
     require_dir,
     require_file,
@@ -54,8 +55,8 @@ from dancegrpo_rewards.kinds.options import (
     OptionError,
     check_device,
     check_dtype,
+    option_path,
     parse_options,
-    resolve_path,
 )
 from dancegrpo_rewards.kinds.runtime import torch_device, torch_dtype
 
@@ -373,21 +374,19 @@ class ImageRewardReward(Reward):
         super().__init__(name, options)
         self.config = parse_options(ImageRewardOptions, options, reward_name=name)
         assert self.config.checkpoint is not None
-        try:
-            self.checkpoint = resolve_path("checkpoint", self.config.checkpoint)
-            folder = self.checkpoint.parent
-            self.med_config = (
-                resolve_path("med_config", self.config.med_config)
-                if self.config.med_config
-                else folder / "med_config.json"
-            )
-            self.tokenizer_path = (
-                resolve_path("tokenizer_path", self.config.tokenizer_path)
-                if self.config.tokenizer_path
-                else folder / "bert-base-uncased"
-            )
-        except OptionError as err:
-            raise RewardConfigError(f"reward {name!r}: {err}") from None
+        c = self.config
+        self.checkpoint = option_path(name, "checkpoint", c.checkpoint)
+        folder = self.checkpoint.parent
+        self.med_config = (
+            option_path(name, "med_config", c.med_config)
+            if c.med_config
+            else folder / "med_config.json"
+        )
+        self.tokenizer_path = (
+            option_path(name, "tokenizer_path", c.tokenizer_path)
+            if c.tokenizer_path
+            else folder / "bert-base-uncased"
+        )
         require_file(
             self.checkpoint,
             what=f"reward {name!r}: ImageReward checkpoint (option 'checkpoint')",
@@ -453,16 +452,13 @@ class ImageRewardReward(Reward):
                 f"does not fit ({err})",
             ) from err
         tokenizer_what = f"reward {self.name!r}: tokenizer folder (option 'tokenizer_path')"
-        try:
+        with load_errors_as_checkpoint_error(
+            self.tokenizer_path,
+            what=tokenizer_what,
+            expected=TOKENIZER_EXPECTED,
+            docs_section=DOCS_SECTION,
+        ):
             tokenizer = load_tokenizer(self.tokenizer_path)
-        except Exception as err:  # noqa: BLE001 - any failure means a bad folder
-            raise checkpoint_error(
-                self.tokenizer_path,
-                tokenizer_what,
-                TOKENIZER_EXPECTED,
-                DOCS_SECTION,
-                f"could not be loaded ({err})",
-            ) from err
         vocab = model.text.config.vocab_size
         if len(tokenizer) > vocab:
             raise checkpoint_error(

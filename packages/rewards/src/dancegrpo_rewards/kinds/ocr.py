@@ -27,7 +27,7 @@ import numpy as np
 from dancegrpo_rewards.base import Reward, RewardBatch, RewardConfigError, SampleError
 from dancegrpo_rewards.kinds.checkpoints import file_digest, require_file, version_string
 from dancegrpo_rewards.kinds.ocr_text import ocr_match, ocr_target
-from dancegrpo_rewards.kinds.options import OptionError, parse_options, resolve_path
+from dancegrpo_rewards.kinds.options import OptionError, option_path, parse_options
 
 DOCS_SECTION = "ocr"
 #: The extra that installs this kind's dependencies.
@@ -136,10 +136,7 @@ class OcrReward(Reward):
                     continue
                 path = package_dir / _WHEEL_MODELS[key]
             else:
-                try:
-                    path = resolve_path(key, value)
-                except OptionError as err:
-                    raise RewardConfigError(f"reward {name!r}: {err}") from None
+                path = option_path(name, key, value)
             what = f"reward {name!r}: OCR model file (option {key!r})"
             require_file(path, what=what, expected=_EXPECTED[key], docs_section=DOCS_SECTION)
             self.model_paths[key] = path

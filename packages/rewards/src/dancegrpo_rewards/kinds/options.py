@@ -106,6 +106,15 @@ def resolve_path(key: str, value: str) -> Path:
     return Path(expanded)
 
 
+def option_path(reward_name: str, key: str, value: str) -> Path:
+    """``resolve_path`` of a reward's path option, its error naming the reward
+    (``RewardConfigError``)."""
+    try:
+        return resolve_path(key, value)
+    except OptionError as err:
+        raise RewardConfigError(f"reward {reward_name!r}: {err}") from None
+
+
 def check_dtype(key: str, value: str) -> None:
     """Validates a ``dtype`` option (one of ``DTYPE_NAMES``)."""
     if value not in DTYPE_NAMES:

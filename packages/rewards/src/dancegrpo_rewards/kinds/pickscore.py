@@ -25,11 +25,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from dancegrpo_rewards.base import Reward, RewardBatch, RewardConfigError
+from dancegrpo_rewards.base import Reward, RewardBatch
 from dancegrpo_rewards.kinds import hf_clip_common as hf
 from dancegrpo_rewards.kinds.checkpoints import (
     checkpoint_error,
     folder_digest,
+    load_errors_as_checkpoint_error,
     require_dir,
     version_string,
 )
@@ -38,8 +39,8 @@ from dancegrpo_rewards.kinds.options import (
     check_device,
     check_dtype,
     check_non_negative,
+    option_path,
     parse_options,
-    resolve_path,
 )
 from dancegrpo_rewards.kinds.runtime import TextFeatureCache, torch_device, torch_dtype
 
@@ -152,14 +153,11 @@ class PickScoreReward(Reward):
         super().__init__(name, options)
         self.config = parse_options(PickScoreOptions, options, reward_name=name)
         assert self.config.path is not None
-        try:
-            self.path = resolve_path("path", self.config.path)
-            processor = self.config.processor_path
-            self.processor_path = (
-                resolve_path("processor_path", processor) if processor else self.path
-            )
-        except OptionError as err:
-            raise RewardConfigError(f"reward {name!r}: {err}") from None
+        self.path = option_path(name, "path", self.config.path)
+        processor = self.config.processor_path
+        self.processor_path = (
+            option_path(name, "processor_path", processor) if processor else self.path
+        )
         model_what = f"reward {name!r}: PickScore model folder (option 'path')"
         require_dir(
             self.path,
@@ -216,27 +214,23 @@ class PickScoreReward(Reward):
 
         device = torch_device(self.config.device, reward_name=self.name)
         dtype = torch_dtype(self.config.dtype)
-        model_what = f"reward {self.name!r}: PickScore model folder (option 'path')"
-        try:
+        with load_errors_as_checkpoint_error(
+            self.path,
+            what=f"reward {self.name!r}: PickScore model folder (option 'path')",
+            expected=MODEL_EXPECTED,
+            docs_section=DOCS_SECTION,
+        ):
             model = CLIPModel.from_pretrained(str(self.path), local_files_only=True)
-        except Exception as err:  # noqa: BLE001 - any failure means a bad folder
-            raise checkpoint_error(
-                self.path, model_what, MODEL_EXPECTED, DOCS_SECTION, f"could not be loaded ({err})"
-            ) from err
-        processor_what = f"reward {self.name!r}: processor folder"
-        try:
+        with load_errors_as_checkpoint_error(
+            self.processor_path,
+            what=f"reward {self.name!r}: processor folder",
+            expected=PROCESSOR_EXPECTED,
+            docs_section=DOCS_SECTION,
+        ):
             tokenizer = AutoTokenizer.from_pretrained(
                 str(self.processor_path), local_files_only=True
             )
             image_processor = load_pil_image_processor(self.processor_path)
-        except Exception as err:  # noqa: BLE001 - any failure means a bad folder
-            raise checkpoint_error(
-                self.processor_path,
-                processor_what,
-                PROCESSOR_EXPECTED,
-                DOCS_SECTION,
-                f"could not be loaded ({err})",
-            ) from err
         self._model = PickScoreModel(
             model=model.to(device=device, dtype=dtype).eval(),
             tokenizer=tokenizer,

@@ -57,8 +57,10 @@ from dancegrpo_rewards.kinds.checkpoints import (
     CheckpointError,
     checkpoint_error,
     folder_digest,
+    load_errors_as_checkpoint_error,
 )
-from dancegrpo_rewards.kinds.options import resolve_path
+from dancegrpo_rewards.kinds.options import option_path
+from dancegrpo_rewards.kinds.qwen2vl_backbone import build_backbone, embedding_rows
 
 DOCS_SECTION = "videoalign"
 #: The added tokens whose hidden states the head reads, in output order (VQ, MQ, TA).
@@ -306,7 +308,7 @@ def _resolve_base_model(reward_name: str, value: str | None, release: Path) -> P
             f"VideoReward release folder; set it to {EXPECTED_BASE} "
             f"(docs/rewards.md, section {DOCS_SECTION!r})"
         )
-    base = resolve_path("base_model_path", value)
+    base = option_path(reward_name, "base_model_path", value)
     what = f"reward {reward_name!r}: base model (option 'base_model_path')"
     if not base.is_dir():
         raise checkpoint_error(base, what, EXPECTED_BASE, DOCS_SECTION, "folder not found")
@@ -371,7 +373,7 @@ def resolve_checkpoint(
             the message names the path, the expected layout and the docs section.
         RewardConfigError: ``base_model_path`` missing for a release or given for an HF folder.
     """
-    path = resolve_path("path", path_value)
+    path = option_path(reward_name, "path", path_value)
     what = f"reward {reward_name!r}: VideoAlign checkpoint (option 'path')"
     if not path.is_dir():
         raise checkpoint_error(path, what, EXPECTED_HF, DOCS_SECTION, "folder not found")
@@ -502,44 +504,6 @@ def _release_parts(
     return config, processor, merge_lora_state_dict(raw, checkpoint.lora_scaling, dtype)
 
 
-def _embedding_rows(state_dict: Mapping[str, torch.Tensor]) -> int:
-    keys = [k for k in state_dict if k.endswith("embed_tokens.weight")]
-    if len(keys) != 1:
-        raise ValueError(f"expected one embed_tokens.weight, found {keys}")
-    return int(state_dict[keys[0]].shape[0])
-
-
-def _build_backbone(
-    config: Any, state_dict: dict[str, torch.Tensor], dtype: torch.dtype, attn_implementation: str
-) -> Any:
-    """``Qwen2VLModel`` from a state dict in transformers-4 or -5 key names; strict."""
-    from transformers import Qwen2VLForConditionalGeneration
-
-    # The language-model head is never evaluated (the reward reads hidden states): drop it
-    # and tie it to the embeddings so nothing is allocated or reported missing for it.
-    weights = {k: v for k, v in state_dict.items() if not k.startswith("lm_head.")}
-    config.tie_word_embeddings = True
-    config.text_config.vocab_size = _embedding_rows(weights)
-    model, info = Qwen2VLForConditionalGeneration.from_pretrained(
-        None,
-        config=config,
-        state_dict=weights,
-        dtype=dtype,
-        attn_implementation=attn_implementation,
-        output_loading_info=True,
-    )
-    problems = {
-        "missing": sorted(k for k in info["missing_keys"] if not k.startswith("lm_head.")),
-        "unexpected": sorted(info["unexpected_keys"]),
-        "mismatched": sorted(str(k) for k in info["mismatched_keys"]),
-    }
-    problems = {label: keys for label, keys in problems.items() if keys}
-    if problems:
-        detail = "; ".join(f"{label}: {', '.join(keys[:5])}" for label, keys in problems.items())
-        raise ValueError(f"weights do not match config.json ({detail})")
-    return model.model.eval()
-
-
 def _reward_token_ids(tokenizer: Any, vocab_rows: int) -> tuple[int, int, int]:
     """Ids of ``REWARD_TOKENS``; each must be one token inside the embedding table."""
     ids = []
@@ -573,7 +537,12 @@ def load_videoalign(
         CheckpointError: anything in the files does not load or does not fit together;
             the message names the path, the expected layout and the docs section.
     """
-    try:
+    with load_errors_as_checkpoint_error(
+        checkpoint.path,
+        what=f"reward {reward_name!r}: VideoAlign checkpoint (option 'path')",
+        expected=EXPECTED_HF if checkpoint.layout == "hf" else EXPECTED_RELEASE,
+        docs_section=DOCS_SECTION,
+    ):
         if checkpoint.layout == "hf":
             config, processor, state_dict = _hf_parts(checkpoint)
         else:
@@ -581,7 +550,7 @@ def load_videoalign(
         if "rm_head.weight" not in state_dict:
             raise ValueError("no rm_head.weight in the weights")
         rm_head = _check_head(state_dict.pop("rm_head.weight"), config.text_config.hidden_size)
-        rows = _embedding_rows(state_dict)
+        rows = embedding_rows(state_dict)
         if checkpoint.layout == "videoreward" and len(processor.tokenizer) != rows:
             # VideoAlign resized the embeddings to the extended tokenizer's length.
             raise ValueError(
@@ -590,13 +559,7 @@ def load_videoalign(
                 "the model this checkpoint was trained from"
             )
         token_ids = _reward_token_ids(processor.tokenizer, rows)
-        backbone = _build_backbone(config, state_dict, dtype, attn_implementation)
-    except Exception as err:  # noqa: BLE001 - any failure means files that do not fit
-        expected = EXPECTED_HF if checkpoint.layout == "hf" else EXPECTED_RELEASE
-        what = f"reward {reward_name!r}: VideoAlign checkpoint (option 'path')"
-        raise checkpoint_error(
-            checkpoint.path, what, expected, DOCS_SECTION, f"could not be loaded ({err})"
-        ) from err
+        backbone = build_backbone(config, state_dict, dtype, attn_implementation)
     processor.tokenizer.padding_side = "right"
     videos = processor.video_processor
     return LoadedVideoAlign(

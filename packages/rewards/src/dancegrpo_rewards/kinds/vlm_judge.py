@@ -407,11 +407,7 @@ class VLMJudgeReward(Reward):
         """The judge's reply text to one request (the images in order, then the
         instruction); raises ``JudgeError`` naming the judge and batch sample ``index``.
         Used by judges that parse replies themselves (``pairwise_preference``)."""
-        where = f"reward {self.name!r}: judge {self.config.model!r} at {self.config.base_url}, batch sample {index}"
-        try:
-            reply = self._request("POST", self._url, self.request_body(prompt, images))
-        except JudgeError as err:
-            raise JudgeError(f"{where}: {err}") from None
+        where, reply = self._ask(index, prompt, images)
         try:
             text = reply["choices"][0]["message"]["content"]
         except (KeyError, IndexError, TypeError) as err:
@@ -423,12 +419,19 @@ class VLMJudgeReward(Reward):
             raise JudgeError(f"{where}: message.content is not text: {_excerpt(json.dumps(reply))}")
         return text
 
-    def _judge_one(self, index: int, prompt: str, images: Sequence[np.ndarray]) -> dict[str, float]:
+    def _ask(
+        self, index: int, prompt: str, images: Sequence[np.ndarray]
+    ) -> tuple[str, dict[str, Any]]:
+        """``(where, reply)``: the judge's JSON reply to one request, and the words that
+        name the judge and batch sample ``index`` in every error about it."""
         where = f"reward {self.name!r}: judge {self.config.model!r} at {self.config.base_url}, batch sample {index}"
         try:
-            reply = self._request("POST", self._url, self.request_body(prompt, images))
+            return where, self._request("POST", self._url, self.request_body(prompt, images))
         except JudgeError as err:
             raise JudgeError(f"{where}: {err}") from None
+
+    def _judge_one(self, index: int, prompt: str, images: Sequence[np.ndarray]) -> dict[str, float]:
+        where, reply = self._ask(index, prompt, images)
         try:
             choice = reply["choices"][0]
             if self.config.mode == "yes_no":

@@ -17,6 +17,23 @@ from dancegrpo_trainer.core.step_output import StepOutput
 NoiseSchedule = Literal["dance", "flow_grpo"]
 
 
+def _step_inputs(
+    velocity: torch.Tensor,
+    sample: torch.Tensor,
+    sigma: float | torch.Tensor,
+    sigma_next: float | torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A flow step's inputs, checked, in float32: ``(x, v, σ, σ_next)``, the sigmas
+    broadcastable per sample (``[B, 1, ..., 1]``)."""
+    if velocity.shape != sample.shape:
+        raise ValueError(
+            f"velocity shape {tuple(velocity.shape)} != sample shape {tuple(sample.shape)}"
+        )
+    _check_float_sigmas(sigma, sigma_next)
+    x = sample.to(torch.float32)
+    return x, velocity.to(torch.float32), per_sample(sigma, x), per_sample(sigma_next, x)
+
+
 def _check_float_sigmas(sigma: float | torch.Tensor, sigma_next: float | torch.Tensor) -> None:
     if isinstance(sigma, (int, float)) and not 0.0 < sigma <= 1.0:
         raise ValueError(f"sigma must be in (0, 1], got {sigma}")
@@ -88,16 +105,7 @@ def flow_sde_step(
         raise ValueError(f"eta must be >= 0, got {eta}")
     if noise_schedule not in ("dance", "flow_grpo"):
         raise ValueError(f"noise_schedule must be 'dance' or 'flow_grpo', got {noise_schedule!r}")
-    if velocity.shape != sample.shape:
-        raise ValueError(
-            f"velocity shape {tuple(velocity.shape)} != sample shape {tuple(sample.shape)}"
-        )
-    _check_float_sigmas(sigma, sigma_next)
-
-    x = sample.to(torch.float32)
-    v = velocity.to(torch.float32)
-    s = per_sample(sigma, x)
-    s_next = per_sample(sigma_next, x)
+    x, v, s, s_next = _step_inputs(velocity, sample, sigma, sigma_next)
     delta = s - s_next
     pred_original_sample = x - s * v
 
@@ -185,16 +193,7 @@ def cps_step(
         raise ValueError(f"eta must be in [0, 1] for CPS (sin(eta*pi/2) <= 1), got {eta}")
     if log_prob not in ("gaussian", "flow_grpo"):
         raise ValueError(f"log_prob must be 'gaussian' or 'flow_grpo', got {log_prob!r}")
-    if velocity.shape != sample.shape:
-        raise ValueError(
-            f"velocity shape {tuple(velocity.shape)} != sample shape {tuple(sample.shape)}"
-        )
-    _check_float_sigmas(sigma, sigma_next)
-
-    x = sample.to(torch.float32)
-    v = velocity.to(torch.float32)
-    s = per_sample(sigma, x)
-    s_next = per_sample(sigma_next, x)
+    x, v, s, s_next = _step_inputs(velocity, sample, sigma, sigma_next)
     x0 = x - s * v
     if eta == 0:
         mean = x - (s - s_next) * v

@@ -3,8 +3,11 @@ SkyReels, SD3, FLUX.1-Kontext, ...).
 
 They sample with the flow SDE (:func:`flow_sde_step`) on a shifted sigma schedule, train
 only their ``transformer``, freeze a VAE and two text encoders that an embedding cache may
-replace. The model-specific parts (prompt encoding, latent layout, ``predict``, decoding)
-stay in each adapter.
+replace. Here, once: placing and freezing the components, ``from_pipeline``, the pixel and
+latent sizes, initial noise, chunked decoding (each adapter's ``_decode_chunk``), the FSDP
+units and LoRA targets its class attributes name, and merging conditioning images with
+text. The model-specific parts (prompt encoding, latent layout, ``predict``, a chunk's
+decoding) stay in each adapter.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ from __future__ import annotations
 import abc
 import copy as _copy
 import dataclasses
+import importlib
+from collections.abc import Sequence
 from typing import Any, ClassVar, TypeVar
 
 import torch
@@ -22,7 +27,9 @@ from dancegrpo_trainer.policies.flow import FlowPolicy
 from dancegrpo_trainer.policies.runtime import (
     RuntimeConfig,
     check_shared_placement,
+    decode_to_uint8,
     freeze,
+    parse_resolution,
     place,
     preserved_module_state,
 )
@@ -37,6 +44,8 @@ class FlowTransformerConfig(RuntimeConfig):
     """Flow-SDE sampling options of every rectified-flow transformer adapter.
 
     Attributes:
+        resolution: output size in pixels, an int or ``[height, width]``; a multiple of 16
+            (each adapter checks its own model's factor when it loads).
         num_steps: default number of sampling steps.
         eta: default SDE noise scale η (0 is the Euler ODE sampler).
         noise_schedule: the sampler ``denoise_step`` uses when given none: ``"dance"``
@@ -46,6 +55,7 @@ class FlowTransformerConfig(RuntimeConfig):
         shift: static timestep shift ``s`` (``σ' = sσ/(1+(s−1)σ)``).
     """
 
+    resolution: int | list[int] = 512
     num_steps: int = 16
     eta: float = 0.3
     noise_schedule: str = "dance"
@@ -53,6 +63,7 @@ class FlowTransformerConfig(RuntimeConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        parse_resolution(self.resolution, 16)
         if self.num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {self.num_steps}")
         if self.eta < 0:
@@ -191,12 +202,109 @@ class FlowTransformerPolicy(FlowPolicy):
         """The transformer's velocity for ``latents`` at ``timestep`` (0..1000 scale, a
         0-dim or per-row ``[B]`` tensor; float32)."""
 
+    # ----------------------------------------------------------------- geometry
+    def _init_geometry(self) -> None:
+        """Pixel and latent sizes from ``config.resolution`` (each adapter's own, with
+        :meth:`_set_image_size` and, for video, :meth:`_set_frame_count`)."""
+        raise NotImplementedError(f"{type(self).__name__} does not derive its geometry")
+
+    def _set_image_size(self, scale_factor: int, multiple: int) -> None:
+        """``height`` / ``width`` from ``config.resolution`` (multiples of ``multiple``, the
+        pixels of one transformer patch) and ``latent_height`` / ``latent_width`` (the pixels
+        divided by the VAE's ``scale_factor``)."""
+        self.height, self.width = parse_resolution(self.config.resolution, multiple)
+        self.latent_height = self.height // scale_factor
+        self.latent_width = self.width // scale_factor
+
+    def _set_frame_count(self, temporal_ratio: int, patch_t: int) -> None:
+        """Video adapters: ``num_frames`` (``config.num_frames``, ``r·k + 1`` for the VAE's
+        temporal ratio ``r``) and ``latent_frames`` (a multiple of the transformer's
+        temporal patch ``patch_t``)."""
+        self.num_frames = self.config.num_frames
+        if (self.num_frames - 1) % temporal_ratio:
+            raise ValueError(
+                f"num_frames must be {temporal_ratio}k + 1 for this VAE, got {self.num_frames}"
+            )
+        self.latent_frames = latent_num_frames(self.num_frames, temporal_ratio)
+        if self.latent_frames % patch_t:
+            raise ValueError(
+                f"num_frames gives {self.latent_frames} latent frames, not a multiple of the "
+                f"transformer's temporal patch size {patch_t}"
+            )
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        """One sample's latents before any packing: ``(C, h, w)``, or ``(C, T, h, w)`` for
+        video."""
+        if self.modality == "video":
+            return (self.latent_channels, self.latent_frames, self.latent_height, self.latent_width)
+        return (self.latent_channels, self.latent_height, self.latent_width)
+
+    def initial_noise(
+        self, batch_size: int, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """``x_1 ~ N(0, I)`` float32 ``[B, *latent_shape]`` on ``device``, drawn on the
+        generator's device (as diffusers' ``randn_tensor``)."""
+        draw_device = generator.device if generator is not None else self.device
+        noise = torch.randn(
+            (batch_size, *self.latent_shape), generator=generator, device=draw_device
+        )
+        return noise.to(self.device)
+
+    # ----------------------------------------------------------------- conditioning
+    def _require_text_encoders(self) -> None:
+        """Raises unless the text encoders are loaded (not skipped with
+        ``load_text_encoders: false``, nor released after caching)."""
+        if self.text_encoder is None:
+            raise RuntimeError(
+                "this policy was built without text encoders (load_text_encoders=False); "
+                "look prompts up in an EmbeddingCache instead"
+            )
+
+    def _with_condition_images(
+        self, text: Conditioning, condition_images: torch.Tensor | None
+    ) -> Conditioning:
+        """``text`` (``N`` rows) plus, given ``N`` conditioning images, their
+        :meth:`encode_condition_images` part (image-to-video and editing adapters)."""
+        if condition_images is None:
+            return text
+        if len(condition_images) != len(text):
+            raise ValueError(f"{len(condition_images)} condition images for {len(text)} prompts")
+        return Conditioning(
+            {**text.tensors, **self.encode_condition_images(condition_images).tensors}
+        )
+
+    # ----------------------------------------------------------------- decoding
+    @abc.abstractmethod
+    def _decode_chunk(self, latents: torch.Tensor) -> torch.Tensor:
+        """A few samples' final latents → images in ``[-1, 1]``, ``[n, 3, H, W]`` (video:
+        the frames, ``[n·F, 3, H, W]`` sample-major), on ``vae_device``."""
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Final latents ``[N, ...]`` → ``uint8`` ``[N, H, W, 3]`` (video ``[N, F, H, W, 3]``)
+        on CPU, decoded on ``vae_device`` ``vae_decode_chunk_size`` samples at a time."""
+        frames = decode_to_uint8(self._decode_chunk, latents, self.config.vae_decode_chunk_size)
+        if self.modality == "video":
+            return frames.view(latents.shape[0], -1, *frames.shape[1:])
+        return frames
+
+    # ----------------------------------------------------------------- training
+    #: Module-name patterns LoRA adapts by default (``peft.LoraConfig(target_modules=...)``).
+    default_lora_targets: ClassVar[Sequence[str]] = ()
+    #: The transformer block classes ``train.fsdp`` shards as units of their own, as
+    #: ``"module:Class"`` (imported when asked; not run on the real models here).
+    fsdp_blocks: ClassVar[Sequence[str]] = ()
+
     def trainable_module(self) -> nn.Module:
         return self.transformer
 
-    def _init_geometry(self) -> None:
-        """Pixel and latent sizes from ``config.resolution`` (each adapter's own)."""
-        raise NotImplementedError(f"{type(self).__name__} does not derive its geometry")
+    @property
+    def lora_target_modules(self) -> list[str]:
+        return list(self.default_lora_targets)
+
+    def fsdp_block_types(self) -> tuple[type[nn.Module], ...]:
+        """The classes :attr:`fsdp_blocks` names."""
+        return tuple(_import_class(name) for name in self.fsdp_blocks)
 
     def at_resolution(self, height: int, width: int) -> FlowTransformerPolicy:
         """A shallow copy (same modules) whose ``config.resolution`` is ``[height, width]``,
@@ -212,3 +320,15 @@ class FlowTransformerPolicy(FlowPolicy):
         """Drops both tokenizers and text encoders (after caching embeddings)."""
         self.text_encoder = self.text_encoder_2 = None
         self.tokenizer = self.tokenizer_2 = None
+
+
+def latent_num_frames(num_frames: int, temporal_ratio: int) -> int:
+    """Latent frames of a ``num_frames`` video: ``(F − 1) // r + 1`` (the first frame kept,
+    the rest compressed ``r``× in time; diffusers ``HunyuanVideoPipeline.prepare_latents``,
+    ``WanPipeline.prepare_latents``)."""
+    return (num_frames - 1) // temporal_ratio + 1
+
+
+def _import_class(name: str) -> type:
+    module, _, attribute = name.partition(":")
+    return getattr(importlib.import_module(module), attribute)

@@ -10,7 +10,6 @@ step taken by :func:`flow_sde_step`, which returns the step's log-probability.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -20,24 +19,14 @@ from torch import nn
 
 from dancegrpo_trainer.core.schedules import flow_sigmas, flow_timesteps
 from dancegrpo_trainer.policies.base import Conditioning, Schedule
-from dancegrpo_trainer.policies.flow_transformer import (
-    FlowTransformerConfig,
-    FlowTransformerPolicy,
-    P,
+from dancegrpo_trainer.policies.flow_transformer import P
+from dancegrpo_trainer.policies.flux_latents import latent_image_ids, text_ids, unpack_latents
+from dancegrpo_trainer.policies.packed_image import (  # noqa: F401 - dynamic_shift_mu: public here
+    PackedImageConfig,
+    PackedImagePolicy,
+    dynamic_shift_mu,
 )
-from dancegrpo_trainer.policies.flux_latents import (
-    latent_image_ids,
-    pack_latents,
-    text_ids,
-    unpack_latents,
-)
-from dancegrpo_trainer.policies.runtime import (
-    decode_to_uint8,
-    module_dtype,
-    parse_resolution,
-    transformers_dtype_kwargs,
-    vae_decode,
-)
+from dancegrpo_trainer.policies.runtime import load_text_encoders, module_dtype, vae_decode
 
 #: LoRA targets of diffusers' FLUX LoRA training scripts: attention and MLP projections of
 #: the double-stream blocks (``attn.to_q`` etc. also match the single-stream blocks).
@@ -57,24 +46,8 @@ FLUX_LORA_TARGET_MODULES = [
 ]
 
 
-def dynamic_shift_mu(
-    image_seq_len: int,
-    base_seq_len: int = 256,
-    max_seq_len: int = 4096,
-    base_shift: float = 0.5,
-    max_shift: float = 1.15,
-) -> float:
-    """diffusers' ``calculate_shift``: ``μ`` linear in the packed image token count.
-
-    The exponential time shift ``σ' = e^μ / (e^μ + 1/σ − 1)`` equals the static shift with
-    ``s = e^μ``, so the schedule is ``flow_sigmas(n, shift=exp(μ))``.
-    """
-    slope = (max_shift - base_shift) / (max_seq_len - base_seq_len)
-    return image_seq_len * slope + base_shift - slope * base_seq_len
-
-
 @dataclasses.dataclass
-class FluxConfig(FlowTransformerConfig):
+class FluxConfig(PackedImageConfig):
     """Options of :class:`FluxPolicy` (defaults: the DanceGRPO paper's FLUX.1-dev run).
 
     Attributes:
@@ -82,9 +55,8 @@ class FluxConfig(FlowTransformerConfig):
         guidance_scale: value fed to the guidance embedding (FLUX.1-dev: 3.5).
         num_steps, eta, noise_schedule: see :class:`FlowTransformerConfig`.
         shift: static timestep shift ``s`` (``σ' = sσ/(1+(s−1)σ)``) when not ``dynamic_shift``.
-        dynamic_shift: use diffusers' resolution-dependent shift ``s = exp(μ(seq_len))``
-            with the four parameters below (FLUX.1-dev's scheduler config values).
-        base_shift, max_shift, base_image_seq_len, max_image_seq_len: ``μ``'s line.
+        dynamic_shift, base_shift, max_shift, base_image_seq_len, max_image_seq_len: see
+            :class:`PackedImageConfig` (defaults: FLUX.1-dev's scheduler config values).
         max_sequence_length: T5 tokens (512 for FLUX.1-dev; fewer saves memory).
     """
 
@@ -92,25 +64,17 @@ class FluxConfig(FlowTransformerConfig):
     guidance_scale: float = 3.5
     eta: float = 0.3
     shift: float = 3.0
-    dynamic_shift: bool = False
-    base_shift: float = 0.5
-    max_shift: float = 1.15
-    base_image_seq_len: int = 256
-    max_image_seq_len: int = 4096
     max_sequence_length: int = 512
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        parse_resolution(self.resolution, 16)
-        if self.max_image_seq_len <= self.base_image_seq_len:
-            raise ValueError("max_image_seq_len must be greater than base_image_seq_len")
         if not 1 <= self.max_sequence_length <= 512:
             raise ValueError(
                 f"max_sequence_length must be in [1, 512], got {self.max_sequence_length}"
             )
 
 
-class FluxPolicy(FlowTransformerPolicy):
+class FluxPolicy(PackedImagePolicy):
     """FLUX.1 transformer + flow SDE behind the :class:`Policy` interface.
 
     Latents are packed float32 ``[B, L, 4C]`` (``L = (H/16)·(W/16)``, ``C = 16`` for FLUX.1)
@@ -121,6 +85,11 @@ class FluxPolicy(FlowTransformerPolicy):
     modality: ClassVar = "image"
     config_class: ClassVar = FluxConfig
     config: FluxConfig
+    default_lora_targets: ClassVar = FLUX_LORA_TARGET_MODULES
+    fsdp_blocks: ClassVar = (
+        "diffusers.models.transformers.transformer_flux:FluxTransformerBlock",
+        "diffusers.models.transformers.transformer_flux:FluxSingleTransformerBlock",
+    )
 
     def __init__(
         self,
@@ -156,11 +125,7 @@ class FluxPolicy(FlowTransformerPolicy):
 
     def _init_geometry(self) -> None:
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        self.height, self.width = parse_resolution(
-            self.config.resolution, self.vae_scale_factor * 2
-        )
-        self.latent_height = self.height // self.vae_scale_factor
-        self.latent_width = self.width // self.vae_scale_factor
+        self._set_image_size(self.vae_scale_factor, self.vae_scale_factor * 2)
         # Read model config now: the trainer may later swap in a DDP/FSDP-wrapped module.
         self.latent_channels = int(self.transformer.config.in_channels) // 4
         self.guidance_embeds = bool(self.transformer.config.guidance_embeds)
@@ -180,17 +145,11 @@ class FluxPolicy(FlowTransformerPolicy):
         dtype = config.torch_dtype
         text: dict[str, Any] = {}
         if config.load_text_encoders:
-            hf_dtype = transformers_dtype_kwargs(dtype)
-            text = {
-                "tokenizer": CLIPTokenizer.from_pretrained(path, subfolder="tokenizer"),
-                "text_encoder": CLIPTextModel.from_pretrained(
-                    path, subfolder="text_encoder", **hf_dtype
-                ),
-                "tokenizer_2": T5TokenizerFast.from_pretrained(path, subfolder="tokenizer_2"),
-                "text_encoder_2": T5EncoderModel.from_pretrained(
-                    path, subfolder="text_encoder_2", **hf_dtype
-                ),
-            }
+            text = load_text_encoders(
+                path,
+                dtype,
+                {"": (CLIPTokenizer, CLIPTextModel), "_2": (T5TokenizerFast, T5EncoderModel)},
+            )
         return cls(
             transformer=FluxTransformer2DModel.from_pretrained(
                 path, subfolder="transformer", torch_dtype=dtype
@@ -211,11 +170,7 @@ class FluxPolicy(FlowTransformerPolicy):
         the result is on ``device``."""
         if condition_images is not None:
             raise ValueError("FLUX is text-to-image; condition_images must be None")
-        if self.text_encoder is None or self.text_encoder_2 is None:
-            raise RuntimeError(
-                "this policy was built without text encoders (load_text_encoders=False); "
-                "look prompts up in an EmbeddingCache instead"
-            )
+        self._require_text_encoders()
         prompts = list(prompts)
         device = self.config.text_device
         clip_tokens = self.tokenizer(
@@ -242,40 +197,10 @@ class FluxPolicy(FlowTransformerPolicy):
         )
 
     # ----------------------------------------------------------------- sampling
-    @property
-    def image_seq_len(self) -> int:
-        """Packed image tokens per sample ``L = (h/2)·(w/2)``."""
-        return (self.latent_height // 2) * (self.latent_width // 2)
-
-    @property
-    def effective_shift(self) -> float:
-        """The static shift ``s`` in use (``exp(μ)`` under ``dynamic_shift``)."""
-        c = self.config
-        if not c.dynamic_shift:
-            return c.shift
-        mu = dynamic_shift_mu(
-            self.image_seq_len, c.base_image_seq_len, c.max_image_seq_len, c.base_shift, c.max_shift
-        )
-        return math.exp(mu)
-
-    @property
-    def schedule_shift(self) -> float:
-        return self.effective_shift
-
     def schedule(self, num_steps: int | None = None) -> Schedule:
         """Shifted ``sigmas`` ``[n + 1]`` from 1 to 0 and ``timesteps = 1000·sigmas[:-1]``."""
         sigmas = flow_sigmas(num_steps or self.config.num_steps, shift=self.effective_shift)
         return Schedule(timesteps=flow_timesteps(sigmas), sigmas=sigmas)
-
-    def initial_noise(
-        self, batch_size: int, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
-        """``x_1 ~ N(0, I)`` drawn as ``[B, C, h, w]`` (on the generator's device, as
-        diffusers' ``randn_tensor``) and packed → float32 ``[B, L, 4C]`` on ``device``."""
-        draw_device = generator.device if generator is not None else self.device
-        shape = (batch_size, self.latent_channels, self.latent_height, self.latent_width)
-        noise = torch.randn(shape, generator=generator, device=draw_device)
-        return pack_latents(noise).to(self.device)
 
     def predict(
         self, latents: torch.Tensor, timestep: torch.Tensor | float, cond: Conditioning
@@ -319,24 +244,6 @@ class FluxPolicy(FlowTransformerPolicy):
 
     # ----------------------------------------------------------------- decoding
     def _decode_chunk(self, packed: torch.Tensor) -> torch.Tensor:
+        """Packed latents ``[n, L, 4C]`` unpacked and decoded."""
         latents = unpack_latents(packed, self.latent_height, self.latent_width)
         return vae_decode(self.vae, latents, self.config.decode_device)
-
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Packed final latents ``[N, L, 4C]`` → ``uint8`` ``[N, H, W, 3]`` (CPU), decoded on
-        ``vae_device`` ``vae_decode_chunk_size`` samples at a time."""
-        return decode_to_uint8(self._decode_chunk, latents, self.config.vae_decode_chunk_size)
-
-    # ----------------------------------------------------------------- training
-    def fsdp_block_types(self) -> tuple[type[nn.Module], ...]:
-        """The double- and single-stream transformer blocks (untested on the real model)."""
-        from diffusers.models.transformers.transformer_flux import (
-            FluxSingleTransformerBlock,
-            FluxTransformerBlock,
-        )
-
-        return (FluxTransformerBlock, FluxSingleTransformerBlock)
-
-    @property
-    def lora_target_modules(self) -> list[str]:
-        return list(FLUX_LORA_TARGET_MODULES)

@@ -31,13 +31,13 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
 
 from dancegrpo_trainer.policies.base import Conditioning
+from dancegrpo_trainer.policies.condition_images import to_pil_images
 from dancegrpo_trainer.policies.flux import FluxConfig, FluxPolicy
 from dancegrpo_trainer.policies.flux_latents import latent_image_ids, pack_latents
-from dancegrpo_trainer.policies.runtime import module_dtype, parse_resolution
+from dancegrpo_trainer.policies.runtime import parse_resolution, vae_encode
 
 #: Key of the packed source-image latents, ``[B, L_img, 4C]``.
 IMAGE_KEY = "image_latents"
@@ -132,15 +132,7 @@ class FluxKontextPolicy(FluxPolicy):
         Without ``condition_images`` the result is text-only, for an embedding cache;
         sampling then needs :meth:`encode_condition_images` merged in.
         """
-        prompts = list(prompts)
-        tensors = dict(super().encode_prompts(prompts).tensors)
-        if condition_images is not None:
-            if len(condition_images) != len(prompts):
-                raise ValueError(
-                    f"{len(condition_images)} condition images for {len(prompts)} prompts"
-                )
-            tensors.update(self.encode_condition_images(condition_images).tensors)
-        return Conditioning(tensors)
+        return self._with_condition_images(super().encode_prompts(prompts), condition_images)
 
     @torch.no_grad()
     def encode_condition_images(self, condition_images: torch.Tensor) -> Conditioning:
@@ -149,30 +141,23 @@ class FluxKontextPolicy(FluxPolicy):
         ``[-1, 1]`` by the pipeline's ``VaeImageProcessor`` (``resize`` then ``preprocess``),
         encoded on ``vae_device`` ``vae_decode_chunk_size`` images at a time (posterior
         mode, ``(z − shift_factor)·scaling_factor``), packed 2×2."""
-        images = _check_images(condition_images)
-        pixels = self._preprocess_images(images)  # [N, 3, H, W] in [-1, 1]
-        chunk = self.config.vae_decode_chunk_size
-        latents = [self._encode_pixels(pixels[i : i + chunk]) for i in range(0, len(pixels), chunk)]
+        pixels = self._preprocess_images(condition_images)  # [N, 3, H, W] in [-1, 1]
+        chunk, device = self.config.vae_decode_chunk_size, self.config.decode_device
+        latents = [
+            vae_encode(self.vae, pixels[i : i + chunk], device)
+            for i in range(0, len(pixels), chunk)
+        ]
         return Conditioning({IMAGE_KEY: pack_latents(torch.cat(latents)).to(self.device)})
 
     def _preprocess_images(self, images: torch.Tensor) -> torch.Tensor:
         """``uint8 [N, H, W, 3]`` → float ``[N, 3, h, w]`` in ``[-1, 1]`` at the condition
         size, as ``FluxKontextPipeline`` step 3 (``image_processor.resize`` + ``preprocess``)."""
         from diffusers.image_processor import VaeImageProcessor
-        from PIL import Image
 
         processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor * 2)
         height, width = self.condition_height, self.condition_width
-        pils = [Image.fromarray(np.ascontiguousarray(img)) for img in images.cpu().numpy()]
+        pils = to_pil_images(images)
         return processor.preprocess(processor.resize(pils, height, width), height, width)
-
-    def _encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
-        """``[n, 3, H, W]`` → scaled posterior-mode latents ``[n, C, h, w]`` float32 (the
-        inverse of ``vae_decode``'s normalisation)."""
-        vae = self.vae
-        posterior = vae.encode(pixels.to(self.config.decode_device, module_dtype(vae)))
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
-        return (posterior.latent_dist.mode().float() - shift) * vae.config.scaling_factor
 
     # ----------------------------------------------------------------- sampling
     def predict(
@@ -207,12 +192,3 @@ class FluxKontextPolicy(FluxPolicy):
                 "source images with this policy's condition_resolution)"
             )
         return image.to(latents.device, latents.dtype)
-
-
-def _check_images(images: torch.Tensor) -> torch.Tensor:
-    """``images`` as given, after checking they are ``uint8 [N, H, W, 3]``."""
-    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(
-            f"condition_images must be uint8 [N, H, W, 3], got {images.dtype} {tuple(images.shape)}"
-        )
-    return images

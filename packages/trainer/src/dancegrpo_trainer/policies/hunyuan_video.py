@@ -22,18 +22,13 @@ from torch import nn
 
 from dancegrpo_trainer.core.schedules import flow_sigmas, flow_timesteps
 from dancegrpo_trainer.policies.base import Conditioning, Schedule
-from dancegrpo_trainer.policies.flow_transformer import (
+from dancegrpo_trainer.policies.flow_transformer import (  # noqa: F401 - latent_num_frames: public here
     FlowTransformerConfig,
     FlowTransformerPolicy,
     P,
+    latent_num_frames,
 )
-from dancegrpo_trainer.policies.runtime import (
-    decode_to_uint8,
-    module_dtype,
-    parse_resolution,
-    transformers_dtype_kwargs,
-    vae_decode,
-)
+from dancegrpo_trainer.policies.runtime import load_text_encoders, module_dtype, vae_decode
 
 #: HunyuanVideo's prompt template for the Llama encoder (diffusers
 #: ``pipeline_hunyuan_video.DEFAULT_PROMPT_TEMPLATE``, from Tencent's HunyuanVideo repo).
@@ -116,7 +111,6 @@ class HunyuanVideoConfig(FlowTransformerConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        parse_resolution(self.resolution, 16)
         if self.num_frames < 1 or (self.num_frames - 1) % 4:
             raise ValueError(
                 f"num_frames must be 4k + 1 (e.g. 53, 61, 129): HunyuanVideo's VAE keeps the "
@@ -134,12 +128,6 @@ class HunyuanVideoConfig(FlowTransformerConfig):
             raise ValueError(f"crop_start must be >= 0 or null (count it), got {self.crop_start}")
 
 
-def latent_num_frames(num_frames: int, temporal_ratio: int) -> int:
-    """Latent frames of a ``num_frames`` video: ``(F − 1) // r + 1`` (diffusers
-    ``HunyuanVideoPipeline.prepare_latents``)."""
-    return (num_frames - 1) // temporal_ratio + 1
-
-
 class HunyuanVideoPolicy(FlowTransformerPolicy):
     """HunyuanVideo transformer + flow SDE behind the :class:`Policy` interface.
 
@@ -153,6 +141,13 @@ class HunyuanVideoPolicy(FlowTransformerPolicy):
     modality: ClassVar = "video"
     config_class: ClassVar = HunyuanVideoConfig
     config: HunyuanVideoConfig
+    default_lora_targets: ClassVar = HUNYUAN_VIDEO_LORA_TARGET_MODULES
+    #: The dual- and single-stream transformer blocks.
+    fsdp_blocks: ClassVar = (
+        "diffusers.models.transformers.transformer_hunyuan_video:HunyuanVideoTransformerBlock",
+        "diffusers.models.transformers.transformer_hunyuan_video:"
+        "HunyuanVideoSingleTransformerBlock",
+    )
 
     def __init__(
         self,
@@ -195,23 +190,8 @@ class HunyuanVideoPolicy(FlowTransformerPolicy):
         vae_cfg, tr_cfg = self.vae.config, self.transformer.config
         self.spatial_ratio = int(vae_cfg.spatial_compression_ratio)
         self.temporal_ratio = int(vae_cfg.temporal_compression_ratio)
-        patch, patch_t = int(tr_cfg.patch_size), int(tr_cfg.patch_size_t)
-        self.height, self.width = parse_resolution(
-            self.config.resolution, self.spatial_ratio * patch
-        )
-        self.num_frames = self.config.num_frames
-        if (self.num_frames - 1) % self.temporal_ratio:
-            raise ValueError(
-                f"num_frames must be {self.temporal_ratio}k + 1 for this VAE, got {self.num_frames}"
-            )
-        self.latent_frames = latent_num_frames(self.num_frames, self.temporal_ratio)
-        if self.latent_frames % patch_t:
-            raise ValueError(
-                f"num_frames gives {self.latent_frames} latent frames, not a multiple of the "
-                f"transformer's patch_size_t {patch_t}"
-            )
-        self.latent_height = self.height // self.spatial_ratio
-        self.latent_width = self.width // self.spatial_ratio
+        self._set_image_size(self.spatial_ratio, self.spatial_ratio * int(tr_cfg.patch_size))
+        self._set_frame_count(self.temporal_ratio, int(tr_cfg.patch_size_t))
         self.latent_channels = int(tr_cfg.in_channels)
         self.guidance_embeds = bool(tr_cfg.guidance_embeds)
 
@@ -267,11 +247,7 @@ class HunyuanVideoPolicy(FlowTransformerPolicy):
         ``text_encoder_device``; the result is on ``device``."""
         if condition_images is not None:
             raise ValueError("HunyuanVideo T2V is text-to-video; condition_images must be None")
-        if self.text_encoder is None or self.text_encoder_2 is None:
-            raise RuntimeError(
-                "this policy was built without text encoders (load_text_encoders=False); "
-                "look prompts up in an EmbeddingCache instead"
-            )
+        self._require_text_encoders()
         prompts = list(prompts)
         embeds, mask = self._llama_embeds(prompts)
         pooled = self._clip_pooled(prompts)
@@ -320,22 +296,6 @@ class HunyuanVideoPolicy(FlowTransformerPolicy):
         sigmas = flow_sigmas(num_steps or self.config.num_steps, shift=self.config.shift)
         return Schedule(timesteps=flow_timesteps(sigmas), sigmas=sigmas)
 
-    @property
-    def latent_shape(self) -> tuple[int, int, int, int]:
-        """``(C, T, h, w)`` of one sample's latents."""
-        return (self.latent_channels, self.latent_frames, self.latent_height, self.latent_width)
-
-    def initial_noise(
-        self, batch_size: int, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
-        """``x_1 ~ N(0, I)`` float32 ``[B, C, T, h, w]`` on ``device``, drawn on the
-        generator's device (as diffusers' ``randn_tensor``)."""
-        draw_device = generator.device if generator is not None else self.device
-        noise = torch.randn(
-            (batch_size, *self.latent_shape), generator=generator, device=draw_device
-        )
-        return noise.to(self.device)
-
     def predict(
         self, latents: torch.Tensor, timestep: torch.Tensor | float, cond: Conditioning
     ) -> torch.Tensor:
@@ -382,26 +342,6 @@ class HunyuanVideoPolicy(FlowTransformerPolicy):
         video = vae_decode(self.vae, latents, self.config.decode_device)  # [n, 3, F, H, W]
         return video.permute(0, 2, 1, 3, 4).flatten(0, 1)
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Final latents ``[N, C, T, h, w]`` → ``uint8`` ``[N, F, H, W, 3]`` (CPU), decoded on
-        ``vae_device`` ``vae_decode_chunk_size`` videos at a time."""
-        frames = decode_to_uint8(self._decode_chunk, latents, self.config.vae_decode_chunk_size)
-        return frames.view(latents.shape[0], -1, *frames.shape[1:])
-
-    # ----------------------------------------------------------------- training
-    def fsdp_block_types(self) -> tuple[type[nn.Module], ...]:
-        """The dual- and single-stream transformer blocks (untested on the real model)."""
-        from diffusers.models.transformers.transformer_hunyuan_video import (
-            HunyuanVideoSingleTransformerBlock,
-            HunyuanVideoTransformerBlock,
-        )
-
-        return (HunyuanVideoTransformerBlock, HunyuanVideoSingleTransformerBlock)
-
-    @property
-    def lora_target_modules(self) -> list[str]:
-        return list(HUNYUAN_VIDEO_LORA_TARGET_MODULES)
-
 
 def _load_text_encoders(path: Path, dtype: torch.dtype) -> dict[str, Any]:
     """``text_encoder`` (``LlamaModel``), ``tokenizer``, ``text_encoder_2`` (``CLIPTextModel``)
@@ -413,12 +353,5 @@ def _load_text_encoders(path: Path, dtype: torch.dtype) -> dict[str, Any]:
     """
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTokenizer, LlamaModel
 
-    hf_dtype = transformers_dtype_kwargs(dtype)
-    return {
-        "tokenizer": AutoTokenizer.from_pretrained(path, subfolder="tokenizer"),
-        "text_encoder": LlamaModel.from_pretrained(path, subfolder="text_encoder", **hf_dtype),
-        "tokenizer_2": CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2"),
-        "text_encoder_2": CLIPTextModel.from_pretrained(
-            path, subfolder="text_encoder_2", **hf_dtype
-        ),
-    }
+    classes = {"": (AutoTokenizer, LlamaModel), "_2": (CLIPTokenizer, CLIPTextModel)}
+    return load_text_encoders(path, dtype, classes)

@@ -25,7 +25,6 @@ needs:
 from __future__ import annotations
 
 import dataclasses
-import math
 import types
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,18 +35,13 @@ from torch import nn
 
 from dancegrpo_trainer.core.schedules import flow_timesteps, shift_sigmas
 from dancegrpo_trainer.policies.base import Conditioning, Schedule
-from dancegrpo_trainer.policies.flow_transformer import (
-    FlowTransformerConfig,
-    FlowTransformerPolicy,
-    P,
-)
-from dancegrpo_trainer.policies.flux import dynamic_shift_mu
-from dancegrpo_trainer.policies.flux_latents import pack_latents, unpack_latents
+from dancegrpo_trainer.policies.flow_transformer import P
+from dancegrpo_trainer.policies.flux_latents import unpack_latents
+from dancegrpo_trainer.policies.guidance import guided_velocity, negative, repeated_negatives
+from dancegrpo_trainer.policies.packed_image import PackedImageConfig, PackedImagePolicy
 from dancegrpo_trainer.policies.runtime import (
-    decode_to_uint8,
     freeze,
     module_dtype,
-    parse_resolution,
     place,
     transformers_dtype_kwargs,
 )
@@ -131,7 +125,7 @@ def true_cfg_velocity(cond: torch.Tensor, uncond: torch.Tensor, scale: float) ->
     """Qwen-Image's true CFG (diffusers ``QwenImagePipeline``, the ``do_true_cfg`` branch):
     ``v = v_u + s·(v_c − v_u)``, then ``v · ‖v_c‖ / ‖v‖`` with norms over the last (channel)
     dim of each packed token, so guidance changes a token's direction, not its length."""
-    guided = uncond + scale * (cond - uncond)
+    guided = guided_velocity(cond, uncond, scale)
     return guided * (cond.norm(dim=-1, keepdim=True) / guided.norm(dim=-1, keepdim=True))
 
 
@@ -198,7 +192,7 @@ def stack_rows(rows: Sequence[torch.Tensor], length: int) -> tuple[torch.Tensor,
 
 
 @dataclasses.dataclass
-class QwenImageBaseConfig(FlowTransformerConfig):
+class QwenImageBaseConfig(PackedImageConfig):
     """Options every Qwen-Image adapter shares (text-to-image and Edit); defaults:
     Flow-Factory's Qwen-Image GRPO examples (``examples/grpo/lora/qwen_image/default.yaml``:
     10 steps, CFG 4, Flow-GRPO's SDE) and diffusers' pipelines otherwise.
@@ -212,10 +206,8 @@ class QwenImageBaseConfig(FlowTransformerConfig):
             use ``" "``).
         num_steps, eta, noise_schedule: see :class:`FlowTransformerConfig` (Flow-Factory
             samples with Flow-GRPO's SDE, ``noise_schedule: flow_grpo``).
-        dynamic_shift: diffusers' resolution-dependent shift ``s = exp(μ(seq_len))`` with
-            the four parameters below (Qwen-Image's scheduler config); ``False`` uses the
-            static ``shift``.
-        base_shift, max_shift, base_image_seq_len, max_image_seq_len: ``μ``'s line.
+        dynamic_shift, base_shift, max_shift, base_image_seq_len, max_image_seq_len: see
+            :class:`PackedImageConfig` (defaults: Qwen-Image's scheduler config).
         shift_terminal: the last non-zero sigma the schedule is stretched to (Qwen-Image:
             0.02); ``None`` leaves the shifted schedule as it is.
         prompt_template: the chat template, ``{}`` marking the prompt.
@@ -233,9 +225,7 @@ class QwenImageBaseConfig(FlowTransformerConfig):
     noise_schedule: str = "flow_grpo"
     shift: float = 1.0
     dynamic_shift: bool = True
-    base_shift: float = 0.5
     max_shift: float = 0.9
-    base_image_seq_len: int = 256
     max_image_seq_len: int = 8192
     shift_terminal: float | None = 0.02
     prompt_template: str = PROMPT_TEMPLATE
@@ -243,13 +233,10 @@ class QwenImageBaseConfig(FlowTransformerConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        parse_resolution(self.resolution, 16)
         if self.true_cfg_scale < 0:
             raise ValueError(
                 f"true_cfg_scale must be >= 0 (<= 1 disables true CFG), got {self.true_cfg_scale}"
             )
-        if self.max_image_seq_len <= self.base_image_seq_len:
-            raise ValueError("max_image_seq_len must be greater than base_image_seq_len")
         if self.shift_terminal is not None and not 0 <= self.shift_terminal < 1:
             raise ValueError(f"shift_terminal must be in [0, 1) or null, got {self.shift_terminal}")
         if self.prompt_template.count("{}") != 1:
@@ -290,7 +277,7 @@ class QwenImageConfig(QwenImageBaseConfig):
             )
 
 
-class QwenImagePolicy(FlowTransformerPolicy):
+class QwenImagePolicy(PackedImagePolicy):
     """Qwen-Image transformer + flow SDE behind the :class:`Policy` interface.
 
     Latents are packed float32 ``[B, L, 4C]`` (``L = (H/16)·(W/16)``, ``C = 16`` for the
@@ -307,6 +294,11 @@ class QwenImagePolicy(FlowTransformerPolicy):
     modality: ClassVar = "image"
     config_class: ClassVar = QwenImageConfig
     config: QwenImageConfig
+    default_lora_targets: ClassVar = QWEN_IMAGE_LORA_TARGET_MODULES
+    #: The dual-stream transformer blocks.
+    fsdp_blocks: ClassVar = (
+        "diffusers.models.transformers.transformer_qwenimage:QwenImageTransformerBlock",
+    )
 
     def __init__(
         self,
@@ -353,11 +345,7 @@ class QwenImagePolicy(FlowTransformerPolicy):
         transformer)."""
         vae_cfg, tr_cfg = self.vae.config, self.transformer.config
         self.vae_scale_factor = 2 ** len(vae_cfg.temperal_downsample)
-        self.height, self.width = parse_resolution(
-            self.config.resolution, self.vae_scale_factor * 2
-        )
-        self.latent_height = self.height // self.vae_scale_factor
-        self.latent_width = self.width // self.vae_scale_factor
+        self._set_image_size(self.vae_scale_factor, self.vae_scale_factor * 2)
         self.latent_channels = int(tr_cfg.in_channels) // 4
         if self.latent_channels != int(vae_cfg.z_dim):
             raise ValueError(
@@ -451,13 +439,6 @@ class QwenImagePolicy(FlowTransformerPolicy):
         )
 
     # ----------------------------------------------------------------- conditioning
-    def _require_text_encoder(self) -> None:
-        if self.text_encoder is None:
-            raise RuntimeError(
-                "this policy was built without text encoders (load_text_encoders=False); "
-                "look prompts up in an EmbeddingCache instead"
-            )
-
     @torch.no_grad()
     def encode_prompts(
         self, prompts: Sequence[str], condition_images: torch.Tensor | None = None
@@ -468,19 +449,17 @@ class QwenImagePolicy(FlowTransformerPolicy):
         ``text_encoder_device``; the result is on ``device``."""
         if condition_images is not None:
             raise ValueError("Qwen-Image is text-to-image; condition_images must be None")
-        self._require_text_encoder()
+        self._require_text_encoders()
         prompts = list(prompts)
-        embeds, mask = self._text_embeds(prompts)
-        tensors = {"prompt_embeds": embeds, "prompt_embeds_mask": mask}
+        tensors = self._text_embeds(prompts)
         if self.config.do_true_cfg:
-            neg_embeds, neg_mask = self._text_embeds([self.config.negative_prompt])
-            n = len(prompts)
-            tensors["negative_prompt_embeds"] = neg_embeds.expand(n, -1, -1).clone()
-            tensors["negative_prompt_embeds_mask"] = neg_mask.expand(n, -1).clone()
+            negative_prompt = self._text_embeds([self.config.negative_prompt])
+            tensors.update(repeated_negatives(negative_prompt, len(prompts)))
         return Conditioning({k: v.to(self.device) for k, v in tensors.items()})
 
-    def _text_embeds(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Templated prompts → ``[N, max_sequence_length, D]`` embeddings and mask (the
+    def _text_embeds(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """Templated prompts → ``prompt_embeds`` ``[N, max_sequence_length, D]`` and
+        ``prompt_embeds_mask`` (the
         pipeline tokenises with ``max_length = 1024 + drop``, keeps each row's valid tokens
         after the template's system part, then cuts to ``max_sequence_length``)."""
         c = self.config
@@ -492,45 +471,15 @@ class QwenImagePolicy(FlowTransformerPolicy):
             return_tensors="pt",
         )
         rows = encode_chat(self.text_encoder, tokens, self.template_drop, c.text_device)
-        return stack_rows(rows, c.max_sequence_length)
+        embeds, mask = stack_rows(rows, c.max_sequence_length)
+        return {"prompt_embeds": embeds, "prompt_embeds_mask": mask}
 
     # ----------------------------------------------------------------- sampling
-    @property
-    def image_seq_len(self) -> int:
-        """Packed image tokens per sample ``L = (h/2)·(w/2)``."""
-        return (self.latent_height // 2) * (self.latent_width // 2)
-
-    @property
-    def effective_shift(self) -> float:
-        """The shift ``s`` in use (``exp(μ)`` under ``dynamic_shift``)."""
-        c = self.config
-        if not c.dynamic_shift:
-            return c.shift
-        mu = dynamic_shift_mu(
-            self.image_seq_len, c.base_image_seq_len, c.max_image_seq_len, c.base_shift, c.max_shift
-        )
-        return math.exp(mu)
-
-    @property
-    def schedule_shift(self) -> float:
-        return self.effective_shift
-
     def schedule(self, num_steps: int | None = None) -> Schedule:
         """Qwen-Image's sigmas (:func:`qwen_image_sigmas`) and ``timesteps = 1000·σ``."""
         n = num_steps or self.config.num_steps
         sigmas = qwen_image_sigmas(n, self.effective_shift, self.config.shift_terminal)
         return Schedule(timesteps=flow_timesteps(sigmas), sigmas=sigmas)
-
-    def initial_noise(
-        self, batch_size: int, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
-        """``x_1 ~ N(0, I)`` drawn as ``[B, C, h, w]`` (on the generator's device, as
-        diffusers' ``randn_tensor`` draws ``[B, 1, C, h, w]``) and packed → float32
-        ``[B, L, 4C]`` on ``device``."""
-        draw_device = generator.device if generator is not None else self.device
-        shape = (batch_size, self.latent_channels, self.latent_height, self.latent_width)
-        noise = torch.randn(shape, generator=generator, device=draw_device)
-        return pack_latents(noise).to(self.device)
 
     def predict(
         self, latents: torch.Tensor, timestep: torch.Tensor | float, cond: Conditioning
@@ -563,8 +512,8 @@ class QwenImagePolicy(FlowTransformerPolicy):
             out = self._forward(hidden, t, embeds, mask, img_shapes)
             return out[:, :tokens].float()
         neg_embeds, neg_mask = (
-            _negative(tensors, "prompt_embeds"),
-            _negative(tensors, "prompt_embeds_mask"),
+            negative(tensors, "prompt_embeds", "true_cfg_scale"),
+            negative(tensors, "prompt_embeds_mask", "true_cfg_scale"),
         )
         length = max(embeds.shape[1], neg_embeds.shape[1])
         neg_embeds, neg_mask = pad_text(neg_embeds, neg_mask, length)
@@ -612,30 +561,3 @@ class QwenImagePolicy(FlowTransformerPolicy):
         )
         latents = latents.to(self.config.decode_device, module_dtype(self.vae))
         return self.vae.decode(latents, return_dict=False)[0][:, :, 0]
-
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Packed final latents ``[N, L, 4C]`` → ``uint8`` ``[N, H, W, 3]`` (CPU), decoded on
-        ``vae_device`` ``vae_decode_chunk_size`` samples at a time."""
-        return decode_to_uint8(self._decode_chunk, latents, self.config.vae_decode_chunk_size)
-
-    # ----------------------------------------------------------------- training
-    def fsdp_block_types(self) -> tuple[type[nn.Module], ...]:
-        """The dual-stream transformer blocks (untested on the real model)."""
-        from diffusers.models.transformers.transformer_qwenimage import QwenImageTransformerBlock
-
-        return (QwenImageTransformerBlock,)
-
-    @property
-    def lora_target_modules(self) -> list[str]:
-        return list(QWEN_IMAGE_LORA_TARGET_MODULES)
-
-
-def _negative(tensors: dict[str, torch.Tensor], key: str) -> torch.Tensor:
-    """``negative_<key>`` of a true-CFG conditioning, or an error naming the fix."""
-    name = f"negative_{key}"
-    if name not in tensors:
-        raise ValueError(
-            f"true_cfg_scale > 1 needs {name!r} in the conditioning: encode prompts (or "
-            "rebuild the embedding cache) with the same true_cfg_scale"
-        )
-    return tensors[name]

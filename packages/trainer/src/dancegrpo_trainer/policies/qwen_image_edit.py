@@ -186,7 +186,7 @@ class QwenImageEditPolicy(QwenImagePolicy):
                 f"{type(self).__name__} edits images: every prompt needs its source image "
                 "(condition_images; a .jsonl prompt file's condition_image)"
             )
-        self._require_text_encoder()
+        self._require_text_encoders()
         images = self._image_lists(condition_images, len(prompts))
         prepared = [[self._prepare_image(img) for img in row] for row in images]
         vl_images = [vl for row in prepared for vl, _ in row]

@@ -1,13 +1,15 @@
-"""Device, dtype and decoding helpers shared by the diffusers-based adapters (SD, FLUX, and
-the video models that follow): where each component lives, what precision it runs in, and
-how latents become ``uint8`` frames without holding a whole batch of activations at once.
+"""Device, dtype, loading and VAE helpers shared by the diffusers-based adapters (SD, FLUX,
+and the models that follow): where each component lives, what precision it loads and runs
+in, how images become latents and latents become ``uint8`` frames without holding a whole
+batch of activations at once.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -164,6 +166,15 @@ def vae_decode(vae: nn.Module, latents: torch.Tensor, device: torch.device) -> t
     return vae.decode(latents, return_dict=False)[0]
 
 
+def vae_encode(vae: nn.Module, pixels: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Encodes images in ``[-1, 1]`` on ``device`` to float32 latents scaled as
+    :func:`vae_decode` un-scales them: the posterior mode, ``(z − shift_factor) ·
+    scaling_factor`` (the pipelines' ``retrieve_latents(..., sample_mode="argmax")``)."""
+    posterior = vae.encode(pixels.to(device, module_dtype(vae))).latent_dist
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return (posterior.mode().float() - shift) * vae.config.scaling_factor
+
+
 def decode_to_uint8(
     decode_fn: Callable[[torch.Tensor], torch.Tensor],
     latents: torch.Tensor,
@@ -194,6 +205,22 @@ def transformers_dtype_kwargs(dtype: torch.dtype) -> dict[str, torch.dtype]:
     if Version(transformers.__version__) >= Version("4.56"):
         return {"dtype": dtype}
     return {"torch_dtype": dtype}
+
+
+def load_text_encoders(
+    path: Path, dtype: torch.dtype, classes: Mapping[str, tuple[Any, Any]]
+) -> dict[str, Any]:
+    """Tokenizers and text encoders of a diffusers folder, keyed as the adapters'
+    constructors take them: for each ``suffix`` of ``classes`` (``""``, ``"_2"``, ...),
+    ``tokenizer<suffix>/`` with its tokenizer class and ``text_encoder<suffix>/`` with its
+    ``transformers`` model class, in ``dtype``."""
+    dtype_kwargs = transformers_dtype_kwargs(dtype)
+    parts: dict[str, Any] = {}
+    for suffix, (tokenizer_class, encoder_class) in classes.items():
+        tokenizer, encoder = f"tokenizer{suffix}", f"text_encoder{suffix}"
+        parts[tokenizer] = tokenizer_class.from_pretrained(path, subfolder=tokenizer)
+        parts[encoder] = encoder_class.from_pretrained(path, subfolder=encoder, **dtype_kwargs)
+    return parts
 
 
 def place(module: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:

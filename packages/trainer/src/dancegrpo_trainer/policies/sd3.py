@@ -36,13 +36,12 @@ from dancegrpo_trainer.policies.flow_transformer import (
     FlowTransformerPolicy,
     P,
 )
+from dancegrpo_trainer.policies.guidance import guided_velocity, negative, repeated_negatives
 from dancegrpo_trainer.policies.runtime import (
-    decode_to_uint8,
     freeze,
+    load_text_encoders,
     module_dtype,
-    parse_resolution,
     place,
-    transformers_dtype_kwargs,
     vae_decode,
 )
 
@@ -111,7 +110,6 @@ class StableDiffusion3Config(FlowTransformerConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        parse_resolution(self.resolution, 16)
         if self.guidance_scale < 0:
             raise ValueError(f"guidance_scale must be >= 0, got {self.guidance_scale}")
         if not 1 <= self.max_sequence_length <= 512:
@@ -138,6 +136,9 @@ class StableDiffusion3Policy(FlowTransformerPolicy):
     modality: ClassVar = "image"
     config_class: ClassVar = StableDiffusion3Config
     config: StableDiffusion3Config
+    default_lora_targets: ClassVar = SD3_LORA_TARGET_MODULES
+    #: The joint (MMDiT) transformer blocks.
+    fsdp_blocks: ClassVar = ("diffusers.models.attention:JointTransformerBlock",)
 
     def __init__(
         self,
@@ -191,12 +192,7 @@ class StableDiffusion3Policy(FlowTransformerPolicy):
         # Read model configs now: the trainer may later swap in a DDP/FSDP-wrapped module.
         tr_cfg = self.transformer.config
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        patch = int(tr_cfg.patch_size)
-        self.height, self.width = parse_resolution(
-            self.config.resolution, self.vae_scale_factor * patch
-        )
-        self.latent_height = self.height // self.vae_scale_factor
-        self.latent_width = self.width // self.vae_scale_factor
+        self._set_image_size(self.vae_scale_factor, self.vae_scale_factor * int(tr_cfg.patch_size))
         self.latent_channels = int(tr_cfg.in_channels)
         self.t5_width = int(tr_cfg.joint_attention_dim)
 
@@ -253,23 +249,17 @@ class StableDiffusion3Policy(FlowTransformerPolicy):
         on ``device``."""
         if condition_images is not None:
             raise ValueError("Stable Diffusion 3 is text-to-image; condition_images must be None")
-        if self.text_encoder is None or self.text_encoder_2 is None or self.text_encoder_3 is None:
-            raise RuntimeError(
-                "this policy was built without text encoders (load_text_encoders=False); "
-                "look prompts up in an EmbeddingCache instead"
-            )
+        self._require_text_encoders()
         prompts = list(prompts)
-        embeds, pooled = self._encode_text(prompts)
-        tensors = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+        tensors = self._encode_text(prompts)
         if self.config.do_cfg:
-            neg_embeds, neg_pooled = self._encode_text([self.config.negative_prompt])
-            n = len(prompts)
-            tensors["negative_prompt_embeds"] = neg_embeds.expand(n, -1, -1).clone()
-            tensors["negative_pooled_prompt_embeds"] = neg_pooled.expand(n, -1).clone()
+            negative_prompt = self._encode_text([self.config.negative_prompt])
+            tensors.update(repeated_negatives(negative_prompt, len(prompts)))
         return Conditioning({k: v.to(self.device) for k, v in tensors.items()})
 
-    def _encode_text(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prompts → ``(prompt_embeds [N, 77 + S, D_t5], pooled [N, D_l + D_g])``."""
+    def _encode_text(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """Prompts → ``prompt_embeds [N, 77 + S, D_t5]`` and ``pooled_prompt_embeds
+        [N, D_l + D_g]``."""
         clip_l, pooled_l = self._clip_embeds(self.tokenizer, self.text_encoder, prompts)
         clip_g, pooled_g = self._clip_embeds(self.tokenizer_2, self.text_encoder_2, prompts)
         t5 = self._t5_embeds(prompts)
@@ -280,7 +270,10 @@ class StableDiffusion3Policy(FlowTransformerPolicy):
                 f"({t5.shape[-1]}): not a Stable Diffusion 3 text-encoder set"
             )
         clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
-        return torch.cat([clip, t5.to(clip.dtype)], dim=-2), torch.cat([pooled_l, pooled_g], -1)
+        return {
+            "prompt_embeds": torch.cat([clip, t5.to(clip.dtype)], dim=-2),
+            "pooled_prompt_embeds": torch.cat([pooled_l, pooled_g], -1),
+        }
 
     def _clip_embeds(
         self, tokenizer: Any, encoder: nn.Module, prompts: list[str]
@@ -315,15 +308,6 @@ class StableDiffusion3Policy(FlowTransformerPolicy):
         sigmas = sd3_sigmas(num_steps or self.config.num_steps, self.config.shift)
         return Schedule(timesteps=flow_timesteps(sigmas), sigmas=sigmas)
 
-    def initial_noise(
-        self, batch_size: int, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
-        """``x_1 ~ N(0, I)`` float32 ``[B, C, h, w]`` on ``device``, drawn on the generator's
-        device (as diffusers' ``randn_tensor``)."""
-        draw_device = generator.device if generator is not None else self.device
-        shape = (batch_size, self.latent_channels, self.latent_height, self.latent_width)
-        return torch.randn(shape, generator=generator, device=draw_device).to(self.device)
-
     def predict(
         self, latents: torch.Tensor, timestep: torch.Tensor | float, cond: Conditioning
     ) -> torch.Tensor:
@@ -337,10 +321,13 @@ class StableDiffusion3Policy(FlowTransformerPolicy):
         text = {key: tensors[key] for key in TEXT_KEYS}
         if not self.config.do_cfg:
             return self._transformer_forward(latents, t, text)
-        text = {key: torch.cat([_negative(tensors, key), tensors[key]]) for key in TEXT_KEYS}
+        text = {
+            key: torch.cat([negative(tensors, key, "guidance_scale"), tensors[key]])
+            for key in TEXT_KEYS
+        }
         out = self._transformer_forward(torch.cat([latents, latents]), t.repeat(2), text)
         uncond, cond_v = out.float().chunk(2)
-        return uncond + self.config.guidance_scale * (cond_v - uncond)
+        return guided_velocity(cond_v, uncond, self.config.guidance_scale)
 
     def _transformer_forward(
         self, hidden_states: torch.Tensor, t: torch.Tensor, text: dict[str, torch.Tensor]
@@ -360,33 +347,6 @@ class StableDiffusion3Policy(FlowTransformerPolicy):
     def _decode_chunk(self, latents: torch.Tensor) -> torch.Tensor:
         return vae_decode(self.vae, latents, self.config.decode_device)
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Final latents ``[N, C, h, w]`` → ``uint8`` ``[N, H, W, 3]`` (CPU), decoded on
-        ``vae_device`` ``vae_decode_chunk_size`` samples at a time."""
-        return decode_to_uint8(self._decode_chunk, latents, self.config.vae_decode_chunk_size)
-
-    # ----------------------------------------------------------------- training
-    def fsdp_block_types(self) -> tuple[type[nn.Module], ...]:
-        """The joint (MMDiT) transformer blocks (untested on the real model)."""
-        from diffusers.models.attention import JointTransformerBlock
-
-        return (JointTransformerBlock,)
-
-    @property
-    def lora_target_modules(self) -> list[str]:
-        return list(SD3_LORA_TARGET_MODULES)
-
-
-def _negative(tensors: dict[str, torch.Tensor], key: str) -> torch.Tensor:
-    """``negative_<key>`` of a CFG conditioning, or an error naming the fix."""
-    name = f"negative_{key}"
-    if name not in tensors:
-        raise ValueError(
-            f"guidance_scale > 1 needs {name!r} in the conditioning: encode prompts (or "
-            "rebuild the embedding cache) with the same guidance_scale"
-        )
-    return tensors[name]
-
 
 def _load_text_encoders(path: Path, dtype: torch.dtype) -> dict[str, Any]:
     """CLIP-L, CLIP-G (``CLIPTextModelWithProjection``) and T5 (``T5EncoderModel``) with their
@@ -398,18 +358,7 @@ def _load_text_encoders(path: Path, dtype: torch.dtype) -> dict[str, Any]:
         T5TokenizerFast,
     )
 
-    hf_dtype = transformers_dtype_kwargs(dtype)
-    return {
-        "tokenizer": CLIPTokenizer.from_pretrained(path, subfolder="tokenizer"),
-        "text_encoder": CLIPTextModelWithProjection.from_pretrained(
-            path, subfolder="text_encoder", **hf_dtype
-        ),
-        "tokenizer_2": CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2"),
-        "text_encoder_2": CLIPTextModelWithProjection.from_pretrained(
-            path, subfolder="text_encoder_2", **hf_dtype
-        ),
-        "tokenizer_3": T5TokenizerFast.from_pretrained(path, subfolder="tokenizer_3"),
-        "text_encoder_3": T5EncoderModel.from_pretrained(
-            path, subfolder="text_encoder_3", **hf_dtype
-        ),
-    }
+    clip = (CLIPTokenizer, CLIPTextModelWithProjection)
+    return load_text_encoders(
+        path, dtype, {"": clip, "_2": clip, "_3": (T5TokenizerFast, T5EncoderModel)}
+    )

@@ -25,12 +25,13 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
 
 from dancegrpo_trainer.policies.base import Conditioning
+from dancegrpo_trainer.policies.condition_images import to_pil_images
+from dancegrpo_trainer.policies.guidance import guided_velocity, negative, repeated_negatives
 from dancegrpo_trainer.policies.hunyuan_video import HunyuanVideoConfig, HunyuanVideoPolicy
-from dancegrpo_trainer.policies.runtime import module_dtype
+from dancegrpo_trainer.policies.runtime import vae_encode
 
 #: The text-conditioning keys of HunyuanVideo; true CFG adds ``negative_<key>`` for each.
 TEXT_KEYS = ("prompt_embeds", "prompt_attention_mask", "pooled_prompt_embeds")
@@ -141,16 +142,9 @@ class SkyReelsI2VPolicy(HunyuanVideoPolicy):
         prompts = list(prompts)
         tensors = dict(super().encode_prompts(prompts).tensors)
         if self.config.do_true_cfg:
-            negative = super().encode_prompts([self.config.negative_prompt]).tensors
-            for key, value in negative.items():
-                tensors[f"negative_{key}"] = value.expand(len(prompts), *value.shape[1:]).clone()
-        if condition_images is not None:
-            if len(condition_images) != len(prompts):
-                raise ValueError(
-                    f"{len(condition_images)} condition images for {len(prompts)} prompts"
-                )
-            tensors.update(self.encode_condition_images(condition_images).tensors)
-        return Conditioning(tensors)
+            negative_prompt = super().encode_prompts([self.config.negative_prompt]).tensors
+            tensors.update(repeated_negatives(negative_prompt, len(prompts)))
+        return self._with_condition_images(Conditioning(tensors), condition_images)
 
     @torch.no_grad()
     def encode_condition_images(self, condition_images: torch.Tensor) -> Conditioning:
@@ -159,29 +153,19 @@ class SkyReelsI2VPolicy(HunyuanVideoPolicy):
         ``VideoProcessor.preprocess`` does (PIL, Lanczos), scaled to ``[-1, 1]``, encoded one
         image at a time on ``vae_device`` as a one-frame video, posterior mean ×
         ``scaling_factor``."""
-        images = _check_images(condition_images)
-        pixels = self._preprocess_images(images)  # [N, 3, H, W] in [-1, 1]
-        latents = [self._encode_image(p) for p in pixels]
+        pixels = self._preprocess_images(condition_images)  # [N, 3, H, W] in [-1, 1]
+        # One image at a time, as a one-frame video [1, 3, 1, H, W].
+        device = self.config.decode_device
+        latents = [vae_encode(self.vae, p[None, :, None], device) for p in pixels]
         return Conditioning({IMAGE_KEY: torch.cat(latents).to(self.device)})
 
     def _preprocess_images(self, images: torch.Tensor) -> torch.Tensor:
         """``uint8 [N, H, W, 3]`` → float ``[N, 3, height, width]`` in ``[-1, 1]``, through
         diffusers' ``VideoProcessor`` (what ``HunyuanSkyreelsImageToVideoPipeline`` calls)."""
         from diffusers.video_processor import VideoProcessor
-        from PIL import Image
 
-        pils = [Image.fromarray(np.ascontiguousarray(img)) for img in images.cpu().numpy()]
         processor = VideoProcessor(vae_scale_factor=self.spatial_ratio)
-        return processor.preprocess(pils, height=self.height, width=self.width)
-
-    def _encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        """One image ``[3, H, W]`` → scaled posterior-mean latents ``[1, C, 1, h, w]`` float32
-        (``(mean − shift_factor) · scaling_factor``, the inverse of ``vae_decode``)."""
-        vae = self.vae
-        video = pixels[None, :, None].to(self.config.decode_device, module_dtype(vae))
-        mean = vae.encode(video).latent_dist.mode().float()
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
-        return (mean - shift) * vae.config.scaling_factor
+        return processor.preprocess(to_pil_images(images), height=self.height, width=self.width)
 
     # ----------------------------------------------------------------- sampling
     def predict(
@@ -195,12 +179,15 @@ class SkyReelsI2VPolicy(HunyuanVideoPolicy):
         hidden = torch.cat([latents, self._image_condition(tensors, latents)], dim=1)
         if not self.config.do_true_cfg:
             return self._transformer_forward(hidden, timestep, tensors)
-        text = {key: torch.cat([_negative(tensors, key), tensors[key]]) for key in TEXT_KEYS}
+        text = {
+            key: torch.cat([negative(tensors, key, "true_cfg_scale"), tensors[key]])
+            for key in TEXT_KEYS
+        }
         if isinstance(timestep, torch.Tensor) and timestep.ndim == 1:  # per-row timesteps
             timestep = torch.cat([timestep, timestep])
         out = self._transformer_forward(torch.cat([hidden, hidden]), timestep, text)
         uncond, cond_v = out.float().chunk(2)
-        return uncond + self.config.true_cfg_scale * (cond_v - uncond)
+        return guided_velocity(cond_v, uncond, self.config.true_cfg_scale)
 
     def _image_condition(
         self, tensors: dict[str, torch.Tensor], latents: torch.Tensor
@@ -221,23 +208,3 @@ class SkyReelsI2VPolicy(HunyuanVideoPolicy):
                 " (expected [B, C, 1, h, w]: encode the images with this policy's resolution)"
             )
         return torch.cat([image, image.new_zeros(b, c, t - 1, h, w)], dim=2)
-
-
-def _negative(tensors: dict[str, torch.Tensor], key: str) -> torch.Tensor:
-    """``negative_<key>`` of a true-CFG conditioning, or an error naming the fix."""
-    name = f"negative_{key}"
-    if name not in tensors:
-        raise ValueError(
-            f"true_cfg_scale > 1 needs {name!r} in the conditioning: encode prompts (or "
-            "rebuild the embedding cache) with the same true_cfg_scale"
-        )
-    return tensors[name]
-
-
-def _check_images(images: torch.Tensor) -> torch.Tensor:
-    """``images`` as given, after checking they are ``uint8 [N, H, W, 3]``."""
-    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(
-            f"condition_images must be uint8 [N, H, W, 3], got {images.dtype} {tuple(images.shape)}"
-        )
-    return images

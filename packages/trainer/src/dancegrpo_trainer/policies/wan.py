@@ -44,14 +44,8 @@ from dancegrpo_trainer.policies.flow_transformer import (
     FlowTransformerPolicy,
     P,
 )
-from dancegrpo_trainer.policies.runtime import (
-    decode_to_uint8,
-    freeze,
-    module_dtype,
-    parse_resolution,
-    place,
-    transformers_dtype_kwargs,
-)
+from dancegrpo_trainer.policies.guidance import guided_velocity, negative, repeated_negatives
+from dancegrpo_trainer.policies.runtime import freeze, load_text_encoders, module_dtype, place
 
 #: LoRA targets: self- and cross-attention projections and the MLP of every
 #: ``WanTransformerBlock`` (the layers diffusers' and DiffSynth's Wan LoRAs adapt).
@@ -126,7 +120,6 @@ class WanConfig(FlowTransformerConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        parse_resolution(self.resolution, 16)
         if self.num_frames < 1 or (self.num_frames - 1) % 4:
             raise ValueError(
                 f"num_frames must be 4k + 1 (e.g. 33, 81): Wan's VAE keeps the first frame "
@@ -219,6 +212,9 @@ class WanPolicy(FlowTransformerPolicy):
     modality: ClassVar = "video"
     config_class: ClassVar = WanConfig
     config: WanConfig
+    default_lora_targets: ClassVar = WAN_LORA_TARGET_MODULES
+    #: ``WanTransformerBlock`` (every expert's).
+    fsdp_blocks: ClassVar = ("diffusers.models.transformers.transformer_wan:WanTransformerBlock",)
 
     def __init__(
         self,
@@ -314,22 +310,8 @@ class WanPolicy(FlowTransformerPolicy):
         patch_t, patch_h, patch_w = self.patch_size
         if patch_h != patch_w:
             raise ValueError(f"non-square transformer patches are not supported: {self.patch_size}")
-        self.height, self.width = parse_resolution(
-            self.config.resolution, self.spatial_ratio * patch_h
-        )
-        self.num_frames = self.config.num_frames
-        if (self.num_frames - 1) % self.temporal_ratio:
-            raise ValueError(
-                f"num_frames must be {self.temporal_ratio}k + 1 for this VAE, got {self.num_frames}"
-            )
-        self.latent_frames = (self.num_frames - 1) // self.temporal_ratio + 1
-        if self.latent_frames % patch_t:
-            raise ValueError(
-                f"num_frames gives {self.latent_frames} latent frames, not a multiple of the "
-                f"transformer's temporal patch {patch_t}"
-            )
-        self.latent_height = self.height // self.spatial_ratio
-        self.latent_width = self.width // self.spatial_ratio
+        self._set_image_size(self.spatial_ratio, self.spatial_ratio * patch_h)
+        self._set_frame_count(self.temporal_ratio, patch_t)
         self.latent_channels = int(vae_cfg.z_dim)
         for expert in self._expert_modules():
             out = int(expert.config.out_channels or expert.config.in_channels)
@@ -433,15 +415,11 @@ class WanPolicy(FlowTransformerPolicy):
         return self._encode_text(list(prompts))
 
     def _encode_text(self, prompts: list[str]) -> Conditioning:
-        if self.text_encoder is None:
-            raise RuntimeError(
-                "this policy was built without text encoders (load_text_encoders=False); "
-                "look prompts up in an EmbeddingCache instead"
-            )
+        self._require_text_encoders()
         tensors = {PROMPT_KEY: self._umt5_embeds(prompts).to(self.device)}
         if self.config.do_cfg:
-            negative = self._umt5_embeds([self.config.negative_prompt]).to(self.device)
-            tensors[NEGATIVE_KEY] = negative.expand(len(prompts), *negative.shape[1:]).clone()
+            negative_prompt = self._umt5_embeds([self.config.negative_prompt]).to(self.device)
+            tensors.update(repeated_negatives({PROMPT_KEY: negative_prompt}, len(prompts)))
         return Conditioning(tensors)
 
     def _umt5_embeds(self, prompts: list[str]) -> torch.Tensor:
@@ -477,22 +455,6 @@ class WanPolicy(FlowTransformerPolicy):
         ``FlowMatchEulerDiscreteScheduler`` sets it from ``sigmas=linspace(1, 1/n, n)``."""
         sigmas = flow_sigmas(num_steps or self.config.num_steps, shift=self.shift)
         return Schedule(timesteps=flow_timesteps(sigmas), sigmas=sigmas)
-
-    @property
-    def latent_shape(self) -> tuple[int, int, int, int]:
-        """``(C, T, h, w)`` of one sample's latents."""
-        return (self.latent_channels, self.latent_frames, self.latent_height, self.latent_width)
-
-    def initial_noise(
-        self, batch_size: int, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
-        """``x_1 ~ N(0, I)`` float32 ``[B, C, T, h, w]`` on ``device``, drawn on the
-        generator's device (as diffusers' ``randn_tensor``)."""
-        draw_device = generator.device if generator is not None else self.device
-        noise = torch.randn(
-            (batch_size, *self.latent_shape), generator=generator, device=draw_device
-        )
-        return noise.to(self.device)
 
     @property
     def boundary_timestep(self) -> float | None:
@@ -567,20 +529,16 @@ class WanPolicy(FlowTransformerPolicy):
         extra = self._model_kwargs(tensors)
         text = tensors[PROMPT_KEY]
         if scale > 1.0:
-            if NEGATIVE_KEY not in tensors:
-                raise ValueError(
-                    f"guidance scale {scale} > 1 needs {NEGATIVE_KEY!r} in the conditioning: "
-                    "encode prompts (or rebuild the embedding cache) with CFG on"
-                )
+            scale_field = ("guidance_scale", "guidance_scale_2")[expert]
             both = self._forward(
                 expert,
                 torch.cat([hidden, hidden]),
                 torch.cat([timestep, timestep]),
-                torch.cat([tensors[NEGATIVE_KEY], text]),
+                torch.cat([negative(tensors, PROMPT_KEY, scale_field), text]),
                 {k: torch.cat([v, v]) for k, v in extra.items()},
             )
             uncond, conditional = both.float().chunk(2)
-            velocity = uncond + scale * (conditional - uncond)
+            velocity = guided_velocity(conditional, uncond, scale)
         else:
             velocity = self._forward(expert, hidden, timestep, text, extra).float()
         return self._finish_velocity(velocity, latents, t, tensors)
@@ -652,12 +610,6 @@ class WanPolicy(FlowTransformerPolicy):
         video = vae.decode(x / inv_std + mean, return_dict=False)[0]  # [n, 3, F, H, W]
         return video.permute(0, 2, 1, 3, 4).flatten(0, 1)
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Final latents ``[N, C, T, h, w]`` → ``uint8`` ``[N, F, H, W, 3]`` (CPU), decoded on
-        ``vae_device`` ``vae_decode_chunk_size`` videos at a time."""
-        frames = decode_to_uint8(self._decode_chunk, latents, self.config.vae_decode_chunk_size)
-        return frames.view(latents.shape[0], -1, *frames.shape[1:])
-
     # ----------------------------------------------------------------- training
     def trainable_module(self) -> nn.Module:
         """The trained weights: the transformer; with two experts, :class:`WanExperts`
@@ -678,16 +630,6 @@ class WanPolicy(FlowTransformerPolicy):
         if which == "all":
             return experts
         return [experts[0] if which == "high_noise" else experts[1]]
-
-    def fsdp_block_types(self) -> tuple[type[nn.Module], ...]:
-        """``WanTransformerBlock`` (every expert's)."""
-        from diffusers.models.transformers.transformer_wan import WanTransformerBlock
-
-        return (WanTransformerBlock,)
-
-    @property
-    def lora_target_modules(self) -> list[str]:
-        return list(WAN_LORA_TARGET_MODULES)
 
 
 def _latent_stats(vae: nn.Module, device: torch.device, dtype: torch.dtype):
@@ -723,9 +665,4 @@ def _load_text_encoder(path: Path, dtype: torch.dtype) -> dict[str, Any]:
     ``AutoTokenizer``) from a diffusers Wan folder."""
     from transformers import AutoTokenizer, UMT5EncoderModel
 
-    return {
-        "tokenizer": AutoTokenizer.from_pretrained(path, subfolder="tokenizer"),
-        "text_encoder": UMT5EncoderModel.from_pretrained(
-            path, subfolder="text_encoder", **transformers_dtype_kwargs(dtype)
-        ),
-    }
+    return load_text_encoders(path, dtype, {"": (AutoTokenizer, UMT5EncoderModel)})

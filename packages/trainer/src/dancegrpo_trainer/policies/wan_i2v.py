@@ -31,15 +31,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
 from torch import nn
 
 from dancegrpo_trainer.policies.base import Conditioning
+from dancegrpo_trainer.policies.condition_images import to_pil_images
 from dancegrpo_trainer.policies.runtime import freeze, module_dtype, place
 from dancegrpo_trainer.policies.wan import (
     NUM_TRAIN_TIMESTEPS,
-    WAN_LORA_TARGET_MODULES,
     WanConfig,
     WanPolicy,
     _listed,
@@ -164,15 +163,7 @@ class WanI2VPolicy(WanPolicy):
 
         Without ``condition_images`` the result is text-only: for an embedding cache, or a
         TI2V-5B text-to-video rollout."""
-        prompts = list(prompts)
-        tensors = dict(self._encode_text(prompts).tensors)
-        if condition_images is not None:
-            if len(condition_images) != len(prompts):
-                raise ValueError(
-                    f"{len(condition_images)} condition images for {len(prompts)} prompts"
-                )
-            tensors.update(self.encode_condition_images(condition_images).tensors)
-        return Conditioning(tensors)
+        return self._with_condition_images(self._encode_text(list(prompts)), condition_images)
 
     @torch.no_grad()
     def encode_condition_images(self, condition_images: torch.Tensor) -> Conditioning:
@@ -180,10 +171,7 @@ class WanI2VPolicy(WanPolicy):
         ``device`` (and Wan2.1's CLIP ``image_embeds``): each image resized to the video size
         by diffusers' ``VideoProcessor`` (as the pipeline), VAE-encoded on ``vae_device`` one
         image at a time (posterior mean, normalised)."""
-        from PIL import Image
-
-        images = _check_images(condition_images)
-        pils = [Image.fromarray(np.ascontiguousarray(i)) for i in images.cpu().numpy()]
+        pils = to_pil_images(condition_images)
         pixels = self._preprocess_images(pils)  # [N, 3, H, W] in [-1, 1]
         latents = torch.cat([self._encode_image(p) for p in pixels])
         tensors = {IMAGE_KEY: latents.to(self.device)}
@@ -298,13 +286,4 @@ class WanI2VPolicy(WanPolicy):
     def lora_target_modules(self) -> list[str]:
         """:mod:`.wan`'s targets, plus Wan2.1 I2V's image cross-attention projections."""
         extra = ["attn2.add_k_proj", "attn2.add_v_proj"] if self.image_encoder is not None else []
-        return list(WAN_LORA_TARGET_MODULES) + extra
-
-
-def _check_images(images: torch.Tensor) -> torch.Tensor:
-    """``images`` as given, after checking they are ``uint8 [N, H, W, 3]``."""
-    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(
-            f"condition_images must be uint8 [N, H, W, 3], got {images.dtype} {tuple(images.shape)}"
-        )
-    return images
+        return super().lora_target_modules + extra

@@ -114,7 +114,7 @@ def test_train_until_stops_after_the_eval_that_satisfies_it_and_resumes(
     assert seen == [[0, 1], [0, 1, 2], [0, 1, 2, 3]]
     assert [e["step"] for e in evals] == [0, 1, 2, 3]
     assert part.step == 3
-    assert [r["step"] for r in train_records(tmp_path / "stopped")] == [1, 2, 3]
+    assert [r["step"] for r in records(tmp_path / "stopped")] == [1, 2, 3]
     checkpoints = sorted(p.name for p in (tmp_path / "stopped" / "checkpoints").iterdir())
     assert checkpoints == ["step_000003"]
     # The evals up to the stop are those of the uninterrupted run.
@@ -128,7 +128,7 @@ def test_train_until_stops_after_the_eval_that_satisfies_it_and_resumes(
     assert [e["step"] for e in rest] == [4, 5]
     for key, value in params(full).items():
         torch.testing.assert_close(params(resumed)[key], value, rtol=0, atol=0)
-    assert [r["step"] for r in train_records(tmp_path / "stopped")] == [1, 2, 3, 4, 5]
+    assert [r["step"] for r in records(tmp_path / "stopped")] == [1, 2, 3, 4, 5]
     assert rest[-1]["reward_mean"] == full_evals[-1]["reward_mean"]
 
 

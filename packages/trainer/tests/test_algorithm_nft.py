@@ -561,7 +561,7 @@ def test_config_rejects_what_nft_cannot_train():
 
 def _trainer(out: Path, max_steps: int, *overrides: str) -> Trainer:
     cfg = load_config(
-        ROOT / "configs/demo.yaml",
+        ROOT / "configs/demo_grpo.yaml",
         [
             "rewards.endpoints.0.target=x:1",
             "rewards.endpoints.0.reward=r",

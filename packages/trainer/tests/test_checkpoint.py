@@ -235,7 +235,7 @@ def test_a_fresh_start_drops_the_rows_of_an_earlier_attempt(tmp_path: Path) -> N
 
     stale = [{"step": s, "split": "train", "reward_mean": 0.1} for s in (0, 1, 2)]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in stale))
-    trainer = Trainer(load_config(ROOT / "configs/demo.yaml", _overrides(tmp_path)))
+    trainer = Trainer(load_config(ROOT / "configs/demo_grpo.yaml", _overrides(tmp_path)))
     trainer.close()
     assert trainer.step == 0
     assert (tmp_path / "metrics.jsonl").read_text() == ""
@@ -248,13 +248,13 @@ def test_cli_logs_the_resumed_step_and_reports_a_corrupt_checkpoint(
     from dancegrpo_trainer.config import load_config
     from dancegrpo_trainer.trainer import Trainer
 
-    trainer = Trainer(load_config(ROOT / "configs/demo.yaml", _overrides(tmp_path)))
+    trainer = Trainer(load_config(ROOT / "configs/demo_grpo.yaml", _overrides(tmp_path)))
     trainer.step = 2
     saved = trainer.save()
     trainer.close()
     # As in a fresh process: the package logger has no level until setup_logging runs.
     logging.getLogger("dancegrpo_trainer").setLevel(logging.NOTSET)
-    args = ["--config", str(ROOT / "configs/demo.yaml"), *_overrides(tmp_path)]
+    args = ["--config", str(ROOT / "configs/demo_grpo.yaml"), *_overrides(tmp_path)]
     assert logging.getLogger().level == logging.WARNING
     assert train_main(args) == 0  # resumes at step 2 = max_steps: nothing to train
     assert f"resumed step=2 from={saved}" in caplog.text

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[3]
 
 
 def test_train_cli_reports_config_errors_with_the_field(capsys) -> None:
-    assert train_main(["--config", str(ROOT / "configs/demo.yaml"), "sampling.eta=0"]) == 2
+    assert train_main(["--config", str(ROOT / "configs/demo_grpo.yaml"), "sampling.eta=0"]) == 2
     assert "sampling.eta" in capsys.readouterr().err
 
 
@@ -26,7 +26,7 @@ def test_sample_cli_keeps_the_best_of_n(tmp_path: Path) -> None:
         rc = sample_main(
             [
                 "--config",
-                str(ROOT / "configs/demo.yaml"),
+                str(ROOT / "configs/demo_grpo.yaml"),
                 "--prompts",
                 str(prompts),
                 "--out",

@@ -58,7 +58,7 @@ def test_recipes_encode_the_paper_settings() -> None:
 
 def test_dotted_overrides_reach_nested_sections_and_list_items() -> None:
     cfg = load_config(
-        ROOT / "configs/demo.yaml",
+        ROOT / "configs/demo_grpo.yaml",
         ["train.learning_rate=5e-3", "train.lora.rank=4", "rewards.endpoints.0.target=h:1"],
     )
     assert cfg.train.learning_rate == 5e-3
@@ -84,12 +84,12 @@ def test_dotted_overrides_reach_nested_sections_and_list_items() -> None:
 )
 def test_invalid_values_raise_naming_the_field(override: str, field: str) -> None:
     with pytest.raises(ConfigError, match=r"^" + field.replace("[", r"\[").replace("]", r"\]")):
-        load_config(ROOT / "configs/demo.yaml", override.split())
+        load_config(ROOT / "configs/demo_grpo.yaml", override.split())
 
 
 def test_model_path_is_required_for_real_models() -> None:
     with pytest.raises(ConfigError, match="model.path"):
-        load_config(ROOT / "configs/demo.yaml", ["model.kind=flux"])
+        load_config(ROOT / "configs/demo_grpo.yaml", ["model.kind=flux"])
 
 
 def test_env_references_expand_with_defaults_and_name_the_field(monkeypatch) -> None:
@@ -102,7 +102,7 @@ def test_env_references_expand_with_defaults_and_name_the_field(monkeypatch) -> 
 
 
 def test_reward_endpoint_auth_and_tls_settings_are_checked(monkeypatch, tmp_path) -> None:
-    demo = ROOT / "configs/demo.yaml"
+    demo = ROOT / "configs/demo_grpo.yaml"
     monkeypatch.delenv("DANCEGRPO_TEST_TOKEN", raising=False)
     with pytest.raises(
         ConfigError,

@@ -168,7 +168,7 @@ def test_scorer_refuses_samples_without_metadata_when_an_endpoint_asks() -> None
 
 def demo_config(tmp_path: Path, *overrides: str):
     return load_config(
-        ROOT / "configs/demo.yaml",
+        ROOT / "configs/demo_grpo.yaml",
         [
             "rewards.endpoints.0.target=t:1",
             "rewards.endpoints.0.reward=geneval",

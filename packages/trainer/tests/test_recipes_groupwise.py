@@ -307,7 +307,7 @@ def test_routed_recipe_calls_only_each_sources_rewards(
 
 
 def _tiny_routed_config(out: Path, services: dict[str, Any], **run: Any) -> Any:
-    data = yaml.safe_load((CONFIGS / "demo.yaml").read_text())
+    data = yaml.safe_load((CONFIGS / "demo_grpo.yaml").read_text())
     data["rewards"]["endpoints"] = [
         {
             "target": services["image"],

@@ -156,10 +156,10 @@ def test_list_rewards_gives_up_past_the_budget_and_at_once_on_other_errors():
 @pytest.mark.parametrize("value", ["-1", ".nan", ".inf"])
 def test_outage_budget_is_validated(value: str):
     with pytest.raises(ConfigError, match=r"rewards\.outage_budget_s: must be a finite number"):
-        load_config(ROOT / "configs/demo.yaml", [f"rewards.outage_budget_s={value}"])
+        load_config(ROOT / "configs/demo_grpo.yaml", [f"rewards.outage_budget_s={value}"])
     with pytest.raises(ConfigError, match=r"rewards\.outage_budget_s"):
-        load_config(ROOT / "configs/demo.yaml", ["rewards.outage_budget_s=soon"])
-    assert load_config(ROOT / "configs/demo.yaml").rewards.outage_budget_s == 300
+        load_config(ROOT / "configs/demo_grpo.yaml", ["rewards.outage_budget_s=soon"])
+    assert load_config(ROOT / "configs/demo_grpo.yaml").rewards.outage_budget_s == 300
 
 
 def _free_port() -> int:
@@ -170,7 +170,7 @@ def _free_port() -> int:
 
 def _config(target: str, out: Path):
     return load_config(
-        ROOT / "configs/demo.yaml",
+        ROOT / "configs/demo_grpo.yaml",
         [
             f"rewards.endpoints.0.target={target}",
             f"run.output_dir={out}",

@@ -585,7 +585,7 @@ def test_sample_cli_samples_with_the_configured_sampler(tmp_path, monkeypatch):
     for sampler in ("cps", "dancegrpo"):
         torch.manual_seed(0)  # same tiny weights for both samplers
         out = tmp_path / sampler
-        argv = ["--config", str(ROOT / "configs/demo.yaml"), "--prompts", str(prompts)]
+        argv = ["--config", str(ROOT / "configs/demo_grpo.yaml"), "--prompts", str(prompts)]
         argv += ["--out", str(out), "--n", "3", "sampling.num_steps=3", "sampling.eta=0.9"]
         assert sample_main([*argv, f"sampling.sampler={sampler}"]) == 0
         scores[sampler] = json.loads((out / "results.json").read_text())[0]["scores"]
@@ -618,12 +618,12 @@ def test_eval_cli_uses_sampler_eta_resolution_and_cfg_settings_of_the_config(tmp
     from dancegrpo_trainer.config import load_config
     from dancegrpo_trainer.policy_factory import build_policy
 
-    cfg = load_config(ROOT / "configs/demo.yaml")
+    cfg = load_config(ROOT / "configs/demo_grpo.yaml")
     tuned = tmp_path / "tuned.safetensors"
     save_file(build_policy(cfg.model, torch.device("cpu")).trainable_module().state_dict(), tuned)
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red square\n")
-    argv = ["--config", str(ROOT / "configs/demo.yaml"), "--tuned", str(tuned)]
+    argv = ["--config", str(ROOT / "configs/demo_grpo.yaml"), "--tuned", str(tuned)]
     argv += ["--prompts", str(prompts), "--reward", "c=x:1/color_match", "--out", str(tmp_path)]
     overrides = ["sampling.sampler=flow_grpo", "eval.eta=0.4", "eval.height=32", "eval.width=8"]
     assert ev.main([*argv, "--num-steps", "2", *overrides]) == 0

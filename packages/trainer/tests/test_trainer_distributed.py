@@ -169,7 +169,7 @@ def test_row_generators_make_a_rollout_independent_of_batching():
     from dancegrpo_trainer.rollout import sample_rollout, seeded_generators
 
     torch.manual_seed(0)
-    policy = build_policy(load_config(ROOT / "configs/demo.yaml").model, torch.device("cpu"))
+    policy = build_policy(load_config(ROOT / "configs/demo_grpo.yaml").model, torch.device("cpu"))
     prompts = ["a red square", "a blue square", "a green square"] * 2
     cond = policy.encode_prompts(prompts)
     noise = policy.initial_noise(6, generator=torch.Generator().manual_seed(1))
@@ -202,12 +202,12 @@ def test_row_generators_make_a_rollout_independent_of_batching():
 
 
 def _worker(out: Path, overrides: list[str]) -> None:
-    """Trains ``configs/demo.yaml`` + ``overrides`` and saves this rank's final parameters."""
+    """Trains ``configs/demo_grpo.yaml`` + ``overrides`` and saves this rank's final parameters."""
     from dancegrpo_trainer import distributed as dist_utils
     from dancegrpo_trainer.config import load_config
     from dancegrpo_trainer.trainer import Trainer
 
-    trainer = Trainer(load_config(ROOT / "configs/demo.yaml", overrides))
+    trainer = Trainer(load_config(ROOT / "configs/demo_grpo.yaml", overrides))
     rank = dist_utils.rank()
     expected_world = int(os.environ.get("WORLD_SIZE", "1"))
     assert trainer.world == expected_world, f"joined {trainer.world} of {expected_world} ranks"

@@ -40,7 +40,7 @@ from dancegrpo_trainer.config import ConfigError, load_config
 from dancegrpo_trainer.distributed import shutdown
 
 ROOT = Path(__file__).resolve().parents[3]
-DEMO = ROOT / "configs/demo.yaml"
+DEMO = ROOT / "configs/demo_grpo.yaml"
 ATOL = 1e-5
 
 
@@ -213,7 +213,7 @@ def test_fsdp_needs_more_than_one_process(tmp_path: Path) -> None:
 
 
 def _worker(out: Path, overrides: list[str]) -> None:
-    """Trains ``configs/demo.yaml`` + ``overrides``; rank 0 saves the full parameters."""
+    """Trains ``configs/demo_grpo.yaml`` + ``overrides``; rank 0 saves the full parameters."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     from dancegrpo_trainer.trainer import Trainer

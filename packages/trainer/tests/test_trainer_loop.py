@@ -28,7 +28,7 @@ def reward_target() -> str:
 
 def small_config(target: str, out: Path, *extra: str):
     return load_config(
-        ROOT / "configs/demo.yaml",
+        ROOT / "configs/demo_grpo.yaml",
         [
             f"rewards.endpoints.0.target={target}",
             f"run.output_dir={out}",
@@ -80,6 +80,56 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(reward_target: str, 
     ckpt = tmp_path / "full" / "checkpoints" / "step_000004"
     for name in ("model.safetensors", "optimizer.safetensors", "scheduler.json", "manifest.json"):
         assert (ckpt / name).is_file()
+
+
+def test_train_until_stops_after_the_eval_that_satisfies_it_and_resumes(
+    reward_target: str, tmp_path: Path
+):
+    """``train(until=...)`` ends the run at the first eval where ``until`` holds, with a
+    checkpoint of that step (even off the ``checkpoint_every`` grid); a later
+    ``train()`` resumes there and ends bit-identical to a run that never stopped."""
+    eval_file = tmp_path / "eval.txt"
+    eval_file.write_text("a red picture\na blue picture\n")
+    extra = (
+        f"data.eval_prompts={eval_file}",
+        "eval.every_steps=1",
+        "eval.samples_per_prompt=1",
+        "run.checkpoint_every=0",
+        "run.max_steps=5",
+    )
+    full = Trainer(small_config(reward_target, tmp_path / "full", *extra))
+    full_evals = full.train()
+    full.close()
+
+    seen: list[list[int]] = []
+
+    def at_step_3(evals: list[dict]) -> bool:
+        seen.append([e["step"] for e in evals])
+        return evals[-1]["step"] == 3
+
+    part = Trainer(small_config(reward_target, tmp_path / "stopped", *extra))
+    evals = part.train(until=at_step_3)
+    part.close()
+    # Asked after every eval but the step-0 one; the run ends right after the one that held.
+    assert seen == [[0, 1], [0, 1, 2], [0, 1, 2, 3]]
+    assert [e["step"] for e in evals] == [0, 1, 2, 3]
+    assert part.step == 3
+    assert [r["step"] for r in records(tmp_path / "stopped")] == [1, 2, 3]
+    checkpoints = sorted(p.name for p in (tmp_path / "stopped" / "checkpoints").iterdir())
+    assert checkpoints == ["step_000003"]
+    # The evals up to the stop are those of the uninterrupted run.
+    for a, b in zip(full_evals[:4], evals, strict=True):
+        assert a["reward_mean"] == b["reward_mean"]
+
+    resumed = Trainer(small_config(reward_target, tmp_path / "stopped", *extra))
+    assert resumed.step == 3
+    rest = resumed.train()
+    resumed.close()
+    assert [e["step"] for e in rest] == [4, 5]
+    for key, value in params(full).items():
+        torch.testing.assert_close(params(resumed)[key], value, rtol=0, atol=0)
+    assert [r["step"] for r in records(tmp_path / "stopped")] == [1, 2, 3, 4, 5]
+    assert rest[-1]["reward_mean"] == full_evals[-1]["reward_mean"]
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])

@@ -351,7 +351,7 @@ def _trainer(tmp_path: Path, *overrides: str, out: str = "run"):
 
     root = Path(__file__).resolve().parents[3]
     cfg = load_config(
-        root / "configs/demo.yaml",
+        root / "configs/demo_grpo.yaml",
         [
             "rewards.endpoints.0.target=x:1",
             "rewards.endpoints.0.reward=r",

@@ -463,10 +463,16 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
 
-    def train(self) -> list[dict[str, Any]]:
-        """Runs until ``run.max_steps``; returns the eval records of this call."""
+    def train(
+        self, until: Callable[[list[dict[str, Any]]], bool] | None = None
+    ) -> list[dict[str, Any]]:
+        """Runs until ``run.max_steps``, or until ``until(evals)`` is true after an eval
+        (``evals``: the eval records of this call so far; the run then ends there, with
+        a checkpoint); returns the eval records of this call. Every rank sees the same
+        (gathered) eval records, so an ``until`` that depends on them alone stops every
+        rank at the same step."""
         cfg = self.cfg
-        evals = []
+        evals: list[dict[str, Any]] = []
         self.console.begin(self.step)
         if self.eval_records and self.step == 0:
             evals.append(self._log_eval(self.evaluate()))
@@ -475,9 +481,12 @@ class Trainer:
             last = self.step == cfg.run.max_steps
             if self.eval_records and (self.step % cfg.eval.every_steps == 0 or last):
                 evals.append(self._log_eval(self.evaluate()))
+                last = last or (until is not None and until(evals))
             ce = cfg.run.checkpoint_every
             if (ce and self.step % ce == 0) or last:
                 self.save()
+            if last:
+                break
         self.console.close()
         if self.rank == 0 and self.metrics.path.is_file():
             plot_reward_curve(self.metrics.path, self.run_dir / "reward_curve.png")

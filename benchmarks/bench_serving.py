@@ -25,12 +25,12 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
-from common import BENCH_DIR, REPO, interleaved, record
+from common import BENCH_DIR, REPO, interleaved, record, rotated
 
 sys.path.insert(0, str(REPO / "tests" / "support"))
 
@@ -287,24 +287,6 @@ def run_transport(repeats: int = 8) -> list[dict]:
 CHEAP_SIZE = 256
 
 
-def _interleaved3(
-    a: Callable[[], object], b: Callable[[], object], c: Callable[[], object], *, repeats: int
-) -> tuple[list[float], list[float], list[float]]:
-    """Seconds per call of three sides, timed in rotating order (ABC, BCA, CAB, ...) after
-    one untimed call of each, so that machine noise hits all three alike."""
-    sides = [a, b, c]
-    for fn in sides:
-        fn()
-    samples: list[list[float]] = [[], [], []]
-    for r in range(repeats):
-        for k in range(3):
-            i = (r + k) % 3
-            t0 = time.perf_counter()
-            sides[i]()
-            samples[i].append(time.perf_counter() - t0)
-    return samples[0], samples[1], samples[2]
-
-
 @contextlib.contextmanager
 def floor_server() -> Iterator[str]:
     """Runs ``grpc_floor_server.py`` (receive the bytes, answer 2 bytes); yields its target."""
@@ -375,9 +357,7 @@ def run_cheap(repeats: int = 8) -> list[dict]:
         def floor_side() -> None:  # what RewardClient sends, to a server that does nothing
             send_to_floor(codec.serialize_score_request("jpeg", images, prompts), timeout=300)
 
-        grpc_s, inproc_s, floor_s = _interleaved3(
-            grpc_side, inproc_side, floor_side, repeats=repeats * 8
-        )
+        grpc_s, inproc_s, floor_s = rotated(grpc_side, inproc_side, floor_side, repeats=repeats * 8)
         # Companion: requests kept in flight (a trainer submits each rollout chunk as soon
         # as it is decoded; many ranks share a replica), so the transport of one request
         # overlaps the reward's compute of another. Both sides run the reward on ONE model

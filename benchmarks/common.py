@@ -34,6 +34,23 @@ class Timing:
     b_samples: list[float]
 
 
+def rotated(*sides: Callable[[], object], repeats: int, warmup: int = 1) -> list[list[float]]:
+    """Seconds per call of every side, timed in rotating order (``warmup`` untimed calls of
+    each first): ABC, BCA, CAB, ... (for two sides AB, BA, AB, ...), so that no side always
+    runs first or on a cache warmed by the same other side."""
+    for _ in range(warmup):
+        for fn in sides:
+            fn()
+    samples: list[list[float]] = [[] for _ in sides]
+    for r in range(repeats):
+        for k in range(len(sides)):
+            i = (r + k) % len(sides)
+            t0 = time.perf_counter()
+            sides[i]()
+            samples[i].append(time.perf_counter() - t0)
+    return samples
+
+
 def interleaved(
     side_a: Callable[[], object],
     side_b: Callable[[], object],
@@ -46,17 +63,7 @@ def interleaved(
     The order inside each pair alternates too (AB, BA, AB, ...), so neither side always
     runs on a cache warmed by the other.
     """
-    for _ in range(warmup):
-        side_a()
-        side_b()
-    a_samples: list[float] = []
-    b_samples: list[float] = []
-    for r in range(repeats):
-        order = ((side_a, a_samples), (side_b, b_samples))
-        for fn, sink in order if r % 2 == 0 else order[::-1]:
-            t0 = time.perf_counter()
-            fn()
-            sink.append(time.perf_counter() - t0)
+    a_samples, b_samples = rotated(side_a, side_b, repeats=repeats, warmup=warmup)
     return Timing(statistics.median(a_samples), statistics.median(b_samples), a_samples, b_samples)
 
 

@@ -16,12 +16,12 @@ on a 4-step run.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 import pytest
 
+from dancegrpo_testing.trainer_runs import records
 from dancegrpo_trainer.data import load_prompts
 from dancegrpo_trainer.demo import gap_target, run_demo
 
@@ -79,10 +79,9 @@ def test_demo_summary_reports_its_stop_target_and_training_time(
     assert s["gap_closed"] == pytest.approx(
         (s["eval_reward_after"] - s["eval_reward_before"]) / (1 - s["eval_reward_before"])
     )
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    train = [r for r in rows if r["split"] == "train"]
+    train = records(out)
     assert [r["step"] for r in train] == [1, 2, 3, 4]
-    assert [r["step"] for r in rows if r["split"] == "eval"] == [0, 2, 4]
+    assert [r["step"] for r in records(out, "eval")] == [0, 2, 4]
     assert s["train_s"] == pytest.approx(
         sum(r["sample_s"] + r["reward_wait_s"] + r["train_s"] for r in train)
     )
@@ -113,9 +112,7 @@ def test_demo_reaches_90_percent_of_the_way_to_the_maximum(tmp_path: Path, monke
     ):
         assert (out / name).is_file(), name
     assert (out / "checkpoints" / f"step_{steps:06d}").is_dir()  # saved where it stopped
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    train = [r for r in rows if r["split"] == "train"]
-    evals = [r for r in rows if r["split"] == "eval"]
+    train, evals = records(out), records(out, "eval")
     assert [r["step"] for r in train] == list(range(1, steps + 1))
     assert [r["step"] for r in evals] == list(range(0, steps + 1, EVAL_EVERY))
     # Every eval before the last is below the target: the demo stopped at the first one.

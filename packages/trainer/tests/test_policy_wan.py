@@ -309,15 +309,7 @@ def test_log_prob_of_each_step_comes_from_the_expert_that_produced_it():
     with torch.no_grad():
         for p in policy.transformer_2.parameters():
             p.add_(0.05 * torch.randn_like(p))
-        recomputed = torch.stack(
-            [
-                policy.denoise_step(
-                    traj[i], i, schedule, cond, eta=0.6, prev_sample=traj[i + 1]
-                ).log_prob
-                for i in range(STEPS)
-            ],
-            dim=1,
-        )
+    recomputed = checks.recomputed_log_probs(policy, cond, schedule, traj, eta=0.6)
     assert torch.equal(recomputed[:, :2], rollout_lp[:, :2])  # high-noise steps untouched
     assert (recomputed[:, 2:] - rollout_lp[:, 2:]).abs().min() > 0
 

@@ -26,12 +26,12 @@ from dancegrpo_trainer.policies.base import Conditioning
 from dancegrpo_trainer.policies.flow import FlowPolicy
 from dancegrpo_trainer.policies.runtime import (
     RuntimeConfig,
-    check_shared_placement,
     decode_to_uint8,
     freeze,
     parse_resolution,
     place,
     preserved_module_state,
+    shared_or_copied,
 )
 
 NOISE_SCHEDULES = ("dance", "flow_grpo")
@@ -168,19 +168,17 @@ class FlowTransformerPolicy(FlowPolicy):
         processors are always shared (they hold no tensors).
         """
         config = config or cls.config_class()
-        parts = {name: getattr(pipe, name, None) for name in cls.pipeline_modules}
-        if copy:
-            parts = {k: _copy.deepcopy(v) if v is not None else None for k, v in parts.items()}
-        else:
-            devices = {
-                "model": config.torch_device,
-                "decode": config.decode_device,
-                "text": config.text_device,
-            }
-            for name, module in parts.items():
-                if module is not None:
-                    where = devices[cls.pipeline_modules[name]]
-                    check_shared_placement(name, module, where, config.torch_dtype)
+        where = {
+            "model": config.torch_device,
+            "decode": config.decode_device,
+            "text": config.text_device,
+        }
+        parts = shared_or_copied(
+            {name: getattr(pipe, name, None) for name in cls.pipeline_modules},
+            {name: where[kind] for name, kind in cls.pipeline_modules.items()},
+            config.torch_dtype,
+            copy=copy,
+        )
         extras = {name: getattr(pipe, name, None) for name in cls.pipeline_extras}
         modules = [] if copy else list(parts.values())
         with preserved_module_state(modules):

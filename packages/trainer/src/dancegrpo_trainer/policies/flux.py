@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from dancegrpo_trainer.core.schedules import flow_sigmas, flow_timesteps
+from dancegrpo_trainer.core.schedules import flow_sigmas
 from dancegrpo_trainer.policies.base import Conditioning, Schedule
 from dancegrpo_trainer.policies.flow_transformer import P
 from dancegrpo_trainer.policies.flux_latents import latent_image_ids, text_ids, unpack_latents
@@ -200,7 +200,7 @@ class FluxPolicy(PackedImagePolicy):
     def schedule(self, num_steps: int | None = None) -> Schedule:
         """Shifted ``sigmas`` ``[n + 1]`` from 1 to 0 and ``timesteps = 1000·sigmas[:-1]``."""
         sigmas = flow_sigmas(num_steps or self.config.num_steps, shift=self.effective_shift)
-        return Schedule(timesteps=flow_timesteps(sigmas), sigmas=sigmas)
+        return self.schedule_from_sigmas(sigmas)
 
     def predict(
         self, latents: torch.Tensor, timestep: torch.Tensor | float, cond: Conditioning

@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from dancegrpo_trainer.core.schedules import flow_sigmas, flow_timesteps
+from dancegrpo_trainer.core.schedules import flow_sigmas
 from dancegrpo_trainer.policies.base import Conditioning, Schedule
 from dancegrpo_trainer.policies.flow_transformer import (  # noqa: F401 - latent_num_frames: public here
     FlowTransformerConfig,
@@ -294,7 +294,7 @@ class HunyuanVideoPolicy(FlowTransformerPolicy):
         (diffusers: ``sigmas = linspace(1, 0, n + 1)[:-1]`` through the static-shift
         ``FlowMatchEulerDiscreteScheduler``)."""
         sigmas = flow_sigmas(num_steps or self.config.num_steps, shift=self.config.shift)
-        return Schedule(timesteps=flow_timesteps(sigmas), sigmas=sigmas)
+        return self.schedule_from_sigmas(sigmas)
 
     def predict(
         self, latents: torch.Tensor, timestep: torch.Tensor | float, cond: Conditioning

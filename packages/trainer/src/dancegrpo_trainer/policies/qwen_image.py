@@ -33,7 +33,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from dancegrpo_trainer.core.schedules import flow_timesteps, shift_sigmas
+from dancegrpo_trainer.core.schedules import shift_sigmas
 from dancegrpo_trainer.policies.base import Conditioning, Schedule
 from dancegrpo_trainer.policies.flow_transformer import P
 from dancegrpo_trainer.policies.flux_latents import unpack_latents
@@ -479,7 +479,7 @@ class QwenImagePolicy(PackedImagePolicy):
         """Qwen-Image's sigmas (:func:`qwen_image_sigmas`) and ``timesteps = 1000·σ``."""
         n = num_steps or self.config.num_steps
         sigmas = qwen_image_sigmas(n, self.effective_shift, self.config.shift_terminal)
-        return Schedule(timesteps=flow_timesteps(sigmas), sigmas=sigmas)
+        return self.schedule_from_sigmas(sigmas)
 
     def predict(
         self, latents: torch.Tensor, timestep: torch.Tensor | float, cond: Conditioning

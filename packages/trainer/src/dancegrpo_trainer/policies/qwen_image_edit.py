@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from dancegrpo_trainer.policies.base import Conditioning
+from dancegrpo_trainer.policies.condition_images import to_pil_images
 from dancegrpo_trainer.policies.flux_latents import pack_latents
 from dancegrpo_trainer.policies.qwen_image import (
     EDIT_PLUS_PROMPT_TEMPLATE,
@@ -243,9 +244,7 @@ class QwenImageEditPolicy(QwenImagePolicy):
         """One source image → (the PIL image the text encoder sees, VAE input
         ``[1, 3, h, w]`` in ``[-1, 1]``). Edit: both at ``condition_image_area`` (the pipeline
         resizes once and encodes the resized image twice)."""
-        from PIL import Image
-
-        pil = Image.fromarray(np.ascontiguousarray(image.cpu().numpy()))
+        pil = to_pil_images(image[None])[0]
         width, height = edit_dimensions(self.config.condition_image_area, *pil.size)
         resized = self.image_processor.resize(pil, height, width)
         return resized, self.image_processor.preprocess(resized, height, width)
@@ -345,9 +344,7 @@ class QwenImageEditPlusPolicy(QwenImageEditPolicy):
     def _prepare_image(self, image: torch.Tensor) -> tuple[Any, torch.Tensor]:
         """The text encoder's copy at ``vl_image_area``, the VAE's at
         ``condition_image_area``, both resized from the source (as the Edit-Plus pipeline)."""
-        from PIL import Image
-
-        pil = Image.fromarray(np.ascontiguousarray(image.cpu().numpy()))
+        pil = to_pil_images(image[None])[0]
         vl_width, vl_height = edit_dimensions(self.config.vl_image_area, *pil.size)
         width, height = edit_dimensions(self.config.condition_image_area, *pil.size)
         vl_image = self.image_processor.resize(pil, vl_height, vl_width)

@@ -7,6 +7,7 @@ batch of activations at once.
 from __future__ import annotations
 
 import contextlib
+import copy as _copy
 import dataclasses
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -271,6 +272,25 @@ def check_shared_placement(
             f"from_pipeline: the pipeline's {name} is {have}, the config's dtype is {dtype}; "
             "set the config's dtype to match, or pass copy=True to cast a copy"
         )
+
+
+def shared_or_copied(
+    parts: dict[str, nn.Module | None],
+    devices: Mapping[str, torch.device],
+    dtype: torch.dtype,
+    *,
+    copy: bool,
+) -> dict[str, nn.Module | None]:
+    """A pipeline's modules as ``from_pipeline`` hands them to a policy's constructor: deep
+    copies (``copy=True``; the constructor places, casts and freezes them), or the modules
+    themselves after :func:`check_shared_placement` of each on ``devices[name]`` in
+    ``dtype``."""
+    if copy:
+        return {k: _copy.deepcopy(v) if v is not None else None for k, v in parts.items()}
+    for name, module in parts.items():
+        if module is not None:
+            check_shared_placement(name, module, devices[name], dtype)
+    return parts
 
 
 @contextlib.contextmanager

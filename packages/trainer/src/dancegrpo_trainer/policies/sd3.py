@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dancegrpo_trainer.core.schedules import flow_timesteps, shift_sigmas
+from dancegrpo_trainer.core.schedules import shift_sigmas
 from dancegrpo_trainer.policies.base import Conditioning, Schedule
 from dancegrpo_trainer.policies.flow_transformer import (
     FlowTransformerConfig,
@@ -306,7 +306,7 @@ class StableDiffusion3Policy(FlowTransformerPolicy):
     def schedule(self, num_steps: int | None = None) -> Schedule:
         """The pipeline's schedule (:func:`sd3_sigmas`) and ``timesteps = 1000·sigmas[:-1]``."""
         sigmas = sd3_sigmas(num_steps or self.config.num_steps, self.config.shift)
-        return Schedule(timesteps=flow_timesteps(sigmas), sigmas=sigmas)
+        return self.schedule_from_sigmas(sigmas)
 
     def predict(
         self, latents: torch.Tensor, timestep: torch.Tensor | float, cond: Conditioning

@@ -23,13 +23,13 @@ from dancegrpo_trainer.core.step_output import StepOutput
 from dancegrpo_trainer.policies.base import Conditioning, Policy, Schedule, StepIndex
 from dancegrpo_trainer.policies.runtime import (
     RuntimeConfig,
-    check_shared_placement,
     decode_to_uint8,
     freeze,
     module_dtype,
     parse_resolution,
     place,
     preserved_module_state,
+    shared_or_copied,
     transformers_dtype_kwargs,
     vae_decode,
 )
@@ -153,18 +153,16 @@ class StableDiffusionPolicy(Policy):
         shared UNet changes it (float32 master weights, LoRA, train/eval mode).
         """
         config = config or StableDiffusionConfig()
-        parts = {"unet": pipe.unet, "vae": pipe.vae, "text_encoder": pipe.text_encoder}
-        if copy:
-            parts = {k: _copy.deepcopy(v) if v is not None else None for k, v in parts.items()}
-        else:
-            devices = {
+        parts = shared_or_copied(
+            {"unet": pipe.unet, "vae": pipe.vae, "text_encoder": pipe.text_encoder},
+            {
                 "unet": config.torch_device,
                 "vae": config.decode_device,
                 "text_encoder": config.text_device,
-            }
-            for name, module in parts.items():
-                if module is not None:
-                    check_shared_placement(name, module, devices[name], config.torch_dtype)
+            },
+            config.torch_dtype,
+            copy=copy,
+        )
         with preserved_module_state([] if copy else list(parts.values())):
             return cls(**parts, scheduler=pipe.scheduler, config=config, tokenizer=pipe.tokenizer)
 

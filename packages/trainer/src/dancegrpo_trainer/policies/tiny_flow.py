@@ -198,8 +198,7 @@ class TinyFlowPolicy(FlowPolicy):
     def schedule(self, num_steps: int) -> Schedule:
         """Shifted sigmas ``[n + 1]``; the network is conditioned on σ, so its timesteps
         are the sigmas themselves (``sigmas[:-1]``), not the 0..1000 scale."""
-        sigmas = flow_sigmas(num_steps, self.shift).to(self.device)
-        return Schedule(timesteps=sigmas[:-1].clone(), sigmas=sigmas)
+        return self.schedule_from_sigmas(flow_sigmas(num_steps, self.shift).to(self.device))
 
     @property
     def schedule_shift(self) -> float:

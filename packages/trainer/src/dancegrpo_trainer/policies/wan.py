@@ -37,7 +37,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from dancegrpo_trainer.core.schedules import flow_sigmas, flow_timesteps
+from dancegrpo_trainer.core.schedules import flow_sigmas
 from dancegrpo_trainer.policies.base import Conditioning, Schedule
 from dancegrpo_trainer.policies.flow_transformer import (
     FlowTransformerConfig,
@@ -454,7 +454,7 @@ class WanPolicy(FlowTransformerPolicy):
         scheduler (whose flow sigmas start at ``shift(0.999)`` instead of 1), as diffusers'
         ``FlowMatchEulerDiscreteScheduler`` sets it from ``sigmas=linspace(1, 1/n, n)``."""
         sigmas = flow_sigmas(num_steps or self.config.num_steps, shift=self.shift)
-        return Schedule(timesteps=flow_timesteps(sigmas), sigmas=sigmas)
+        return self.schedule_from_sigmas(sigmas)
 
     @property
     def boundary_timestep(self) -> float | None:

@@ -127,11 +127,6 @@ class DynamicBatcher:
         """Samples waiting (not yet running)."""
         return self._queued_samples
 
-    @property
-    def busy(self) -> bool:
-        """Whether a ``score`` call is running on the worker thread."""
-        return self._running
-
     def retry_after_s(self) -> float:
         """Suggested wait before retrying a queue-full rejection (about one batch)."""
         return min(max(self._batch_seconds, 0.01), 5.0)

@@ -14,6 +14,7 @@ import hmac
 import logging
 import time
 from collections.abc import Awaitable, Callable, Collection
+from typing import Any
 
 import grpc
 
@@ -59,36 +60,30 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
             "response_serializer": handler.response_serializer,
         }
         if handler.unary_unary is not None:
-            behavior = handler.unary_unary
-
-            async def observed(request, context: grpc.aio.ServicerContext):
-                start = time.perf_counter()
-                failure: BaseException | None = None
-                try:
-                    return await behavior(request, context)
-                except BaseException as exc:
-                    failure = exc
-                    raise
-                finally:
-                    self._record(method, request, context, failure, time.perf_counter() - start)
-
+            observed = self._observed(method, handler.unary_unary, read=True)
             return grpc.unary_unary_rpc_method_handler(observed, **kwargs)
         if handler.stream_unary is not None:  # refused before reading (BearerTokenInterceptor)
-            unread = handler.stream_unary
-
-            async def observed_unread(requests, context: grpc.aio.ServicerContext):
-                start = time.perf_counter()
-                failure: BaseException | None = None
-                try:
-                    return await unread(requests, context)
-                except BaseException as exc:
-                    failure = exc
-                    raise
-                finally:
-                    self._record(method, None, context, failure, time.perf_counter() - start)
-
-            return grpc.stream_unary_rpc_method_handler(observed_unread, **kwargs)
+            observed = self._observed(method, handler.stream_unary, read=False)
+            return grpc.stream_unary_rpc_method_handler(observed, **kwargs)
         return handler
+
+    def _observed(self, method: str, behavior: Callable[..., Any], *, read: bool):
+        """``behavior`` timed and recorded; ``read=False``: its request was never read (the
+        argument is the unread stream), so it is recorded without one."""
+
+        async def observed(request_or_requests, context: grpc.aio.ServicerContext):
+            start = time.perf_counter()
+            failure: BaseException | None = None
+            try:
+                return await behavior(request_or_requests, context)
+            except BaseException as exc:
+                failure = exc
+                raise
+            finally:
+                request = request_or_requests if read else None
+                self._record(method, request, context, failure, time.perf_counter() - start)
+
+        return observed
 
     def _reward_label(self, method: str, request) -> str:
         if method != "Score":

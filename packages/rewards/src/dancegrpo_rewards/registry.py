@@ -7,7 +7,7 @@ uses them, so a server hosting weight-free rewards never imports torch.
 heavy dependencies (``pip install 'dancegrpo-rewards[videoalign]'``), and
 ``EXTRA_MODULES``: extra → the top-level modules it provides. Before a kind's module is
 imported, those modules are looked up (not imported); a missing one fails start-up with
-an error naming the extra to install. ``tests/test_reward_extras.py`` checks these
+an error naming the extra to install. ``packages/rewards/tests/test_extras.py`` checks these
 tables against ``packages/rewards/pyproject.toml``.
 """
 

@@ -26,7 +26,6 @@ What the official inference computes (the ``hpsv3`` 1.0.0 package of github.com/
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -53,7 +52,12 @@ from dancegrpo_rewards.kinds.options import (
     option_path,
     parse_options,
 )
-from dancegrpo_rewards.kinds.qwen2vl_backbone import build_backbone, embedding_rows
+from dancegrpo_rewards.kinds.qwen2vl_backbone import (
+    MAX_ASPECT_RATIO,
+    build_backbone,
+    embedding_rows,
+    resized_frame_size,
+)
 from dancegrpo_rewards.kinds.runtime import torch_device, torch_dtype
 
 DOCS_SECTION = "hpsv3"
@@ -64,7 +68,6 @@ REWARD_TOKEN = "<|Reward|>"
 DEFAULT_PIXELS = 256 * 28 * 28
 #: Qwen2-VL's image patches are 14 pixels merged 2×2: resized sides are multiples of 28.
 PATCH_FACTOR = 28
-MAX_ASPECT_RATIO = 200  # qwen-vl-utils' MAX_RATIO: smart_resize rejects longer images
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 PROMPT_PLACEHOLDER = "{prompt}"
 
@@ -140,20 +143,9 @@ def smart_resize(height: int, width: int, *, min_pixels: int, max_pixels: int) -
     """qwen-vl-utils' ``smart_resize`` (HPSv3 ``dataset/utils.py``) with factor 28:
     sides rounded to multiples of 28, then scaled down (floor) or up (ceil) by
     ``√(area ratio)`` into ``[min_pixels, max_pixels]``; sides are at least 28."""
-    if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
-        raise ValueError(f"aspect ratio of {height}x{width} exceeds {MAX_ASPECT_RATIO}")
-    f = PATCH_FACTOR
-    h = max(f, round(height / f) * f)
-    w = max(f, round(width / f) * f)
-    if h * w > max_pixels:
-        beta = math.sqrt(height * width / max_pixels)
-        h = max(f, math.floor(height / beta / f) * f)
-        w = max(f, math.floor(width / beta / f) * f)
-    elif h * w < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
-        h = math.ceil(height * beta / f) * f
-        w = math.ceil(width * beta / f) * f
-    return h, w
+    return resized_frame_size(
+        height, width, factor=PATCH_FACTOR, min_pixels=min_pixels, max_pixels=max_pixels
+    )
 
 
 @dataclasses.dataclass(frozen=True)

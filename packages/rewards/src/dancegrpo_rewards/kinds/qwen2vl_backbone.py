@@ -1,4 +1,5 @@
-"""The Qwen2-VL backbone of the preference models fine-tuned from it (HPSv3, VideoAlign):
+"""The Qwen2-VL parts of the preference models fine-tuned from it (HPSv3, VideoAlign):
+qwen-vl-utils' image size rule (``resized_frame_size``), and the backbone,
 ``Qwen2VLModel`` built from a checkpoint's state dict, strictly, without its LM head.
 
 The rewards read hidden states, never logits: ``lm_head`` is dropped and tied to the
@@ -8,10 +9,41 @@ checkpoint's embedding table (the fine-tunes appended reward tokens to the token
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
 import torch
+
+#: qwen-vl-utils' ``MAX_RATIO``: ``smart_resize`` rejects images (frames) longer than this.
+MAX_ASPECT_RATIO = 200
+
+
+def resized_frame_size(
+    height: int, width: int, *, factor: int, min_pixels: int, max_pixels: int
+) -> tuple[int, int]:
+    """``(h, w)`` multiples of ``factor`` near the frame's aspect ratio with ``h·w`` in
+    ``[min_pixels, max_pixels]`` (qwen-vl-utils ``smart_resize``).
+
+    Rounded to the nearest multiple (Python's round, half to even, as qwen-vl-utils'
+    ``round_by_factor``); if too large, both sides scaled by ``√(H·W / max_pixels)`` and
+    floored; else if too small, scaled by ``√(min_pixels / (H·W))`` and ceiled (so
+    ``max_pixels`` wins where it is below ``min_pixels``). Sides never drop below ``factor``
+    (the reference can reach 0 only for aspect ratios it rejects anyway).
+    """
+    if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
+        raise ValueError(f"aspect ratio of {height}x{width} exceeds {MAX_ASPECT_RATIO}")
+    h = max(factor, round(height / factor) * factor)
+    w = max(factor, round(width / factor) * factor)
+    if h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h = max(factor, math.floor(height / beta / factor) * factor)
+        w = max(factor, math.floor(width / beta / factor) * factor)
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h = math.ceil(height * beta / factor) * factor
+        w = math.ceil(width * beta / factor) * factor
+    return h, w
 
 
 def embedding_rows(state_dict: Mapping[str, torch.Tensor]) -> int:

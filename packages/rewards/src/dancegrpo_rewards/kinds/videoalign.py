@@ -71,6 +71,7 @@ from dancegrpo_rewards.kinds.options import (
     check_positive,
     parse_options,
 )
+from dancegrpo_rewards.kinds.qwen2vl_backbone import MAX_ASPECT_RATIO, resized_frame_size
 from dancegrpo_rewards.kinds.runtime import torch_device, torch_dtype
 from dancegrpo_rewards.kinds.videoalign_weights import (
     DATA_CONFIG_OPTIONS,
@@ -197,7 +198,6 @@ FPS_MIN_FRAMES = 4
 FPS_MAX_FRAMES = 768
 VIDEO_MIN_PIXELS = 128 * 28 * 28  # 100352
 RELEASED_MAX_FRAME_PIXELS = 256 * 28 * 28  # 200704, VideoReward's data_config.max_frame_pixels
-MAX_ASPECT_RATIO = 200
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 #: Frames are resized this many float32 bytes at a time (bounds the resize's float copy).
 RESIZE_CHUNK_BYTES = 64 * 2**20
@@ -241,32 +241,6 @@ def sample_frame_indices(
     computed with torch exactly as qwen-vl-utils does)."""
     count = sampled_frame_count(total, source_fps=source_fps, fps=fps, num_frames=num_frames)
     return torch.linspace(0, total - 1, count).round().long().numpy()
-
-
-def resized_frame_size(
-    height: int, width: int, *, factor: int, min_pixels: int, max_pixels: int
-) -> tuple[int, int]:
-    """``(h, w)`` multiples of ``factor`` near the frame's aspect ratio with ``h·w`` in
-    ``[min_pixels, max_pixels]`` (qwen-vl-utils ``smart_resize``).
-
-    Rounded to the nearest multiple; if too large, both sides scaled by
-    ``√(H·W / max_pixels)`` and floored; else if too small, scaled by ``√(min_pixels / (H·W))``
-    and ceiled (so ``max_pixels`` wins where it is below ``min_pixels``). Sides never drop
-    below ``factor`` (the reference can reach 0 only for aspect ratios it rejects anyway).
-    """
-    if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
-        raise ValueError(f"aspect ratio of {height}x{width} exceeds {MAX_ASPECT_RATIO}")
-    h = max(factor, _round_by(height, factor))
-    w = max(factor, _round_by(width, factor))
-    if h * w > max_pixels:
-        beta = math.sqrt(height * width / max_pixels)
-        h = max(factor, _floor_by(height / beta, factor))
-        w = max(factor, _floor_by(width / beta, factor))
-    elif h * w < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
-        h = _ceil_by(height * beta, factor)
-        w = _ceil_by(width * beta, factor)
-    return h, w
 
 
 def render_text(template: str, prompt: str) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dancegrpo_rewards.base import RewardConfigError
+from dancegrpo_rewards.base import SAMPLE_REQUIREMENTS, RewardConfigError
 from dancegrpo_rewards.kinds.checkpoints import CheckpointError
 from dancegrpo_rewards.kinds.composite import (
     ThresholdReward,
@@ -16,6 +16,7 @@ from dancegrpo_rewards.kinds.hps import HPSReward
 from dancegrpo_rewards.registry import reward_class
 from dancegrpo_testing import clip_models
 from dancegrpo_testing.reward_checks import assert_batch_invariant, batch_of
+from dancegrpo_testing.servers import PROBE_KIND
 
 PROMPTS = ["a red cube", "a dog", "a red cube", "the sea"]
 
@@ -104,6 +105,19 @@ def test_threshold_over_video_frames_is_a_video_reward(hps_spec: dict) -> None:
     assert reward.modality == "video"
     out = reward.score(batch_of(videos(2, frames=3), PROMPTS[:2]))
     np.testing.assert_array_equal(out["binary"], [1.0, 1.0])  # cosines are >= -1
+
+
+def test_wrappers_need_and_accept_what_their_inner_reward_does() -> None:
+    """The server checks a sample's prompt, condition image and metadata against the
+    wrapper, so a wrapper must take over every requirement of its inner reward, including
+    the ``metadata.attributes`` keys it accepts."""
+    inner = {"kind": PROBE_KIND, "attributes": ["style"]}
+    frames = VideoFramesReward("frames", {"reward": inner, "num_frames": 2})
+    binary = ThresholdReward("binary", {"reward": inner, "threshold": 0.5, "output": "score"})
+    for wrapper in (frames, binary):
+        assert wrapper.attribute_keys == frozenset({"style"})
+        for name in SAMPLE_REQUIREMENTS:
+            assert getattr(wrapper, name) == getattr(wrapper.inner, name), name
 
 
 def test_composite_versions_follow_the_inner_reward(hps_spec: dict, tiny_dir) -> None:

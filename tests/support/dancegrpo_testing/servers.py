@@ -200,8 +200,8 @@ class ProbeReward(Reward):
     Options: ``sleep_s`` (seconds slept per ``score`` call, to fill queues; with
     ``sleep_prompt``, only by calls whose batch has that prompt, so warm-up stays quick), ``load_s``
     (seconds ``load`` takes, to observe health ``NOT_SERVING``), ``fail_prompt`` (``score``
-    raises ``RuntimeError`` if any prompt in the batch equals it), ``modality``.
-    ``batch_size`` shows how the server merged requests; it is the only non-batch-invariant
+    raises ``RuntimeError`` if any prompt in the batch equals it), ``modality``,
+    ``attributes`` (the ``metadata.attributes`` keys it accepts). ``batch_size`` shows how the server merged requests; it is the only non-batch-invariant
     output and exists for tests.
     """
 
@@ -210,7 +210,7 @@ class ProbeReward(Reward):
 
     def __init__(self, name: str, options: Mapping[str, Any]) -> None:
         super().__init__(name, options)
-        known = {"sleep_s", "sleep_prompt", "load_s", "fail_prompt", "modality"}
+        known = {"sleep_s", "sleep_prompt", "load_s", "fail_prompt", "modality", "attributes"}
         unknown = set(self.options) - known
         if unknown:
             raise RewardConfigError(f"rewards.{name}.options.{sorted(unknown)[0]}: unknown option")
@@ -219,6 +219,7 @@ class ProbeReward(Reward):
         self.load_s = float(self.options.get("load_s", 0.0))
         self.fail_prompt = self.options.get("fail_prompt")
         self.modality = self.options.get("modality", "image")
+        self.attribute_keys = frozenset(self.options.get("attributes", ()))
 
     @property
     def output_names(self) -> tuple[str, ...]:

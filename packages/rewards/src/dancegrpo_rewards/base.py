@@ -190,3 +190,21 @@ class Reward(abc.ABC):
     @abc.abstractmethod
     def score(self, batch: RewardBatch) -> dict[str, np.ndarray]:
         """Scores a batch: returns ``{output_name: float32 array of shape (N,)}``."""
+
+
+#: What a sample must or may carry for a reward, per :class:`Reward`'s class attributes.
+SAMPLE_REQUIREMENTS = (
+    "requires_prompt",
+    "requires_condition_image",
+    "requires_metadata",
+    "accepts_geneval",
+    "attribute_keys",
+)
+
+
+def mirror_sample_requirements(outer: Reward, inner: Reward) -> None:
+    """Gives ``outer`` (a reward that passes its samples on to ``inner``) ``inner``'s
+    :data:`SAMPLE_REQUIREMENTS`: the server checks them per sample against ``outer``, so a
+    wrapper needs, and accepts, what its inner reward does."""
+    for name in SAMPLE_REQUIREMENTS:
+        setattr(outer, name, getattr(inner, name))

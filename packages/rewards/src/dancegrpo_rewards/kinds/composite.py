@@ -18,7 +18,12 @@ from typing import Any
 
 import numpy as np
 
-from dancegrpo_rewards.base import Reward, RewardBatch, RewardConfigError
+from dancegrpo_rewards.base import (
+    Reward,
+    RewardBatch,
+    RewardConfigError,
+    mirror_sample_requirements,
+)
 from dancegrpo_rewards.kinds.checkpoints import version_string
 from dancegrpo_rewards.kinds.options import OptionError, check_positive, parse_options
 
@@ -52,10 +57,7 @@ def _mirror_requirements(outer: Reward, inner: Reward) -> None:
             f"reward {outer.name!r}: option 'reward': kind {inner.kind!r} is group-wise; "
             f"{outer.kind} needs a per-sample reward"
         )
-    # The server checks these per sample; a wrapper needs what its inner reward needs.
-    outer.requires_prompt = inner.requires_prompt  # type: ignore[misc]
-    outer.requires_condition_image = inner.requires_condition_image  # type: ignore[misc]
-    outer.requires_metadata = inner.requires_metadata  # type: ignore[misc]
+    mirror_sample_requirements(outer, inner)
 
 
 def sample_frame_indices(num_frames: int, k: int) -> np.ndarray:

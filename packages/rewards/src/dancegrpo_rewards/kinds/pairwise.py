@@ -37,7 +37,12 @@ from typing import Any
 
 import numpy as np
 
-from dancegrpo_rewards.base import Reward, RewardBatch, RewardConfigError
+from dancegrpo_rewards.base import (
+    Reward,
+    RewardBatch,
+    RewardConfigError,
+    mirror_sample_requirements,
+)
 from dancegrpo_rewards.kinds.checkpoints import version_string
 from dancegrpo_rewards.kinds.options import OptionError, parse_options
 from dancegrpo_rewards.kinds.pairwise_judges import JUDGE_TYPES, PairwiseJudge
@@ -130,11 +135,7 @@ class PairwisePreferenceReward(Reward):
             raise RewardConfigError(f"reward {name!r}: judge {err}") from None
         inner = self.judge.requirements
         self.modality = inner.modality  # type: ignore[misc]
-        self.requires_prompt = inner.requires_prompt  # type: ignore[misc]
-        self.requires_condition_image = inner.requires_condition_image  # type: ignore[misc]
-        self.requires_metadata = inner.requires_metadata  # type: ignore[misc]
-        self.accepts_geneval = inner.accepts_geneval  # type: ignore[misc]
-        self.attribute_keys = inner.attribute_keys  # type: ignore[misc]
+        mirror_sample_requirements(self, inner)
         self.warmup_prompt = inner.warmup_prompt  # type: ignore[misc]
         self._version = version_string(
             self.kind, {"judge": self.judge.version}, {"both_orders": self.config.both_orders}

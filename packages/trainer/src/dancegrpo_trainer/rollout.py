@@ -240,23 +240,6 @@ def draw_row_noise(like: torch.Tensor, generators: Sequence[torch.Generator]) ->
     return torch.cat([sample_noise(like[j : j + 1], g) for j, g in enumerate(generators)])
 
 
-def denoise_step_row_noise(
-    policy: Policy,
-    x: torch.Tensor,
-    step_index: int,
-    schedule: Schedule,
-    cond: Conditioning,
-    *,
-    eta: float,
-    generators: Sequence[torch.Generator],
-    sampler: str | None = None,
-) -> StepOutput:
-    """``policy.denoise_step`` with row ``j``'s step noise drawn from ``generators[j]``
-    (nothing is drawn at ``eta = 0``)."""
-    noise = draw_row_noise(x, generators) if eta != 0 else None
-    return policy.denoise_step(x, step_index, schedule, cond, eta=eta, noise=noise, sampler=sampler)
-
-
 def _check_branch(noise: torch.Tensor, cond: Conditioning, group_size: int) -> None:
     n = noise.shape[0]
     if group_size < 1 or n % group_size:

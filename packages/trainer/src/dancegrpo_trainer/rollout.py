@@ -240,7 +240,7 @@ def draw_row_noise(like: torch.Tensor, generators: Sequence[torch.Generator]) ->
     return torch.cat([sample_noise(like[j : j + 1], g) for j, g in enumerate(generators)])
 
 
-def _check_branch(noise: torch.Tensor, cond: Conditioning, group_size: int) -> None:
+def _check_branch(noise: torch.Tensor, group_size: int) -> None:
     n = noise.shape[0]
     if group_size < 1 or n % group_size:
         raise ValueError(f"branching needs whole groups: {n} samples, group_size {group_size}")
@@ -329,7 +329,7 @@ def sample_rollout(
     if plan.branch_at:
         if group_size is None:
             raise ValueError("plan.branch_at needs group_size")
-        _check_branch(noise, cond, group_size)
+        _check_branch(noise, group_size)
         heads = range(0, n, group_size)
         prefix = _run_steps(
             policy,

@@ -29,7 +29,7 @@ from dancegrpo_trainer.config import ConfigError, TrainConfig, config_from_dict,
 from dancegrpo_trainer.policies.tiny_flow import TinyFlowPolicy
 from dancegrpo_trainer.rollout import sample_rollout
 from dancegrpo_trainer.trainer import Trainer
-from dancegrpo_trainer.weights import apply_lora
+from dancegrpo_trainer.weights import ReferencePolicy, apply_lora
 from dancegrpo_trainer.windows import rollout_plan
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -293,6 +293,39 @@ def test_an_old_policy_equal_to_the_live_one_costs_no_second_forward(monkeypatch
     assert algo.old_is_live()
     algo.after_optimizer_step(False)  # step 3: decay 0.001
     assert not algo.old_is_live()
+
+
+def test_kl_penalty_is_the_mean_squared_velocity_gap_to_the_reference():
+    """``train.kl_coef``: ``loss = policy_loss + kl_coef·mean_b mean((v_θ − v_ref)²)`` at the
+    term's own noised inputs, with ``v_ref`` from the reference weights."""
+    policy = _tiny()
+    reference = ReferencePolicy(policy.trainable_module(), lora=False)
+    cfg = TrainConfig(algorithm="nft", kl_coef=0.3, timestep_fraction=1.0)
+    algo = algorithm_class("nft")(cfg, policy, reference=reference)
+    with torch.no_grad():
+        for p in algo.params:
+            p.add_(0.1 * torch.randn_like(p))
+    sampling = config_from_dict(_sections(num_steps=4)).sampling
+    plan = rollout_plan(policy, sampling, step=0, seed=0, stochastic="none")
+    cond = policy.encode_prompts(PROMPTS)
+    noise = policy.initial_noise(3, generator=torch.Generator().manual_seed(0))
+    r = sample_rollout(policy, cond, noise, plan=plan, eta=0.0, chunk_size=3, keep=())
+    adv, term = torch.tensor([1.0, -0.5, 0.2]), algo.terms(r, torch.Generator())[0]
+    res = algo.loss(r, adv, term)
+    idx, eps = algo.draws(r, term)
+    x0 = r.latents[:, -1]
+    t = r.schedule.sigmas[idx].reshape(-1, 1, 1, 1)
+    x_t = (1 - t) * x0 + t * eps
+    timesteps = r.schedule.timesteps[idx]
+    with torch.no_grad():
+        v_theta = policy.predict(x_t, timesteps, r.cond)
+        with reference.active():
+            v_ref = policy.predict(x_t, timesteps, r.cond)
+    kl = ((v_theta - v_ref) ** 2).mean(dim=(1, 2, 3)).mean()
+    assert float(kl) > 0
+    torch.testing.assert_close(res.metrics["kl"], float(kl), rtol=1e-6, atol=0)
+    expected = res.metrics["policy_loss"] + 0.3 * res.metrics["kl"]
+    torch.testing.assert_close(float(res.loss.detach()), expected, rtol=1e-6, atol=0)
 
 
 def test_old_policy_state_round_trips_and_refuses_a_checkpoint_without_it():

@@ -154,3 +154,5 @@ def test_arguments_are_validated():
         ddim_step(scheduler, x, 801, x, eta=1.5)
     with pytest.raises(ValueError, match="timestep"):
         ddim_step(scheduler, x, 1000, x, eta=1.0)
+    with pytest.raises(ValueError, match="prev_sample shape"):
+        ddim_step(scheduler, x, 801, x, eta=1.0, prev_sample=torch.zeros(SHAPE[:-1] + (1,)))

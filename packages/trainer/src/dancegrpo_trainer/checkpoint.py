@@ -212,9 +212,8 @@ def load_checkpoint(
     verify_files(path, reads + [rng_file] * rng_saved)
     tensors = load_file(str(path / "model.safetensors"))
     sharded = isinstance(module, FSDPModule)
-    own = module.state_dict().keys() if sharded else module_state(module, lora).keys()
-    if lora:
-        own = [k for k in own if "lora_" in k]
+    # The keys module_state saves (without copying every tensor to the CPU to list them).
+    own = dict.fromkeys(k for k in module.state_dict() if not lora or "lora_" in k)
     missing = sorted(set(own) - set(tensors))
     if missing:
         raise ValueError(

@@ -240,24 +240,7 @@ def draw_row_noise(like: torch.Tensor, generators: Sequence[torch.Generator]) ->
     return torch.cat([sample_noise(like[j : j + 1], g) for j, g in enumerate(generators)])
 
 
-def denoise_step_row_noise(
-    policy: Policy,
-    x: torch.Tensor,
-    step_index: int,
-    schedule: Schedule,
-    cond: Conditioning,
-    *,
-    eta: float,
-    generators: Sequence[torch.Generator],
-    sampler: str | None = None,
-) -> StepOutput:
-    """``policy.denoise_step`` with row ``j``'s step noise drawn from ``generators[j]``
-    (nothing is drawn at ``eta = 0``)."""
-    noise = draw_row_noise(x, generators) if eta != 0 else None
-    return policy.denoise_step(x, step_index, schedule, cond, eta=eta, noise=noise, sampler=sampler)
-
-
-def _check_branch(noise: torch.Tensor, cond: Conditioning, group_size: int) -> None:
+def _check_branch(noise: torch.Tensor, group_size: int) -> None:
     n = noise.shape[0]
     if group_size < 1 or n % group_size:
         raise ValueError(f"branching needs whole groups: {n} samples, group_size {group_size}")
@@ -340,13 +323,13 @@ def sample_rollout(
     steps = schedule.num_steps
     if step_noise is not None and tuple(step_noise.shape[:2]) != (n, steps):
         raise ValueError(f"step_noise must be [{n}, {steps}, ...], got {tuple(step_noise.shape)}")
-    keep = set(keep)
+    keep = {"log_probs", *keep}
     ctx = autocast if autocast is not None else contextlib.nullcontext
     first_step, prefix = 0, None
     if plan.branch_at:
         if group_size is None:
             raise ValueError("plan.branch_at needs group_size")
-        _check_branch(noise, cond, group_size)
+        _check_branch(noise, group_size)
         heads = range(0, n, group_size)
         prefix = _run_steps(
             policy,
@@ -358,6 +341,7 @@ def sample_rollout(
             eta=eta,
             chunk_size=chunk_size,
             ctx=ctx,
+            keep=keep,
         )
         prefix = {k: v.repeat_interleave(group_size, dim=0) for k, v in prefix.items()}
         first_step = plan.branch_at
@@ -377,6 +361,7 @@ def sample_rollout(
             eta=eta,
             chunk_size=rows.stop - rows.start,
             ctx=ctx,
+            keep=keep,
             generator=generator,
             row_generators=row_generators[rows] if row_generators is not None else None,
             step_noise=step_noise[rows] if step_noise is not None else None,
@@ -406,9 +391,9 @@ def sample_rollout(
         stochastic=plan.stochastic,
         eta=eta,
         sampler=plan.sampler,
-        means=merged["means"] if "means" in keep else None,
-        stds=merged["stds"] if "stds" in keep else None,
-        noise=merged["noise"] if "noise" in keep else None,
+        means=merged.get("means"),
+        stds=merged.get("stds"),
+        noise=merged.get("noise"),
     )
 
 
@@ -423,6 +408,7 @@ def _run_steps(
     eta: float,
     chunk_size: int,
     ctx: Callable[[], Any],
+    keep: Collection[str],
     generator: torch.Generator | None = None,
     row_generators: Sequence[torch.Generator] | None = None,
     step_noise: torch.Tensor | None = None,
@@ -430,8 +416,8 @@ def _run_steps(
 ) -> dict[str, torch.Tensor]:
     """Steps ``first..stop-1`` of ``plan`` from ``x`` (one batch of rows, at most
     ``chunk_size`` denoised together); returns per-step tensors stacked on dim 1:
-    ``latents`` ``[B, stop-first+1, ...]`` and ``log_probs``/``means``/``stds``/``noise``
-    ``[B, stop-first, ...]``."""
+    ``latents`` ``[B, stop-first+1, ...]`` and those of ``log_probs``/``means``/``stds``/
+    ``noise`` named in ``keep`` ``[B, stop-first, ...]`` (only those are stored)."""
     if x.shape[0] > chunk_size:  # the branched prefix: one head per group, in chunks
         pieces = [
             _run_steps(
@@ -444,12 +430,14 @@ def _run_steps(
                 eta=eta,
                 chunk_size=chunk_size,
                 ctx=ctx,
+                keep=keep,
             )
             for a in range(0, x.shape[0], chunk_size)
         ]
         return {k: torch.cat([p[k] for p in pieces]) for k in pieces[0]}
     schedule = plan.schedule
-    latents, log_probs, means, stds, noises = [x], [], [], [], []
+    latents = [x]
+    recorded: dict[str, list[torch.Tensor]] = {k: [] for k in keep}
     history: tuple[torch.Tensor, float] | None = None
     for i in range(first, stop):
         sde = plan.step_is_stochastic(i) and eta != 0
@@ -469,31 +457,36 @@ def _run_steps(
             out, history = _dpm_solver_step(out, x, schedule, i, history, plan.dpm_from)
         x = out.prev_sample
         latents.append(x)
-        log_probs.append(out.log_prob.float())
-        means.append(out.mean.detach().float())
-        stds.append(out.std.detach().float().reshape(x.shape[0]))
-        noises.append(
-            eps if eps is not None else torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-        )
+        for k, values in recorded.items():
+            values.append(_step_record(k, out, eps, x))
         if bar is not None:
             bar.update(x.shape[0])
     result = {"latents": torch.stack(latents, dim=1)}
-    if stop > first:
-        result.update(
-            log_probs=torch.stack(log_probs, dim=1),
-            means=torch.stack(means, dim=1),
-            stds=torch.stack(stds, dim=1),
-            noise=torch.stack(noises, dim=1),
-        )
-    else:
-        b = x.shape[0]
-        result.update(
-            log_probs=x.new_zeros((b, 0), dtype=torch.float32),
-            means=x.new_zeros((b, 0, *x.shape[1:]), dtype=torch.float32),
-            stds=x.new_zeros((b, 0), dtype=torch.float32),
-            noise=x.new_zeros((b, 0, *x.shape[1:]), dtype=torch.float32),
-        )
+    for k, values in recorded.items():
+        if values:
+            result[k] = torch.stack(values, dim=1)
+        else:
+            per_row = k in ("log_probs", "stds")
+            shape = (x.shape[0], 0) if per_row else (x.shape[0], 0, *x.shape[1:])
+            result[k] = x.new_zeros(shape, dtype=torch.float32)
     return result
+
+
+def _step_record(
+    key: str, out: StepOutput, eps: torch.Tensor | None, x: torch.Tensor
+) -> torch.Tensor:
+    """Step ``out``'s value of the kept ``key`` (float32): its log-probability ``[B]``,
+    mean ``[B, ...]``, std ``[B]`` or standard-normal noise ``eps`` (zeros when the step
+    drew none)."""
+    if key == "log_probs":
+        return out.log_prob.float()
+    if key == "means":
+        return out.mean.detach().float()
+    if key == "stds":
+        return out.std.detach().float().reshape(x.shape[0])
+    if eps is None:
+        return torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    return eps
 
 
 def _dpm_solver_step(

@@ -60,6 +60,7 @@ from dancegrpo_trainer.algorithms.base import (
     check_ode_rollout_sampling,
 )
 from dancegrpo_trainer.config import ConfigError
+from dancegrpo_trainer.core.losses import velocity_kl
 from dancegrpo_trainer.core.timesteps import num_train_timesteps
 from dancegrpo_trainer.policies.base import Schedule
 from dancegrpo_trainer.policies.flow import FlowPolicy
@@ -277,8 +278,7 @@ class DiffusionNFT(Algorithm):
         experts; a term stays within one group, as ``algorithms/base.py`` asks), else one
         group of every step; the last step left out with ``train.skip_last_timestep``."""
         n = schedule.num_steps
-        step_groups = getattr(self.policy, "step_groups", None)
-        groups = step_groups(schedule) if step_groups is not None else None
+        groups = self.policy.step_groups(schedule)
         if groups is None:
             groups = [list(range(n))]
         if self.train.skip_last_timestep:
@@ -354,8 +354,7 @@ class DiffusionNFT(Algorithm):
                 raise ValueError("train.kl_coef > 0 needs a reference policy")
             with torch.no_grad(), self.reference.active(), self.autocast():
                 v_ref = policy.predict(x_t, timesteps, batch.cond)
-            dims = tuple(range(1, x0.ndim))
-            kl = ((v_theta.float() - v_ref.float()) ** 2).mean(dim=dims).mean()
+            kl = velocity_kl(v_theta, v_ref).mean()
             loss = loss + cfg.kl_coef * kl
         metrics = {"loss": float(loss.detach()), "kl": float(kl.detach()), **out.metrics()}
         return LossTerm(loss=loss, metrics=metrics)

@@ -10,7 +10,7 @@ from typing import Any
 import yaml
 
 from dancegrpo_trainer.config.data import DataConfig
-from dancegrpo_trainer.config.errors import _check
+from dancegrpo_trainer.config.errors import _check, _check_multiple
 from dancegrpo_trainer.config.model import (
     CFG_WEIGHT_OPTIONS,
     CONDITION_IMAGE_KINDS,
@@ -194,12 +194,7 @@ class GRPOConfig:
         for name, value in zip(("height", "width"), self.eval_size(), strict=True):
             if getattr(self.eval, name) is None:
                 continue
-            _check(
-                value % multiple == 0,
-                f"eval.{name}",
-                f"must be a multiple of {multiple} for model.kind {kind}, got {value}; "
-                f"try {max(multiple, round(value / multiple) * multiple)}",
-            )
+            _check_multiple(value, multiple, f"eval.{name}", f"model.kind {kind}")
 
     def _prompt_sources(self, label: str | None = None) -> list[tuple[str, Any, bool]]:
         """``(field, source, is a .jsonl path)`` of the train prompts and, when set, the

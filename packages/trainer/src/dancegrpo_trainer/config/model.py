@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from dancegrpo_trainer.config.errors import _check
+from dancegrpo_trainer.config.errors import _check, _check_multiple
 
 #: Adapters built on HunyuanVideo's VAE and transformer (same frame/pixel geometry).
 HUNYUAN_VIDEO_KINDS = ("hunyuan_video", "skyreels_i2v")
@@ -125,12 +125,8 @@ class ModelConfig:
             f"HunyuanVideo's default), got {self.num_frames}",
         )
         for name in ("height", "width"):
-            value = getattr(self, name)
-            _check(
-                value % 16 == 0,
-                f"model.{name}",
-                f"must be a multiple of 16 for {self.kind} (VAE 8x, patch 2), got {value}; "
-                f"try {max(16, round(value / 16) * 16)}",
+            _check_multiple(
+                getattr(self, name), 16, f"model.{name}", f"{self.kind} (VAE 8x, patch 2)"
             )
 
     def _validate_wan(self) -> None:
@@ -145,12 +141,11 @@ class ModelConfig:
         )
         multiple = WAN_KINDS[self.kind]
         for name in ("height", "width"):
-            value = getattr(self, name)
-            _check(
-                value % multiple == 0,
+            _check_multiple(
+                getattr(self, name),
+                multiple,
                 f"model.{name}",
-                f"must be a multiple of {multiple} for {self.kind} (VAE {multiple // 2}x, "
-                f"patch 2), got {value}; try {max(multiple, round(value / multiple) * multiple)}",
+                f"{self.kind} (VAE {multiple // 2}x, patch 2)",
             )
 
     def _validate_image_16(self) -> None:
@@ -162,10 +157,6 @@ class ModelConfig:
             f"must be 1 for {self.kind} (an image model), got {self.num_frames}",
         )
         for name in ("height", "width"):
-            value = getattr(self, name)
-            _check(
-                value % 16 == 0,
-                f"model.{name}",
-                f"must be a multiple of 16 for {self.kind} (VAE 8x, 2x2 patches), got "
-                f"{value}; try {max(16, round(value / 16) * 16)}",
+            _check_multiple(
+                getattr(self, name), 16, f"model.{name}", f"{self.kind} (VAE 8x, 2x2 patches)"
             )

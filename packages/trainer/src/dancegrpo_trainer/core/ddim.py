@@ -92,10 +92,6 @@ def ddim_step(
         raise ValueError(
             f"noise_pred shape {tuple(noise_pred.shape)} != sample shape {tuple(sample.shape)}"
         )
-    if prev_sample is not None and prev_sample.shape != sample.shape:
-        raise ValueError(
-            f"prev_sample shape {tuple(prev_sample.shape)} != sample shape {tuple(sample.shape)}"
-        )
     config = scheduler.config
 
     x = sample.to(torch.float32)
